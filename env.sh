@@ -1,0 +1,31 @@
+# The environment of mip: source it before running the server, mipper or the tests.
+#     source env.sh
+# Every value below is a default for the demo; set a variable before sourcing to override it.
+
+MIP_HOME=$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")" && pwd)
+export MIP_HOME
+
+# Folders, as the original TA1 system's envvars.sh names them.
+export TA1_INPUTS_DIR=${TA1_INPUTS_DIR:-$MIP_HOME/data/inputs}     # maps: inputs/maps/<map>/<map>.tif
+export TA1_OUTPUTS_DIR=${TA1_OUTPUTS_DIR:-$MIP_HOME/data/outputs}  # outputs/<job>/<module>/
+export TA1_TEMPS_DIR=${TA1_TEMPS_DIR:-$MIP_HOME/data/temps}        # temps/<job>/<module>/
+export TA1_RUNS_DIR=${TA1_RUNS_DIR:-$MIP_HOME/data/runs}           # journal.db and run logs
+export TA1_REPOS_DIR=${TA1_REPOS_DIR:-$MIP_HOME/data/repos}        # module source trees ($REPO_DIR)
+
+# The pipeline.
+export MIP_CONFIG=${MIP_CONFIG:-$MIP_HOME/config.yml}   # the module catalogue
+export MIP_WORKERS=${MIP_WORKERS:-4}                    # modules run in parallel inside one run
+# MIP_OPENAI_KEY: default OpenAI key handed to modules as OPENAI_API_KEY (unset by default).
+
+# The server.
+export MIP_HOST=${MIP_HOST:-127.0.0.1}    # address to bind; keep loopback unless behind a proxy
+export MIP_PORT=${MIP_PORT:-8080}
+export MIP_MAX_RUNS=${MIP_MAX_RUNS:-2}    # runs executing at once (runs of one job never overlap)
+export MIP_THREADS=${MIP_THREADS:-8}      # request threads
+# Basic auth: MIP_USER with MIP_PASSWORD, or MIP_USERS_FILE (lines user:hash, see
+# `python mip_server.py --hash-password`). With neither, the demo keeps a random password,
+# made once, in .mip_password (owner-only, git-ignored): MIP_PASSWORD_FILE.
+export MIP_USER=${MIP_USER:-mip}
+if [ -z "${MIP_PASSWORD:-}" ] && [ -z "${MIP_USERS_FILE:-}" ]; then
+    export MIP_PASSWORD_FILE=${MIP_PASSWORD_FILE:-$MIP_HOME/.mip_password}
+fi

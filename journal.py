@@ -1,0 +1,310 @@
+"""The SQLite journal of runs, jobs and module executions, shared by mip_server.py and mipper.py.
+
+Not run directly: `journal.Journal(path).migrate()` creates or upgrades the file.
+One connection per thread and per process (luigi forks a process per task), WAL mode,
+every write inside `with journal.transaction() as db:`.
+"""
+
+import contextlib
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from datetime import UTC
+from datetime import datetime
+from enum import Enum
+
+
+class Status(str, Enum):
+    """States of a run or a module execution; the values are the wire values."""
+
+    NOT_STARTED = "not_started"
+    RUNNING = "running"
+    PASSED = "passed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED = (Status.PASSED, Status.FAILED, Status.CANCELLED)
+
+# Legal moves; anything else (such as mipper marking a cancelled run failed) is refused.
+TRANSITIONS = {
+    Status.NOT_STARTED: {Status.RUNNING, Status.FAILED, Status.CANCELLED},
+    Status.RUNNING: {Status.PASSED, Status.FAILED, Status.CANCELLED},
+}
+
+STATUS_CHECK = "CHECK (status IN ('not_started', 'running', 'passed', 'failed', 'cancelled'))"
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS jobs (
+    job TEXT PRIMARY KEY,
+    map TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS runs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL UNIQUE,
+    job TEXT NOT NULL REFERENCES jobs(job),
+    map TEXT NOT NULL,
+    modules TEXT NOT NULL,
+    force_rerun INTEGER NOT NULL DEFAULT 0,
+    payload TEXT NOT NULL,
+    status TEXT NOT NULL {STATUS_CHECK},
+    submit_time TEXT NOT NULL,
+    start_time TEXT,
+    stop_time TEXT,
+    pid INTEGER,
+    log_path TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_job ON runs(job, seq);
+CREATE INDEX IF NOT EXISTS runs_status ON runs(status, seq);
+CREATE TABLE IF NOT EXISTS executions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id TEXT NOT NULL REFERENCES runs(run_id),
+    job TEXT NOT NULL REFERENCES jobs(job),
+    module TEXT NOT NULL,
+    status TEXT NOT NULL {STATUS_CHECK},
+    start_time TEXT NOT NULL,
+    stop_time TEXT,
+    exit_code INTEGER,
+    log_path TEXT NOT NULL,
+    message TEXT
+);
+CREATE INDEX IF NOT EXISTS executions_job_module ON executions(job, module, id);
+CREATE INDEX IF NOT EXISTS executions_run ON executions(run_id);
+"""
+
+# Numbered migrations after the initial schema: (version, function(db)). Each runs in
+# one transaction with the bump of PRAGMA user_version that records it.
+MIGRATIONS: list = []
+
+
+class JournalError(Exception):
+    """A write the journal refuses (unknown row, illegal state change, job bound elsewhere)."""
+
+
+def utcnow() -> str:
+    """Now as ISO 8601 UTC text with a Z, to the millisecond."""
+    now = datetime.now(UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
+
+
+_last_micros = 0
+_id_lock = threading.Lock()
+
+
+def new_run_id() -> str:
+    """A unique id that sorts by submission time: UTC time to the microsecond (strictly
+    increasing within a process) plus a random tail."""
+    global _last_micros
+    with _id_lock:
+        micros = max(time.time_ns() // 1000, _last_micros + 1)
+        _last_micros = micros
+    seconds, fraction = divmod(micros, 1_000_000)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(seconds))
+    return f"{stamp}-{fraction:06d}-{secrets.token_hex(2)}"
+
+
+class Journal:
+    """The journal file at `path`; safe to share between threads (one connection each)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._local = threading.local()
+
+    def connect(self) -> sqlite3.Connection:
+        """This thread's connection, opened on first use (and again in a forked child)."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.db = sqlite3.connect(self.path, timeout=5, isolation_level=None,
+                                       check_same_thread=False)
+            local.db.row_factory = sqlite3.Row
+            local.db.execute("PRAGMA journal_mode=WAL")
+            local.db.execute("PRAGMA foreign_keys=ON")
+            local.pid = os.getpid()
+        return local.db
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """`BEGIN IMMEDIATE` ... `COMMIT`, rolled back on any exception."""
+        db = self.connect()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    def migrate(self) -> None:
+        """Create the schema and apply pending migrations; a no-op when up to date."""
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        with self.transaction() as db:
+            for statement in SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+        for version, apply in MIGRATIONS:
+            with self.transaction() as db:
+                if db.execute("PRAGMA user_version").fetchone()[0] < version:
+                    apply(db)
+                    db.execute(f"PRAGMA user_version = {int(version)}")
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        db = getattr(self._local, "db", None)
+        if db is not None and self._local.pid == os.getpid():
+            db.close()
+        self._local.pid = None
+
+    # ---------------------------------------------------------------- runs and jobs
+
+    def create_run(self, run_id: str, job: str, map_name: str, modules: list,
+                   force_rerun: bool, payload: dict, log_path: str) -> None:
+        """Record a new `not_started` run, binding the job to its map on its first run.
+
+        Raises JournalError if the job is bound to another map.
+        """
+        now = utcnow()
+        with self.transaction() as db:
+            bound = db.execute("SELECT map FROM jobs WHERE job = ?", (job,)).fetchone()
+            if bound is None:
+                db.execute("INSERT INTO jobs (job, map, created) VALUES (?, ?, ?)",
+                           (job, map_name, now))
+            elif bound["map"] != map_name:
+                raise JournalError(f"job {job!r} is bound to map {bound['map']!r}, not "
+                                   f"{map_name!r}; use another job name for this map")
+            db.execute(
+                "INSERT INTO runs (run_id, job, map, modules, force_rerun, payload, status,"
+                " submit_time, log_path) VALUES (?, ?, ?, ?, ?, ?, 'not_started', ?, ?)",
+                (run_id, job, map_name, json.dumps(modules), int(force_rerun),
+                 json.dumps(payload), now, log_path))
+
+    def set_run_status(self, run_id: str, status: Status, pid: int | None = None) -> bool:
+        """Move a run to `status`, stamping start or stop time; False if the move is illegal."""
+        with self.transaction() as db:
+            row = db.execute("SELECT status FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise JournalError(f"no run {run_id!r}")
+            if Status(status) not in TRANSITIONS.get(Status(row["status"]), ()):
+                return False
+            now = utcnow()
+            if status == Status.RUNNING:
+                db.execute("UPDATE runs SET status = ?, start_time = ?, pid = ? WHERE run_id = ?",
+                           (status.value, now, pid, run_id))
+            else:
+                db.execute("UPDATE runs SET status = ?, stop_time = ?,"
+                           " start_time = COALESCE(start_time, ?) WHERE run_id = ?",
+                           (status.value, now, now, run_id))
+        return True
+
+    def set_run_pid(self, run_id: str, pid: int) -> None:
+        """Record the run's mipper process, so that a restarted server can find it."""
+        with self.transaction() as db:
+            db.execute("UPDATE runs SET pid = ? WHERE run_id = ?", (pid, run_id))
+
+    def run(self, run_id: str) -> dict | None:
+        """The run's row as a dict, or None."""
+        row = self.connect().execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        return _run_dict(row)
+
+    def run_ids(self, job: str | None = None, status: str | None = None,
+                limit: int | None = None, offset: int = 0) -> list:
+        """Run ids oldest first, optionally of one job and/or one status, paged."""
+        where, args = [], []
+        if job is not None:
+            where.append("job = ?")
+            args.append(job)
+        if status is not None:
+            where.append("status = ?")
+            args.append(status)
+        sql = "SELECT run_id FROM runs"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY seq LIMIT ? OFFSET ?"
+        args += [-1 if limit is None else limit, offset]
+        return [r[0] for r in self.connect().execute(sql, args)]
+
+    def runs_with_status(self, *statuses: Status) -> list:
+        """Rows of every run in one of `statuses`, oldest first."""
+        marks = ",".join("?" * len(statuses))
+        rows = self.connect().execute(
+            f"SELECT * FROM runs WHERE status IN ({marks}) ORDER BY seq",
+            [Status(s).value for s in statuses])
+        return [_run_dict(r) for r in rows]
+
+    def latest_run(self, job: str) -> dict | None:
+        """The job's most recently submitted run, or None."""
+        row = self.connect().execute(
+            "SELECT * FROM runs WHERE job = ? ORDER BY seq DESC LIMIT 1", (job,)).fetchone()
+        return _run_dict(row)
+
+    def jobs(self) -> list:
+        """Job names, in the order they were first run."""
+        rows = self.connect().execute("SELECT job FROM jobs ORDER BY created, job")
+        return [r[0] for r in rows]
+
+    def job_map(self, job: str) -> str | None:
+        """The map a job is bound to, or None for an unknown job."""
+        row = self.connect().execute("SELECT map FROM jobs WHERE job = ?", (job,)).fetchone()
+        return row and row[0]
+
+    # ---------------------------------------------------------------- module executions
+
+    def start_execution(self, run_id: str, job: str, module: str, log_path: str) -> int:
+        """Record a module starting to run; returns the execution id."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT INTO executions (run_id, job, module, status, start_time, log_path)"
+                " VALUES (?, ?, ?, 'running', ?, ?)", (run_id, job, module, utcnow(), log_path))
+            return cur.lastrowid
+
+    def finish_execution(self, exec_id: int, status: Status, exit_code: int | None,
+                         message: str | None) -> bool:
+        """Record how a module execution ended; False if it had already ended (cancelled)."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE executions SET status = ?, stop_time = ?, exit_code = ?, message = ?"
+                " WHERE id = ? AND status = 'running'",
+                (Status(status).value, utcnow(), exit_code, message, exec_id))
+            return cur.rowcount == 1
+
+    def end_running_executions(self, run_id: str, status: Status, message: str) -> int:
+        """Mark the run's running modules `status` (cancel, lost process); returns how many."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE executions SET status = ?, stop_time = ?, message = ?"
+                " WHERE run_id = ? AND status = 'running'",
+                (Status(status).value, utcnow(), message, run_id))
+            return cur.rowcount
+
+    def latest_execution(self, job: str, module: str) -> dict | None:
+        """The module's most recent execution in the job, or None."""
+        row = self.connect().execute(
+            "SELECT * FROM executions WHERE job = ? AND module = ? ORDER BY id DESC LIMIT 1",
+            (job, module)).fetchone()
+        return dict(row) if row else None
+
+    def executions(self, run_id: str) -> list:
+        """Every module execution of a run, in start order."""
+        rows = self.connect().execute(
+            "SELECT * FROM executions WHERE run_id = ? ORDER BY id", (run_id,))
+        return [dict(r) for r in rows]
+
+    def job_modules(self, job: str) -> list:
+        """Names of the modules executed in a job, in the order they first ran."""
+        rows = self.connect().execute(
+            "SELECT module FROM executions WHERE job = ? GROUP BY module ORDER BY MIN(id)",
+            (job,))
+        return [r[0] for r in rows]
+
+
+def _run_dict(row) -> dict | None:
+    if row is None:
+        return None
+    run = dict(row)
+    run["modules"] = json.loads(run["modules"])
+    run["payload"] = json.loads(run["payload"])
+    run["force_rerun"] = bool(run["force_rerun"])
+    return run

@@ -1,0 +1,573 @@
+"""mipper: runs TA1 modules for one job and map as a luigi graph, recording each in the journal.
+
+    source env.sh
+    python mipper.py --job alpha --map WY_CO_Peach --module map_crop
+    python mipper.py --job alpha --map WY_CO_Peach --module ALL --force-rerun
+    python mipper.py --list-modules
+    python mipper.py --list-deps geopackage
+
+Also a library: the server imports the catalogue and settings from here and starts each
+run as `python mipper.py --run-id ID ...` in a process group of its own.
+"""
+
+import argparse
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from dataclasses import field
+
+import jsonschema
+import luigi
+import yaml
+
+import journal
+from journal import Status
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCHEMA_DIR = os.path.join(HERE, "schema")
+ALL = "ALL"
+NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+TOKENS = ("$INPUT_DIR", "$OUTPUT_DIR", "$TEMP_DIR", "$REPO_DIR", "$MAP_NAME")
+# Never handed to a module: the server's and the CDR's secrets. The OpenAI key reaches
+# modules only as OPENAI_API_KEY.
+SECRET_VARS = ("MIP_PASSWORD", "MIP_OPENAI_KEY", "MIP_CDR_TOKEN", "MIP_CDR_SECRET",
+               "MIP_CLIENT_PASSWORD")
+
+log = logging.getLogger("mip.mipper")
+
+
+# ---------------------------------------------------------------------------- errors
+
+class MipError(Exception):
+    """An expected failure, reported as one line without a traceback."""
+
+
+class CatalogueError(MipError):
+    """config.yml is missing, unreadable or invalid."""
+
+
+class UsageError(MipError):
+    """A bad job, map or module name, or a job bound to another map."""
+
+
+class ModuleFailed(MipError):
+    """A module exited non-zero, could not start, or lacks an expected output."""
+
+
+# ---------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class Settings:
+    """Folders and limits shared by mipper and the server, read once from the environment."""
+
+    inputs_dir: str
+    outputs_dir: str
+    temps_dir: str
+    runs_dir: str
+    repos_dir: str
+    config_path: str
+    workers: int = 4
+    openai_key: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, env) -> "Settings":
+        """Read the TA1_* and MIP_* variables; raises MipError naming a bad one."""
+        dirs = {}
+        for name in ("TA1_INPUTS_DIR", "TA1_OUTPUTS_DIR", "TA1_TEMPS_DIR", "TA1_RUNS_DIR",
+                     "TA1_REPOS_DIR"):
+            if not env.get(name):
+                raise MipError(f"{name} is not set; run `source env.sh` first")
+            dirs[name] = os.path.abspath(env[name])
+        return cls(
+            inputs_dir=dirs["TA1_INPUTS_DIR"],
+            outputs_dir=dirs["TA1_OUTPUTS_DIR"],
+            temps_dir=dirs["TA1_TEMPS_DIR"],
+            runs_dir=dirs["TA1_RUNS_DIR"],
+            repos_dir=dirs["TA1_REPOS_DIR"],
+            config_path=os.path.abspath(env.get("MIP_CONFIG") or os.path.join(HERE, "config.yml")),
+            workers=int_setting(env, "MIP_WORKERS", 4, 1, 64),
+            openai_key=env.get("MIP_OPENAI_KEY") or None,
+        )
+
+    @property
+    def journal_path(self) -> str:
+        return os.path.join(self.runs_dir, "journal.db")
+
+    def make_dirs(self) -> None:
+        for path in (self.inputs_dir, os.path.join(self.inputs_dir, "maps"), self.outputs_dir,
+                     self.temps_dir, self.runs_dir, os.path.join(self.runs_dir, "logs"),
+                     self.repos_dir):
+            os.makedirs(path, exist_ok=True)
+
+
+def int_setting(env, name: str, default: int, low: int, high: int) -> int:
+    """An integer environment variable within [low, high]; raises MipError otherwise."""
+    raw = env.get(name, "")
+    if raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise MipError(f"{name}={raw!r}: expected a whole number") from None
+    if not low <= value <= high:
+        raise MipError(f"{name}={value}: expected {low} to {high}")
+    return value
+
+
+# ---------------------------------------------------------------------------- catalogue
+
+@dataclass(frozen=True)
+class Module:
+    """One catalogue entry."""
+
+    name: str
+    version: str
+    requires: tuple
+    command: tuple
+    options: dict
+    outputs: tuple
+    gpu: bool = False
+    runner: str = "inline"
+
+
+def load_catalogue(path: str) -> dict:
+    """The modules of config.yml by name, in file order; raises CatalogueError in one line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise CatalogueError(f"{path}: cannot read the module catalogue: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise CatalogueError(f"{path}:{line} is not valid YAML") from None
+    with open(os.path.join(SCHEMA_DIR, "Catalogue.json"), encoding="utf-8") as f:
+        validator = jsonschema.Draft202012Validator(json.load(f))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+    if error is not None:
+        raise CatalogueError(f"{path}: {_catalogue_place(data, error.absolute_path)}: "
+                             f"{error.message}")
+    modules = {}
+    for entry in data["modules"]:
+        name = entry["name"]
+        if name in modules or name == ALL:
+            raise CatalogueError(f"{path}: module {name!r}: field 'name': used twice or reserved")
+        modules[name] = Module(
+            name=name, version=entry["version"], requires=tuple(entry["requires"]),
+            command=tuple(entry["command"]), options=dict(entry["options"]),
+            outputs=tuple(entry["outputs"]), gpu=entry.get("gpu", False),
+            runner=entry.get("runner", data.get("runner", "inline")))
+    for module in modules.values():
+        for req in module.requires:
+            if req not in modules:
+                raise CatalogueError(f"{path}: module {module.name!r}: field 'requires': "
+                                     f"unknown module {req!r}")
+        for key, value in [*module.options.items(), *(("outputs", o) for o in module.outputs)]:
+            for text in value if isinstance(value, list) else [value]:
+                leftover = re.search(r"\$[A-Z_]+", substitute(str(text), dict.fromkeys(TOKENS, "")))
+                if leftover:
+                    raise CatalogueError(f"{path}: module {module.name!r}: field {key!r}: "
+                                         f"unknown variable {leftover.group()}")
+    _check_acyclic(path, modules)
+    return modules
+
+
+def _catalogue_place(data, where) -> str:
+    where = list(where)
+    if len(where) >= 2 and where[0] == "modules" and isinstance(where[1], int):
+        entry = data["modules"][where[1]]
+        name = entry.get("name", f"#{where[1] + 1}") if isinstance(entry, dict) else where[1] + 1
+        rest = ".".join(str(p) for p in where[2:]) or "entry"
+        return f"module {name!r}: field {rest!r}"
+    return f"field {'.'.join(str(p) for p in where) or 'top level'!r}"
+
+
+def _check_acyclic(path: str, modules: dict) -> None:
+    state = {}
+
+    def visit(name, trail):
+        if state.get(name) == "done":
+            return
+        if state.get(name) == "open":
+            raise CatalogueError(f"{path}: module {name!r}: field 'requires': dependency cycle "
+                                 + " -> ".join([*trail, name]))
+        state[name] = "open"
+        for req in modules[name].requires:
+            visit(req, [*trail, name])
+        state[name] = "done"
+
+    for name in modules:
+        visit(name, [])
+
+
+def substitute(text: str, values: dict) -> str:
+    """Replace the $TOKENS as plain text, as the original config.yml expects."""
+    for token in TOKENS:
+        text = text.replace(token, values[token])
+    return text
+
+
+def expand_modules(catalogue: dict, names) -> list:
+    """Module names with ALL expanded, in catalogue order; raises UsageError for unknown ones."""
+    names = list(names)
+    if not names:
+        raise UsageError("no module given; name one or more, or ALL")
+    unknown = [n for n in names if n != ALL and n not in catalogue]
+    if unknown:
+        raise UsageError(f"unknown module {unknown[0]!r}; known: {', '.join(catalogue)}, {ALL}")
+    if ALL in names:
+        return list(catalogue)
+    return [n for n in catalogue if n in names]
+
+
+def ancestors(catalogue: dict, names) -> list:
+    """The named modules and everything they need, in catalogue order."""
+    seen = set()
+    stack = list(names)
+    while stack:
+        name = stack.pop()
+        if name not in seen:
+            seen.add(name)
+            stack.extend(catalogue[name].requires)
+    return [n for n in catalogue if n in seen]
+
+
+def check_name(kind: str, value: str) -> str:
+    """Refuse names that could escape a folder; raises UsageError."""
+    if not isinstance(value, str) or not NAME_RE.match(value) or value in (".", ".."):
+        raise UsageError(f"bad {kind} name {value!r}: use letters, digits, '_', '.', '-', "
+                         "at most 64, not starting with '.'")
+    return value
+
+
+def map_file(settings: Settings, map_name: str) -> str:
+    return os.path.join(settings.inputs_dir, "maps", map_name, f"{map_name}.tif")
+
+
+def list_maps(settings: Settings) -> list:
+    """Names of the maps present under $TA1_INPUTS_DIR/maps, sorted."""
+    try:
+        names = sorted(os.listdir(os.path.join(settings.inputs_dir, "maps")))
+    except OSError:
+        return []
+    return [n for n in names if NAME_RE.match(n) and os.path.isfile(map_file(settings, n))]
+
+
+def check_map(settings: Settings, map_name: str) -> None:
+    """Raises UsageError unless the map exists."""
+    check_name("map", map_name)
+    if not os.path.isfile(map_file(settings, map_name)):
+        known = ", ".join(list_maps(settings)) or "none"
+        raise UsageError(f"no map {map_name!r}: expected $TA1_INPUTS_DIR/maps/{map_name}/"
+                         f"{map_name}.tif; maps present: {known}")
+
+
+def token_values(settings: Settings, job: str, map_name: str) -> dict:
+    """What each $TOKEN of the catalogue stands for in this job and map."""
+    return {
+        "$INPUT_DIR": settings.inputs_dir,
+        "$OUTPUT_DIR": os.path.join(settings.outputs_dir, job),
+        "$TEMP_DIR": os.path.join(settings.temps_dir, job),
+        "$REPO_DIR": settings.repos_dir,
+        "$MAP_NAME": map_name,
+    }
+
+
+def module_argv(settings: Settings, module: Module, job: str, map_name: str,
+                extra=()) -> list:
+    """The module's command line: its command, its options as switches, then the extras."""
+    values = token_values(settings, job, map_name)
+    base = os.path.dirname(settings.config_path)
+    argv = [sys.executable if module.command[0] == "python" else module.command[0]]
+    for part in module.command[1:]:
+        local = os.path.join(base, part)
+        argv.append(local if not os.path.isabs(part) and os.path.exists(local) else part)
+    for key, value in module.options.items():
+        argv.append(f"--{key}")
+        for item in value if isinstance(value, list) else [value]:
+            if item != "":
+                argv.append(substitute(str(item), values))
+    return argv + list(extra)
+
+
+def module_outputs(settings: Settings, module: Module, job: str, map_name: str) -> list:
+    """The module's expected outputs, as full paths."""
+    values = token_values(settings, job, map_name)
+    return [substitute(path, values) for path in module.outputs]
+
+
+def module_env(settings: Settings, env, openai_key: str | None) -> dict:
+    """The environment a module runs with: ours without secrets, plus OPENAI_API_KEY."""
+    clean = {k: v for k, v in env.items() if k not in SECRET_VARS}
+    key = openai_key or settings.openai_key
+    if key:
+        clean["OPENAI_API_KEY"] = key
+    return clean
+
+
+# ---------------------------------------------------------------------------- a run
+
+@dataclass
+class Run:
+    """Everything one mipper run needs; shared with luigi tasks (forked, so read-only)."""
+
+    settings: Settings
+    catalogue: dict
+    db: journal.Journal
+    run_id: str
+    job: str
+    map_name: str
+    graph: list
+    to_run: set
+    extra: dict
+    env: dict
+
+    def done(self, name: str) -> bool:
+        """True when the module need not run: it passed before and nothing forces it, or it
+        passed in this run."""
+        if name not in self.to_run:
+            return True
+        last = self.db.latest_execution(self.job, name)
+        return last is not None and last["status"] == "passed" and last["run_id"] == self.run_id
+
+    def execute(self, name: str) -> None:
+        """Run one module to its end and record it; raises ModuleFailed."""
+        module = self.catalogue[name]
+        job_out = os.path.join(self.settings.outputs_dir, self.job)
+        for folder in (os.path.join(job_out, name),
+                       os.path.join(self.settings.temps_dir, self.job, name)):
+            # a rerun starts clean, so that stale outputs cannot pass for new ones
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(folder)
+        log_path = os.path.join(job_out, f"{name}.log")
+        argv = module_argv(self.settings, module, self.job, self.map_name, self.extra.get(name, ()))
+        exec_id = self.db.start_execution(self.run_id, self.job, name, log_path)
+        log.info("module %s started", name)
+        started = time.monotonic()
+        with open(log_path, "wb") as out:
+            out.write(f"# {name} {module.version}: {journal.utcnow()}\n"
+                      f"# {shlex.join(argv)}\n".encode())
+            out.flush()
+            try:
+                code = subprocess.call(argv, stdout=out, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, env=self.env,
+                                       cwd=os.path.join(self.settings.temps_dir, self.job, name))
+                message = None if code == 0 else _exit_message(code)
+            except OSError as e:
+                code, message = None, f"could not start {argv[0]}: {e.strerror}"
+            if message is None:
+                missing = [os.path.relpath(p, job_out)
+                           for p in module_outputs(self.settings, module, self.job, self.map_name)
+                           if not os.path.exists(p)]
+                if missing:
+                    message = f"exited 0 but did not write {', '.join(missing)}"
+            status = Status.FAILED if message else Status.PASSED
+            out.write(f"# {name} {status.value}"
+                      f"{': ' + message if message else ''}: {journal.utcnow()}\n".encode())
+        self.db.finish_execution(exec_id, status, code, message)
+        took = time.monotonic() - started
+        if message:
+            log.info("module %s failed after %.1f s: %s", name, took, message)
+            raise ModuleFailed(f"{name}: {message}")
+        log.info("module %s passed in %.1f s", name, took)
+
+
+def _exit_message(code: int) -> str:
+    if code < 0:
+        return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+# The run of this process. luigi tasks reach it here, since luigi tasks carry only
+# string parameters and are forked (workers > 1) rather than pickled.
+RUN: Run | None = None
+
+
+class ModuleTask(luigi.Task):
+    """One module of the current run; complete when the run need not execute it."""
+
+    job = luigi.Parameter()
+    module = luigi.Parameter()
+
+    def requires(self):
+        return [ModuleTask(job=self.job, module=r) for r in RUN.catalogue[self.module].requires]
+
+    def complete(self):
+        return RUN.done(self.module)
+
+    def run(self):
+        RUN.execute(self.module)
+
+
+def plan(catalogue: dict, db: journal.Journal, job: str, targets: list,
+         force_rerun: bool) -> tuple:
+    """(graph, to_run): the targets with their predecessors, and those that must execute:
+    not passed yet, forced, or downstream of one that executes."""
+    graph = ancestors(catalogue, targets)
+    to_run = set()
+    # repeat until nothing changes: the catalogue need not list predecessors first
+    changed = True
+    while changed:
+        changed = False
+        for name in graph:
+            if name in to_run:
+                continue
+            last = db.latest_execution(job, name)
+            if (last is None or last["status"] != "passed" or (force_rerun and name in targets)
+                    or any(r in to_run for r in catalogue[name].requires)):
+                to_run.add(name)
+                changed = True
+    return graph, to_run
+
+
+def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool = False,
+        extra: dict | None = None, run_id: str | None = None, env=None) -> int:
+    """Run the modules (and what they need) for a job on a map; returns an exit code.
+
+    With `run_id`, the run was recorded by the server; otherwise it is recorded here.
+    Raises UsageError or CatalogueError for bad input.
+    """
+    global RUN
+    env = os.environ if env is None else env
+    catalogue = load_catalogue(settings.config_path)
+    check_name("job", job)
+    targets = expand_modules(catalogue, modules)
+    extra = extra or {}
+    for name in extra:
+        if name not in catalogue:
+            raise UsageError(f"extra switches for unknown module {name!r}")
+    check_map(settings, map_name)
+    settings.make_dirs()
+    db = journal.Journal(settings.journal_path)
+    db.migrate()
+    file_handler = None
+    if run_id is None:
+        run_id = journal.new_run_id()
+        log_path = os.path.join(settings.runs_dir, "logs", f"{run_id}.log")
+        payload = {"job": job, "modules": list(modules), "map": map_name,
+                   "force_rerun": force_rerun, "extra_switches": extra}
+        try:
+            db.create_run(run_id, job, map_name, list(modules), force_rerun, payload, log_path)
+        except journal.JournalError as e:
+            raise UsageError(str(e)) from None
+        file_handler = logging.FileHandler(log_path)
+        file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        logging.getLogger("mip").addHandler(file_handler)
+    elif db.run(run_id) is None:
+        raise UsageError(f"no run {run_id!r} in the journal")
+    try:
+        if not db.set_run_status(run_id, Status.RUNNING, pid=os.getpid()):
+            log.info("run %s was cancelled before it started", run_id)
+            return EXIT_FAILED
+        graph, to_run = plan(catalogue, db, job, targets, force_rerun)
+        log.info("run %s: job %s, map %s, modules %s; to execute: %s", run_id, job, map_name,
+                 " ".join(targets), " ".join(n for n in graph if n in to_run) or "nothing")
+        RUN = Run(settings, catalogue, db, run_id, job, map_name, graph, to_run, extra,
+                  module_env(settings, env, env.get("MIP_OPENAI_KEY")))
+        try:
+            result = luigi.build([ModuleTask(job=job, module=t) for t in targets],
+                                 workers=settings.workers, local_scheduler=True,
+                                 detailed_summary=True, log_level="CRITICAL")
+        except KeyboardInterrupt:
+            db.end_running_executions(run_id, Status.CANCELLED, "interrupted")
+            db.set_run_status(run_id, Status.CANCELLED)
+            log.info("run %s interrupted", run_id)
+            return EXIT_FAILED
+        passed = all(RUN.done(n) for n in graph)
+        ran = {e["module"] for e in db.executions(run_id)}
+        skipped = [n for n in graph if n in to_run and n not in ran]
+        if skipped:
+            log.info("not run, since a module they need failed: %s", " ".join(skipped))
+        status = Status.PASSED if passed else Status.FAILED
+        if not db.set_run_status(run_id, status):
+            status = Status(db.run(run_id)["status"])
+        log.info("run %s %s (luigi: %s)", run_id, status.value, result.status.name)
+        return EXIT_OK if status == Status.PASSED else EXIT_FAILED
+    finally:
+        RUN = None
+        if file_handler:
+            logging.getLogger("mip").removeHandler(file_handler)
+            file_handler.close()
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def setup_logging() -> None:
+    """Our lines to stderr; luigi's own chatter (and its tracebacks of our
+    ModuleFailed) kept out, since each failure is already logged in one line."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger = logging.getLogger("mip")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    for name in ("luigi", "luigi-interface", "luigi.scheduler"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+# ---------------------------------------------------------------------------- main
+
+def parse_extra(items) -> dict:
+    """`MODULE=ARG` items into {module: [arg, ...]}, in order; raises UsageError."""
+    extra = {}
+    for item in items or ():
+        name, sep, arg = item.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--extra-switch {item!r}: expected MODULE=ARG")
+        extra.setdefault(name, []).append(arg)
+    return extra
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="mipper.py", description="Run TA1 modules for a job and map (luigi graph).")
+    parser.add_argument("--job", help="job name (a workspace bound to one map)")
+    parser.add_argument("--map", help="map name, under $TA1_INPUTS_DIR/maps/<map>/<map>.tif")
+    parser.add_argument("--module", action="append", default=[],
+                        help="module to run (repeatable); ALL for every module")
+    parser.add_argument("--force-rerun", action="store_true",
+                        help="rerun the named modules (and what depends on them) even if passed")
+    parser.add_argument("--extra-switch", action="append", metavar="MODULE=ARG",
+                        help="one argument appended to MODULE's command line (repeatable)")
+    parser.add_argument("--run-id", help="run id recorded by the server (internal)")
+    parser.add_argument("--list-modules", action="store_true", help="print the catalogue")
+    parser.add_argument("--list-deps", metavar="MODULE",
+                        help="print what MODULE needs, predecessors first")
+    args = parser.parse_args(argv)
+    setup_logging()
+    try:
+        settings = Settings.from_env(os.environ)
+        if args.list_modules or args.list_deps:
+            catalogue = load_catalogue(settings.config_path)
+            if args.list_modules:
+                for m in catalogue.values():
+                    print(f"{m.name} {m.version} requires: {' '.join(m.requires) or '-'}")
+            else:
+                target = expand_modules(catalogue, [args.list_deps])
+                print("\n".join(n for n in ancestors(catalogue, target) if n not in target))
+            return EXIT_OK
+        if not args.job or not args.map or not args.module:
+            parser.error("--job, --map and --module are required to run modules")
+        return run(settings, args.job, args.map, args.module, args.force_rerun,
+                   parse_extra(args.extra_switch), args.run_id)
+    except (UsageError, CatalogueError) as e:
+        print(f"mipper: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except MipError as e:
+        print(f"mipper: error: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""Fixtures: a private set of data folders with the sample map, mipper as a subprocess,
+and the real server (waitress on a free loopback port) with bounded waits."""
+
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "modules"))
+
+import journal  # noqa: E402
+import sample_map  # noqa: E402
+
+MAP = "WY_CO_Peach"
+FINISHED = ("passed", "failed", "cancelled")
+
+
+@pytest.fixture(autouse=True)
+def clean_proxy_environ(monkeypatch):
+    """Requests to loopback must never go through a proxy from the environment."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY",
+                 "ALL_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="session")
+def sample_tif(tmp_path_factory):
+    """The sample map, generated once per test session."""
+    path = tmp_path_factory.mktemp("map") / f"{MAP}.tif"
+    sample_map.write_sample_map(str(path))
+    return str(path)
+
+
+@pytest.fixture
+def mip_env(tmp_path, sample_tif):
+    """Environment variables for mipper and the server, with folders under tmp_path and
+    the sample map in place."""
+    data = tmp_path / "data"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MIP_", "TA1_"))}
+    env.update({
+        "TA1_INPUTS_DIR": str(data / "inputs"),
+        "TA1_OUTPUTS_DIR": str(data / "outputs"),
+        "TA1_TEMPS_DIR": str(data / "temps"),
+        "TA1_RUNS_DIR": str(data / "runs"),
+        "TA1_REPOS_DIR": str(data / "repos"),
+        "MIP_CONFIG": os.path.join(ROOT, "config.yml"),
+        "MIP_WORKERS": "4",
+        "PYTHONUNBUFFERED": "1",
+    })
+    add_map(env, MAP, sample_tif)
+    return env
+
+
+def add_map(env: dict, name: str, source: str) -> str:
+    folder = os.path.join(env["TA1_INPUTS_DIR"], "maps", name)
+    os.makedirs(folder, exist_ok=True)
+    dest = os.path.join(folder, f"{name}.tif")
+    shutil.copyfile(source, dest)
+    return dest
+
+
+def mipper(env: dict, *args, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run mipper.py as a subprocess."""
+    return subprocess.run([sys.executable, os.path.join(ROOT, "mipper.py"), *args], env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+class Server:
+    """`python mip_server.py --port 0` as a subprocess; its output is kept in `lines`."""
+
+    def __init__(self, env: dict, *args: str):
+        self.env = env
+        self.args = args
+        self.user = env.get("MIP_USER")
+        self.password = env.get("MIP_PASSWORD")
+        self.lines = []
+        self.proc = None
+        self.url = None
+
+    @property
+    def auth(self):
+        return (self.user, self.password)
+
+    def start(self, timeout: float = 20) -> "Server":
+        self.lines = []
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "mip_server.py"), "--port", "0", *self.args],
+            env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        first = threading.Event()
+        threading.Thread(target=self._read, args=(self.proc, first), daemon=True).start()
+        if not first.wait(timeout) or not self.lines:
+            self.kill()
+            raise AssertionError("server printed nothing")
+        match = re.search(r"http://([\d.]+):(\d+)", self.lines[0])
+        if not match:
+            self.proc.wait(timeout)
+            raise AssertionError(f"server did not start: {self.lines}")
+        self.url = f"http://{match.group(1)}:{match.group(2)}"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        raise AssertionError("server never answered /health")
+
+    def _read(self, proc, first):
+        for line in proc.stdout:
+            self.lines.append(line.rstrip("\n"))
+            first.set()
+        first.set()
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def get(self, path: str, **kw) -> requests.Response:
+        kw.setdefault("auth", self.auth)
+        kw.setdefault("timeout", 10)
+        return requests.get(self.url + path, **kw)
+
+    def post(self, path: str, **kw) -> requests.Response:
+        kw.setdefault("auth", self.auth)
+        kw.setdefault("timeout", 10)
+        return requests.post(self.url + path, **kw)
+
+    def wait_run(self, run_id: str, timeout: float = 120, until=FINISHED) -> dict:
+        """Poll a run until its status is in `until`; its RunStatus."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status = self.get(f"/runs/{run_id}").json()
+            if status["status"] in until:
+                return status
+            time.sleep(0.1)
+        raise AssertionError(f"run {run_id} still {status['status']} after {timeout} s")
+
+    def stop(self, timeout: float = 10) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self.proc and self.proc.stdout:
+            self.proc.stdout.close()
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def server_env(mip_env):
+    """mip_env plus credentials for the server."""
+    return dict(mip_env, MIP_USER="tester", MIP_PASSWORD=secrets.token_urlsafe(12))
+
+
+@pytest.fixture
+def server(server_env):
+    """The real server on a free loopback port, stopped after the test (with any run
+    processes it left behind)."""
+    srv = Server(server_env).start()
+    yield srv
+    srv.stop()
+    kill_leftover_runs(server_env)
+
+
+def kill_leftover_runs(env: dict) -> None:
+    """Kill the process groups of runs a test left running, so none outlives the test."""
+    path = os.path.join(env["TA1_RUNS_DIR"], "journal.db")
+    if not os.path.exists(path):
+        return
+    db = journal.Journal(path)
+    for run in db.runs_with_status(journal.Status.RUNNING, journal.Status.NOT_STARTED):
+        if run["pid"]:
+            try:
+                os.killpg(run["pid"], signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    db.close()
+
+
+def payload(job: str, *modules: str, **extra) -> dict:
+    return {"job": job, "modules": list(modules), "map": MAP, **extra}
