@@ -160,14 +160,18 @@ class Journal:
 
     # ---------------------------------------------------------------- runs and jobs
 
-    def create_run(self, run_id: str, job: str, map_name: str, modules: list,
-                   force_rerun: bool, payload: dict, log_path: str) -> None:
-        """Record a new `not_started` run, binding the job to its map on its first run.
+    def create_run(self, job: str, map_name: str, modules: list, force_rerun: bool,
+                   payload: dict, logs_dir: str) -> str:
+        """Record a new `not_started` run, binding the job to its map on its first run;
+        returns its id (made inside the transaction, so ids sort as runs were recorded).
+        The run's log is `<logs_dir>/<run id>.log`.
 
         Raises JournalError if the job is bound to another map.
         """
         now = utcnow()
         with self.transaction() as db:
+            run_id = new_run_id()
+            log_path = os.path.join(logs_dir, f"{run_id}.log")
             bound = db.execute("SELECT map FROM jobs WHERE job = ?", (job,)).fetchone()
             if bound is None:
                 db.execute("INSERT INTO jobs (job, map, created) VALUES (?, ?, ?)",
@@ -180,6 +184,7 @@ class Journal:
                 " submit_time, log_path) VALUES (?, ?, ?, ?, ?, ?, 'not_started', ?, ?)",
                 (run_id, job, map_name, json.dumps(modules), int(force_rerun),
                  json.dumps(payload), now, log_path))
+        return run_id
 
     def set_run_status(self, run_id: str, status: Status, pid: int | None = None) -> bool:
         """Move a run to `status`, stamping start or stop time; False if the move is illegal."""

@@ -453,14 +453,14 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
     db.migrate()
     file_handler = None
     if run_id is None:
-        run_id = journal.new_run_id()
-        log_path = os.path.join(settings.runs_dir, "logs", f"{run_id}.log")
         payload = {"job": job, "modules": list(modules), "map": map_name,
                    "force_rerun": force_rerun, "extra_switches": extra}
         try:
-            db.create_run(run_id, job, map_name, list(modules), force_rerun, payload, log_path)
+            run_id = db.create_run(job, map_name, list(modules), force_rerun, payload,
+                                   os.path.join(settings.runs_dir, "logs"))
         except journal.JournalError as e:
             raise UsageError(str(e)) from None
+        log_path = db.run(run_id)["log_path"]
         file_handler = logging.FileHandler(log_path)
         file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
         logging.getLogger("mip").addHandler(file_handler)

@@ -18,8 +18,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "modules"))
 
-import journal  # noqa: E402
 import sample_map  # noqa: E402
+
+import journal  # noqa: E402
 
 MAP = "WY_CO_Peach"
 FINISHED = ("passed", "failed", "cancelled")

@@ -214,14 +214,14 @@ def test_journal_settings_and_idempotent_migration(tmp_path):
     conn = db.connect()
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
-    db.create_run("r1", "job", "map", ["ALL"], False, {}, "/dev/null")
-    assert db.set_run_status("r1", journal.Status.RUNNING, pid=1)
-    assert db.set_run_status("r1", journal.Status.CANCELLED)
+    r1 = db.create_run("job", "map", ["ALL"], False, {}, str(tmp_path))
+    assert db.set_run_status(r1, journal.Status.RUNNING, pid=1)
+    assert db.set_run_status(r1, journal.Status.CANCELLED)
     # a finished run never changes again
-    assert not db.set_run_status("r1", journal.Status.FAILED)
-    assert db.run("r1")["status"] == "cancelled"
+    assert not db.set_run_status(r1, journal.Status.FAILED)
+    assert db.run(r1)["status"] == "cancelled"
     try:
-        db.create_run("r2", "job", "other", ["ALL"], False, {}, "/dev/null")
+        db.create_run("job", "other", ["ALL"], False, {}, str(tmp_path))
     except journal.JournalError as e:
         assert "bound to map" in str(e)
     else:

@@ -1,0 +1,969 @@
+"""mip_server: the TA1 Module Integration REST server (Bottle app served by waitress).
+
+    source env.sh
+    python mip_server.py                 # serves on $MIP_HOST:$MIP_PORT (127.0.0.1:8080)
+    python mip_server.py --port 0        # any free port; the first output line names it
+    python mip_server.py --hash-password # prints a salted hash for MIP_USERS_FILE
+
+Each run is a `mipper.py` subprocess in its own process group; the SQLite journal
+(journal.py) holds run, job and module state; JSON is checked against schema/.
+"""
+
+import argparse
+import base64
+import getpass
+import hashlib
+import hmac
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from dataclasses import dataclass
+from dataclasses import field
+
+import bottle
+import jsonschema
+import waitress
+
+import journal
+import mipper
+from journal import FINISHED
+from journal import Status
+
+VERSION = "0.1.0"
+MAX_BODY = 1024 * 1024
+LOG_TAIL = 8192
+CHUNK = 256 * 1024
+# Already compressed: stored as they are, since deflating them costs time and saves nothing.
+STORED_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gz", ".zip", ".gpkg", ".pth",
+                   ".cog", ".jp2", ".webp", ".bz2", ".xz", ".7z")
+PBKDF2_ITERATIONS = 200_000
+
+log = logging.getLogger("mip.server")
+
+# Bodies up to our own limit stay in memory; bottle would spill larger ones to a temp file.
+bottle.BaseRequest.MEMFILE_MAX = MAX_BODY + 1
+
+
+# ---------------------------------------------------------------------------- config
+
+@dataclass(frozen=True)
+class Config:
+    """Server settings, read once from the environment and the command line."""
+
+    settings: mipper.Settings
+    host: str = "127.0.0.1"
+    port: int = 8080
+    max_runs: int = 2
+    threads: int = 8
+    users: dict = field(default_factory=dict, repr=False)  # name -> password hash
+    auth: bool = True
+    password_file: str | None = None
+
+    @classmethod
+    def from_env(cls, env, host=None, port=None, no_auth=False) -> "Config":
+        """Raises mipper.MipError naming the variable that is wrong or missing."""
+        settings = mipper.Settings.from_env(env)
+        users, password_file = ({}, None) if no_auth else read_users(env)
+        port = port if port is not None else mipper.int_setting(env, "MIP_PORT", 8080, 0, 65535)
+        return cls(settings=settings, host=host or env.get("MIP_HOST") or "127.0.0.1",
+                   port=port, max_runs=mipper.int_setting(env, "MIP_MAX_RUNS", 2, 1, 256),
+                   threads=mipper.int_setting(env, "MIP_THREADS", 8, 1, 256),
+                   users=users, auth=not no_auth, password_file=password_file)
+
+
+def hash_password(password: str, salt: bytes | None = None,
+                  iterations: int = PBKDF2_ITERATIONS) -> str:
+    """`pbkdf2_sha256$<iterations>$<salt hex>$<hash hex>` for a users file."""
+    salt = salt or secrets.token_bytes(16)
+    digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    return f"pbkdf2_sha256${iterations}${salt.hex()}${digest.hex()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    """Constant-time check of a password against a hash_password() string."""
+    try:
+        scheme, iterations, salt, expected = stored.split("$")
+        digest = hashlib.pbkdf2_hmac("sha256", password.encode(), bytes.fromhex(salt),
+                                     int(iterations))
+    except ValueError:
+        return False
+    return scheme == "pbkdf2_sha256" and hmac.compare_digest(digest.hex(), expected)
+
+
+def read_users(env) -> tuple:
+    """({user: hash}, password file or None) from MIP_USERS_FILE, MIP_PASSWORD or
+    MIP_PASSWORD_FILE; a missing MIP_PASSWORD_FILE is created with a random password.
+    Raises mipper.MipError when no credentials are configured."""
+    users, password_file = {}, None
+    user = env.get("MIP_USER") or "mip"
+    if env.get("MIP_PASSWORD"):
+        users[user] = hash_password(env["MIP_PASSWORD"])
+    elif env.get("MIP_PASSWORD_FILE"):
+        password_file = os.path.abspath(env["MIP_PASSWORD_FILE"])
+        users[user] = hash_password(read_or_make_password(password_file))
+    if env.get("MIP_USERS_FILE"):
+        users.update(read_users_file(env["MIP_USERS_FILE"]))
+    if not users:
+        raise mipper.MipError("no credentials: set MIP_USER and MIP_PASSWORD (or MIP_USERS_FILE, "
+                              "or MIP_PASSWORD_FILE), e.g. `source env.sh`; or start with "
+                              "--no-auth to serve without authentication")
+    return users, password_file
+
+
+def read_or_make_password(path: str) -> str:
+    """The password kept in `path`, made once (owner-only) when the file does not exist."""
+    if not os.path.exists(path):
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(18) + "\n")
+    with open(path, encoding="utf-8") as f:
+        password = f.read().strip()
+    if not password:
+        raise mipper.MipError(f"MIP_PASSWORD_FILE {path} is empty")
+    return password
+
+
+def read_users_file(path: str) -> dict:
+    """`user:hash` lines (blank lines and # comments skipped); raises mipper.MipError."""
+    users = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise mipper.MipError(f"MIP_USERS_FILE {path}: {e.strerror}") from None
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, stored = line.partition(":")
+        if not sep or not name or not stored.startswith("pbkdf2_sha256$"):
+            raise mipper.MipError(f"MIP_USERS_FILE {path} line {number}: expected "
+                                  "user:pbkdf2_sha256$... (see --hash-password)")
+        users[name] = stored
+    return users
+
+
+# ---------------------------------------------------------------------------- errors
+
+class ApiError(bottle.HTTPResponse):
+    """An answer with the one error shape; raise it anywhere in a request."""
+
+    def __init__(self, status: int, code: str, message: str, headers=None):
+        super().__init__(body=error_body(code, message), status=status, headers=headers)
+        self.content_type = "application/json"
+
+
+def error_body(code: str, message: str) -> str:
+    return json.dumps({"error": code, "message": message})
+
+
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 409: "conflict", 413: "body_too_large",
+              422: "invalid_payload", 500: "internal_error"}
+
+
+def render_http_error(res: bottle.HTTPError) -> str:
+    """Bottle's own errors (no route, 405, crashes) in the one JSON shape."""
+    bottle.response.content_type = "application/json"
+    code = res.status_code
+    if code == 404:
+        message = (f"no route {bottle.request.method} {bottle.request.path}; "
+                   "GET /openapi.json lists them")
+    elif code == 405:
+        message = (f"{bottle.request.method} is not allowed on {bottle.request.path}; "
+                   f"allowed: {res.headers.get('Allow', '')}")
+    elif code >= 500:
+        log.error("unexpected error on %s %s\n%s", bottle.request.method, bottle.request.path,
+                  res.traceback or res.exception)
+        message = "internal error; the server log has the details"
+    else:
+        message = str(res.body or res.status_line)
+    return error_body(HTTP_CODES.get(code, "error"), message)
+
+
+# ---------------------------------------------------------------------------- validation
+
+SCHEMA_NAMES = ("RunPayload", "RunStatus", "JobStatus", "ModuleStatus", "ModuleDescription",
+                "Error", "Catalogue")
+
+
+def load_schemas() -> dict:
+    """Every schema/*.json, checked once; {name: (document, validator)}."""
+    out = {}
+    for name in SCHEMA_NAMES:
+        with open(os.path.join(mipper.SCHEMA_DIR, f"{name}.json"), encoding="utf-8") as f:
+            doc = json.load(f)
+        jsonschema.Draft202012Validator.check_schema(doc)
+        out[name] = (doc, jsonschema.Draft202012Validator(doc))
+    return out
+
+
+def validate(schemas: dict, name: str, data) -> None:
+    """Raises ApiError 422 naming the failing field."""
+    error = jsonschema.exceptions.best_match(schemas[name][1].iter_errors(data))
+    if error is not None:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+        where = where.lstrip(".") or "body"
+        message = error.message
+        if error.validator == "pattern":
+            message = (f"{json.dumps(error.instance)[:80]} is not a valid name: use letters, "
+                       "digits, '_', '.', '-', at most 64, not starting with '.'")
+        elif error.validator == "additionalProperties" and not error.absolute_path:
+            message += f"; {name} allows {', '.join(schemas[name][0]['properties'])}"
+        raise ApiError(422, "invalid_payload", f"{where}: {message}")
+
+
+def checked_name(kind: str, value: str) -> str:
+    """Refuse a path parameter that is not a plain name, before anything touches the disk."""
+    try:
+        return mipper.check_name(kind, value)
+    except mipper.UsageError as e:
+        raise ApiError(400, f"bad_{kind}_name", str(e)) from None
+
+
+# ---------------------------------------------------------------------------- run queue
+
+class RunQueue:
+    """Starts queued runs as mipper subprocesses: at most `max_runs` at once, one per job."""
+
+    def __init__(self, cfg: Config, db: journal.Journal, env=None):
+        self.cfg = cfg
+        self.db = db
+        self.env = dict(os.environ if env is None else env)
+        self.lock = threading.RLock()
+        self.running = {}  # run_id -> job, for runs whose mipper process is alive
+        self.keys = {}  # run_id -> openai key, in memory only, until the run starts
+        self.procs = {}  # run_id -> Popen (runs started by this server)
+        self.pids = {}  # run_id -> pid
+        self.stopping = False
+
+    def submit(self, run_id: str, openai_key: str | None) -> None:
+        with self.lock:
+            if openai_key:
+                self.keys[run_id] = openai_key
+            self.dispatch()
+
+    def dispatch(self) -> None:
+        """Start every queued run that the limits allow, oldest first."""
+        with self.lock:
+            if self.stopping:
+                return
+            for run in self.db.runs_with_status(Status.NOT_STARTED):
+                if len(self.running) >= self.cfg.max_runs:
+                    break
+                if run["run_id"] in self.running or run["job"] in self.running.values():
+                    continue
+                self.start(run)
+
+    def start(self, run: dict) -> None:
+        run_id = run["run_id"]
+        argv = [sys.executable, os.path.join(mipper.HERE, "mipper.py"), "--run-id", run_id,
+                "--job", run["job"], "--map", run["map"]]
+        for name in run["modules"]:
+            argv += ["--module", name]
+        if run["force_rerun"]:
+            argv.append("--force-rerun")
+        for name, args in (run["payload"].get("extra_switches") or {}).items():
+            argv += [f"--extra-switch={name}={arg}" for arg in args]
+        env = {k: v for k, v in self.env.items() if k not in mipper.SECRET_VARS}
+        key = self.keys.pop(run_id, None) or self.env.get("MIP_OPENAI_KEY")
+        if key:
+            env["MIP_OPENAI_KEY"] = key
+        os.makedirs(os.path.dirname(run["log_path"]), exist_ok=True)
+        with open(run["log_path"], "ab") as out:
+            try:
+                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                        stdin=subprocess.DEVNULL, env=env,
+                                        cwd=self.cfg.settings.runs_dir, start_new_session=True)
+            except OSError as e:
+                out.write(f"could not start mipper: {e}\n".encode())
+                self.db.set_run_status(run_id, Status.FAILED)
+                log.error("run %s failed: could not start mipper: %s", run_id, e)
+                return
+        self.db.set_run_pid(run_id, proc.pid)
+        self.running[run_id] = run["job"]
+        self.procs[run_id] = proc
+        self.pids[run_id] = proc.pid
+        log.info("run %s started (job %s, pid %d)", run_id, run["job"], proc.pid)
+        threading.Thread(target=self.watch, args=(run_id, proc.wait), daemon=True,
+                         name=f"watch-{run_id}").start()
+
+    def adopt(self, run: dict) -> None:
+        """Watch a run whose mipper outlived a previous server."""
+        run_id = run["run_id"]
+        with self.lock:
+            self.running[run_id] = run["job"]
+            self.pids[run_id] = run["pid"]
+        log.info("run %s: mipper (pid %d) still alive after restart; watching it", run_id,
+                 run["pid"])
+
+        def wait():
+            while process_alive(run["pid"], run_id):
+                time.sleep(0.2)
+
+        threading.Thread(target=self.watch, args=(run_id, wait), daemon=True,
+                         name=f"watch-{run_id}").start()
+
+    def watch(self, run_id: str, wait) -> None:
+        """Wait for the run's process, then make sure the journal says how it ended."""
+        code = wait()
+        with self.lock:
+            self.running.pop(run_id, None)
+            self.procs.pop(run_id, None)
+            self.pids.pop(run_id, None)
+            run = self.db.run(run_id)
+            if run["status"] == Status.CANCELLED:
+                self.db.end_running_executions(run_id, Status.CANCELLED, "run cancelled")
+            elif run["status"] not in FINISHED:
+                why = (f"mipper exited with code {code} before recording the end of the run"
+                       if code is not None else "mipper ended before recording the end of the run")
+                self.fail(run, why)
+            log.info("run %s %s", run_id, self.db.run(run_id)["status"])
+            self.dispatch()
+
+    def fail(self, run: dict, why: str) -> None:
+        """Mark a run whose process is gone failed, saying why in its log."""
+        self.db.end_running_executions(run["run_id"], Status.FAILED, why)
+        self.db.set_run_status(run["run_id"], Status.FAILED)
+        append_log(run["log_path"], f"{journal.utcnow()} run failed: {why}\n")
+
+    def cancel(self, run_id: str) -> None:
+        """Stop a run and its whole process tree; a no-op on a finished run."""
+        with self.lock:
+            if not self.db.set_run_status(run_id, Status.CANCELLED):
+                return
+            self.keys.pop(run_id, None)
+            pid = self.pids.get(run_id)
+            append_log(self.db.run(run_id)["log_path"],
+                       f"{journal.utcnow()} run cancelled on request\n")
+            log.info("run %s cancelled", run_id)
+        if pid is not None:
+            # the run's process group holds mipper, luigi's workers and every module
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.wait_gone(run_id, 10)
+        self.db.end_running_executions(run_id, Status.CANCELLED, "run cancelled")
+
+    def wait_gone(self, run_id: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if run_id not in self.running:
+                    return
+            time.sleep(0.02)
+
+    def recover(self) -> None:
+        """At start-up: watch runs whose mipper is still alive, fail those whose process is
+        gone, and queue again those that never started."""
+        for run in self.db.runs_with_status(Status.RUNNING, Status.NOT_STARTED):
+            if run["pid"] and process_alive(run["pid"], run["run_id"]):
+                self.adopt(run)
+            elif run["pid"] or run["status"] == Status.RUNNING:
+                self.fail(run, "the server restarted and the run's mipper process was gone")
+                log.info("run %s failed: mipper process gone after a restart", run["run_id"])
+        self.dispatch()
+
+    def stop(self) -> None:
+        """Stop starting runs; running mippers go on and a restarted server adopts them."""
+        with self.lock:
+            self.stopping = True
+
+
+def process_alive(pid: int, run_id: str) -> bool:
+    """True if `pid` is a live (not zombie) mipper process of this run."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != b"Z" and b"mipper.py" in cmdline and run_id.encode() in cmdline
+
+
+def append_log(path: str, text: str) -> None:
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(text)
+    except OSError:
+        log.warning("cannot write to run log %s", path)
+
+
+def log_tail(path: str | None, size: int = LOG_TAIL) -> str | None:
+    """The last `size` bytes of a log file, from a line start; None if there is none."""
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            end = f.tell()
+            f.seek(max(0, end - size))
+            data = f.read()
+    except OSError:
+        return None
+    if end > size and b"\n" in data:
+        data = data.split(b"\n", 1)[1]
+    return data.decode("utf-8", "replace")
+
+
+# ---------------------------------------------------------------------------- zips
+
+class _Sink:
+    """A write-only, unseekable file that zipfile writes into and the response drains."""
+
+    def __init__(self):
+        self.parts = []
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.parts.append(bytes(data))
+        self.size += len(data)
+        return len(data)
+
+    def tell(self) -> int:
+        return self.size
+
+    def flush(self) -> None:
+        pass
+
+    def drain(self):
+        parts, self.parts = self.parts, []
+        return parts
+
+
+def zip_stream(entries):
+    """Yield a zip of (archive name, path) pairs as it is written: nothing on disk, memory
+    bounded by one chunk, images stored as they are."""
+    sink = _Sink()
+    with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        for arcname, path in entries:
+            try:
+                src = open(path, "rb")
+            except OSError:
+                continue  # vanished since the folder was listed
+            with src:
+                info = zipfile.ZipInfo.from_file(path, arcname)
+                info.compress_type = (zipfile.ZIP_STORED if path.lower().endswith(STORED_SUFFIXES)
+                                      else zipfile.ZIP_DEFLATED)
+                big = os.fstat(src.fileno()).st_size > 2**31
+                with zf.open(info, "w", force_zip64=big) as dst:
+                    yield from sink.drain()
+                    while chunk := src.read(CHUNK):
+                        dst.write(chunk)
+                        yield from sink.drain()
+            yield from sink.drain()
+    yield from sink.drain()
+
+
+def folder_entries(root: str, prefix: str, only_logs: bool = False):
+    """(archive name, path) of the files under `root`, sorted; a symlink is followed only
+    when it stays inside `root`."""
+    real_root = os.path.realpath(root)
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            if only_logs and not name.endswith(".log"):
+                continue
+            real = os.path.realpath(path)
+            if not real.startswith(real_root + os.sep) or not os.path.isfile(real):
+                continue
+            yield f"{prefix}/{os.path.relpath(path, root)}", path
+
+
+# ---------------------------------------------------------------------------- views
+
+def run_status(db: journal.Journal, run: dict) -> dict:
+    """The RunStatus of a journal row."""
+    finished = run["status"] in FINISHED
+    return {
+        "status": run["status"],
+        "run_id": run["run_id"],
+        "payload": run["payload"],
+        "submit_time": run["submit_time"],
+        "start_time": run["start_time"],
+        "stop_time": run["stop_time"],
+        "log": log_tail(run["log_path"]) if finished else None,
+        "module_status": {e["module"]: e["status"] for e in db.executions(run["run_id"])},
+    }
+
+
+def module_status(execution: dict) -> dict:
+    """The ModuleStatus of an execution row."""
+    finished = execution["status"] in FINISHED
+    return {
+        "status": execution["status"],
+        "job": execution["job"],
+        "module": execution["module"],
+        "start_time": execution["start_time"],
+        "stop_time": execution["stop_time"],
+        "log": log_tail(execution["log_path"]) if finished else None,
+        "run_id": execution["run_id"],
+        "exit_code": execution["exit_code"],
+        "message": execution["message"],
+    }
+
+
+# ---------------------------------------------------------------------------- app
+
+def make_app(cfg: Config, db: journal.Journal, queue: RunQueue) -> bottle.Bottle:
+    """The Bottle app with every route, the auth plugin and the JSON error shape."""
+    app = bottle.Bottle()
+    app.default_error_handler = render_http_error
+    routes = []  # (method, path, summary, body schema, answer schema or type, auth)
+    catalogue = mipper.load_catalogue(cfg.settings.config_path)
+    schemas = load_schemas()
+    settings = cfg.settings
+    verified = set()  # HMACs of credentials already checked, so pbkdf2 runs once per user
+    salt = secrets.token_bytes(16)
+
+    @app.hook("before_request")
+    def edges():
+        env = bottle.request.environ
+        path = env.get("PATH_INFO", "/")
+        if len(path) > 1 and path.endswith("/"):
+            env["PATH_INFO"] = path.rstrip("/") or "/"
+        if "\x00" in env["PATH_INFO"]:
+            raise ApiError(400, "bad_path", "the path holds a NUL character")
+        length = env.get("CONTENT_LENGTH") or "0"
+        if not length.isdigit():
+            raise ApiError(400, "bad_request", "Content-Length is not a number")
+        if int(length) > MAX_BODY:
+            raise ApiError(413, "body_too_large",
+                           f"the body has {length} bytes; the limit is {MAX_BODY}")
+
+    def authorized() -> bool:
+        header = bottle.request.environ.get("HTTP_AUTHORIZATION", "")
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, sep, password = base64.b64decode(encoded, validate=True).decode().partition(":")
+        except (ValueError, UnicodeDecodeError):
+            return False
+        if not sep:
+            return False
+        token = hmac.new(salt, f"{user}:{password}".encode(), "sha256").digest()
+        if token in verified:
+            return True
+        stored = cfg.users.get(user)
+        # check a dummy hash for unknown users too, so timing does not reveal names
+        ok = check_password(password, stored or DUMMY_HASH) and stored is not None
+        if ok and len(verified) < 1024:
+            verified.add(token)
+        return ok
+
+    def auth_plugin(callback):
+        def wrapper(*args, **kwargs):
+            if cfg.auth and not authorized():
+                raise ApiError(401, "unauthorized",
+                               "no or wrong credentials: use basic auth (MIP_CLIENT_USER and "
+                               "MIP_CLIENT_PASSWORD for mip_client.py)",
+                               headers={"WWW-Authenticate": 'Basic realm="mip"'})
+            return callback(*args, **kwargs)
+        return wrapper
+
+    def route(method, path, summary="", body=None, answer=None, auth=True):
+        """Register a route (also in the table the OpenAPI document is built from)."""
+        def register(fn):
+            routes.append((method, path, summary or fn.__doc__.split("\n")[0], body, answer, auth))
+            app.route(path.replace("{", "<").replace("}", ">"), method, fn,
+                      apply=[auth_plugin] if auth else [])
+            return fn
+        return register
+
+    def send(data, status=200):
+        bottle.response.status = status
+        bottle.response.content_type = "application/json"
+        return json.dumps(data)
+
+    def read_json():
+        raw = bottle.request.body.read(MAX_BODY + 1)
+        if len(raw) > MAX_BODY:
+            raise ApiError(413, "body_too_large", f"the body is over the {MAX_BODY} byte limit")
+        if not raw.strip():
+            raise ApiError(400, "empty_body", "the body is empty; send a JSON object")
+        try:
+            return json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}") from None
+
+    def query_int(name, default, high):
+        raw = bottle.request.query.get(name)
+        if raw is None:
+            return default
+        if not raw.isdigit() or int(raw) > high:
+            raise ApiError(400, "bad_query", f"?{name}= must be a whole number from 0 to {high}")
+        return int(raw)
+
+    def get_run(run_id):
+        run = db.run(checked_name("run", run_id))
+        if run is None:
+            raise ApiError(404, "unknown_run", f"no run {run_id!r}; GET /runs lists them")
+        return run
+
+    def get_job(job):
+        checked_name("job", job)
+        if db.job_map(job) is None:
+            raise ApiError(404, "unknown_job", f"no job {job!r}; GET /jobs lists them")
+        return job
+
+    def get_module(job, module):
+        checked_name("module", module)
+        get_job(job)
+        if module not in catalogue:
+            raise ApiError(404, "unknown_module",
+                           f"no module {module!r}; GET /modules lists them")
+        execution = db.latest_execution(job, module)
+        if execution is None:
+            raise ApiError(404, "module_not_run", f"module {module!r} has not run in job {job!r}")
+        return execution
+
+    def submit(payload, key):
+        """Check a RunPayload against the catalogue, maps and jobs; record and queue it."""
+        try:
+            mipper.expand_modules(catalogue, payload["modules"])
+        except mipper.UsageError as e:
+            raise ApiError(422, "unknown_module", f"modules: {e}") from None
+        for name in payload.get("extra_switches") or {}:
+            if name not in catalogue:
+                raise ApiError(422, "unknown_module",
+                               f"extra_switches: unknown module {name!r}; GET /modules lists them")
+        try:
+            mipper.check_map(settings, payload["map"])
+        except mipper.UsageError as e:
+            raise ApiError(404, "unknown_map", f"map: {e}") from None
+        try:
+            run_id = db.create_run(payload["job"], payload["map"], payload["modules"],
+                                   payload.get("force_rerun", False), payload,
+                                   os.path.join(settings.runs_dir, "logs"))
+        except journal.JournalError as e:
+            raise ApiError(409, "job_bound_to_other_map", str(e)) from None
+        log.info("run %s submitted: job %s, map %s, modules %s", run_id, payload["job"],
+                 payload["map"], " ".join(payload["modules"]))
+        queue.submit(run_id, key)
+        bottle.response.set_header("Location", f"/runs/{run_id}")
+        return send(run_status(db, db.run(run_id)))
+
+    # ------------------------------------------------------------------ routes
+
+    @route("GET", "/health", auth=False, answer={"type": "object"})
+    def health():
+        """Liveness: 200 when the server answers (no auth)."""
+        return send({"status": "ok"})
+
+    @route("GET", "/", answer={"type": "object"})
+    def info():
+        """Service info: version, modules, limits, queue."""
+        return send({"name": "mip", "version": VERSION, "modules": list(catalogue),
+                     "limits": {"max_runs": cfg.max_runs, "workers": settings.workers,
+                                "max_body_bytes": MAX_BODY},
+                     "runs": {"running": len(db.runs_with_status(Status.RUNNING)),
+                              "queued": len(db.runs_with_status(Status.NOT_STARTED))},
+                     "openapi": "/openapi.json"})
+
+    @route("GET", "/openapi.json", answer={"type": "object"})
+    def openapi():
+        """This API as an OpenAPI 3 document."""
+        return send(openapi_document(routes, schemas))
+
+    @route("GET", "/schema/{name}", answer={"type": "object"})
+    def schema(name):
+        """One JSON Schema of schema/ (RunPayload, RunStatus, ...). Raises 404 if unknown."""
+        name = name.removesuffix(".json")
+        if name not in schemas:
+            raise ApiError(404, "unknown_schema",
+                           f"no schema {name!r}; known: {', '.join(SCHEMA_NAMES)}")
+        return send(schemas[name][0])
+
+    @route("POST", "/runs", body="RunPayload", answer="RunStatus")
+    def post_run():
+        """Submit a run; answers at once with its RunStatus. 404 unknown map, 409 job bound
+        to another map, 422 invalid payload."""
+        payload = read_json()
+        validate(schemas, "RunPayload", payload)
+        key = payload.pop("openai_key", None)
+        payload.setdefault("force_rerun", False)
+        return submit(payload, key)
+
+    @route("GET", "/runs", answer={"type": "array", "items": {"type": "string"}})
+    def list_runs():
+        """Run ids, oldest first; ?job= ?status= ?limit= ?offset=."""
+        job = bottle.request.query.get("job")
+        status = bottle.request.query.get("status")
+        if job is not None:
+            checked_name("job", job)
+        if status is not None and status not in {s.value for s in Status}:
+            raise ApiError(400, "bad_query",
+                           f"?status= must be one of {', '.join(s.value for s in Status)}")
+        return send(db.run_ids(job, status, query_int("limit", None, 10**9),
+                               query_int("offset", 0, 10**12)))
+
+    @route("GET", "/runs/{run_id}", answer="RunStatus")
+    def get_run_status(run_id):
+        """A run's RunStatus. Raises 404 if unknown."""
+        return send(run_status(db, get_run(run_id)))
+
+    @route("GET", "/runs/{run_id}/log", answer="text/plain")
+    def get_run_log(run_id):
+        """The whole run log, as text. Raises 404 if unknown."""
+        run = get_run(run_id)
+        bottle.response.content_type = "text/plain; charset=utf-8"
+        try:
+            return open(run["log_path"], "rb")
+        except OSError:
+            return b""
+
+    @route("POST", "/runs/{run_id}/cancel", answer="RunStatus")
+    def cancel_run(run_id):
+        """Stop a run and every module it runs; a no-op on a finished run."""
+        run = get_run(run_id)
+        queue.cancel(run["run_id"])
+        return send(run_status(db, db.run(run["run_id"])))
+
+    @route("POST", "/runs/{run_id}/rerun", answer="RunStatus")
+    def rerun(run_id):
+        """Submit a new run with the same payload: what failed or was cancelled runs again,
+        what passed is skipped. Optional body: {"openai_key": ...}."""
+        run = get_run(run_id)
+        raw = bottle.request.body.read(MAX_BODY + 1)
+        key = None
+        if raw.strip():
+            body = read_json_bytes(raw)
+            if not isinstance(body, dict) or set(body) - {"openai_key"} or not isinstance(
+                    body.get("openai_key", ""), str):
+                raise ApiError(422, "invalid_payload",
+                               'body: optional, {"openai_key": "<key>"} only')
+            key = body.get("openai_key")
+        payload = dict(run["payload"], force_rerun=False)
+        return submit(payload, key)
+
+    @route("GET", "/jobs", answer={"type": "array", "items": {"type": "string"}})
+    def list_jobs():
+        """Job names; ?limit= ?offset=."""
+        jobs = db.jobs()
+        offset = query_int("offset", 0, 10**12)
+        limit = query_int("limit", None, 10**9)
+        return send(jobs[offset:None if limit is None else offset + limit])
+
+    @route("GET", "/jobs/{job}", answer="JobStatus")
+    def job_status(job):
+        """A job's JobStatus (that of its latest run). Raises 404 if unknown."""
+        get_job(job)
+        run = db.latest_run(job)
+        finished = run["status"] in FINISHED
+        return send({
+            "status": run["status"], "job": job, "modules": run["modules"],
+            "start_time": run["start_time"], "stop_time": run["stop_time"],
+            "log": log_tail(run["log_path"]) if finished else None,
+            "force_rerun": run["force_rerun"], "map": db.job_map(job), "run_id": run["run_id"],
+            "module_status": {m: db.latest_execution(job, m)["status"]
+                              for m in db.job_modules(job)},
+        })
+
+    @route("GET", "/modules", answer={"type": "array", "items": "ModuleDescription"})
+    def list_modules():
+        """The catalogue: ModuleDescription of every module."""
+        return send([{"module_name": m.name, "version": m.version, "requires": list(m.requires)}
+                     for m in catalogue.values()])
+
+    @route("GET", "/modules/{job}", answer={"type": "array", "items": {"type": "string"}})
+    def job_modules(job):
+        """Names of the modules run in a job. Raises 404 if the job is unknown."""
+        return send(db.job_modules(get_job(job)))
+
+    @route("GET", "/modules/{job}/{module}", answer="ModuleStatus")
+    def get_module_status(job, module):
+        """The latest execution of a module in a job. Raises 404 if none."""
+        return send(module_status(get_module(job, module)))
+
+    def download(job, module, kind):
+        """A zip of the module's logs, outputs or temps, streamed as it is written."""
+        get_module(job, module)
+        out_dir = os.path.join(settings.outputs_dir, job)
+        prefix = f"{job}_{module}_{kind}"
+        if kind == "outputs":
+            folder = os.path.join(out_dir, module)
+        elif kind == "temps":
+            folder = os.path.join(settings.temps_dir, job, module)
+        else:
+            folder = os.path.join(out_dir, module)
+        if not os.path.isdir(folder) and kind != "logs":
+            raise ApiError(404, f"no_{kind}", f"module {module!r} of job {job!r} has no {kind} "
+                                              "folder (not produced, or cleaned away)")
+        if kind == "logs":
+            own = os.path.join(out_dir, f"{module}.log")
+            entries = ([(f"{prefix}/{module}.log", own)] if os.path.isfile(own) else [])
+            entries += list(folder_entries(folder, prefix, only_logs=True))
+            if not entries:
+                raise ApiError(404, "no_logs", f"module {module!r} of job {job!r} has no logs")
+        else:
+            entries = folder_entries(folder, prefix)
+        bottle.response.content_type = "application/zip"
+        bottle.response.set_header("Content-Disposition", f'attachment; filename="{prefix}.zip"')
+        return zip_stream(entries)
+
+    for prefix in ("/modules", "/jobs"):
+        for kind in ("logs", "outputs", "temps"):
+            route("GET", f"{prefix}/{{job}}/{{module}}/{kind}", answer="application/zip",
+                  summary=f"A zip of the module's {kind}, streamed. Raises 404 if none.")(
+                lambda job, module, kind=kind: download(job, module, kind))
+
+    @route("GET", "/maps", answer={"type": "array", "items": {"type": "string"}})
+    def list_maps():
+        """Names of the maps on the server."""
+        return send(mipper.list_maps(settings))
+
+    return app
+
+
+DUMMY_HASH = hash_password("not a password", b"0" * 16)
+
+
+def read_json_bytes(raw: bytes):
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}") from None
+
+
+def openapi_document(routes: list, schemas: dict) -> dict:
+    """An OpenAPI 3.1 document built from the route table and schema/."""
+    paths = {}
+    for method, path, summary, body, answer, auth in routes:
+        op = {"summary": summary, "responses": {}}
+        params = re.findall(r"{(\w+)}", path)
+        if params:
+            op["parameters"] = [{"name": p, "in": "path", "required": True,
+                                 "schema": {"type": "string"}} for p in params]
+        if body:
+            op["requestBody"] = {"required": True, "content": {
+                "application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}}}
+        if isinstance(answer, str) and "/" in answer:
+            content = {answer: {"schema": {"type": "string", "format": "binary"}}}
+        else:
+            ref = answer if isinstance(answer, dict) else {"$ref": f"#/components/schemas/{answer}"}
+            if isinstance(ref.get("items"), str):
+                ref = dict(ref, items={"$ref": f"#/components/schemas/{ref['items']}"})
+            content = {"application/json": {"schema": ref}}
+        op["responses"]["200"] = {"description": "success", "content": content}
+        err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+        for code, text in ((400, "bad request"), (404, "not found"), (422, "invalid payload")):
+            op["responses"][str(code)] = {"description": text, **err}
+        if auth:
+            op["security"] = [{"basic": []}]
+            op["responses"]["401"] = {"description": "no or wrong credentials", **err}
+        paths.setdefault(path, {})[method.lower()] = op
+    components = {}
+    for name, (doc, _) in schemas.items():
+        components[name] = {k: v for k, v in doc.items() if k not in ("$schema", "$id")}
+    return {"openapi": "3.1.0",
+            "info": {"title": "mip: TA1 Module Integration server", "version": VERSION},
+            "paths": paths,
+            "components": {"schemas": components,
+                           "securitySchemes": {"basic": {"type": "http", "scheme": "basic"}}}}
+
+
+# ---------------------------------------------------------------------------- main
+
+class RequestLog:
+    """WSGI middleware: one log line per request (method, path, status, milliseconds)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    def __call__(self, environ, start_response):
+        started = time.monotonic()
+
+        def start(status, headers, exc_info=None):
+            log.info("%s %s %s %.1f ms", environ.get("REQUEST_METHOD"),
+                     environ.get("PATH_INFO"), status.split(" ", 1)[0],
+                     (time.monotonic() - started) * 1000)
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, start)
+
+
+def setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logging.getLogger("mip").addHandler(handler)
+    logging.getLogger("mip").setLevel(logging.INFO)
+    # waitress warns on every queued request under load, which costs time and says nothing
+    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="mip_server.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--host", help="address to bind (default $MIP_HOST or 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port (default $MIP_PORT or 8080; 0: any free)")
+    parser.add_argument("--no-auth", action="store_true",
+                        help="serve WITHOUT authentication (only on a trusted host)")
+    parser.add_argument("--hash-password", action="store_true",
+                        help="read a password and print its hash for MIP_USERS_FILE")
+    args = parser.parse_args(argv)
+    if args.hash_password:
+        password = (getpass.getpass("password: ") if sys.stdin.isatty()
+                    else sys.stdin.readline().rstrip("\n"))
+        if not password:
+            print("mip_server: error: empty password", file=sys.stderr)
+            return mipper.EXIT_USAGE
+        print(hash_password(password))
+        return mipper.EXIT_OK
+    try:
+        cfg = Config.from_env(os.environ, args.host, args.port, args.no_auth)
+        cfg.settings.make_dirs()
+        mipper.load_catalogue(cfg.settings.config_path)
+    except mipper.MipError as e:
+        print(f"mip_server: error: {e}", file=sys.stderr)
+        return mipper.EXIT_USAGE
+    db = journal.Journal(cfg.settings.journal_path)
+    db.migrate()
+    queue = RunQueue(cfg, db)
+    app = make_app(cfg, db, queue)
+    server = waitress.create_server(
+        RequestLog(app), host=cfg.host, port=cfg.port, threads=cfg.threads,
+        expose_tracebacks=False, ident="mip",
+        # bodies over MAX_BODY get our JSON 413; far larger ones are refused by waitress
+        # itself (plain text) before it buffers them
+        max_request_body_size=16 * MAX_BODY,
+        # keep streamed zips in memory (bounded by the high watermark), never in temp files
+        outbuf_high_watermark=8 * 1024 * 1024, outbuf_overflow=64 * 1024 * 1024)
+    print(f"mip: serving on http://{cfg.host}:{server.effective_port}", flush=True)
+    setup_logging()
+    if not cfg.auth:
+        log.warning("!!! AUTHENTICATION IS OFF (--no-auth): anyone who reaches this port can "
+                    "run modules and read results !!!")
+    elif cfg.password_file:
+        log.info("basic auth: user %r, password in %s", next(iter(cfg.users)), cfg.password_file)
+    else:
+        log.info("basic auth: %d user(s)", len(cfg.users))
+    queue.recover()
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        queue.stop()
+        server.close()
+        log.info("stopped; running runs go on and are adopted at the next start")
+    return mipper.EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
