@@ -39,10 +39,9 @@ SCHEMA_DIR = os.path.join(HERE, "schema")
 ALL = "ALL"
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 TOKENS = ("$INPUT_DIR", "$OUTPUT_DIR", "$TEMP_DIR", "$REPO_DIR", "$MAP_NAME")
-# Never handed to a module: the server's and the CDR's secrets. The OpenAI key reaches
-# modules only as OPENAI_API_KEY.
-SECRET_VARS = ("MIP_PASSWORD", "MIP_OPENAI_KEY", "MIP_CDR_TOKEN", "MIP_CDR_SECRET",
-               "MIP_CLIENT_PASSWORD")
+# Never handed to a module (nor to mipper by the server). The OpenAI key reaches modules
+# only as OPENAI_API_KEY.
+SECRET_VARS = ("MIP_PASSWORD", "MIP_OPENAI_KEY", "MIP_CLIENT_PASSWORD")
 
 log = logging.getLogger("mip.mipper")
 
