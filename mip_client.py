@@ -1,0 +1,628 @@
+"""mip_client: the command-line client of the mip server, in one file that needs only
+`requests` (pip install requests).
+
+    export MIP_CLIENT_USER=mip MIP_CLIENT_PASSWORD=...
+    python mip_client.py --post --url http://127.0.0.1:8080/runs --input a.json --output b.json
+    python mip_client.py --get --url http://127.0.0.1:8080/runs/$RUN_ID --wait
+    python mip_client.py --help        # every option, with the walk-through as examples
+
+JSON answers are pretty-printed to stdout (and written to --output); zip answers are saved
+to --output or under the file name the server gives. Exit codes: 0 success, 1 failure (an
+error answer, an unreachable server, a run that did not pass under --wait), 2 usage.
+"""
+
+import argparse
+import email.message
+import getpass
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+import urllib.parse
+
+import requests
+
+VERSION = "0.1.0"
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+DEFAULT_TIMEOUT = 60.0  # seconds, for connecting and for each read
+CHUNK = 256 * 1024
+POLL_FIRST = 0.5  # --wait polls after 0.5 s, then 1.5 times later each time, up to 5 s
+POLL_MAX = 5.0
+POLL_RETRIES = 5  # consecutive unreachable polls before --wait gives up
+PROGRESS_DELAY = 0.5  # a download shows a progress line once it has taken this long
+FINISHED = ("passed", "failed", "cancelled")
+
+
+# ---------------------------------------------------------------------------- errors
+
+class MipClientError(Exception):
+    """An expected failure: one line on stderr, exit 1."""
+
+    exit_code = EXIT_FAILED
+
+
+class UsageError(MipClientError):
+    """A command line that cannot work: one line on stderr, exit 2."""
+
+    exit_code = EXIT_USAGE
+
+
+class ClientError(MipClientError):
+    """A non-2xx answer, with its HTTP status and the server's `error` code and `message`."""
+
+    def __init__(self, status: int, error: str, message: str, url: str = ""):
+        super().__init__(message)
+        self.status = status
+        self.error = error
+        self.message = message
+        self.url = url
+
+    def __str__(self) -> str:
+        return f"{self.message} (HTTP {self.status} {self.error})"
+
+
+# ---------------------------------------------------------------------------- command line
+
+EPILOG = """\
+credentials:
+  MIP_CLIENT_USER and MIP_CLIENT_PASSWORD give the user name and password. --user NAME
+  overrides the name (the password still comes from MIP_CLIENT_PASSWORD, or is asked for
+  when stdin is a terminal); --user NAME:PASSWORD gives both, but other users of the
+  machine can see a command line. MIP_OPENAI_KEY, when set, is added to POST payloads
+  that have no "openai_key". MIP_CLIENT_URL, when set, lets --url be a path (--url /runs).
+
+examples (a.json holds {"map": "WY_CO_Peach", "job": "alpha", "modules": ["map_crop"]}):
+  export MIP_CLIENT_USER=mip MIP_CLIENT_PASSWORD='the password'
+  # submit a run; its RunStatus (with run_id) is printed and written to b.json
+  python mip_client.py --post --url http://127.0.0.1:8080/runs --input a.json --output b.json
+  RUN_ID=$(python -c 'import json; print(json.load(open("b.json"))["run_id"])')
+  # the status of the run, and of the job
+  python mip_client.py --get --url http://127.0.0.1:8080/runs/$RUN_ID --output c.json
+  python mip_client.py --get --url http://127.0.0.1:8080/jobs/alpha --output d.json
+  # wait until the run ends (exit 0 if it passed, 1 if not)
+  python mip_client.py --get --url http://127.0.0.1:8080/runs/$RUN_ID --wait
+  # the logs, and the outputs
+  python mip_client.py --get \\
+      --url http://127.0.0.1:8080/modules/alpha/map_crop/logs --output d.zip
+  python mip_client.py --get \\
+      --url http://127.0.0.1:8080/modules/alpha/map_crop/outputs --output e.zip
+
+daily use:
+  # submit from the command line and wait for the end
+  python mip_client.py --post --url http://127.0.0.1:8080/runs --wait \\
+      --data '{"map": "WY_CO_Peach", "job": "beta", "modules": ["georeference"]}'
+  # save a zip under the server's name (here beta_georeference_outputs.zip)
+  python mip_client.py --get --url http://127.0.0.1:8080/jobs/beta/georeference/outputs
+
+exit codes: 0 success; 1 an error answer, an unreachable server, or (--wait) a run that
+failed or was cancelled; 2 a usage error.
+"""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the house error line (`mip_client: error: ...`, exit 2)."""
+
+    def error(self, message):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"mip_client: error: {message}\n")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="mip_client.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Send one GET or POST to the mip server and show or save the answer.",
+        epilog=EPILOG)
+    method = parser.add_mutually_exclusive_group(required=True)
+    method.add_argument("--get", action="store_true", help="send a GET request")
+    method.add_argument("--post", action="store_true",
+                        help="send a POST request (needs --input or --data)")
+    parser.add_argument("--url", required=True,
+                        help="URL of the request, e.g. http://127.0.0.1:8080/runs")
+    body = parser.add_mutually_exclusive_group()
+    body.add_argument("--input", metavar="FILE",
+                      help="JSON file to POST (a RunPayload for /runs); - reads stdin")
+    body.add_argument("--data", metavar="JSON", help="JSON text to POST, instead of --input")
+    parser.add_argument("--output", metavar="FILE",
+                        help="write the answer to FILE (JSON, or a zip; a zip into a folder "
+                             "keeps the server's file name). Without it, JSON is only "
+                             "printed and a zip is saved under the server's file name")
+    parser.add_argument("--user", metavar="NAME[:PASSWORD]",
+                        help="user name (default $MIP_CLIENT_USER); see 'credentials' below")
+    parser.add_argument("--wait", action="store_true",
+                        help="after POST /runs (or GET /runs/ID), follow the run until it ends, "
+                             "showing its status changes on stderr; prints the final "
+                             "RunStatus and exits 0 only if the run passed")
+    parser.add_argument("--wait-timeout", type=float, metavar="SECONDS",
+                        help="with --wait: give up after SECONDS (exit 1; the run goes on)")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
+                        help=f"network timeout of each request (default {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--version", action="version", version=f"mip_client {VERSION}")
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, env) -> None:
+    """Refuse what argparse cannot express; fills args.url with an absolute URL."""
+    if args.post and args.input is None and args.data is None:
+        parser.error("--post needs the body: --input FILE or --data JSON")
+    if args.get and (args.input is not None or args.data is not None):
+        parser.error("--input and --data go with --post, not --get")
+    if args.timeout <= 0:
+        parser.error("--timeout must be a positive number of seconds")
+    if args.wait_timeout is not None and args.wait_timeout <= 0:
+        parser.error("--wait-timeout must be a positive number of seconds")
+    if args.wait_timeout is not None and not args.wait:
+        parser.error("--wait-timeout goes with --wait")
+    try:
+        args.url = absolute_url(args.url, env.get("MIP_CLIENT_URL"))
+    except UsageError as e:
+        parser.error(str(e))
+    if args.wait and run_base(args.url, args.post) is None:
+        parser.error("--wait follows a run: use it with --post --url .../runs (or "
+                     ".../runs/ID/rerun) or --get --url .../runs/ID")
+    if args.output == "":
+        parser.error("--output needs a file name")
+
+
+def absolute_url(url: str, base: str | None) -> str:
+    """`url` checked; a path is joined to $MIP_CLIENT_URL. Raises UsageError."""
+    if url.startswith("/"):
+        if not base:
+            raise UsageError(f"--url {url!r} is a path: give a full URL "
+                             "(http://host:port/...) or set MIP_CLIENT_URL")
+        url = base.rstrip("/") + url
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"--url {shown(url)!r} is not an http(s) URL, e.g. "
+                         "http://127.0.0.1:8080/runs")
+    return url
+
+
+def run_base(url: str, post: bool) -> str | None:
+    """For --wait: the URL up to the `/runs` of a run URL, or None if `url` is not one."""
+    path = urllib.parse.urlsplit(url).path.rstrip("/")
+    pattern = r"(.*)/runs(/[^/]+/rerun)?" if post else r"(.*)/runs/[^/]+"
+    match = re.fullmatch(pattern, path)
+    if match is None:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, match.group(1) + "/runs", "", ""))
+
+
+def shown(url: str) -> str:
+    """`url` without any user:password in it, for messages."""
+    parts = urllib.parse.urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
+
+
+def credentials(user_arg: str | None, env, stdin=None) -> tuple | None:
+    """(user, password) from --user and the environment; None when no user is given (the
+    server may run without auth). Raises UsageError when a password cannot be found."""
+    stdin = stdin or sys.stdin
+    if user_arg is not None:
+        user, sep, password = user_arg.partition(":")
+        if not user:
+            raise UsageError("--user needs a name: --user NAME or --user NAME:PASSWORD")
+        if sep:
+            return user, password
+    else:
+        user = env.get("MIP_CLIENT_USER")
+        if not user:
+            return None
+    password = env.get("MIP_CLIENT_PASSWORD")
+    if password is None:
+        if not stdin.isatty():
+            raise UsageError(f"no password for user {user!r}: set MIP_CLIENT_PASSWORD or use "
+                             "--user NAME:PASSWORD")
+        password = getpass.getpass(f"password for {user}: ")
+    return user, password
+
+
+def read_body(args: argparse.Namespace, env) -> dict | list | str | None:
+    """The POST body from --input or --data, plus MIP_OPENAI_KEY when it applies.
+    Raises UsageError for a missing file or invalid JSON."""
+    if args.input is None and args.data is None:
+        return None
+    if args.data is not None:
+        text, where = args.data, "--data"
+    elif args.input == "-":
+        text, where = sys.stdin.read(), "--input -"
+    else:
+        where = f"--input {args.input}"
+        try:
+            with open(args.input, encoding="utf-8-sig") as f:
+                text = f.read()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"{where}: {getattr(e, 'strerror', None) or e}") from None
+    try:
+        body = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"{where} is not valid JSON: {e}") from None
+    return with_openai_key(body, env.get("MIP_OPENAI_KEY"))
+
+
+def with_openai_key(body, key: str | None):
+    """`body` with "openai_key" added when `key` is set and the body is an object without one."""
+    if key and isinstance(body, dict) and "openai_key" not in body:
+        return dict(body, openai_key=key)
+    return body
+
+
+# ---------------------------------------------------------------------------- requests
+
+def make_session(auth: tuple | None) -> requests.Session:
+    session = requests.Session()
+    session.auth = auth
+    session.headers["User-Agent"] = f"mip_client/{VERSION}"
+    return session
+
+
+def send(session: requests.Session, method: str, url: str, body, timeout: float
+         ) -> requests.Response:
+    """The streamed answer to one request; the caller closes it. Raises ClientError for a
+    non-2xx answer and MipClientError when the server cannot be reached."""
+    kwargs = {"timeout": timeout, "stream": True}
+    if body is not None:
+        kwargs["data"] = json.dumps(body).encode()
+        kwargs["headers"] = {"Content-Type": "application/json"}
+    try:
+        resp = session.request(method, url, **kwargs)
+    except requests.Timeout:
+        raise MipClientError(f"no answer from {shown(url)} within {timeout:g} s "
+                             "(--timeout)") from None
+    except requests.ConnectionError as e:
+        raise MipClientError(f"cannot reach {shown(url)}: {reason(e)}") from None
+    except requests.RequestException as e:
+        raise MipClientError(f"{method} {shown(url)} failed: {reason(e)}") from None
+    if not 200 <= resp.status_code < 300:
+        with resp:
+            raise answer_error(resp, url)
+    return resp
+
+
+def reason(exc: BaseException) -> str:
+    """The innermost reason of a requests exception: the OS error (e.g. 'Connection refused')
+    when there is one, else the deepest exception it wraps."""
+    seen = set()
+    todo = [(exc, 0)]
+    deepest, depth = exc, 0
+    while todo:
+        e, level = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            return one_line(e.strerror)
+        if level > depth:
+            deepest, depth = e, level
+        inner = [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
+        inner += [x for x in (e.__cause__, e.__context__, getattr(e, "reason", None))
+                  if isinstance(x, BaseException)]
+        todo += [(x, level + 1) for x in inner]
+    return one_line(str(deepest) or type(deepest).__name__)
+
+
+def answer_error(resp: requests.Response, url: str) -> ClientError:
+    """A ClientError from an error answer: the server's JSON error shape when it has one."""
+    error, message = "", ""
+    try:
+        data = json.loads(resp.content[:65536])
+        if isinstance(data, dict):
+            error = str(data.get("error") or "")
+            message = str(data.get("message") or "")
+    except (ValueError, requests.RequestException):
+        pass
+    if not message:
+        try:
+            text = resp.content[:300].decode("utf-8", "replace").strip()
+        except requests.RequestException:
+            text = ""
+        message = text or resp.reason or "error"
+    error = error or (resp.reason or "error").lower().replace(" ", "_")
+    return ClientError(resp.status_code, error, one_line(message), url)
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def is_json(resp: requests.Response) -> bool:
+    kind = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    return kind == "application/json" or kind.endswith("+json")
+
+
+def is_download(resp: requests.Response) -> bool:
+    """A zip or any other file the server sends as an attachment, not JSON nor text."""
+    kind = resp.headers.get("Content-Type", "").split(";")[0].strip().lower()
+    disposition = resp.headers.get("Content-Disposition", "").lower()
+    return disposition.startswith("attachment") or not (is_json(resp) or kind.startswith("text/")
+                                                        or kind == "")
+
+
+def disposition_name(header: str | None) -> str:
+    """The file name of a Content-Disposition header, reduced to a plain name in the
+    current folder. Raises MipClientError when there is no usable one."""
+    name = None
+    if header:
+        msg = email.message.Message()
+        msg["Content-Disposition"] = header
+        name = msg.get_filename()
+    if name:
+        name = name.replace("\\", "/").rsplit("/", 1)[-1]
+    if not name or name.startswith(".") or any(ord(c) < 32 or c == "\x7f" for c in name):
+        raise MipClientError("the answer is a file but the server gave no usable file name "
+                             "(Content-Disposition); name one with --output FILE")
+    return name
+
+
+# ---------------------------------------------------------------------------- output
+
+class Progress:
+    """A one-line progress display on a terminal's stderr, shown once a download has taken
+    more than PROGRESS_DELAY seconds; silent when the stream is not a terminal."""
+
+    def __init__(self, name: str, total: int | None, stream=None, clock=time.monotonic):
+        self.name = name
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.clock = clock
+        self.start = clock()
+        self.last = 0.0
+        self.shown = False
+        try:
+            self.enabled = self.stream.isatty()
+        except (AttributeError, ValueError):
+            self.enabled = False
+
+    def update(self, done: int) -> None:
+        now = self.clock()
+        if not self.enabled or now - self.start < PROGRESS_DELAY or now - self.last < 0.1:
+            return
+        self.last = now
+        self.draw(done, now)
+
+    def draw(self, done: int, now: float) -> None:
+        rate = done / max(now - self.start, 1e-6)
+        if self.total:
+            share = min(done / self.total, 1.0)
+            bar = "#" * int(share * 24)
+            line = (f"{self.name} [{bar:<24}] {share:4.0%} {size(done)} / {size(self.total)}"
+                    f"  {size(rate)}/s")
+        else:
+            line = f"{self.name} {size(done)}  {size(rate)}/s"
+        self.stream.write(f"\r{line:<79}")
+        self.stream.flush()
+        self.shown = True
+
+    def finish(self, done: int | None = None) -> None:
+        """End the line (after a last update when `done` is given), if one was shown."""
+        if self.shown:
+            if done is not None:
+                self.draw(done, self.clock())
+            self.stream.write("\n")
+            self.stream.flush()
+            self.shown = False
+
+
+def size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def atomic_write(path: str, chunks, progress: Progress | None = None) -> int:
+    """Write `chunks` to a temporary file next to `path`, then rename it to `path`: no
+    partial file is left on failure. The byte count. Raises MipClientError."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                   suffix=".part")
+    except OSError as e:
+        raise MipClientError(f"cannot write {path}: {e.strerror}") from None
+    done = 0
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+                done += len(chunk)
+                if progress:
+                    progress.update(done)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes owner-only files
+        os.replace(tmp, path)
+    except BaseException as e:
+        if progress:
+            progress.finish()
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):
+            raise MipClientError(f"cannot write {path}: {e.strerror or e}") from None
+        raise
+    if progress:
+        progress.finish(done)
+    return done
+
+
+def body_chunks(resp: requests.Response, url: str):
+    """The answer's bytes as they arrive. Raises MipClientError when the download breaks."""
+    try:
+        yield from resp.iter_content(CHUNK)
+    except requests.RequestException as e:
+        raise MipClientError(f"the download from {shown(url)} broke off: {reason(e)}") from None
+
+
+def save_download(resp: requests.Response, url: str, output: str | None) -> None:
+    """Save a file answer to `output` (a file, or a folder to keep the server's name), or
+    under the server's name in the current folder; says where and how big on stderr."""
+    if output == "-":
+        for chunk in body_chunks(resp, url):
+            sys.stdout.buffer.write(chunk)
+        sys.stdout.buffer.flush()
+        return
+    if output is None or os.path.isdir(output):
+        name = disposition_name(resp.headers.get("Content-Disposition"))
+        path = os.path.join(output, name) if output else name
+    else:
+        path = output
+    length = resp.headers.get("Content-Length")
+    total = int(length) if length and length.isdigit() else None
+    progress = Progress(os.path.basename(path), total)
+    done = atomic_write(path, body_chunks(resp, url), progress)
+    if total is not None and done != total:
+        print(f"mip_client: warning: {path}: got {done} of {total} bytes", file=sys.stderr)
+    print(f"wrote {path} ({done:,} bytes)", file=sys.stderr)
+
+
+def show_json(data, output: str | None) -> None:
+    """Pretty-print `data` to stdout, and write the same text to `output` when given."""
+    text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    if output and output != "-":
+        atomic_write(output, [text.encode()])
+
+
+def show_answer(resp: requests.Response, url: str, output: str | None):
+    """Show or save a 2xx answer; the decoded JSON, or None for other answers."""
+    if is_download(resp):
+        save_download(resp, url, output)
+        return None
+    raw = b"".join(body_chunks(resp, url))
+    if is_json(resp):
+        try:
+            data = json.loads(raw) if raw.strip() else None
+        except ValueError:
+            data = None
+        else:
+            show_json(data, output)
+            return data
+    sys.stdout.buffer.write(raw)
+    sys.stdout.buffer.flush()
+    if output and output != "-":
+        atomic_write(output, [raw])
+    return None
+
+
+# ---------------------------------------------------------------------------- --wait
+
+def wait_for_run(session: requests.Session, status_url: str, first: dict, timeout: float,
+                 wait_timeout: float | None, sleep=time.sleep) -> dict:
+    """Poll a run until it ends, printing its status changes (and its modules') on stderr;
+    its last RunStatus. Raises MipClientError when it cannot be followed."""
+    run_id = first.get("run_id", "?")
+    started = time.monotonic()
+    status = first
+    seen = {}
+    interval = POLL_FIRST
+    failures = 0
+    report_changes(run_id, status, seen)
+    while status.get("status") not in FINISHED:
+        pause = interval
+        if wait_timeout is not None:
+            left = wait_timeout - (time.monotonic() - started)
+            if left <= 0:
+                raise MipClientError(f"run {run_id} still {status.get('status')} after "
+                                     f"{wait_timeout:g} s (--wait-timeout); it goes on on the "
+                                     "server")
+            pause = min(pause, left)
+        sleep(pause)
+        interval = min(interval * 1.5, POLL_MAX)
+        try:
+            with send(session, "GET", status_url, None, timeout) as resp:
+                data = resp.json()
+        except ClientError:
+            raise
+        except (MipClientError, ValueError) as e:
+            failures += 1
+            if failures >= POLL_RETRIES:
+                raise
+            note(f"{e}; trying again")
+            continue
+        failures = 0
+        if isinstance(data, dict) and "status" in data:
+            status = data
+            report_changes(run_id, status, seen)
+    return status
+
+
+def report_changes(run_id: str, status: dict, seen: dict) -> None:
+    """One stderr line per change of the run's status or of one of its modules'."""
+    modules = status.get("module_status") or {}
+    for name, state in modules.items():
+        if seen.get(("module", name)) != state:
+            seen[("module", name)] = state
+            note(f"  {name}: {state}")
+    if seen.get("run") != status.get("status"):
+        seen["run"] = status.get("status")
+        note(f"run {run_id}: {status.get('status')}")
+
+
+def note(text: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- main
+
+def run(args: argparse.Namespace, env) -> int:
+    """Send the request, show the answer, and follow the run with --wait; an exit code.
+    Raises MipClientError."""
+    auth = credentials(args.user, env)
+    body = read_body(args, env)
+    method = "POST" if args.post else "GET"
+    with make_session(auth) as session:
+        with send(session, method, args.url, body, args.timeout) as resp:
+            if not args.wait:
+                show_answer(resp, args.url, args.output)
+                return EXIT_OK
+            try:
+                first = resp.json()
+            except ValueError:
+                first = None
+        if not isinstance(first, dict) or not first.get("run_id") or "status" not in first:
+            raise MipClientError(f"--wait: the answer of {shown(args.url)} is not a RunStatus")
+        status_url = f"{run_base(args.url, args.post)}/{urllib.parse.quote(first['run_id'])}"
+        try:
+            final = wait_for_run(session, status_url, first, args.timeout, args.wait_timeout)
+        except KeyboardInterrupt:
+            print(f"\nmip_client: stopped waiting; run {first['run_id']} goes on on the server",
+                  file=sys.stderr)
+            return EXIT_INTERRUPTED
+    show_json(final, args.output)
+    if final.get("status") != "passed":
+        print(f"mip_client: error: run {final.get('run_id')} {final.get('status')}; its log: "
+              f"GET {status_url}/log", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def main(argv=None) -> int:
+    parser = make_parser()
+    try:
+        args = parser.parse_args(argv)
+        check_args(parser, args, os.environ)
+    except SystemExit as e:  # argparse: --help, --version, usage errors
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    try:
+        return run(args, os.environ)
+    except MipClientError as e:
+        print(f"mip_client: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("\nmip_client: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
