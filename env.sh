@@ -29,3 +29,10 @@ export MIP_USER=${MIP_USER:-mip}
 if [ -z "${MIP_PASSWORD:-}" ] && [ -z "${MIP_USERS_FILE:-}" ]; then
     export MIP_PASSWORD_FILE=${MIP_PASSWORD_FILE:-$MIP_HOME/.mip_password}
 fi
+
+# Copy each passed module's outputs and logs to S3 (off while MIP_S3_BUCKET is unset).
+# Credentials and region come from the usual AWS variables and files; AWS_ENDPOINT_URL
+# points at an S3-compatible store.
+# export MIP_S3_BUCKET=my-bucket
+export MIP_S3_PREFIX=${MIP_S3_PREFIX:-mip}   # keys: <prefix>/<job>/<module>/{outputs,logs,temps}/...
+export MIP_S3_TEMPS=${MIP_S3_TEMPS:-0}       # 1: copy temps too

@@ -76,9 +76,19 @@ CREATE INDEX IF NOT EXISTS executions_job_module ON executions(job, module, id);
 CREATE INDEX IF NOT EXISTS executions_run ON executions(run_id);
 """
 
+def _add_upload_columns(db) -> None:
+    """1: where a module's data was copied (S3) and how that went."""
+    db.execute("ALTER TABLE executions ADD COLUMN upload_status TEXT"
+               " CHECK (upload_status IN ('uploaded', 'failed'))")
+    db.execute("ALTER TABLE executions ADD COLUMN upload_uri TEXT")
+    db.execute("ALTER TABLE executions ADD COLUMN upload_message TEXT")
+
+
 # Numbered migrations after the initial schema: (version, function(db)). Each runs in
 # one transaction with the bump of PRAGMA user_version that records it.
-MIGRATIONS: list = []
+MIGRATIONS: list = [
+    (1, _add_upload_columns),
+]
 
 
 class JournalError(Exception):
@@ -274,6 +284,12 @@ class Journal:
                 " WHERE id = ? AND status = 'running'",
                 (Status(status).value, utcnow(), exit_code, message, exec_id))
             return cur.rowcount == 1
+
+    def set_upload(self, exec_id: int, status: str, uri: str, message: str | None) -> None:
+        """Record the outcome of copying an execution's data to S3."""
+        with self.transaction() as db:
+            db.execute("UPDATE executions SET upload_status = ?, upload_uri = ?,"
+                       " upload_message = ? WHERE id = ?", (status, uri, message, exec_id))
 
     def end_running_executions(self, run_id: str, status: Status, message: str) -> int:
         """Mark the run's running modules `status` (cancel, lost process); returns how many."""

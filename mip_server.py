@@ -167,7 +167,7 @@ def error_body(code: str, message: str) -> str:
 
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
               405: "method_not_allowed", 409: "conflict", 413: "body_too_large",
-              422: "invalid_payload", 500: "internal_error"}
+              422: "invalid_payload", 500: "internal_error", 502: "storage_unavailable"}
 
 
 def render_http_error(res: bottle.HTTPError) -> str:
@@ -442,21 +442,22 @@ class _Sink:
 
 
 def zip_stream(entries):
-    """Yield a zip of (archive name, path) pairs as it is written: nothing on disk, memory
-    bounded by one chunk, images stored as they are."""
+    """Yield a zip of (archive name, opener) pairs as it is written: nothing on disk, memory
+    bounded by one chunk, images stored as they are. An opener returns (file, mtime, size)
+    and raises FileNotFoundError for a file that vanished since the listing."""
     sink = _Sink()
     with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        for arcname, path in entries:
+        for arcname, opener in entries:
             try:
-                src = open(path, "rb")
-            except OSError:
-                continue  # vanished since the folder was listed
+                src, mtime, size = opener()
+            except FileNotFoundError:
+                continue
             with src:
-                info = zipfile.ZipInfo.from_file(path, arcname)
-                info.compress_type = (zipfile.ZIP_STORED if path.lower().endswith(STORED_SUFFIXES)
-                                      else zipfile.ZIP_DEFLATED)
-                big = os.fstat(src.fileno()).st_size > 2**31
-                with zf.open(info, "w", force_zip64=big) as dst:
+                info = zipfile.ZipInfo(arcname, time.localtime(max(mtime, 315532800))[:6])
+                info.external_attr = 0o644 << 16
+                info.compress_type = (zipfile.ZIP_STORED if arcname.lower().endswith(
+                    STORED_SUFFIXES) else zipfile.ZIP_DEFLATED)
+                with zf.open(info, "w", force_zip64=size > 2**31) as dst:
                     yield from sink.drain()
                     while chunk := src.read(CHUNK):
                         dst.write(chunk)
@@ -465,20 +466,19 @@ def zip_stream(entries):
     yield from sink.drain()
 
 
-def folder_entries(root: str, prefix: str, only_logs: bool = False):
-    """(archive name, path) of the files under `root`, sorted; a symlink is followed only
-    when it stays inside `root`."""
-    real_root = os.path.realpath(root)
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(folder, name)
-            if only_logs and not name.endswith(".log"):
-                continue
-            real = os.path.realpath(path)
-            if not real.startswith(real_root + os.sep) or not os.path.isfile(real):
-                continue
-            yield f"{prefix}/{os.path.relpath(path, root)}", path
+def local_opener(path: str):
+    def opener():
+        f = open(path, "rb")
+        info = os.fstat(f.fileno())
+        return f, info.st_mtime, info.st_size
+    return opener
+
+
+def s3_opener(client, bucket: str, obj: dict):
+    def opener():
+        body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"]
+        return body, obj["LastModified"].timestamp(), obj["Size"]
+    return opener
 
 
 # ---------------------------------------------------------------------------- views
@@ -511,6 +511,9 @@ def module_status(execution: dict) -> dict:
         "run_id": execution["run_id"],
         "exit_code": execution["exit_code"],
         "message": execution["message"],
+        "s3_uri": execution["upload_uri"] if execution["upload_status"] == "uploaded" else None,
+        "upload_status": execution["upload_status"],
+        "upload_message": execution["upload_message"],
     }
 
 
@@ -787,28 +790,42 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue) -> bottle.Bottle
         """The latest execution of a module in a job. Raises 404 if none."""
         return send(module_status(get_module(job, module)))
 
+    s3 = {}  # the S3 client, made on first use
+
+    def s3_entries(job, module, kind, prefix):
+        """(archive name, opener) of the module's objects of that kind in S3.
+        Raises 502 when the store cannot be listed."""
+        from botocore.exceptions import BotoCoreError
+        from botocore.exceptions import ClientError
+
+        folder = f"{mipper.s3_key_prefix(settings, job, module)}/{kind}/"
+        try:
+            if "client" not in s3:
+                s3["client"] = mipper.s3_client()
+            client = s3["client"]
+            return [(f"{prefix}/{obj['Key'][len(folder):]}",
+                     s3_opener(client, settings.s3_bucket, obj))
+                    for obj in mipper.list_objects(client, settings.s3_bucket, folder)]
+        except (BotoCoreError, ClientError) as e:
+            log.warning("S3 listing of %s failed: %s", folder, e)
+            raise ApiError(502, "storage_unavailable",
+                           f"the local copy is gone and S3 could not be read: {e}") from None
+
     def download(job, module, kind):
-        """A zip of the module's logs, outputs or temps, streamed as it is written."""
-        get_module(job, module)
-        out_dir = os.path.join(settings.outputs_dir, job)
+        """A zip of the module's logs, outputs or temps, streamed as it is written; from S3
+        when the local copy has been cleaned away."""
+        execution = get_module(job, module)
         prefix = f"{job}_{module}_{kind}"
-        if kind == "outputs":
-            folder = os.path.join(out_dir, module)
-        elif kind == "temps":
-            folder = os.path.join(settings.temps_dir, job, module)
-        else:
-            folder = os.path.join(out_dir, module)
-        if not os.path.isdir(folder) and kind != "logs":
+        files = mipper.kind_files(settings, job, module, kind)
+        entries = []
+        if files is not None:
+            entries = [(f"{prefix}/{name}", local_opener(path)) for name, path in files]
+        elif settings.s3_bucket and execution["upload_status"] == "uploaded":
+            entries = s3_entries(job, module, kind, prefix)
+        # an empty temps folder is a fine answer; no folder at all is not
+        if files is None and not entries:
             raise ApiError(404, f"no_{kind}", f"module {module!r} of job {job!r} has no {kind} "
-                                              "folder (not produced, or cleaned away)")
-        if kind == "logs":
-            own = os.path.join(out_dir, f"{module}.log")
-            entries = ([(f"{prefix}/{module}.log", own)] if os.path.isfile(own) else [])
-            entries += list(folder_entries(folder, prefix, only_logs=True))
-            if not entries:
-                raise ApiError(404, "no_logs", f"module {module!r} of job {job!r} has no logs")
-        else:
-            entries = folder_entries(folder, prefix)
+                                              "(not produced, or cleaned away)")
         bottle.response.content_type = "application/zip"
         bottle.response.set_header("Content-Disposition", f'attachment; filename="{prefix}.zip"')
         return zip_stream(entries)

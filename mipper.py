@@ -11,6 +11,7 @@ run as `python mipper.py --run-id ID ...` in a process group of its own.
 """
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +38,7 @@ EXIT_USAGE = 2
 HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEMA_DIR = os.path.join(HERE, "schema")
 ALL = "ALL"
+CHUNK_READ = 1024 * 1024
 NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 TOKENS = ("$INPUT_DIR", "$OUTPUT_DIR", "$TEMP_DIR", "$REPO_DIR", "$MAP_NAME")
 # Never handed to a module (nor to mipper by the server). The OpenAI key reaches modules
@@ -78,6 +80,9 @@ class Settings:
     config_path: str
     workers: int = 4
     openai_key: str | None = field(default=None, repr=False)
+    s3_bucket: str | None = None
+    s3_prefix: str = "mip"
+    s3_temps: bool = False
 
     @classmethod
     def from_env(cls, env) -> "Settings":
@@ -97,6 +102,9 @@ class Settings:
             config_path=os.path.abspath(env.get("MIP_CONFIG") or os.path.join(HERE, "config.yml")),
             workers=int_setting(env, "MIP_WORKERS", 4, 1, 64),
             openai_key=env.get("MIP_OPENAI_KEY") or None,
+            s3_bucket=env.get("MIP_S3_BUCKET") or None,
+            s3_prefix=env.get("MIP_S3_PREFIX", "mip").strip("/"),
+            s3_temps=env.get("MIP_S3_TEMPS", "0") == "1",
         )
 
     @property
@@ -315,6 +323,157 @@ def module_env(settings: Settings, env, openai_key: str | None) -> dict:
     return clean
 
 
+# ---------------------------------------------------------------------------- storage (S3)
+
+class UploadFailed(MipError):
+    """Copying a module's data to S3 failed; the message says why."""
+
+
+def s3_client():
+    """An S3 client with boto3's usual credentials, region and AWS_ENDPOINT_URL, and short
+    timeouts, so that a store that is down fails an upload in seconds, not minutes."""
+    # imported here: boto3 takes a noticeable time to import, and most runs never need it
+    import boto3
+    import botocore.config
+
+    config = botocore.config.Config(connect_timeout=5, read_timeout=60,
+                                    retries={"max_attempts": 3, "mode": "standard"})
+    return boto3.client("s3", config=config)
+
+
+def s3_key_prefix(settings: Settings, job: str, module: str) -> str:
+    """`<prefix>/<job>/<module>`, the folder of a module's data in the bucket."""
+    return "/".join(p for p in (settings.s3_prefix, job, module) if p)
+
+
+KINDS = ("logs", "outputs", "temps")
+
+
+def kind_files(settings: Settings, job: str, module: str, kind: str) -> list | None:
+    """[(name within the kind, path)] of a module's logs (mipper's log of it and the *.log
+    files it wrote), outputs or temps on disk; None when it has none of that kind."""
+    out_dir = os.path.join(settings.outputs_dir, job, module)
+    if kind == "logs":
+        own_log = os.path.join(settings.outputs_dir, job, f"{module}.log")
+        files = [(f"{module}.log", own_log)] if os.path.isfile(own_log) else []
+        files += [(name, path) for name, path in walk_files(out_dir) if name.endswith(".log")]
+        return files or None
+    folder = out_dir if kind == "outputs" else os.path.join(settings.temps_dir, job, module)
+    return list(walk_files(folder)) if os.path.isdir(folder) else None
+
+
+def module_files(settings: Settings, job: str, module: str) -> dict:
+    """{kind: files} of what is copied to S3: logs and outputs, and temps when asked."""
+    kinds = KINDS if settings.s3_temps else KINDS[:2]
+    return {kind: kind_files(settings, job, module, kind) or [] for kind in kinds}
+
+
+def walk_files(root: str):
+    """(relative name, path) of the regular files under `root`, sorted; symlinks are
+    followed only when they stay inside `root`."""
+    real_root = os.path.realpath(root)
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            real = os.path.realpath(path)
+            if real.startswith(real_root + os.sep) and os.path.isfile(real):
+                yield os.path.relpath(path, root), path
+
+
+def upload_module(settings: Settings, job: str, module: str, client=None) -> str:
+    """Copy a module's data to s3://bucket/<prefix>/<job>/<module>/<kind>/..., skipping
+    objects already there with the same bytes, and deleting objects the module no longer
+    has; returns the URI of the module's folder. Raises UploadFailed."""
+    from boto3.s3.transfer import TransferConfig
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
+
+    bucket = settings.s3_bucket
+    base = s3_key_prefix(settings, job, module)
+    uri = f"s3://{bucket}/{base}/"
+    try:
+        client = client or s3_client()
+        transfer = TransferConfig(multipart_threshold=S3_PART, multipart_chunksize=S3_PART,
+                                  max_concurrency=8)
+        sent = kept = 0
+        for kind, files in module_files(settings, job, module).items():
+            folder = f"{base}/{kind}/"
+            existing = {obj["Key"]: obj for obj in list_objects(client, bucket, folder)}
+            for name, path in files:
+                key = folder + name
+                there = existing.pop(key, None)
+                if (there and there["Size"] == os.path.getsize(path)
+                        and there["ETag"] == s3_etag(path)):
+                    kept += 1
+                    continue
+                client.upload_file(path, bucket, key, Config=transfer)
+                sent += 1
+            stale = list(existing)
+            for start in range(0, len(stale), 1000):
+                client.delete_objects(Bucket=bucket, Delete={
+                    "Objects": [{"Key": k} for k in stale[start:start + 1000]], "Quiet": True})
+    except (BotoCoreError, ClientError, OSError) as e:
+        raise UploadFailed(f"upload to {uri} failed: {e}") from None
+    log.info("module %s: %d files sent to %s, %d already there", module, sent, uri, kept)
+    return uri
+
+
+S3_PART = 16 * 1024 * 1024
+
+
+def s3_etag(path: str) -> str:
+    """The ETag S3 gives a file uploaded by upload_module (in parts of S3_PART from that
+    size on), so that bytes already there are not sent again. Stores that make other ETags
+    (server-side KMS encryption) just get every file again."""
+    size = os.path.getsize(path)
+    parts = []
+    with open(path, "rb") as f:
+        for _ in range(max(1, -(-size // S3_PART))):
+            part = hashlib.md5(usedforsecurity=False)
+            left = S3_PART
+            while left and (block := f.read(min(CHUNK_READ, left))):
+                part.update(block)
+                left -= len(block)
+            parts.append(part)
+    if size < S3_PART:
+        return f'"{parts[0].hexdigest()}"'
+    whole = hashlib.md5(b"".join(p.digest() for p in parts), usedforsecurity=False)
+    return f'"{whole.hexdigest()}-{len(parts)}"'
+
+
+def list_objects(client, bucket: str, prefix: str):
+    """Every object under `prefix` (the listing is paged by 1,000)."""
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        yield from page.get("Contents", ())
+
+
+def record_upload(settings: Settings, db: journal.Journal, execution: dict) -> bool:
+    """Upload an execution's data and record the outcome; True if it is in S3."""
+    job, module = execution["job"], execution["module"]
+    uri = f"s3://{settings.s3_bucket}/{s3_key_prefix(settings, job, module)}/"
+    try:
+        uri = upload_module(settings, job, module)
+    except UploadFailed as e:
+        db.set_upload(execution["id"], "failed", uri, str(e))
+        log.info("module %s: %s", module, e)
+        return False
+    db.set_upload(execution["id"], "uploaded", uri, None)
+    return True
+
+
+def upload_missing(settings: Settings, db: journal.Journal, job: str, modules,
+                   again: bool = False) -> bool:
+    """Upload the passed modules whose data is not in S3 yet (all of them with `again`);
+    True if every one is there."""
+    ok = True
+    for module in modules:
+        last = db.latest_execution(job, module)
+        if last and last["status"] == "passed" and (again or last["upload_status"] != "uploaded"):
+            ok = record_upload(settings, db, last) and ok
+    return ok
+
+
 # ---------------------------------------------------------------------------- a run
 
 @dataclass
@@ -380,6 +539,8 @@ class Run:
             log.info("module %s failed after %.1f s: %s", name, took, message)
             raise ModuleFailed(f"{name}: {message}")
         log.info("module %s passed in %.1f s", name, took)
+        if self.settings.s3_bucket:
+            record_upload(self.settings, self.db, self.db.latest_execution(self.job, name))
 
 
 def _exit_message(code: int) -> str:
@@ -488,6 +649,14 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
         skipped = [n for n in graph if n in to_run and n not in ran]
         if skipped:
             log.info("not run, since a module they need failed: %s", " ".join(skipped))
+        if settings.s3_bucket:
+            # modules that passed in earlier runs but whose upload failed or never happened
+            upload_missing(settings, db, job, [n for n in graph if n not in ran])
+            missing = [n for n in graph if (db.latest_execution(job, n) or {}).get(
+                "upload_status") not in ("uploaded", None)]
+            if missing:
+                log.info("not in S3 (upload failed): %s", " ".join(missing))
+                passed = False
         status = Status.PASSED if passed else Status.FAILED
         if not db.set_run_status(run_id, status):
             status = Status(db.run(run_id)["status"])
@@ -517,6 +686,19 @@ def setup_logging() -> None:
 
 # ---------------------------------------------------------------------------- main
 
+def upload_job(settings: Settings, job: str | None) -> int:
+    """`--upload`: copy every passed module of a job to S3 again; raises UsageError."""
+    if not settings.s3_bucket:
+        raise UsageError("--upload needs MIP_S3_BUCKET")
+    check_name("job", job or "")
+    db = journal.Journal(settings.journal_path)
+    db.migrate()
+    if db.job_map(job) is None:
+        raise UsageError(f"no job {job!r} in the journal")
+    ok = upload_missing(settings, db, job, db.job_modules(job), again=True)
+    return EXIT_OK if ok else EXIT_FAILED
+
+
 def parse_extra(items) -> dict:
     """`MODULE=ARG` items into {module: [arg, ...]}, in order; raises UsageError."""
     extra = {}
@@ -539,6 +721,8 @@ def main(argv=None) -> int:
                         help="rerun the named modules (and what depends on them) even if passed")
     parser.add_argument("--extra-switch", action="append", metavar="MODULE=ARG",
                         help="one argument appended to MODULE's command line (repeatable)")
+    parser.add_argument("--upload", action="store_true",
+                        help="copy every passed module of --job to S3 again, then exit")
     parser.add_argument("--run-id", help="run id recorded by the server (internal)")
     parser.add_argument("--list-modules", action="store_true", help="print the catalogue")
     parser.add_argument("--list-deps", metavar="MODULE",
@@ -556,6 +740,8 @@ def main(argv=None) -> int:
                 target = expand_modules(catalogue, [args.list_deps])
                 print("\n".join(n for n in ancestors(catalogue, target) if n not in target))
             return EXIT_OK
+        if args.upload:
+            return upload_job(settings, args.job)
         if not args.job or not args.map or not args.module:
             parser.error("--job, --map and --module are required to run modules")
         return run(settings, args.job, args.map, args.module, args.force_rerun,
