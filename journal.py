@@ -84,10 +84,37 @@ def _add_upload_columns(db) -> None:
     db.execute("ALTER TABLE executions ADD COLUMN upload_message TEXT")
 
 
+def _add_cdr_tables(db) -> None:
+    """2: events delivered by the CDR, and what was published to it."""
+    db.execute("""CREATE TABLE cdr_events (
+        event_id TEXT PRIMARY KEY,
+        event TEXT NOT NULL,
+        cog_id TEXT NOT NULL,
+        cog_url TEXT,
+        status TEXT NOT NULL CHECK (status IN
+            ('received', 'downloading', 'submitted', 'failed', 'duplicate')),
+        received TEXT NOT NULL,
+        updated TEXT NOT NULL,
+        run_id TEXT,
+        message TEXT)""")
+    db.execute("CREATE INDEX cdr_events_cog ON cdr_events(cog_id, received)")
+    db.execute("CREATE INDEX cdr_events_run ON cdr_events(run_id)")
+    db.execute("""CREATE TABLE cdr_publications (
+        job TEXT NOT NULL REFERENCES jobs(job),
+        kind TEXT NOT NULL CHECK (kind IN ('features', 'georef')),
+        status TEXT NOT NULL CHECK (status IN ('pending', 'published', 'failed')),
+        result_id TEXT,
+        cdr_job_id TEXT,
+        message TEXT,
+        time TEXT NOT NULL,
+        PRIMARY KEY (job, kind))""")
+
+
 # Numbered migrations after the initial schema: (version, function(db)). Each runs in
 # one transaction with the bump of PRAGMA user_version that records it.
 MIGRATIONS: list = [
     (1, _add_upload_columns),
+    (2, _add_cdr_tables),
 ]
 
 
@@ -319,6 +346,63 @@ class Journal:
             "SELECT module FROM executions WHERE job = ? GROUP BY module ORDER BY MIN(id)",
             (job,))
         return [r[0] for r in rows]
+
+
+    # ---------------------------------------------------------------- CDR events
+
+    def add_event(self, event_id: str, event: str, cog_id: str, cog_url: str | None,
+                  status: str, message: str | None = None) -> bool:
+        """Record a delivered event; False if an event with this id was recorded before."""
+        now = utcnow()
+        with self.transaction() as db:
+            cur = db.execute(
+                "INSERT OR IGNORE INTO cdr_events (event_id, event, cog_id, cog_url, status,"
+                " received, updated, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (event_id, event, cog_id, cog_url, status, now, now, message))
+            return cur.rowcount == 1
+
+    def set_event(self, event_id: str, status: str, run_id: str | None = None,
+                  message: str | None = None) -> None:
+        with self.transaction() as db:
+            db.execute("UPDATE cdr_events SET status = ?, updated = ?, message = ?,"
+                       " run_id = COALESCE(?, run_id) WHERE event_id = ?",
+                       (status, utcnow(), message, run_id, event_id))
+
+    def event(self, event_id: str) -> dict | None:
+        row = self.connect().execute("SELECT * FROM cdr_events WHERE event_id = ?",
+                                     (event_id,)).fetchone()
+        return dict(row) if row else None
+
+    def events(self, *statuses: str) -> list:
+        """Events in one of `statuses`, oldest first."""
+        marks = ",".join("?" * len(statuses))
+        rows = self.connect().execute(
+            f"SELECT * FROM cdr_events WHERE status IN ({marks}) ORDER BY received", statuses)
+        return [dict(r) for r in rows]
+
+    def event_for_run(self, run_id: str) -> dict | None:
+        row = self.connect().execute("SELECT * FROM cdr_events WHERE run_id = ?",
+                                     (run_id,)).fetchone()
+        return dict(row) if row else None
+
+    def cog_in_hand(self, cog_id: str) -> bool:
+        """True while an event for this cog is being handled (not yet failed or submitted)."""
+        row = self.connect().execute(
+            "SELECT 1 FROM cdr_events WHERE cog_id = ? AND status IN ('received', 'downloading')",
+            (cog_id,)).fetchone()
+        return row is not None
+
+    def set_publication(self, job: str, kind: str, status: str, result_id: str | None = None,
+                        cdr_job_id: str | None = None, message: str | None = None) -> None:
+        with self.transaction() as db:
+            db.execute("INSERT OR REPLACE INTO cdr_publications (job, kind, status, result_id,"
+                       " cdr_job_id, message, time) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (job, kind, status, result_id, cdr_job_id, message, utcnow()))
+
+    def publications(self, job: str) -> dict:
+        """{kind: row} of what was published to the CDR for a job."""
+        rows = self.connect().execute("SELECT * FROM cdr_publications WHERE job = ?", (job,))
+        return {r["kind"]: dict(r) for r in rows}
 
 
 def _run_dict(row) -> dict | None:

@@ -237,6 +237,8 @@ class RunQueue:
     def __init__(self, cfg: Config, db: journal.Journal, env=None):
         self.cfg = cfg
         self.db = db
+        self.catalogue = mipper.load_catalogue(cfg.settings.config_path)
+        self.finished = []  # callbacks(run) called when a run's process has ended
         self.env = dict(os.environ if env is None else env)
         self.lock = threading.RLock()
         self.running = {}  # run_id -> job, for runs whose mipper process is alive
@@ -245,11 +247,36 @@ class RunQueue:
         self.pids = {}  # run_id -> pid
         self.stopping = False
 
-    def submit(self, run_id: str, openai_key: str | None) -> None:
+    def submit(self, payload: dict, openai_key: str | None = None) -> str:
+        """Check a RunPayload against the catalogue, maps and jobs, record it and start it
+        when the limits allow; returns the run id. Raises ApiError (404 unknown map, 409 job
+        bound to another map, 422 unknown module)."""
+        catalogue, settings = self.catalogue, self.cfg.settings
+        try:
+            mipper.expand_modules(catalogue, payload["modules"])
+        except mipper.UsageError as e:
+            raise ApiError(422, "unknown_module", f"modules: {e}") from None
+        for name in payload.get("extra_switches") or {}:
+            if name not in catalogue:
+                raise ApiError(422, "unknown_module",
+                               f"extra_switches: unknown module {name!r}; GET /modules lists them")
+        try:
+            mipper.check_map(settings, payload["map"])
+        except mipper.UsageError as e:
+            raise ApiError(404, "unknown_map", f"map: {e}") from None
+        try:
+            run_id = self.db.create_run(payload["job"], payload["map"], payload["modules"],
+                                        payload.get("force_rerun", False), payload,
+                                        os.path.join(settings.runs_dir, "logs"))
+        except journal.JournalError as e:
+            raise ApiError(409, "job_bound_to_other_map", str(e)) from None
+        log.info("run %s submitted: job %s, map %s, modules %s", run_id, payload["job"],
+                 payload["map"], " ".join(payload["modules"]))
         with self.lock:
             if openai_key:
                 self.keys[run_id] = openai_key
             self.dispatch()
+        return run_id
 
     def dispatch(self) -> None:
         """Start every queued run that the limits allow, oldest first."""
@@ -326,8 +353,11 @@ class RunQueue:
                 why = (f"mipper exited with code {code} before recording the end of the run"
                        if code is not None else "mipper ended before recording the end of the run")
                 self.fail(run, why)
-            log.info("run %s %s", run_id, self.db.run(run_id)["status"])
+            run = self.db.run(run_id)
+            log.info("run %s %s", run_id, run["status"])
             self.dispatch()
+        for callback in self.finished:
+            callback(run)
 
     def fail(self, run: dict, why: str) -> None:
         """Mark a run whose process is gone failed, saying why in its log."""
@@ -524,7 +554,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue) -> bottle.Bottle
     app = bottle.Bottle()
     app.default_error_handler = render_http_error
     routes = []  # (method, path, summary, body schema, answer schema or type, auth)
-    catalogue = mipper.load_catalogue(cfg.settings.config_path)
+    catalogue = queue.catalogue
     schemas = load_schemas()
     settings = cfg.settings
     verified = set()  # HMACs of credentials already checked, so pbkdf2 runs once per user
@@ -633,28 +663,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue) -> bottle.Bottle
         return execution
 
     def submit(payload, key):
-        """Check a RunPayload against the catalogue, maps and jobs; record and queue it."""
-        try:
-            mipper.expand_modules(catalogue, payload["modules"])
-        except mipper.UsageError as e:
-            raise ApiError(422, "unknown_module", f"modules: {e}") from None
-        for name in payload.get("extra_switches") or {}:
-            if name not in catalogue:
-                raise ApiError(422, "unknown_module",
-                               f"extra_switches: unknown module {name!r}; GET /modules lists them")
-        try:
-            mipper.check_map(settings, payload["map"])
-        except mipper.UsageError as e:
-            raise ApiError(404, "unknown_map", f"map: {e}") from None
-        try:
-            run_id = db.create_run(payload["job"], payload["map"], payload["modules"],
-                                   payload.get("force_rerun", False), payload,
-                                   os.path.join(settings.runs_dir, "logs"))
-        except journal.JournalError as e:
-            raise ApiError(409, "job_bound_to_other_map", str(e)) from None
-        log.info("run %s submitted: job %s, map %s, modules %s", run_id, payload["job"],
-                 payload["map"], " ".join(payload["modules"]))
-        queue.submit(run_id, key)
+        run_id = queue.submit(payload, key)
         bottle.response.set_header("Location", f"/runs/{run_id}")
         return send(run_status(db, db.run(run_id)))
 
