@@ -32,6 +32,7 @@ import bottle
 import jsonschema
 import waitress
 
+import cdr
 import journal
 import mipper
 from journal import FINISHED
@@ -66,6 +67,7 @@ class Config:
     users: dict = field(default_factory=dict, repr=False)  # name -> password hash
     auth: bool = True
     password_file: str | None = None
+    cdr_settings: cdr.CdrSettings | None = None
 
     @classmethod
     def from_env(cls, env, host=None, port=None, no_auth=False) -> "Config":
@@ -76,7 +78,8 @@ class Config:
         return cls(settings=settings, host=host or env.get("MIP_HOST") or "127.0.0.1",
                    port=port, max_runs=mipper.int_setting(env, "MIP_MAX_RUNS", 2, 1, 256),
                    threads=mipper.int_setting(env, "MIP_THREADS", 8, 1, 256),
-                   users=users, auth=not no_auth, password_file=password_file)
+                   users=users, auth=not no_auth, password_file=password_file,
+                   cdr_settings=cdr.CdrSettings.from_env(env, VERSION))
 
 
 def hash_password(password: str, salt: bytes | None = None,
@@ -549,7 +552,8 @@ def module_status(execution: dict) -> dict:
 
 # ---------------------------------------------------------------------------- app
 
-def make_app(cfg: Config, db: journal.Journal, queue: RunQueue) -> bottle.Bottle:
+def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
+             link: cdr.CdrLink | None = None) -> bottle.Bottle:
     """The Bottle app with every route, the auth plugin and the JSON error shape."""
     app = bottle.Bottle()
     app.default_error_handler = render_http_error
@@ -682,6 +686,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue) -> bottle.Bottle
                                 "max_body_bytes": MAX_BODY},
                      "runs": {"running": len(db.runs_with_status(Status.RUNNING)),
                               "queued": len(db.runs_with_status(Status.NOT_STARTED))},
+                     "cdr": link.status() if link else None,
                      "openapi": "/openapi.json"})
 
     @route("GET", "/openapi.json", answer={"type": "object"})
@@ -781,6 +786,9 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue) -> bottle.Bottle
             "force_rerun": run["force_rerun"], "map": db.job_map(job), "run_id": run["run_id"],
             "module_status": {m: db.latest_execution(job, m)["status"]
                               for m in db.job_modules(job)},
+            "cdr": {kind: {k: row[k] for k in ("status", "result_id", "cdr_job_id", "message",
+                                               "time")}
+                    for kind, row in db.publications(job).items()} or None,
         })
 
     @route("GET", "/modules", answer={"type": "array", "items": "ModuleDescription"})
@@ -845,6 +853,69 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue) -> bottle.Bottle
                   summary=f"A zip of the module's {kind}, streamed. Raises 404 if none.")(
                 lambda job, module, kind=kind: download(job, module, kind))
 
+    # ------------------------------------------------------------------ CDR
+
+    def need_link():
+        if link is None:
+            raise ApiError(404, "cdr_not_configured",
+                           "the CDR link is off: set MIP_CDR_URL, MIP_CDR_TOKEN, MIP_CDR_SECRET "
+                           "and MIP_CDR_CALLBACK_URL")
+        return link
+
+    @route("POST", "/cdr", auth=False, answer={"type": "object"})
+    def cdr_webhook():
+        """The CDR's webhook: signed with x-cdr-signature-256 instead of basic auth.
+        Raises 403 for a missing or wrong signature, 404 when the CDR link is off."""
+        need_link()
+        raw = bottle.request.body.read(MAX_BODY + 1)
+        if not cdr.verify(cfg.cdr_settings.secret, raw,
+                          bottle.request.get_header("x-cdr-signature-256")):
+            raise ApiError(403, "bad_signature",
+                           "missing or wrong x-cdr-signature-256 (HMAC-SHA256 of the body)")
+        try:
+            link.deliver(read_json_bytes(raw))
+        except cdr.BadEvent as e:
+            raise ApiError(422, "bad_event", str(e)) from None
+        return send({"ok": "success"})
+
+    @route("POST", "/cdr/cogs/{cog_id}", answer={"type": "object"})
+    def cdr_cog(cog_id):
+        """Process a CDR cog by hand: its URL is looked up in the CDR, then as a delivery.
+        Raises 404 for a cog the CDR does not know, 502 when the CDR cannot be asked."""
+        need_link()
+        checked_name("cog", cog_id)
+        try:
+            url = link.client.cog_url(cog_id)
+        except cdr.CdrError as e:
+            if e.status == 404:
+                raise ApiError(404, "unknown_cog", f"the CDR has no cog {cog_id!r}") from None
+            raise ApiError(502, "cdr_unavailable", f"the CDR could not be asked: {e}") from None
+        event_id = f"manual-{secrets.token_hex(8)}"
+        try:
+            status = link.take(event_id, cog_id, url, again=True)
+        except cdr.BadEvent as e:
+            raise ApiError(422, "bad_cog", str(e)) from None
+        return send({"cog_id": cog_id, "event_id": event_id, "status": status})
+
+    @route("GET", "/cdr/events", answer={"type": "array", "items": {"type": "object"}})
+    def cdr_events():
+        """CDR events received, newest first; ?limit= (default 100)."""
+        need_link()
+        limit = query_int("limit", 100, 10000)
+        rows = db.events("received", "downloading", "submitted", "failed", "duplicate")
+        return send(list(reversed(rows))[:limit])
+
+    @route("POST", "/jobs/{job}/publish", answer="JobStatus")
+    def publish_job(job):
+        """Publish a passed job's results to the CDR again (in the background); its JobStatus.
+        Raises 404 if unknown, 409 if its latest run has not passed."""
+        need_link()
+        get_job(job)
+        if db.latest_run(job)["status"] != Status.PASSED:
+            raise ApiError(409, "job_not_passed", f"job {job!r} has not passed; nothing to publish")
+        link.queue_publish(job)
+        return job_status(job)
+
     @route("GET", "/maps", answer={"type": "array", "items": {"type": "string"}})
     def list_maps():
         """Names of the maps on the server."""
@@ -854,6 +925,16 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue) -> bottle.Bottle
 
 
 DUMMY_HASH = hash_password("not a password", b"0" * 16)
+
+
+def cdr_submitter(queue: RunQueue):
+    """queue.submit for the CDR link, which knows MipError rather than HTTP answers."""
+    def submit(payload):
+        try:
+            return queue.submit(payload)
+        except ApiError as e:
+            raise mipper.MipError(json.loads(e.body)["message"]) from None
+    return submit
 
 
 def read_json_bytes(raw: bytes):
@@ -956,7 +1037,11 @@ def main(argv=None) -> int:
     db = journal.Journal(cfg.settings.journal_path)
     db.migrate()
     queue = RunQueue(cfg, db)
-    app = make_app(cfg, db, queue)
+    link = None
+    if cfg.cdr_settings:
+        link = cdr.CdrLink(cfg.cdr_settings, cfg.settings, db, cdr_submitter(queue))
+        queue.finished.append(link.run_finished)
+    app = make_app(cfg, db, queue, link)
     server = waitress.create_server(
         RequestLog(app), host=cfg.host, port=cfg.port, threads=cfg.threads,
         expose_tracebacks=False, ident="mip",
@@ -975,6 +1060,8 @@ def main(argv=None) -> int:
     else:
         log.info("basic auth: %d user(s)", len(cfg.users))
     queue.recover()
+    if link:
+        link.start()
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -986,6 +1073,8 @@ def main(argv=None) -> int:
         pass
     finally:
         queue.stop()
+        if link:
+            link.stop()
         server.close()
         log.info("stopped; running runs go on and are adopted at the next start")
     return mipper.EXIT_OK

@@ -105,6 +105,7 @@ class Server:
         match = re.search(r"http://([\d.]+):(\d+)", self.lines[0])
         if not match:
             self.proc.wait(timeout)
+            self.stop()
             raise AssertionError(f"server did not start: {self.lines}")
         self.url = f"http://{match.group(1)}:{match.group(2)}"
         deadline = time.monotonic() + timeout

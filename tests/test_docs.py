@@ -1,5 +1,6 @@
 """The README documents every setting and every route, and its examples are valid."""
 
+import glob
 import json
 import os
 import re
@@ -22,7 +23,7 @@ def test_every_environment_variable_is_documented():
     for name in os.listdir(ROOT):
         if name.endswith((".py", ".sh")):
             with open(os.path.join(ROOT, name), encoding="utf-8") as f:
-                names |= set(re.findall(r"\b((?:MIP|TA1)_[A-Z_]+)\b", f.read()))
+                names |= set(re.findall(r"\b((?:MIP|TA1)_[A-Z_]*[A-Z])\b", f.read()))
     names -= {"MIP_HOME"}  # set by env.sh for itself
     text = readme()
     missing = sorted(n for n in names if f"`{n}`" not in text)
@@ -54,6 +55,8 @@ def test_readme_payload_examples_are_valid():
 
 
 def test_every_schema_is_valid():
-    for name in os.listdir(os.path.join(ROOT, "schema")):
-        with open(os.path.join(ROOT, "schema", name)) as f:
+    paths = glob.glob(os.path.join(ROOT, "schema", "**", "*.json"), recursive=True)
+    assert len(paths) >= 9
+    for path in paths:
+        with open(path) as f:
             jsonschema.Draft202012Validator.check_schema(json.load(f))

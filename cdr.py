@@ -1,0 +1,755 @@
+"""The CDR link: calls to the CDR, webhook signatures, and our outputs in the CDR's schemas.
+
+A library, not a program: the server imports it.
+
+    client = cdr.CdrClient("https://api.cdr.land", token)
+    results = cdr.feature_results(settings, job, map_name, cog_id, "mip", "0.1.0")
+    cdr.validate("FeatureResults", results)
+    client.publish_features(results)
+
+The protocol as its users speak it is in CDR.md; the payloads follow cdr_schemas v0.4.18,
+checked against schema/cdr/*.json. Sections: errors, client, signatures, results, validation,
+and the server's link (registration, deliveries, publishing passed runs).
+"""
+
+import functools
+import hashlib
+import hmac
+import json
+import logging
+import os
+import queue
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from dataclasses import field
+
+import jsonschema
+import requests
+
+import mipper
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCHEMA_DIR = os.path.join(HERE, "schema", "cdr")
+MAX_MAP_BYTES = 5 * 1024**3
+# CDR integrations refuse larger uploads before sending: the CDR capped them near 300 MB
+MAX_UPLOAD_BYTES = 300 * 1024**2
+CHUNK = 1024 * 1024
+BODY_CHARS = 500
+DEFAULT_MODEL_VERSION = "0.1.0"
+
+log = logging.getLogger("mip.cdr")
+
+
+# ---------------------------------------------------------------------------- errors
+
+class CdrError(Exception):
+    """A CDR call or payload failed: `status` is the HTTP status (None when no answer came)
+    and `body` the CDR's answer text, truncated; `retry` says whether trying again may help."""
+
+    def __init__(self, message: str, status: int | None = None, body: str = "",
+                 retry: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.body = body[:BODY_CHARS]
+        self.retry = retry
+
+
+# ---------------------------------------------------------------------------- client
+
+class CdrClient:
+    """Calls to one CDR with a Bearer token, through one requests.Session."""
+
+    def __init__(self, base_url: str, token: str, timeout: float = 30, retries: int = 4,
+                 backoff: float = 0.5):
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.session = requests.Session()
+        # per call, not on the session: download() must not send the token elsewhere
+        self._auth = {"Authorization": f"Bearer {token}"}
+
+    def close(self) -> None:
+        self.session.close()
+
+    def __enter__(self) -> "CdrClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def url(self, path: str) -> str:
+        """The base URL and path joined by exactly one '/'."""
+        return f"{self.base_url}/{path.lstrip('/')}"
+
+    def health(self) -> bool:
+        """True if the CDR answers its health check; one attempt, False on any failure."""
+        try:
+            response = self._send("GET", self.url("/v1/health/check"), headers=self._auth)
+        except CdrError as e:
+            log.warning("CDR health check failed: %s", e)
+            return False
+        return response.status_code in (200, 204)
+
+    def registrations(self) -> list:
+        """Our registrations (dicts with id, name, ...); raises CdrError."""
+        answer = _json(self._call("GET", "/user/me/registrations"))
+        if not isinstance(answer, list):
+            raise CdrError("GET /user/me/registrations: expected a JSON list", body=str(answer))
+        return answer
+
+    def register(self, name: str, version: str, callback_url: str, secret: str,
+                 events=("ping", "map.process"), auth_header: str = "",
+                 auth_token: str = "") -> str:
+        """Register for deliveries to callback_url; returns the registration id.
+        Raises CdrError (409 or 400 when this name and version are already registered)."""
+        body = {"name": name, "version": version, "callback_url": callback_url,
+                "webhook_secret": secret, "auth_header": auth_header,
+                "auth_token": auth_token, "events": list(events)}
+        answer = _json(self._call("POST", "/user/me/register", json=body))
+        if not isinstance(answer, dict) or not answer.get("id"):
+            raise CdrError("POST /user/me/register: no id in the answer", body=str(answer))
+        return str(answer["id"])
+
+    def unregister(self, registration_id: str) -> None:
+        """Remove a registration; raises CdrError (404 if unknown)."""
+        self._call("DELETE", f"/user/me/register/{registration_id}")
+
+    def cog_url(self, cog_id: str) -> str:
+        """The public URL of a cog's image; raises CdrError (404 if the cog is unknown)."""
+        answer = _json(self._call("GET", f"/v1/maps/cog/{cog_id}"))
+        if not isinstance(answer, dict) or not answer.get("cog_url"):
+            raise CdrError(f"GET /v1/maps/cog/{cog_id}: no cog_url", body=str(answer))
+        return answer["cog_url"]
+
+    def publish_features(self, results: dict) -> dict:
+        """POST a FeatureResults; returns the CDR's answer (id, job_id). Raises CdrError."""
+        body = json.dumps(results).encode("utf-8")
+        _check_upload_size("/v1/maps/publish/features", len(body))
+        headers = {"Content-Type": "application/json"}
+        return _json(self._call("POST", "/v1/maps/publish/features", data=body,
+                                headers=headers))
+
+    def publish_georef(self, results: dict, files=()) -> dict:
+        """POST a GeoreferenceResults and its projected GeoTIFFs (part name `files`, file
+        name = basename); returns the CDR's answer. Raises CdrError, also before sending
+        when the upload is too large or a file is unreadable."""
+        path = "/v1/maps/publish/georef"
+        document = json.dumps(results).encode("utf-8")
+        try:
+            size = len(document) + sum(os.path.getsize(f) for f in files)
+        except OSError as e:
+            raise CdrError(f"{path}: cannot read {e.filename}: {e.strerror}") from None
+        _check_upload_size(path, size)
+
+        def attempt():
+            # opened per attempt: a retry must send the files from their start again
+            opened = [open(f, "rb") for f in files]
+            try:
+                # a part without a file name is a form field; as a part, it keeps the body
+                # multipart even when there are no files
+                parts = [("georef_result", (None, document))]
+                parts += [("files", (os.path.basename(f.name), f, "image/tiff")) for f in opened]
+                return self._send("POST", self.url(path), headers=self._auth, files=parts)
+            finally:
+                for f in opened:
+                    f.close()
+
+        return _json(self._retrying(attempt))
+
+    def download(self, url: str, dest: str, connect_timeout: float = 10,
+                 read_timeout: float = 300) -> int:
+        """Stream a public URL (sent without our token) to dest atomically; returns its
+        size. Raises CdrError for a failed, short or too large download, leaving no file."""
+        return self._retrying(lambda: self._download_once(url, dest,
+                                                          (connect_timeout, read_timeout)))
+
+    def _download_once(self, url: str, dest: str, timeout: tuple) -> int:
+        folder = os.path.dirname(os.path.abspath(dest))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".download-", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                # identity: the byte count must be comparable with Content-Length
+                with self._send("GET", url, timeout=timeout, stream=True,
+                                headers={"Accept-Encoding": "identity"}) as response:
+                    size = _stream(response, f, url)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # mkstemp makes it private; a map is no secret
+            os.replace(tmp, dest)
+        except BaseException:
+            _remove(tmp)
+            raise
+        return size
+
+    def _call(self, method: str, path: str, **kw) -> requests.Response:
+        url = self.url(path)
+        headers = {**self._auth, **kw.pop("headers", {})}
+        return self._retrying(lambda: self._send(method, url, headers=headers, **kw))
+
+    def _retrying(self, attempt):
+        """attempt(), tried again after backoff, 2*backoff, ... while the error allows."""
+        for n in range(self.retries + 1):
+            try:
+                return attempt()
+            except CdrError as e:
+                if not e.retry or n == self.retries:
+                    raise
+                delay = self.backoff * 2**n
+                log.warning("%s; trying again in %.1f s", e, delay)
+                time.sleep(delay)
+
+    def _send(self, method: str, url: str, **kw) -> requests.Response:
+        """One request; raises CdrError for no answer or a 4xx/5xx one."""
+        kw.setdefault("timeout", self.timeout)
+        try:
+            response = self.session.request(method, url, **kw)
+        except requests.RequestException as e:
+            raise CdrError(f"{method} {url}: {type(e).__name__}: {e}", retry=True) from None
+        if response.status_code >= 400:
+            status = response.status_code
+            body = response.text
+            response.close()
+            raise CdrError(f"{method} {url}: HTTP {status}: {body[:200]}", status, body,
+                           retry=status >= 500)
+        return response
+
+
+def _json(response: requests.Response):
+    try:
+        return response.json()
+    except ValueError:
+        raise CdrError(f"{response.request.method} {response.url}: the answer is not JSON",
+                       response.status_code, response.text) from None
+
+
+def _check_upload_size(path: str, size: int) -> None:
+    if size > MAX_UPLOAD_BYTES:
+        raise CdrError(f"{path}: {size} bytes is over the {MAX_UPLOAD_BYTES}-byte upload cap")
+
+
+def _stream(response: requests.Response, f, url: str) -> int:
+    """Copy the body to f; raises CdrError if it is too large or shorter than announced."""
+    announced = response.headers.get("Content-Length")
+    expected = int(announced) if announced and announced.isdigit() else None
+    if expected is not None and expected > MAX_MAP_BYTES:
+        raise CdrError(f"GET {url}: {expected} bytes is over the {MAX_MAP_BYTES}-byte limit")
+    size = 0
+    try:
+        for chunk in response.iter_content(CHUNK):
+            size += len(chunk)
+            if size > MAX_MAP_BYTES:
+                raise CdrError(f"GET {url}: over the {MAX_MAP_BYTES}-byte limit")
+            f.write(chunk)
+    except requests.RequestException as e:
+        raise CdrError(f"GET {url}: download broken: {e}", retry=True) from None
+    if expected is not None and size != expected:
+        raise CdrError(f"GET {url}: {size} of {expected} bytes", retry=True)
+    return size
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# ---------------------------------------------------------------------------- signatures
+
+def sign(secret: str, body: bytes) -> str:
+    """The CDR's x-cdr-signature-256: lowercase hex HMAC-SHA256 of the raw body."""
+    return hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+
+
+def verify(secret: str, body: bytes, signature: str | None) -> bool:
+    """True if signature is the body's signature, compared in constant time."""
+    if not signature:
+        return False
+    # as bytes: compare_digest refuses str with non-ASCII characters, which a header may hold
+    given = signature.strip().lower().encode("utf-8", "replace")
+    return hmac.compare_digest(sign(secret, body).encode("ascii"), given)
+
+
+# ---------------------------------------------------------------------------- results
+
+# legend_segment's labelme labels (those of the real module too) -> Area_Extraction category
+AREA_CATEGORIES = {
+    "map": "map_area",
+    "legend": "legend_area",
+    "legend_polygons": "polygon_legend_area",
+    "legend_points_lines": "line_point_legend_area",
+    "legend_lines": "line_legend_area",
+    "legend_points": "point_legend_area",
+    "cross_section": "cross_section",
+    "correlation_diagram": "correlation_diagram",
+}
+DASH_PATTERNS = ("", "solid", "dash", "dotted")
+
+
+def feature_results(settings: mipper.Settings, job: str, map_name: str, cog_id: str, system: str,
+                    version: str) -> dict:
+    """A FeatureResults of a job's legend items, extracted features and map areas, in
+    pixels. A missing output leaves its part empty; raises CdrError if none can be read."""
+    outputs = _Outputs(settings, job, map_name)
+    segmentation = outputs.read("legend_segment", "{m}_map_segmentation.json")
+    results = {
+        "system": system,
+        "system_version": version,
+        "cog_id": cog_id,
+        "polygon_feature_results": outputs.legend_results("polygon"),
+        "line_feature_results": outputs.legend_results("line"),
+        "point_feature_results": outputs.legend_results("point"),
+        "cog_area_extractions": _areas(segmentation, outputs.provenance("legend_segment")),
+        "cog_metadata_extractions": [],
+    }
+    if not outputs.found:
+        raise CdrError(f"job {job!r}, map {map_name!r}: no module output to publish")
+    return results
+
+
+def georef_results(settings: mipper.Settings, job: str, map_name: str, cog_id: str, system: str,
+                   version: str) -> tuple:
+    """(GeoreferenceResults, files to upload) from georeference's GCPs: GCP-only, so the
+    list is empty. Raises CdrError if the georeference output is missing or unreadable."""
+    outputs = _Outputs(settings, job, map_name)
+    data = outputs.read("georeference", "{m}.json")
+    if data is None:
+        raise CdrError(f"job {job!r}, map {map_name!r}: no georeference output")
+    crs = data.get("crs")
+    model = outputs.provenance("georeference")
+    gcps = [gcp for gcp in (_gcp(raw, model, crs) for raw in data.get("gcps") or []) if gcp]
+    segmentation = outputs.read("legend_segment", "{m}_map_segmentation.json")
+    map_areas = [area for area in _areas(segmentation, outputs.provenance("legend_segment"))
+                 if area["category"] == "map_area"]
+    result = {"likely_CRSs": [crs] if crs else [],
+              "map_area": map_areas[0] if map_areas else None, "projections": []}
+    return {"cog_id": cog_id, "system": system, "system_version": version, "gcps": gcps,
+            "georeference_results": [result]}, []
+
+
+def _gcp(raw: dict, model: dict, crs) -> dict | None:
+    """One GroundControlPoint from georeference's flat record, or None if malformed."""
+    try:
+        return {
+            "gcp_id": str(raw["gcp_id"]),
+            "map_geom": {"latitude": raw["latitude"], "longitude": raw["longitude"],
+                         "type": "Point"},
+            "px_geom": {"rows_from_top": raw["rows_from_top"],
+                        "columns_from_left": raw["columns_from_left"], "type": "Point"},
+            "confidence": raw.get("confidence"),
+            **model,
+            "crs": raw.get("crs") or crs,
+        }
+    except (KeyError, TypeError, AttributeError):
+        log.warning("skipping a malformed GCP: %r", raw)
+        return None
+
+
+# kind -> (module, its output, the result's features field, geometry type)
+EXTRACTIONS = {
+    "polygon": ("polygon_extract", "{m}_polygons.geojson", "polygon_features", "Polygon"),
+    "line": ("line_extract", "{m}_lines.geojson", "line_features", "LineString"),
+    "point": ("point_extract", "output-per-symbol/{m}_points.geojson", "point_features",
+              "Point"),
+}
+
+
+class _Outputs:
+    """Reads one job's module outputs for one map, remembering whether any was found."""
+
+    def __init__(self, settings, job: str, map_name: str):
+        self.root = os.path.join(settings.outputs_dir, job)
+        self.map_name = map_name
+        self.found = False
+        try:
+            self.catalogue = mipper.load_catalogue(settings.config_path)
+        except mipper.MipError as e:
+            log.warning("model versions default to %s: %s", DEFAULT_MODEL_VERSION, e)
+            self.catalogue = {}
+
+    def read(self, module: str, name: str) -> dict | None:
+        """A module's JSON object, or None if it is missing or malformed."""
+        path = os.path.join(self.root, module, name.format(m=self.map_name))
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError) as e:
+            log.warning("skipping unreadable %s: %s", path, e)
+            return None
+        if not isinstance(data, dict):
+            log.warning("skipping %s: not a JSON object", path)
+            return None
+        self.found = True
+        return data
+
+    def provenance(self, module: str) -> dict:
+        entry = self.catalogue.get(module)
+        return {"model": module,
+                "model_version": entry.version if entry else DEFAULT_MODEL_VERSION}
+
+    def legend_results(self, kind: str) -> list:
+        """One *LegendAndFeaturesResult per legend item of a kind, in legend order, with
+        the features extracted for it; features of an item the legend lacks get one too."""
+        module, output, field, geom_type = EXTRACTIONS[kind]
+        items = self.legend_items(kind)
+        by_item = {}
+        for feature in (self.read(module, output) or {}).get("features", []):
+            name = str((feature.get("properties") or {}).get("legend_id", "unknown"))
+            by_item.setdefault(name, []).append(feature)
+            items.setdefault(name, _item(kind, name, "", "", "", None))
+        provenance = self.provenance(module)
+        return [{**item, field: _collection(by_item.get(name, []), geom_type, provenance)}
+                for name, item in items.items()]
+
+    def legend_items(self, kind: str) -> dict:
+        """{name: legend item fields} from legend_item_segment's swatches, completed by
+        legend_item_description's records."""
+        swatch_file = "{m}_PolygonType.geojson" if kind == "polygon" else \
+            "{m}_PointLineType.geojson"
+        items = {}
+        for swatch in (self.read("legend_item_segment", swatch_file) or {}).get("features", []):
+            props = swatch.get("properties") or {}
+            if props.get("type") == kind and props.get("name"):
+                items[props["name"]] = _item(kind, props["name"], props.get("abbreviation", ""),
+                                             "", props.get("color", ""),
+                                             _ring_bbox(swatch.get("geometry")))
+        described = self.read("legend_item_description", f"{{m}}_{kind}.json") or {}
+        for name, record in described.items():
+            items[name] = _item(kind, name, record.get("symbol name", ""),
+                                record.get("description", ""), record.get("color", ""),
+                                record.get("bbox"))
+        return items
+
+
+def _item(kind: str, name: str, abbreviation: str, description: str, color: str,
+          bbox) -> dict:
+    # a polygon unit's name goes in `label`, a line's or point's in `name`
+    item = {"id": name, "label" if kind == "polygon" else "name": name,
+            "abbreviation": abbreviation, "description": description, "color": color}
+    if bbox:
+        item["legend_bbox"] = list(bbox)
+    return item
+
+
+def _ring_bbox(geometry) -> list | None:
+    try:
+        ring = geometry["coordinates"][0]
+        xs, ys = [p[0] for p in ring], [p[1] for p in ring]
+        return [min(xs), min(ys), max(xs), max(ys)]
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def _collection(features: list, geom_type: str, provenance: dict) -> dict:
+    """A FeatureCollection of single geometries, Multi* features split into their parts."""
+    out = []
+    for feature in features:
+        geometry = feature.get("geometry") or {}
+        props = feature.get("properties") or {}
+        if geometry.get("type") == geom_type:
+            parts = [geometry["coordinates"]]
+        elif geometry.get("type") == "Multi" + geom_type:
+            parts = geometry["coordinates"]
+        else:
+            continue
+        properties = {**provenance, "confidence": props.get("confidence", props.get("score")),
+                      **_extra_properties(geom_type, props)}
+        for part in parts:
+            # the legend item's name and a running number: unique within the payload
+            out.append({"type": "Feature", "id": f"{props.get('legend_id', 'f')}_{len(out) + 1}",
+                        "geometry": {"type": geom_type, "coordinates": part},
+                        "properties": properties})
+    return {"type": "FeatureCollection", "features": out}
+
+
+def _extra_properties(geom_type: str, props: dict) -> dict:
+    """The line or point properties the module wrote, where the schema knows them."""
+    extra = {}
+    if geom_type == "LineString":
+        if props.get("dash_pattern") in DASH_PATTERNS:
+            extra["dash_pattern"] = props["dash_pattern"]
+        if isinstance(props.get("symbol"), str):
+            extra["symbol"] = props["symbol"]
+    elif geom_type == "Point":
+        extra["bbox"] = props.get("bbox")
+        for key in ("dip", "dip_direction"):
+            value = props.get(key)
+            # the schema wants whole degrees or null
+            is_number = isinstance(value, int | float) and not isinstance(value, bool)
+            extra[key] = round(value) if is_number else None
+    return extra
+
+
+def _areas(segmentation: dict | None, provenance: dict) -> list:
+    """legend_segment's labelme shapes as Area_Extraction, skipping unknown labels."""
+    areas = []
+    for shape in (segmentation or {}).get("shapes", []):
+        category = AREA_CATEGORIES.get(shape.get("label"))
+        points = shape.get("points") or []
+        if category is None or len(points) < 2:
+            continue
+        xs, ys = [p[0] for p in points], [p[1] for p in points]
+        bbox = [min(xs), min(ys), max(xs), max(ys)]
+        if len(points) == 2:
+            # a labelme rectangle: two opposite corners
+            ring = [[bbox[0], bbox[1]], [bbox[2], bbox[1]], [bbox[2], bbox[3]],
+                    [bbox[0], bbox[3]]]
+        else:
+            ring = [list(p) for p in points]
+        areas.append({"type": "Polygon", "coordinates": [ring + [ring[0]]], "bbox": bbox,
+                      "category": category, "text": "", "confidence": None, **provenance})
+    return areas
+
+
+# ---------------------------------------------------------------------------- validation
+
+@functools.cache
+def _validator(name: str) -> jsonschema.Draft202012Validator:
+    with open(os.path.join(SCHEMA_DIR, f"{name}.json"), encoding="utf-8") as f:
+        schema = json.load(f)
+    jsonschema.Draft202012Validator.check_schema(schema)
+    return jsonschema.Draft202012Validator(schema)
+
+
+def validate(name: str, payload: dict) -> None:
+    """Check a payload against schema/cdr/<name>.json ("FeatureResults" or
+    "GeoreferenceResults"); raises CdrError naming the failing field."""
+    if name not in ("FeatureResults", "GeoreferenceResults"):
+        raise CdrError(f"no CDR schema named {name!r}")
+    error = jsonschema.exceptions.best_match(_validator(name).iter_errors(payload))
+    if error is not None:
+        raise CdrError(f"{name}: {error.json_path}: {error.message}")
+
+# ---------------------------------------------------------------------------- the server's link
+
+@dataclass(frozen=True)
+class CdrSettings:
+    """Where the CDR is, how we talk to it, and the name we publish under."""
+
+    url: str
+    token: str = field(repr=False)
+    secret: str = field(repr=False)
+    callback_url: str
+    system: str
+    version: str
+
+    @classmethod
+    def from_env(cls, env, version: str) -> "CdrSettings | None":
+        """None when no MIP_CDR_* setting is given; raises mipper.MipError naming one missing."""
+        needed = ("MIP_CDR_URL", "MIP_CDR_TOKEN", "MIP_CDR_SECRET", "MIP_CDR_CALLBACK_URL")
+        if not any(env.get(n) for n in needed):
+            return None
+        missing = [n for n in needed if not env.get(n)]
+        if missing:
+            raise mipper.MipError(f"{missing[0]} is not set; the CDR link needs "
+                                  f"{', '.join(needed)}")
+        return cls(url=env["MIP_CDR_URL"], token=env["MIP_CDR_TOKEN"],
+                   secret=env["MIP_CDR_SECRET"], callback_url=env["MIP_CDR_CALLBACK_URL"],
+                   system=env.get("MIP_CDR_SYSTEM") or "mip",
+                   version=env.get("MIP_CDR_VERSION") or version)
+
+
+class BadEvent(ValueError):
+    """A signed delivery whose body is not an event we can act on."""
+
+
+class CdrLink:
+    """The server's side of the CDR: registration, deliveries, and publishing passed runs.
+
+    `submit(payload) -> run_id` queues a run and raises mipper.MipError when it cannot.
+    Deliveries are recorded in the journal before they are answered, and worked on by one
+    background thread, so none is lost to a restart.
+    """
+
+    def __init__(self, cs: CdrSettings, settings, db, submit, client=None):
+        self.cs = cs
+        self.settings = settings
+        self.db = db
+        self.submit = submit
+        self.client = client or CdrClient(cs.url, cs.token)
+        self.registration_id = None
+        self.tasks = queue.Queue()
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads = []
+
+    def start(self) -> None:
+        """Register in the background, and take up what a previous server left undone."""
+        for target in (self.register_loop, self.work):
+            thread = threading.Thread(target=target, daemon=True, name=f"cdr-{target.__name__}")
+            thread.start()
+            self.threads.append(thread)
+        for event in self.db.events("received", "downloading"):
+            log.info("CDR event %s (cog %s) taken up again after a restart", event["event_id"],
+                     event["cog_id"])
+            self.tasks.put(("event", event["event_id"]))
+        for event in self.db.events("submitted"):
+            run = self.db.run(event["run_id"])
+            if run and run["status"] == "passed" and not self.db.publications(run["job"]):
+                self.queue_publish(run["job"])
+
+    def stop(self, timeout: float = 5) -> None:
+        """Stop working and remove our registration."""
+        self.stopping.set()
+        self.tasks.put(None)
+        for thread in self.threads:
+            thread.join(timeout)
+        if self.registration_id:
+            try:
+                self.client.unregister(self.registration_id)
+                log.info("CDR registration %s removed", self.registration_id)
+            except CdrError as e:
+                log.warning("could not remove CDR registration %s: %s", self.registration_id, e)
+            self.registration_id = None
+
+    def status(self) -> dict:
+        return {"system": self.cs.system, "version": self.cs.version,
+                "registered": self.registration_id is not None,
+                "callback_url": self.cs.callback_url}
+
+    # ------------------------------------------------------------------ registration
+
+    def register_loop(self) -> None:
+        """Replace our stale registrations by a new one; retried with backoff until it works,
+        since without it no event arrives."""
+        delay = 1.0
+        while not self.stopping.is_set():
+            try:
+                for old in self.client.registrations():
+                    if old.get("name") == self.cs.system:
+                        self.client.unregister(old["id"])
+                        log.info("removed stale CDR registration %s", old["id"])
+                self.registration_id = self.client.register(
+                    self.cs.system, self.cs.version, self.cs.callback_url, self.cs.secret)
+                log.info("registered with the CDR as %s %s (registration %s), callback %s",
+                         self.cs.system, self.cs.version, self.registration_id,
+                         self.cs.callback_url)
+                return
+            except CdrError as e:
+                log.error("CDR REGISTRATION FAILED, no events will arrive until it works "
+                          "(retry in %.0f s): %s %s", delay, e, e.body or "")
+                self.stopping.wait(delay)
+                delay = min(delay * 2, 60)
+
+    # ------------------------------------------------------------------ deliveries
+
+    def deliver(self, body) -> None:
+        """Act on a verified delivery: ping and unknown events are only logged; map.process
+        is recorded, then worked on in the background. Raises BadEvent."""
+        if not isinstance(body, dict) or not isinstance(body.get("id"), str) \
+                or not isinstance(body.get("event"), str) or not body["id"]:
+            raise BadEvent("expected {\"id\": str, \"event\": str, \"payload\": ...}")
+        event = body["event"]
+        if event == "ping":
+            log.info("CDR ping %s", body["id"])
+            return
+        if event != "map.process":
+            log.info("CDR event %s (%s) ignored", event, body["id"])
+            return
+        payload = body.get("payload")
+        if not isinstance(payload, dict):
+            raise BadEvent("map.process needs a payload {\"cog_id\", \"cog_url\"}")
+        cog_id, cog_url = payload.get("cog_id"), payload.get("cog_url")
+        if not isinstance(cog_url, str) or not cog_url.startswith(("https://", "http://")):
+            raise BadEvent("payload.cog_url must be an http(s) URL")
+        self.take(body["id"], cog_id, cog_url)
+
+    def take(self, event_id: str, cog_id, cog_url: str, again: bool = False) -> str:
+        """Record a request to process a cog and queue it, unless the cog is already in hand,
+        queued or running (or, unless `again`, done); returns the event's status.
+        Raises BadEvent for a cog id that cannot name a job."""
+        try:
+            mipper.check_name("cog", cog_id)
+        except mipper.UsageError as e:
+            raise BadEvent(f"payload.cog_id: {e}") from None
+        with self.lock:
+            run = self.db.latest_run(cog_id)
+            done = ("not_started", "running") if again else ("not_started", "running", "passed")
+            if self.db.cog_in_hand(cog_id) or (run and run["status"] in done):
+                why = f"cog {cog_id} is already {run['status'] if run else 'being fetched'}"
+                if self.db.add_event(event_id, "map.process", cog_id, cog_url, "duplicate", why):
+                    log.info("CDR event %s: %s; nothing started", event_id, why)
+                return "duplicate"
+            if not self.db.add_event(event_id, "map.process", cog_id, cog_url, "received"):
+                log.info("CDR event %s delivered again; nothing started", event_id)
+                return "duplicate"
+        log.info("CDR event %s: process cog %s", event_id, cog_id)
+        self.tasks.put(("event", event_id))
+        return "received"
+
+    def work(self) -> None:
+        while True:
+            task = self.tasks.get()
+            if task is None or self.stopping.is_set():
+                return
+            kind, arg = task
+            try:
+                self.process(arg) if kind == "event" else self.publish(arg)
+            except Exception:  # noqa: BLE001 - one bad task must not stop the others
+                log.exception("CDR %s task for %s failed", kind, arg)
+
+    def process(self, event_id: str) -> None:
+        """Fetch the event's map (unless already here) and submit a whole-graph run."""
+        event = self.db.event(event_id)
+        cog_id = event["cog_id"]
+        path = mipper.map_file(self.settings, cog_id)
+        if not os.path.isfile(path):
+            self.db.set_event(event_id, "downloading")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            try:
+                size = self.client.download(event["cog_url"], path)
+            except CdrError as e:
+                why = f"download of {event['cog_url']} failed: {e}"
+                self.db.set_event(event_id, "failed", message=why)
+                log.error("CDR event %s: %s; a resend or POST /cdr/cogs/%s tries again",
+                          event_id, why, cog_id)
+                return
+            log.info("CDR event %s: map %s downloaded (%d bytes)", event_id, cog_id, size)
+        try:
+            run_id = self.submit({"job": cog_id, "map": cog_id, "modules": ["ALL"],
+                                  "force_rerun": False})
+        except mipper.MipError as e:
+            self.db.set_event(event_id, "failed", message=f"run not submitted: {e}")
+            log.error("CDR event %s: run not submitted: %s", event_id, e)
+            return
+        self.db.set_event(event_id, "submitted", run_id=run_id)
+
+    # ------------------------------------------------------------------ publishing
+
+    def run_finished(self, run: dict) -> None:
+        """Publish a run that came from the CDR once it has passed."""
+        if run["status"] == "passed" and self.db.event_for_run(run["run_id"]):
+            self.queue_publish(run["job"])
+
+    def queue_publish(self, job: str) -> None:
+        for kind in ("features", "georef"):
+            self.db.set_publication(job, kind, "pending")
+        self.tasks.put(("publish", job))
+
+    def publish(self, job: str) -> None:
+        """Publish a job's features and georeference; the outcome of each is recorded."""
+        map_name = self.db.job_map(job)
+        args = (self.settings, job, map_name, map_name, self.cs.system, self.cs.version)
+        for kind in ("features", "georef"):
+            try:
+                if kind == "features":
+                    results = feature_results(*args)
+                    validate("FeatureResults", results)
+                    answer = self.client.publish_features(results)
+                else:
+                    results, files = georef_results(*args)
+                    validate("GeoreferenceResults", results)
+                    answer = self.client.publish_georef(results, files)
+            except CdrError as e:
+                self.db.set_publication(job, kind, "failed", message=str(e))
+                log.error("CDR publishing of %s for job %s failed: %s", kind, job, e)
+                continue
+            self.db.set_publication(job, kind, "published", answer.get("id"),
+                                    answer.get("job_id"))
+            log.info("job %s: %s published to the CDR as %s", job, kind, answer.get("id"))

@@ -1,0 +1,351 @@
+"""A stand-in CDR for tests: the real protocol (CDR.md) on a free loopback port.
+
+    with StandInCdr("token") as cdr:
+        cdr.add_cog("abc", b"...")
+        client = CdrClient(cdr.url, "token")
+
+It checks the Bearer token, keeps registrations, serves cogs (optionally breaking a
+download halfway), checks the required fields of published results, records every call,
+fails calls on demand, and delivers signed events to the latest registration's callback.
+Standard library and requests only; it signs with its own HMAC code, not cdr.py's.
+"""
+
+import email.parser
+import email.policy
+import hashlib
+import hmac
+import http.server
+import json
+import re
+import threading
+import uuid
+
+import requests
+
+AREA_CATEGORIES = ("map_area", "legend_area", "cross_section", "ocr", "polygon_legend_area",
+                   "line_point_legend_area", "line_legend_area", "point_legend_area",
+                   "correlation_diagram")
+DASH_PATTERNS = ("", "solid", "dash", "dotted", None)
+# (list field, its features field, required fields of a result) of FeatureResults
+FEATURE_LISTS = (
+    ("polygon_feature_results", "polygon_features", ("id", "label")),
+    ("line_feature_results", "line_features", ("id",)),
+    ("point_feature_results", "point_features", ("id", "name")),
+)
+
+
+# ---------------------------------------------------------------------------- checks
+
+def missing(payload, fields, where: str) -> str | None:
+    """The path of the first field absent from payload, or of payload if not an object."""
+    if not isinstance(payload, dict):
+        return where or "body"
+    for name in fields:
+        if payload.get(name) is None:
+            return f"{where}.{name}".lstrip(".")
+    return None
+
+
+def check_features(results) -> str | None:
+    """The first required field a FeatureResults lacks, as a dotted path, or None."""
+    problem = missing(results, ("system", "system_version", "cog_id"), "")
+    if problem:
+        return problem
+    for list_field, features_field, required in FEATURE_LISTS:
+        for n, result in enumerate(results.get(list_field) or []):
+            where = f"{list_field}.{n}"
+            problem = missing(result, required, where)
+            for k, feature in enumerate(((result or {}).get(features_field) or {})
+                                        .get("features", [])):
+                at = f"{where}.{features_field}.features.{k}"
+                problem = (problem or missing(feature, ("id", "geometry", "properties"), at)
+                           or missing(feature["geometry"], ("coordinates",), f"{at}.geometry")
+                           or missing(feature["properties"], ("model", "model_version"),
+                                      f"{at}.properties"))
+                if not problem and (feature["properties"].get("dash_pattern", None)
+                                    not in DASH_PATTERNS):
+                    problem = f"{at}.properties.dash_pattern"
+            if problem:
+                return problem
+    for n, area in enumerate(results.get("cog_area_extractions") or []):
+        problem = missing(area, ("coordinates", "category", "model", "model_version"),
+                          f"cog_area_extractions.{n}")
+        if problem or area["category"] not in AREA_CATEGORIES:
+            return problem or f"cog_area_extractions.{n}.category"
+    return None
+
+
+def check_georef(results, file_names: list) -> str | None:
+    """The first required field a GeoreferenceResults lacks, or a projection whose file
+    was not sent, as a dotted path; None if all is there."""
+    problem = missing(results, ("cog_id", "system", "system_version"), "")
+    if problem:
+        return problem
+    for n, gcp in enumerate(results.get("gcps") or []):
+        problem = missing(gcp, ("gcp_id", "map_geom", "px_geom", "model", "model_version"),
+                          f"gcps.{n}")
+        if problem:
+            return problem
+    for n, result in enumerate(results.get("georeference_results") or []):
+        for k, projection in enumerate((result or {}).get("projections") or []):
+            at = f"georeference_results.{n}.projections.{k}"
+            problem = missing(projection, ("crs", "gcp_ids", "file_name"), at)
+            if problem or projection["file_name"] not in file_names:
+                return problem or f"{at}.file_name"
+    return None
+
+
+def parse_multipart(content_type: str, body: bytes) -> tuple:
+    """({field: text}, [(file name, bytes)]) of a multipart/form-data body."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    fields, files = {}, []
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        data = part.get_payload(decode=True) or b""
+        if part.get_filename() is not None:
+            files.append((name, part.get_filename(), data))
+        else:
+            fields[name] = data.decode("utf-8")
+    return fields, files
+
+
+# ---------------------------------------------------------------------------- server
+
+class StandInCdr:
+    """A CDR on 127.0.0.1 (port 0) in a background thread; see the module docstring.
+
+    `secret_check`, if given, is called with each registration's webhook_secret and a
+    registration whose secret it refuses (returns False) gets 400."""
+
+    def __init__(self, token: str, secret_check=None):
+        self.token = token
+        self.secret_check = secret_check
+        self.lock = threading.Lock()
+        self.registrations = {}
+        self.cogs = {}
+        self.broken = set()
+        self.failures = {}
+        self.published = []
+        self.requests = []
+        self.server = None
+        self.thread = None
+        self.url = None
+
+    def start(self) -> "StandInCdr":
+        handler = type("Handler", (_Handler,), {"cdr": self})
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+        return self
+
+    def stop(self, timeout: float = 5) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.thread.join(timeout)
+            self.server = None
+
+    def __enter__(self) -> "StandInCdr":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def add_cog(self, cog_id: str, data: bytes) -> None:
+        """Serve data as the image of cog_id."""
+        with self.lock:
+            self.cogs[cog_id] = data
+
+    def break_download(self, cog_id: str) -> None:
+        """Downloads of cog_id announce the whole size, then stop halfway."""
+        with self.lock:
+            self.broken.add(cog_id)
+
+    def fail_next(self, path: str, times: int, status: int = 500) -> None:
+        """The next `times` calls of path (any method) answer `status`."""
+        with self.lock:
+            self.failures[path] = [times, status]
+
+    def latest_registration(self) -> dict:
+        with self.lock:
+            if not self.registrations:
+                raise LookupError("no registration to deliver to")
+            return list(self.registrations.values())[-1]
+
+    def deliver(self, event: str, payload, event_id=None, secret=None, signature=None,
+                content_type=None) -> requests.Response:
+        """POST {id, event, payload} to the latest registration's callback_url, signed with
+        its webhook_secret (or `secret`) unless `signature` is given ("" omits it).
+        content_type None sends application/json; "" sends none."""
+        registration = self.latest_registration()
+        body = json.dumps({"id": event_id or uuid.uuid4().hex, "event": event,
+                           "payload": payload}).encode("utf-8")
+        if signature is None:
+            key = (secret if secret is not None else registration["webhook_secret"])
+            signature = hmac.new(key.encode("utf-8"), body, hashlib.sha256).hexdigest()
+        headers = {"Content-Type": "application/json" if content_type is None
+                   else content_type}
+        if signature:
+            headers["x-cdr-signature-256"] = signature
+        if registration.get("auth_header"):
+            headers[registration["auth_header"]] = registration.get("auth_token", "")
+        # a Content-Type of "" is dropped, as the past CDR bug sent none
+        headers = {k: v for k, v in headers.items() if v != ""}
+        return requests.post(registration["callback_url"], data=body, headers=headers,
+                             timeout=10)
+
+    # -- what the handler calls, under the lock
+
+    def take_failure(self, path: str) -> int | None:
+        with self.lock:
+            failure = self.failures.get(path)
+            if not failure or failure[0] <= 0:
+                return None
+            failure[0] -= 1
+            return failure[1]
+
+    def register(self, body) -> tuple:
+        problem = missing(body, ("name", "version", "callback_url", "webhook_secret"), "")
+        if problem:
+            return 422, {"detail": [{"loc": ["body", problem], "msg": "field required"}]}
+        if self.secret_check is not None and not self.secret_check(body["webhook_secret"]):
+            return 400, {"detail": "webhook_secret refused"}
+        with self.lock:
+            for known in self.registrations.values():
+                if (known["name"], known["version"]) == (body["name"], body["version"]):
+                    return 409, {"detail": "already registered"}
+            registration_id = uuid.uuid4().hex
+            self.registrations[registration_id] = {**body, "id": registration_id}
+        return 200, {"id": registration_id}
+
+    def publish(self, kind: str, payload: dict, file_names: list) -> dict:
+        with self.lock:
+            self.published.append((kind, payload, file_names))
+        return {"id": f"{payload['system']}_{payload['system_version']}_{payload['cog_id']}",
+                "job_id": uuid.uuid4().hex}
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """Routes of the stand-in; `cdr` is set on a subclass per StandInCdr."""
+
+    cdr: StandInCdr
+
+    def log_message(self, format, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        self.handle_call("GET")
+
+    def do_POST(self) -> None:
+        self.handle_call("POST")
+
+    def do_DELETE(self) -> None:
+        self.handle_call("DELETE")
+
+    def handle_call(self, method: str) -> None:
+        path = self.path.split("?", 1)[0]
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        with self.cdr.lock:
+            self.cdr.requests.append((method, path))
+        status = self.cdr.take_failure(path)
+        if status is not None:
+            return self.answer(status, {"detail": "injected failure"})
+        if path.startswith(("/v1/", "/user/")) and not self.authorised():
+            return self.answer(401, {"detail": "Not authenticated"})
+        status, answer = self.route(method, path, body)
+        self.answer(status, answer)
+
+    def authorised(self) -> bool:
+        given = self.headers.get("Authorization", "")
+        return hmac.compare_digest(given.encode(), f"Bearer {self.cdr.token}".encode())
+
+    def route(self, method: str, path: str, body: bytes) -> tuple:
+        cdr = self.cdr
+        cog = re.fullmatch(r"/cogs/([^/]+)\.cog\.tif", path)
+        if method == "GET" and cog:
+            return self.send_cog(cog.group(1))
+        if (method, path) == ("GET", "/v1/health/check"):
+            return 204, None
+        if (method, path) == ("GET", "/user/me/registrations"):
+            with cdr.lock:
+                return 200, [{k: v for k, v in r.items() if k != "webhook_secret"}
+                             for r in cdr.registrations.values()]
+        if (method, path) == ("POST", "/user/me/register"):
+            return cdr.register(parse_json(body))
+        registration = re.fullmatch(r"/user/me/register/([^/]+)", path)
+        if method == "DELETE" and registration:
+            with cdr.lock:
+                found = cdr.registrations.pop(registration.group(1), None)
+            return (200, {}) if found else (404, {"detail": "no such registration"})
+        meta = re.fullmatch(r"/v1/maps/cog/([^/]+)", path)
+        if method == "GET" and meta:
+            cog_id = meta.group(1)
+            if cog_id not in cdr.cogs:
+                return 404, {"detail": "cog not found"}
+            return 200, {"cog_id": cog_id, "cog_url": f"{cdr.url}/cogs/{cog_id}.cog.tif"}
+        if (method, path) == ("POST", "/v1/maps/publish/features"):
+            results = parse_json(body)
+            return self.accept("features", results, check_features(results), [])
+        if (method, path) == ("POST", "/v1/maps/publish/georef"):
+            return self.accept_georef(body)
+        return 404, {"detail": "Not Found"}
+
+    def accept(self, kind: str, results, problem: str | None, file_names: list) -> tuple:
+        if problem:
+            return 422, {"detail": [{"loc": ["body", problem], "msg": "field required"}]}
+        return 200, self.cdr.publish(kind, results, file_names)
+
+    def accept_georef(self, body: bytes) -> tuple:
+        content_type = self.headers.get("Content-Type", "")
+        if not content_type.startswith("multipart/form-data"):
+            return 422, {"detail": "expected multipart/form-data"}
+        fields, files = parse_multipart(content_type, body)
+        if "georef_result" not in fields:
+            return 422, {"detail": [{"loc": ["body", "georef_result"],
+                                     "msg": "field required"}]}
+        if any(name != "files" for name, _, _ in files):
+            return 422, {"detail": "file parts must be named files"}
+        results = parse_json(fields["georef_result"].encode("utf-8"))
+        names = [file_name for _, file_name, _ in files]
+        return self.accept("georef", results, check_georef(results, names), names)
+
+    def send_cog(self, cog_id: str) -> tuple:
+        with self.cdr.lock:
+            data = self.cdr.cogs.get(cog_id)
+            broken = cog_id in self.cdr.broken
+        if data is None:
+            return 404, {"detail": "no such cog"}
+        self.send_response(200)
+        self.send_header("Content-Type", "image/tiff")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        # a broken download: half the announced bytes, then the connection closes
+        self.wfile.write(data[:len(data) // 2] if broken else data)
+        self.close_connection = True
+        return None, None
+
+    def answer(self, status: int | None, answer) -> None:
+        if status is None:
+            return
+        self.send_response(status)
+        if status == 204:
+            self.end_headers()
+            return
+        data = json.dumps(answer).encode("utf-8")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def parse_json(body: bytes):
+    """The body as JSON, or None (which fails the required-field checks)."""
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None

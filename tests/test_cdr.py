@@ -1,0 +1,273 @@
+"""The server invoked by, and publishing to, a stand-in CDR that speaks the CDR's protocol."""
+
+import http.server
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+from cdr_standin import StandInCdr
+from conftest import ROOT
+from conftest import Server
+from conftest import free_port
+from conftest import kill_leftover_runs
+from conftest import payload
+
+TOKEN = "cdr-token-for-tests"
+SECRET = "webhook-secret-for-tests"
+COG = "5a06544690b6d3f04fe7f4c8a7e3a1c2"
+
+
+def wait_for(predicate, timeout=60, step=0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+@pytest.fixture
+def cdr(sample_tif):
+    with open(sample_tif, "rb") as f:
+        image = f.read()
+    standin = StandInCdr(TOKEN).start()
+    standin.add_cog(COG, image)
+    standin.image = image
+    yield standin
+    standin.stop()
+
+
+@pytest.fixture
+def cdr_env(server_env, cdr):
+    port = free_port()
+    return dict(server_env, MIP_CDR_URL=cdr.url + "/", MIP_CDR_TOKEN=TOKEN,
+                MIP_CDR_SECRET=SECRET, MIP_CDR_CALLBACK_URL=f"http://127.0.0.1:{port}/cdr",
+                MIP_CDR_SYSTEM="mip_test", MIP_CDR_VERSION="0.1.0")
+
+
+def start(env):
+    """The server on the port its callback URL names."""
+    port = env["MIP_CDR_CALLBACK_URL"].rsplit(":", 1)[1].split("/")[0]
+    return Server(env, "--port", port).start()
+
+
+@pytest.fixture
+def linked(cdr_env, cdr):
+    """The server, registered with the stand-in CDR."""
+    srv = start(cdr_env)
+    wait_for(lambda: srv.get("/").json()["cdr"]["registered"], timeout=20)
+    yield srv
+    srv.stop()
+    kill_leftover_runs(cdr_env)
+
+
+def registrations(cdr):
+    return list(cdr.registrations.values())
+
+
+def published(cdr, kind):
+    return [p for k, p, _ in cdr.published if k == kind]
+
+
+def job_done(srv, job):
+    resp = srv.get(f"/jobs/{job}")
+    return resp.status_code == 200 and resp.json()["status"] in ("passed", "failed")
+
+
+def test_registers_at_start_and_unregisters_at_shutdown(cdr_env, cdr):
+    stale = requests.post(cdr.url + "/user/me/register", timeout=10,
+                          headers={"Authorization": f"Bearer {TOKEN}"},
+                          json={"name": "mip_test", "version": "old", "callback_url": "x",
+                                "webhook_secret": "y", "events": []}).json()["id"]
+    srv = start(cdr_env)
+    try:
+        info = wait_for(lambda: srv.get("/").json()["cdr"]["registered"] and srv.get("/").json())
+        regs = registrations(cdr)
+        assert [r["id"] for r in regs] != [stale] and len(regs) == 1
+        assert regs[0]["callback_url"] == cdr_env["MIP_CDR_CALLBACK_URL"]
+        assert set(regs[0]["events"]) >= {"ping", "map.process"}
+        assert regs[0]["webhook_secret"] == SECRET
+        assert info["cdr"]["system"] == "mip_test"
+        assert SECRET not in srv.output() and TOKEN not in srv.output()
+        assert cdr.deliver("ping", None).status_code == 200
+    finally:
+        srv.stop()
+    assert registrations(cdr) == []
+
+
+def test_registration_failure_is_loud_and_retried(cdr_env, cdr):
+    cdr.fail_next("/user/me/register", 2, 403)
+    srv = start(cdr_env)
+    try:
+        assert srv.get("/health").status_code == 200  # serving meanwhile
+        wait_for(lambda: srv.get("/").json()["cdr"]["registered"], timeout=30)
+        assert "CDR REGISTRATION FAILED" in srv.output()
+    finally:
+        srv.stop()
+        kill_leftover_runs(cdr_env)
+
+
+def test_map_process_downloads_runs_and_publishes(linked, cdr, cdr_env):
+    resp = cdr.deliver("map.process", {"cog_id": COG, "cog_url": f"{cdr.url}/cogs/{COG}.cog.tif"},
+                       content_type="")
+    assert resp.status_code == 200 and resp.json() == {"ok": "success"}
+    wait_for(lambda: job_done(linked, COG))
+    job = linked.get(f"/jobs/{COG}").json()
+    assert job["status"] == "passed" and job["modules"] == ["ALL"] and job["map"] == COG
+    with open(f"{cdr_env['TA1_INPUTS_DIR']}/maps/{COG}/{COG}.tif", "rb") as f:
+        assert f.read() == cdr.image
+    status = wait_for(lambda: (linked.get(f"/jobs/{COG}").json()["cdr"] or {}).get("georef", {})
+                      .get("status") in ("published", "failed") and linked.get(
+                          f"/jobs/{COG}").json()["cdr"])
+    assert status["features"]["status"] == "published"
+    assert status["features"]["result_id"] == f"mip_test_0.1.0_{COG}"
+    assert status["georef"]["status"] == "published" and status["georef"]["cdr_job_id"]
+    features = published(cdr, "features")[0]
+    assert features["cog_id"] == COG and features["polygon_feature_results"]
+    assert published(cdr, "georef")[0]["gcps"]
+    events = linked.get("/cdr/events").json()
+    assert events[0]["status"] == "submitted" and events[0]["cog_id"] == COG
+
+    # publishing again on request is safe
+    again = linked.post(f"/jobs/{COG}/publish")
+    assert again.status_code == 200
+    wait_for(lambda: len(published(cdr, "features")) == 2)
+
+
+def test_bad_or_missing_signature_is_refused_and_nothing_recorded(linked, cdr):
+    body = {"cog_id": COG, "cog_url": f"{cdr.url}/cogs/{COG}.cog.tif"}
+    for kwargs in ({"signature": ""}, {"signature": "0" * 64}, {"secret": "wrong"}):
+        resp = cdr.deliver("map.process", body, **kwargs)
+        assert resp.status_code == 403 and resp.json()["error"] == "bad_signature"
+    assert linked.get("/cdr/events").json() == []
+    assert linked.get("/jobs").json() == []
+    # no basic auth is asked of the CDR, and basic auth alone is not enough
+    resp = requests.post(linked.url + "/cdr", json={"id": "x", "event": "ping"},
+                         auth=linked.auth, timeout=10)
+    assert resp.status_code == 403
+
+
+def test_duplicate_deliveries_start_nothing(linked, cdr):
+    body = {"cog_id": COG, "cog_url": f"{cdr.url}/cogs/{COG}.cog.tif"}
+    assert cdr.deliver("map.process", body, event_id="ev-1").status_code == 200
+    assert cdr.deliver("map.process", body, event_id="ev-1").status_code == 200
+    assert cdr.deliver("map.process", body, event_id="ev-2").status_code == 200
+    wait_for(lambda: job_done(linked, COG))
+    assert cdr.deliver("map.process", body, event_id="ev-3").status_code == 200
+    time.sleep(0.5)
+    assert len(linked.get(f"/runs?job={COG}").json()) == 1
+    statuses = {e["event_id"]: e["status"] for e in linked.get("/cdr/events").json()}
+    assert statuses == {"ev-1": "submitted", "ev-2": "duplicate", "ev-3": "duplicate"}
+    assert cdr.deliver("something.else", {"id": "x"}).status_code == 200
+    assert cdr.deliver("map.process", {"cog_id": "../x", "cog_url": "http://h/x"}) \
+        .status_code == 422
+
+
+class SlowOnce(http.server.BaseHTTPRequestHandler):
+    """Serves one file; the first request hangs until the server is let go."""
+
+    data = b""
+    calls = 0
+    release = threading.Event()
+
+    def do_GET(self):  # noqa: N802 - http.server's name
+        type(self).calls += 1
+        if type(self).calls == 1:
+            type(self).release.wait(30)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.data)))
+        self.end_headers()
+        self.wfile.write(self.data)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_event_accepted_before_a_kill_is_processed_after_restart(cdr_env, cdr):
+    SlowOnce.data = cdr.image
+    slow = http.server.ThreadingHTTPServer(("127.0.0.1", 0), SlowOnce)
+    slow.daemon_threads = True
+    threading.Thread(target=slow.serve_forever, kwargs={"poll_interval": 0.05},
+                     daemon=True).start()
+    srv = start(cdr_env)
+    try:
+        wait_for(lambda: srv.get("/").json()["cdr"]["registered"])
+        url = f"http://127.0.0.1:{slow.server_address[1]}/{COG}.tif"
+        assert cdr.deliver("map.process", {"cog_id": COG, "cog_url": url}).status_code == 200
+        wait_for(lambda: SlowOnce.calls == 1)
+        srv.proc.send_signal(signal.SIGKILL)
+        srv.proc.wait(10)
+        srv.stop()
+        SlowOnce.release.set()
+        srv.start()
+        wait_for(lambda: job_done(srv, COG))
+        assert srv.get(f"/jobs/{COG}").json()["status"] == "passed"
+        assert SlowOnce.calls == 2
+    finally:
+        srv.stop()
+        slow.shutdown()
+        slow.server_close()
+        kill_leftover_runs(cdr_env)
+
+
+def test_cdr_answering_500_twice_still_gets_the_results(linked, cdr):
+    cdr.fail_next("/v1/maps/publish/features", 2, 500)
+    cdr.fail_next("/v1/maps/publish/georef", 2, 502)
+    cdr.deliver("map.process", {"cog_id": COG, "cog_url": f"{cdr.url}/cogs/{COG}.cog.tif"})
+    status = wait_for(lambda: (linked.get(f"/jobs/{COG}").json() if job_done(linked, COG)
+                               else {}).get("cdr") or None)
+    status = wait_for(lambda: all(v["status"] != "pending" for v in linked.get(
+        f"/jobs/{COG}").json()["cdr"].values()) and linked.get(f"/jobs/{COG}").json()["cdr"])
+    assert status["features"]["status"] == "published"
+    assert status["georef"]["status"] == "published"
+    calls = [p for m, p in cdr.requests if p == "/v1/maps/publish/features"]
+    assert len(calls) == 3
+
+
+def test_broken_download_is_reported_and_a_manual_trigger_retries(linked, cdr, cdr_env):
+    cdr.break_download(COG)
+    cdr.deliver("map.process", {"cog_id": COG, "cog_url": f"{cdr.url}/cogs/{COG}.cog.tif"},
+                event_id="ev-broken")
+    event = wait_for(lambda: [e for e in linked.get("/cdr/events").json()
+                              if e["status"] == "failed"])[0]
+    assert "download" in event["message"] and COG in event["message"]
+    assert linked.get("/jobs").json() == []
+    assert not os.listdir(f"{cdr_env['TA1_INPUTS_DIR']}/maps/{COG}")
+
+    cdr.broken.discard(COG)
+    resp = linked.post(f"/cdr/cogs/{COG}")
+    assert resp.status_code == 200 and resp.json()["status"] == "received"
+    wait_for(lambda: job_done(linked, COG))
+    assert linked.get(f"/jobs/{COG}").json()["status"] == "passed"
+    assert linked.post("/cdr/cogs/unknowncog").status_code == 404
+
+
+def test_publish_on_request_for_any_passed_job(linked, cdr):
+    run_id = linked.post("/runs", json=payload("handmade", "ALL")).json()["run_id"]
+    assert linked.wait_run(run_id)["status"] == "passed"
+    assert linked.get("/jobs/handmade").json()["cdr"] is None  # not from the CDR
+    resp = linked.post("/jobs/handmade/publish")
+    assert resp.status_code == 200
+    wait_for(lambda: published(cdr, "georef"))
+    assert published(cdr, "features")[0]["cog_id"] == "WY_CO_Peach"
+
+
+def test_without_cdr_settings_the_webhook_is_404(server):
+    resp = requests.post(server.url + "/cdr", data=b"{}", timeout=10)
+    assert resp.status_code == 404
+    assert server.get("/").json()["cdr"] is None
+    assert server.post("/jobs/x/publish").status_code == 404
+
+
+def test_half_configured_cdr_stops_start_up(server_env):
+    env = dict(server_env, MIP_CDR_URL="http://127.0.0.1:9")
+    proc = subprocess.run([sys.executable, f"{ROOT}/mip_server.py", "--port", "0"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "MIP_CDR_TOKEN" in proc.stderr
