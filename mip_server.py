@@ -41,6 +41,7 @@ from journal import Status
 VERSION = "0.1.0"
 MAX_BODY = 1024 * 1024
 LOG_TAIL = 8192
+CANCEL_GRACE = 30  # seconds for a cancelled run to stop its containers or tasks
 CHUNK = 256 * 1024
 # Already compressed: stored as they are, since deflating them costs time and saves nothing.
 STORED_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gz", ".zip", ".gpkg", ".pth",
@@ -379,21 +380,26 @@ class RunQueue:
                        f"{journal.utcnow()} run cancelled on request\n")
             log.info("run %s cancelled", run_id)
         if pid is not None:
-            # the run's process group holds mipper, luigi's workers and every module
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.wait_gone(run_id, 10)
+            # the run's process group holds mipper, luigi's workers and every local module;
+            # SIGTERM lets mipper stop containers and ECS tasks too, SIGKILL ends stragglers
+            for sig, grace in ((signal.SIGTERM, CANCEL_GRACE), (signal.SIGKILL, 5)):
+                try:
+                    os.killpg(pid, sig)
+                except ProcessLookupError:
+                    break
+                if self.wait_gone(run_id, grace):
+                    break
         self.db.end_running_executions(run_id, Status.CANCELLED, "run cancelled")
 
-    def wait_gone(self, run_id: str, timeout: float) -> None:
+    def wait_gone(self, run_id: str, timeout: float) -> bool:
+        """True once the run's process has been seen to end, within `timeout` seconds."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self.lock:
                 if run_id not in self.running:
-                    return
+                    return True
             time.sleep(0.02)
+        return False
 
     def recover(self) -> None:
         """At start-up: watch runs whose mipper is still alive, fail those whose process is

@@ -18,7 +18,7 @@ import os
 import re
 import shlex
 import shutil
-import subprocess
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -29,6 +29,7 @@ import luigi
 import yaml
 
 import journal
+import runners
 from journal import Status
 
 EXIT_OK = 0
@@ -83,6 +84,7 @@ class Settings:
     s3_bucket: str | None = None
     s3_prefix: str = "mip"
     s3_temps: bool = False
+    runner_settings: runners.RunnerSettings = field(default_factory=runners.RunnerSettings)
 
     @classmethod
     def from_env(cls, env) -> "Settings":
@@ -105,6 +107,7 @@ class Settings:
             s3_bucket=env.get("MIP_S3_BUCKET") or None,
             s3_prefix=env.get("MIP_S3_PREFIX", "mip").strip("/"),
             s3_temps=env.get("MIP_S3_TEMPS", "0") == "1",
+            runner_settings=runner_settings(env),
         )
 
     @property
@@ -116,6 +119,13 @@ class Settings:
                      self.temps_dir, self.runs_dir, os.path.join(self.runs_dir, "logs"),
                      self.repos_dir):
             os.makedirs(path, exist_ok=True)
+
+
+def runner_settings(env) -> runners.RunnerSettings:
+    try:
+        return runners.RunnerSettings.from_env(env)
+    except ValueError as e:
+        raise MipError(str(e)) from None
 
 
 def int_setting(env, name: str, default: int, low: int, high: int) -> int:
@@ -145,7 +155,13 @@ class Module:
     options: dict
     outputs: tuple
     gpu: bool = False
-    runner: str = "inline"
+    runner: str | None = None  # this module's own runner, over MIP_RUNNER
+    base_runner: str = "inline"  # the catalogue's runner, under MIP_RUNNER
+    container: dict = field(default_factory=dict)  # folders as a container sees them
+    image: str | None = None
+    user: str | None = None
+    task_definition: str | None = None
+    container_name: str | None = None
 
 
 def load_catalogue(path: str) -> dict:
@@ -174,7 +190,10 @@ def load_catalogue(path: str) -> dict:
             name=name, version=entry["version"], requires=tuple(entry["requires"]),
             command=tuple(entry["command"]), options=dict(entry["options"]),
             outputs=tuple(entry["outputs"]), gpu=entry.get("gpu", False),
-            runner=entry.get("runner", data.get("runner", "inline")))
+            runner=entry.get("runner"), base_runner=data.get("runner", "inline"),
+            container=data.get("container", {}), image=entry.get("image"),
+            user=entry.get("user"), task_definition=entry.get("task_definition"),
+            container_name=entry.get("container_name"))
     for module in modules.values():
         for req in module.requires:
             if req not in modules:
@@ -280,32 +299,76 @@ def check_map(settings: Settings, map_name: str) -> None:
                          f"{map_name}.tif; maps present: {known}")
 
 
-def token_values(settings: Settings, job: str, map_name: str) -> dict:
-    """What each $TOKEN of the catalogue stands for in this job and map."""
+def token_values(settings: Settings, job: str, map_name: str, container=None) -> dict:
+    """What each $TOKEN of the catalogue stands for in this job and map, as seen on this
+    host or, given the catalogue's `container:` section, inside a container."""
+    where = container or {}
     return {
-        "$INPUT_DIR": settings.inputs_dir,
-        "$OUTPUT_DIR": os.path.join(settings.outputs_dir, job),
-        "$TEMP_DIR": os.path.join(settings.temps_dir, job),
-        "$REPO_DIR": settings.repos_dir,
+        "$INPUT_DIR": where.get("input_dir", settings.inputs_dir),
+        "$OUTPUT_DIR": os.path.join(where.get("output_dir", settings.outputs_dir), job),
+        "$TEMP_DIR": os.path.join(where.get("temp_dir", settings.temps_dir), job),
+        "$REPO_DIR": where.get("repo_dir", settings.repos_dir),
         "$MAP_NAME": map_name,
     }
 
 
-def module_argv(settings: Settings, module: Module, job: str, map_name: str,
-                extra=()) -> list:
-    """The module's command line: its command, its options as switches, then the extras."""
-    values = token_values(settings, job, map_name)
+def module_switches(module: Module, values: dict) -> list:
+    """The module's options as switches: `--name value`, a list as several values, "" as
+    a bare flag."""
+    switches = []
+    for key, value in module.options.items():
+        switches.append(f"--{key}")
+        for item in value if isinstance(value, list) else [value]:
+            if item != "":
+                switches.append(substitute(str(item), values))
+    return switches
+
+
+def inline_command(settings: Settings, module: Module) -> list:
+    """The catalogue's `command`: a leading `python` is this interpreter, and a relative
+    path that exists next to the catalogue is made absolute."""
     base = os.path.dirname(settings.config_path)
     argv = [sys.executable if module.command[0] == "python" else module.command[0]]
     for part in module.command[1:]:
         local = os.path.join(base, part)
         argv.append(local if not os.path.isabs(part) and os.path.exists(local) else part)
-    for key, value in module.options.items():
-        argv.append(f"--{key}")
-        for item in value if isinstance(value, list) else [value]:
-            if item != "":
-                argv.append(substitute(str(item), values))
-    return argv + list(extra)
+    return argv
+
+
+def module_runner(settings: Settings, module: Module) -> str:
+    return module.runner or settings.runner_settings.runner or module.base_runner
+
+
+def launch(settings: Settings, module: Module, job: str, map_name: str, run_id: str,
+           extra=(), env=None) -> runners.Launch:
+    """Everything a runner needs to execute the module in this job. A container sees the
+    data folders where the catalogue's `container:` section says; an ECS task sees them at
+    the same paths as here (a shared file system)."""
+    in_docker = module_runner(settings, module) == "docker"
+    container = module.container if in_docker else None
+    env = dict(env or {})
+    secrets = {k: env.pop(k) for k in ("OPENAI_API_KEY",) if k in env}
+    mounts = ()
+    if in_docker:
+        mounts = tuple((host, module.container.get(key, host)) for key, host in (
+            ("input_dir", settings.inputs_dir), ("output_dir", settings.outputs_dir),
+            ("temp_dir", settings.temps_dir), ("repo_dir", settings.repos_dir)))
+    return runners.Launch(
+        module=module.name,
+        name=f"mip-{job}-{module.name}-{run_id}",
+        command=tuple(inline_command(settings, module)),
+        switches=tuple(module_switches(module, token_values(settings, job, map_name, container))
+                       + list(extra)),
+        env=env,
+        secrets=secrets,
+        cwd=os.path.join(settings.temps_dir, job, module.name),
+        gpu=module.gpu,
+        image=module.image or f"inferlink/ta1_{module.name}",
+        user=module.user or settings.runner_settings.docker_user,
+        mounts=mounts,
+        task_definition=module.task_definition or f"ta1_{module.name}",
+        container_name=module.container_name or module.name,
+    )
 
 
 def module_outputs(settings: Settings, module: Module, job: str, map_name: str) -> list:
@@ -509,21 +572,20 @@ class Run:
             shutil.rmtree(folder, ignore_errors=True)
             os.makedirs(folder)
         log_path = os.path.join(job_out, f"{name}.log")
-        argv = module_argv(self.settings, module, self.job, self.map_name, self.extra.get(name, ()))
+        how = launch(self.settings, module, self.job, self.map_name, self.run_id,
+                     self.extra.get(name, ()), self.env)
         exec_id = self.db.start_execution(self.run_id, self.job, name, log_path)
         log.info("module %s started", name)
         started = time.monotonic()
         with open(log_path, "wb") as out:
             out.write(f"# {name} {module.version}: {journal.utcnow()}\n"
-                      f"# {shlex.join(argv)}\n".encode())
+                      f"# switches: {shlex.join(how.switches)}\n".encode())
             out.flush()
             try:
-                code = subprocess.call(argv, stdout=out, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, env=self.env,
-                                       cwd=os.path.join(self.settings.temps_dir, self.job, name))
-                message = None if code == 0 else _exit_message(code)
-            except OSError as e:
-                code, message = None, f"could not start {argv[0]}: {e.strerror}"
+                code, message = runners.run(module_runner(self.settings, module), how, out,
+                                            self.settings.runner_settings)
+            except runners.RunnerError as e:
+                code, message = None, str(e)
             if message is None:
                 missing = [os.path.relpath(p, job_out)
                            for p in module_outputs(self.settings, module, self.job, self.map_name)
@@ -541,12 +603,6 @@ class Run:
         log.info("module %s passed in %.1f s", name, took)
         if self.settings.s3_bucket:
             record_upload(self.settings, self.db, self.db.latest_execution(self.job, name))
-
-
-def _exit_message(code: int) -> str:
-    if code < 0:
-        return f"killed by signal {-code}"
-    return f"exited with code {code}"
 
 
 # The run of this process. luigi tasks reach it here, since luigi tasks carry only
@@ -611,6 +667,12 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
     settings.make_dirs()
     db = journal.Journal(settings.journal_path)
     db.migrate()
+    # how each module was run (containers, tasks) is for the operator's eyes only: it goes
+    # to a file of the host, never into the logs the API serves
+    runner_log = logging.FileHandler(os.path.join(settings.runs_dir, "runners.log"))
+    runner_log.setFormatter(logging.Formatter(f"%(asctime)s {job} %(message)s"))
+    logging.getLogger("mip.runner").addHandler(runner_log)
+    logging.getLogger("mip.runner").propagate = False
     file_handler = None
     if run_id is None:
         payload = {"job": job, "modules": list(modules), "map": map_name,
@@ -664,12 +726,21 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
         return EXIT_OK if status == Status.PASSED else EXIT_FAILED
     finally:
         RUN = None
+        logging.getLogger("mip.runner").removeHandler(runner_log)
+        runner_log.close()
         if file_handler:
             logging.getLogger("mip").removeHandler(file_handler)
             file_handler.close()
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+
+
+def stop_on_sigterm(signum, frame) -> None:
+    """Cancelling a run sends SIGTERM to its process group: stop what the runners started
+    (a container or an ECS task outlives the processes that started it), then exit."""
+    runners.terminate()
+    os._exit(128 + signum)
 
 
 def setup_logging() -> None:
@@ -729,6 +800,7 @@ def main(argv=None) -> int:
                         help="print what MODULE needs, predecessors first")
     args = parser.parse_args(argv)
     setup_logging()
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     try:
         settings = Settings.from_env(os.environ)
         if args.list_modules or args.list_deps:

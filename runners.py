@@ -1,0 +1,292 @@
+"""runners: how one module executes: `inline` (a local process), `docker` (a local
+container) or `ecs` (an AWS ECS task). mipper chooses the runner of each module from the
+catalogue and MIP_RUNNER; nothing outside mipper knows which one ran a module.
+
+Not run directly. A runner gets a Launch and the module's open log file, returns the
+module's exit code, and raises RunnerError when the module could not be run at all.
+Cancelling (SIGTERM to mipper's process group) calls `terminate()`, which stops what the
+runner started: the local process, the container (`docker kill`), the task (`StopTask`).
+"""
+
+import logging
+import subprocess
+import time
+from dataclasses import dataclass
+from dataclasses import field
+
+log = logging.getLogger("mip.runner")
+
+RUNNERS = ("inline", "docker", "ecs")
+# docker run's own failures (the image, the engine, the command) rather than the module's
+DOCKER_EXIT = {125: "docker could not run the container (the log has docker's reason: a "
+                    "missing image, an engine that is not running, ...)",
+               126: "the container's command could not be invoked",
+               127: "the container's command was not found"}
+
+
+class RunnerError(Exception):
+    """The module could not be run (not a module failure): the message says why."""
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    """How the docker and ecs runners reach their engines, read once from the environment."""
+
+    runner: str | None = None
+    docker: str = "docker"
+    docker_user: str | None = None
+    ecs_cluster: str = "default"
+    ecs_launch_type: str = "FARGATE"
+    ecs_capacity_provider: str | None = None
+    ecs_subnets: tuple = ()
+    ecs_security_groups: tuple = ()
+    ecs_log_group: str = "/ecs/ta1"
+    ecs_log_prefix: str = "ta1"
+    ecs_poll_seconds: float = 30.0
+
+    @classmethod
+    def from_env(cls, env) -> "RunnerSettings":
+        """Raises ValueError naming a bad variable."""
+        runner = env.get("MIP_RUNNER") or None
+        if runner not in (None, *RUNNERS):
+            raise ValueError(f"MIP_RUNNER={runner!r}: expected one of {', '.join(RUNNERS)}")
+        try:
+            poll = float(env.get("MIP_ECS_POLL_SECONDS") or 30)
+        except ValueError:
+            raise ValueError("MIP_ECS_POLL_SECONDS: expected a number of seconds") from None
+        return cls(
+            runner=runner,
+            docker=env.get("MIP_DOCKER") or "docker",
+            docker_user=env.get("MIP_DOCKER_USER") or None,
+            ecs_cluster=env.get("MIP_ECS_CLUSTER") or "default",
+            ecs_launch_type=env.get("MIP_ECS_LAUNCH_TYPE") or "FARGATE",
+            ecs_capacity_provider=env.get("MIP_ECS_CAPACITY_PROVIDER") or None,
+            ecs_subnets=_words(env.get("MIP_ECS_SUBNETS")),
+            ecs_security_groups=_words(env.get("MIP_ECS_SECURITY_GROUPS")),
+            ecs_log_group=env.get("MIP_ECS_LOG_GROUP") or "/ecs/ta1",
+            ecs_log_prefix=env.get("MIP_ECS_LOG_PREFIX") or "ta1",
+            ecs_poll_seconds=max(0.05, poll),
+        )
+
+
+def _words(text: str | None) -> tuple:
+    return tuple(w for w in (text or "").replace(",", " ").split() if w)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One module execution, in the terms every runner understands."""
+
+    module: str
+    name: str  # unique: container name, ECS startedBy/reference
+    command: tuple  # inline: the program and its first arguments
+    switches: tuple  # the module's switches, with the paths where the module runs
+    env: dict = field(repr=False)  # inline: the whole environment
+    secrets: dict = field(repr=False, default_factory=dict)  # passed on as environment only
+    cwd: str | None = None
+    gpu: bool = False
+    image: str | None = None
+    user: str | None = None
+    mounts: tuple = ()  # (host path, container path)
+    task_definition: str | None = None
+    container_name: str | None = None
+
+
+# ---------------------------------------------------------------------------- cancelling
+
+_cleanups = []
+
+
+def on_terminate(cleanup) -> None:
+    """Call `cleanup` if this process is told to stop while the module runs."""
+    _cleanups.append(cleanup)
+
+
+def terminate() -> None:
+    """Stop whatever this process's runners started (SIGTERM handler)."""
+    while _cleanups:
+        cleanup = _cleanups.pop()
+        try:
+            cleanup()
+        except Exception as e:  # noqa: BLE001 - the other cleanups must still run
+            log.warning("stopping a module failed: %s", e)
+
+
+def run(runner: str, launch: Launch, out, settings: RunnerSettings) -> tuple:
+    """Run the module to its end: (exit code, message when it failed). Raises RunnerError."""
+    try:
+        if runner == "docker":
+            code = run_docker(launch, out, settings)
+            return code, DOCKER_EXIT.get(code) or exit_message(code)
+        if runner == "ecs":
+            code = run_ecs(launch, out, settings)
+        else:
+            code = run_inline(launch, out)
+        return code, exit_message(code)
+    finally:
+        _cleanups.clear()
+
+
+def exit_message(code: int) -> str | None:
+    if code == 0:
+        return None
+    if code < 0:
+        return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+# ---------------------------------------------------------------------------- inline
+
+def run_inline(launch: Launch, out) -> int:
+    """A local process; its output goes to the module's log."""
+    argv = [*launch.command, *launch.switches]
+    try:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env={**launch.env, **launch.secrets},
+                                cwd=launch.cwd)
+    except OSError as e:
+        raise RunnerError(f"could not start {argv[0]}: {e.strerror}") from None
+    on_terminate(proc.kill)
+    return proc.wait()
+
+
+# ---------------------------------------------------------------------------- docker
+
+def docker_argv(launch: Launch, settings: RunnerSettings) -> list:
+    """`docker run` for the module: its image, the data folders mounted, the GPU when it
+    wants one, the user, the secrets by name only (their values travel in the
+    environment, never on a command line), a unique name, the switches as the command."""
+    argv = [settings.docker, "run", "--rm", "--name", launch.name]
+    for host, container in launch.mounts:
+        argv += ["-v", f"{host}:{container}"]
+    if launch.gpu:
+        argv += ["--gpus", "all"]
+    if launch.user:
+        argv += ["--user", launch.user]
+    for name in sorted(launch.secrets):
+        argv += ["-e", name]
+    return [*argv, launch.image, *launch.switches]
+
+
+def run_docker(launch: Launch, out, settings: RunnerSettings) -> int:
+    """A local container, its output captured into the module's log as it runs."""
+    argv = docker_argv(launch, settings)
+    log.info("module %s: %s", launch.module, " ".join(argv))
+    try:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, env={**launch.env, **launch.secrets})
+    except OSError as e:
+        raise RunnerError(f"the docker runner needs the {settings.docker!r} program: "
+                          f"{e.strerror}") from None
+
+    def stop():
+        # killing the docker client would leave the container running
+        subprocess.run([settings.docker, "kill", launch.name], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=30, check=False)
+        proc.kill()
+
+    on_terminate(stop)
+    return proc.wait()
+
+
+# ---------------------------------------------------------------------------- ecs
+
+def run_ecs(launch: Launch, out, settings: RunnerSettings) -> int:
+    """An ECS task from the module's task definition, the switches and secrets as container
+    overrides; waits for it to stop, copies its CloudWatch log stream into the module's log
+    and returns the container's exit code. The data folders reach the task through a
+    shared file system (EFS) mounted at the same paths as here."""
+    import boto3
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
+
+    ecs = boto3.client("ecs")
+    request = {
+        "cluster": settings.ecs_cluster,
+        "taskDefinition": launch.task_definition,
+        "count": 1,
+        "startedBy": launch.name[:36],
+        "overrides": {"containerOverrides": [{
+            "name": launch.container_name,
+            "command": list(launch.switches),
+            "environment": [{"name": k, "value": v} for k, v in sorted(launch.secrets.items())],
+        }]},
+    }
+    if settings.ecs_capacity_provider:
+        request["capacityProviderStrategy"] = [{"capacityProvider":
+                                                settings.ecs_capacity_provider}]
+    else:
+        request["launchType"] = settings.ecs_launch_type
+    if settings.ecs_subnets:
+        request["networkConfiguration"] = {"awsvpcConfiguration": {
+            "subnets": list(settings.ecs_subnets),
+            "securityGroups": list(settings.ecs_security_groups),
+            "assignPublicIp": "DISABLED"}}
+    try:
+        answer = ecs.run_task(**request)
+    except (BotoCoreError, ClientError) as e:
+        raise RunnerError(f"ECS did not start the task: {e}") from None
+    if answer.get("failures") or not answer.get("tasks"):
+        reasons = "; ".join(f"{f.get('reason')} {f.get('detail') or ''}".strip()
+                            for f in answer.get("failures", ())) or "no task and no reason"
+        raise RunnerError(f"ECS could not place the task: {reasons}")
+    arn = answer["tasks"][0]["taskArn"]
+    log.info("module %s: ECS task %s", launch.module, arn)
+    on_terminate(lambda: ecs.stop_task(cluster=settings.ecs_cluster, task=arn,
+                                       reason="cancelled through mip"))
+    task = wait_stopped(ecs, settings, arn)
+    copy_task_log(launch, arn, out, settings)
+    containers = task.get("containers") or [{}]
+    container = next((c for c in containers if c.get("name") == launch.container_name),
+                     containers[0])
+    code = container.get("exitCode")
+    if code is None:
+        raise RunnerError("the ECS task stopped without an exit code: "
+                          f"{task.get('stoppedReason') or container.get('reason') or 'no reason'}")
+    return code
+
+
+def wait_stopped(ecs, settings: RunnerSettings, arn: str) -> dict:
+    """Poll the task until it has stopped, waiting longer each time (up to the setting)."""
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
+
+    delay = min(1.0, settings.ecs_poll_seconds)
+    while True:
+        try:
+            tasks = ecs.describe_tasks(cluster=settings.ecs_cluster, tasks=[arn])["tasks"]
+        except (BotoCoreError, ClientError) as e:
+            # throttling and passing faults: botocore has retried already; keep watching
+            log.warning("ECS task %s: describe_tasks failed: %s", arn, e)
+            tasks = []
+        if tasks and tasks[0].get("lastStatus") == "STOPPED":
+            return tasks[0]
+        time.sleep(delay)
+        delay = min(delay * 1.5, settings.ecs_poll_seconds)
+
+
+def copy_task_log(launch: Launch, arn: str, out, settings: RunnerSettings) -> None:
+    """Append the task's CloudWatch log stream (awslogs: prefix/container/task id)."""
+    import boto3
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
+
+    logs = boto3.client("logs")
+    stream = f"{settings.ecs_log_prefix}/{launch.container_name}/{arn.rsplit('/', 1)[1]}"
+    token = None
+    try:
+        while True:
+            kwargs = {"logGroupName": settings.ecs_log_group, "logStreamName": stream,
+                      "startFromHead": True}
+            if token:
+                kwargs["nextToken"] = token
+            page = logs.get_log_events(**kwargs)
+            for event in page.get("events", ()):
+                out.write(event["message"].rstrip("\n").encode() + b"\n")
+            if not page.get("events") or page.get("nextForwardToken") in (None, token):
+                break
+            token = page["nextForwardToken"]
+    except (BotoCoreError, ClientError) as e:
+        out.write(f"# the task's log {settings.ecs_log_group}/{stream} could not be read: "
+                  f"{e}\n".encode())
+    out.flush()
