@@ -334,6 +334,11 @@ class Journal:
             (job, module)).fetchone()
         return dict(row) if row else None
 
+    def last_execution_id(self) -> int:
+        """The id of the latest module execution of any job (0 when none)."""
+        row = self.connect().execute("SELECT MAX(id) FROM executions").fetchone()
+        return row[0] or 0
+
     def executions(self, run_id: str) -> list:
         """Every module execution of a run, in start order."""
         rows = self.connect().execute(

@@ -85,6 +85,7 @@ class Settings:
     s3_prefix: str = "mip"
     s3_temps: bool = False
     runner_settings: runners.RunnerSettings = field(default_factory=runners.RunnerSettings)
+    luigi_scheduler_url: str | None = None
 
     @classmethod
     def from_env(cls, env) -> "Settings":
@@ -108,6 +109,7 @@ class Settings:
             s3_prefix=env.get("MIP_S3_PREFIX", "mip").strip("/"),
             s3_temps=env.get("MIP_S3_TEMPS", "0") == "1",
             runner_settings=runner_settings(env),
+            luigi_scheduler_url=env.get("MIP_LUIGI_SCHEDULER_URL") or None,
         )
 
     @property
@@ -553,14 +555,16 @@ class Run:
     to_run: set
     extra: dict
     env: dict
+    since: int = 0  # executions after this id started after the run was planned
 
     def done(self, name: str) -> bool:
         """True when the module need not run: it passed before and nothing forces it, or it
-        passed in this run."""
+        passed since this run was planned (here, or in another mipper sharing a central
+        luigi scheduler)."""
         if name not in self.to_run:
             return True
         last = self.db.latest_execution(self.job, name)
-        return last is not None and last["status"] == "passed" and last["run_id"] == self.run_id
+        return last is not None and last["status"] == "passed" and last["id"] > self.since
 
     def execute(self, name: str) -> None:
         """Run one module to its end and record it; raises ModuleFailed."""
@@ -624,6 +628,20 @@ class ModuleTask(luigi.Task):
 
     def run(self):
         RUN.execute(self.module)
+
+
+def scheduler_options(settings: Settings) -> dict:
+    """luigi's local scheduler, or the central one (luigid) that mippers on several hosts
+    share, so that a job's module never runs twice at once. With the central one, a worker
+    waits for the tasks another mipper is running instead of giving up on them."""
+    if not settings.luigi_scheduler_url:
+        return {"local_scheduler": True}
+    config = luigi.configuration.get_config()
+    if not config.has_section("worker"):
+        config.add_section("worker")
+    config.set("worker", "keep_alive", "true")
+    config.set("worker", "wait_interval", "0.5")
+    return {"local_scheduler": False, "scheduler_url": settings.luigi_scheduler_url}
 
 
 def plan(catalogue: dict, db: journal.Journal, job: str, targets: list,
@@ -696,11 +714,11 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
         log.info("run %s: job %s, map %s, modules %s; to execute: %s", run_id, job, map_name,
                  " ".join(targets), " ".join(n for n in graph if n in to_run) or "nothing")
         RUN = Run(settings, catalogue, db, run_id, job, map_name, graph, to_run, extra,
-                  module_env(settings, env, env.get("MIP_OPENAI_KEY")))
+                  module_env(settings, env, env.get("MIP_OPENAI_KEY")), db.last_execution_id())
         try:
             result = luigi.build([ModuleTask(job=job, module=t) for t in targets],
-                                 workers=settings.workers, local_scheduler=True,
-                                 detailed_summary=True, log_level="CRITICAL")
+                                 workers=settings.workers, detailed_summary=True,
+                                 log_level="CRITICAL", **scheduler_options(settings))
         except KeyboardInterrupt:
             db.end_running_executions(run_id, Status.CANCELLED, "interrupted")
             db.set_run_status(run_id, Status.CANCELLED)
@@ -736,10 +754,23 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 
 
+MAIN_PID = os.getpid()
+
+
 def stop_on_sigterm(signum, frame) -> None:
     """Cancelling a run sends SIGTERM to its process group: stop what the runners started
-    (a container or an ECS task outlives the processes that started it), then exit."""
+    (a container or an ECS task outlives the processes that started it), then exit. The
+    main process waits for luigi's worker processes to do the same, so that the run's
+    end means its modules have stopped."""
     runners.terminate()
+    if os.getpid() == MAIN_PID:
+        deadline = time.monotonic() + 25
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(-1, os.WNOHANG) == (0, 0):
+                    time.sleep(0.05)
+            except ChildProcessError:
+                break
     os._exit(128 + signum)
 
 

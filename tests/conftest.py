@@ -206,8 +206,8 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def s3_endpoint(tmp_path_factory):
-    """moto's standalone S3-compatible server, as a process on a loopback port."""
+def moto_endpoint(tmp_path_factory):
+    """moto's standalone server (S3, ECS, CloudWatch Logs...), as a process on loopback."""
     port = free_port()
     log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
@@ -234,9 +234,9 @@ def s3_endpoint(tmp_path_factory):
 
 
 @pytest.fixture
-def s3_env(server_env, s3_endpoint, tmp_path):
+def s3_env(server_env, moto_endpoint, tmp_path):
     """server_env set to copy results to a fresh bucket name (not yet created)."""
-    return dict(server_env, AWS_ENDPOINT_URL=s3_endpoint, AWS_ACCESS_KEY_ID="testing",
+    return dict(server_env, AWS_ENDPOINT_URL=moto_endpoint, AWS_ACCESS_KEY_ID="testing",
                 AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1",
                 AWS_CONFIG_FILE=str(tmp_path / "none"),
                 AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"),

@@ -1,0 +1,127 @@
+"""A stand-in `docker` program for tests (no Docker engine runs here).
+
+It accepts the `docker run` and `docker kill` command lines mip gives, checks them as a real
+docker would need them, records each call as a JSON line in $DOCKER_STANDIN_LOG, and runs
+the stand-in module of the image (`inferlink/ta1_<module>` -> modules/<module>.py) with
+the container paths of its switches mapped back to the mounted host folders.
+
+    $DOCKER_STANDIN_STATE        folder for the pids of running "containers"
+    $DOCKER_STANDIN_MISSING      space-separated images that do not exist
+    $DOCKER_STANDIN_NO_ENGINE=1  behave as a client whose engine is not running
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def record(entry: dict) -> None:
+    with open(os.environ["DOCKER_STANDIN_LOG"], "a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+def fail(message: str, code: int = 125) -> int:
+    print(f"docker: {message}", file=sys.stderr)
+    return code
+
+
+def parse_run(args: list) -> dict:
+    """The options of `docker run` up to the image; raises ValueError for unknown ones."""
+    run = {"rm": False, "name": None, "mounts": [], "gpus": None, "user": None, "env": []}
+    i = 0
+    while i < len(args) and args[i].startswith("-"):
+        flag = args[i]
+        if flag == "--rm":
+            run["rm"] = True
+            i += 1
+            continue
+        if i + 1 >= len(args):
+            raise ValueError(f"flag needs an argument: {flag}")
+        value = args[i + 1]
+        if flag == "--name":
+            run["name"] = value
+        elif flag == "-v":
+            host, _, container = value.partition(":")
+            run["mounts"].append([host, container])
+        elif flag == "--gpus":
+            run["gpus"] = value
+        elif flag == "--user":
+            run["user"] = value
+        elif flag == "-e":
+            run["env"].append(value)
+        else:
+            raise ValueError(f"unknown flag: {flag}")
+        i += 2
+    if i >= len(args):
+        raise ValueError("\"docker run\" requires at least 1 argument")
+    run["image"], run["command"] = args[i], args[i + 1:]
+    return run
+
+
+def docker_run(args: list) -> int:
+    try:
+        run = parse_run(args)
+    except ValueError as e:
+        return fail(str(e))
+    record({"cmd": "run", **run})
+    if os.environ.get("DOCKER_STANDIN_NO_ENGINE") == "1":
+        return fail("Cannot connect to the Docker daemon at unix:///var/run/docker.sock. "
+                    "Is the docker daemon running?")
+    if run["image"] in os.environ.get("DOCKER_STANDIN_MISSING", "").split():
+        print(f"Unable to find image '{run['image']}:latest' locally", file=sys.stderr)
+        return fail(f"Error response from daemon: pull access denied for {run['image']}, "
+                    "repository does not exist")
+    for host, container in run["mounts"]:
+        if not os.path.isabs(host) or not os.path.isdir(host) or not container.startswith("/"):
+            return fail(f"invalid mount {host}:{container}")
+    for name in run["env"]:
+        if "=" in name or name not in os.environ:
+            return fail(f"-e {name}: expected the name of a variable of the client's environment")
+    module = run["image"].rsplit("/", 1)[-1].removeprefix("ta1_")
+    program = os.path.join(ROOT, "modules", f"{module}.py")
+    if not os.path.exists(program):
+        return fail(f"Error response from daemon: no such image {run['image']}")
+    # longest container path first, so /ta1/outputs is not taken for /ta1
+    mounts = sorted(run["mounts"], key=lambda m: -len(m[1]))
+    command = [next((host + arg[len(container):] for host, container in mounts
+                     if arg == container or arg.startswith(container + "/")), arg)
+               for arg in run["command"]]
+    # a container is not in the docker client's process group: signals to the client (or
+    # its death) leave it running, as a real one would be without `docker kill`
+    proc = subprocess.Popen([sys.executable, program, *command], start_new_session=True)
+    pid_file = os.path.join(os.environ["DOCKER_STANDIN_STATE"], f"{run['name']}.pid")
+    with open(pid_file, "w") as f:
+        f.write(str(proc.pid))
+    try:
+        return proc.wait()
+    finally:
+        os.remove(pid_file)
+
+
+def docker_kill(args: list) -> int:
+    record({"cmd": "kill", "names": args})
+    for name in args:
+        pid_file = os.path.join(os.environ["DOCKER_STANDIN_STATE"], f"{name}.pid")
+        try:
+            with open(pid_file) as f:
+                os.kill(int(f.read()), signal.SIGKILL)
+        except (OSError, ValueError):
+            return fail(f"Error response from daemon: No such container: {name}", 1)
+        print(name)
+    return 0
+
+
+def main(argv: list) -> int:
+    if argv[:1] == ["run"]:
+        return docker_run(argv[1:])
+    if argv[:1] == ["kill"]:
+        return docker_kill(argv[1:])
+    return fail(f"'{' '.join(argv[:1])}' is not a docker command this stand-in knows")
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
