@@ -254,6 +254,11 @@ class Journal:
     def run_ids(self, job: str | None = None, status: str | None = None,
                 limit: int | None = None, offset: int = 0) -> list:
         """Run ids oldest first, optionally of one job and/or one status, paged."""
+        return json.loads(self.run_ids_json(job, status, limit, offset))
+
+    def run_ids_json(self, job: str | None = None, status: str | None = None,
+                     limit: int | None = None, offset: int = 0) -> str:
+        """run_ids() as JSON text, made by SQLite: a list answer needs no Python objects."""
         where, args = [], []
         if job is not None:
             where.append("job = ?")
@@ -266,7 +271,9 @@ class Journal:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY seq LIMIT ? OFFSET ?"
         args += [-1 if limit is None else limit, offset]
-        return [r[0] for r in self.connect().execute(sql, args)]
+        # one row holding a JSON array: a step per run releases and retakes the GIL per row
+        sql = f"SELECT json_group_array(run_id) FROM ({sql})"
+        return self.connect().execute(sql, args).fetchone()[0]
 
     def runs_with_status(self, *statuses: Status) -> list:
         """Rows of every run in one of `statuses`, oldest first."""
@@ -344,6 +351,14 @@ class Journal:
         rows = self.connect().execute(
             "SELECT * FROM executions WHERE run_id = ? ORDER BY id", (run_id,))
         return [dict(r) for r in rows]
+
+    def job_module_status(self, job: str) -> dict:
+        """{module: status of its latest execution} in a job, in the order they first ran."""
+        rows = self.connect().execute(
+            "SELECT e.module, e.status FROM executions e JOIN (SELECT MAX(id) AS last,"
+            " MIN(id) AS first FROM executions WHERE job = ? GROUP BY module) m"
+            " ON e.id = m.last ORDER BY m.first", (job,))
+        return dict(rows.fetchall())
 
     def job_modules(self, job: str) -> list:
         """Names of the modules executed in a job, in the order they first ran."""

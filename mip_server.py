@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import logging
+import logging.handlers
 import os
 import re
 import secrets
@@ -25,8 +26,10 @@ import sys
 import threading
 import time
 import zipfile
+import zlib
 from dataclasses import dataclass
 from dataclasses import field
+from queue import SimpleQueue
 
 import bottle
 import jsonschema
@@ -43,6 +46,7 @@ MAX_BODY = 1024 * 1024
 LOG_TAIL = 8192
 CANCEL_GRACE = 30  # seconds for a cancelled run to stop its containers or tasks
 CHUNK = 256 * 1024
+YIELD_BYTES = 64 * 1024  # a zip goes to waitress in pieces of about this size
 # Already compressed: stored as they are, since deflating them costs time and saves nothing.
 STORED_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gz", ".zip", ".gpkg", ".pth",
                    ".cog", ".jp2", ".webp", ".bz2", ".xz", ".7z")
@@ -372,12 +376,16 @@ class RunQueue:
     def cancel(self, run_id: str) -> None:
         """Stop a run and its whole process tree; a no-op on a finished run."""
         with self.lock:
+            run = self.db.run(run_id)
+            if run["status"] in FINISHED:
+                return
+            # logged before the status changes: a finished run's status answer is cached
+            append_log(run["log_path"], f"{journal.utcnow()} run cancelled on request\n")
             if not self.db.set_run_status(run_id, Status.CANCELLED):
+                append_log(run["log_path"], "(it had just ended)\n")
                 return
             self.keys.pop(run_id, None)
             pid = self.pids.get(run_id)
-            append_log(self.db.run(run_id)["log_path"],
-                       f"{journal.utcnow()} run cancelled on request\n")
             log.info("run %s cancelled", run_id)
         if pid is not None:
             # the run's process group holds mipper, luigi's workers and every local module;
@@ -463,10 +471,12 @@ class _Sink:
     def __init__(self):
         self.parts = []
         self.size = 0
+        self.pending = 0
 
     def write(self, data) -> int:
         self.parts.append(bytes(data))
         self.size += len(data)
+        self.pending += len(data)
         return len(data)
 
     def tell(self) -> int:
@@ -475,15 +485,25 @@ class _Sink:
     def flush(self) -> None:
         pass
 
-    def drain(self):
-        parts, self.parts = self.parts, []
-        return parts
+    def take(self) -> bytes:
+        data, self.parts, self.pending = b"".join(self.parts), [], 0
+        return data
+
+
+def incompressible(name: str, head: bytes) -> bool:
+    """Stored, not deflated: known compressed formats, and files whose first 64 KiB
+    deflate by less than a tenth."""
+    if name.lower().endswith(STORED_SUFFIXES):
+        return True
+    sample = head[:65536]
+    return len(sample) >= 4096 and len(zlib.compress(sample, 1)) > 0.9 * len(sample)
 
 
 def zip_stream(entries):
-    """Yield a zip of (archive name, opener) pairs as it is written: nothing on disk, memory
-    bounded by one chunk, images stored as they are. An opener returns (file, mtime, size)
-    and raises FileNotFoundError for a file that vanished since the listing."""
+    """Yield a zip of (archive name, opener) pairs as it is written, in pieces of about
+    YIELD_BYTES: nothing on disk, memory bounded by a few chunks, incompressible files
+    stored. An opener returns (file, mtime, size) and raises FileNotFoundError for a file
+    that vanished since the listing."""
     sink = _Sink()
     with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
         for arcname, opener in entries:
@@ -494,15 +514,16 @@ def zip_stream(entries):
             with src:
                 info = zipfile.ZipInfo(arcname, time.localtime(max(mtime, 315532800))[:6])
                 info.external_attr = 0o644 << 16
-                info.compress_type = (zipfile.ZIP_STORED if arcname.lower().endswith(
-                    STORED_SUFFIXES) else zipfile.ZIP_DEFLATED)
+                chunk = src.read(CHUNK)
+                info.compress_type = (zipfile.ZIP_STORED if incompressible(arcname, chunk)
+                                      else zipfile.ZIP_DEFLATED)
                 with zf.open(info, "w", force_zip64=size > 2**31) as dst:
-                    yield from sink.drain()
-                    while chunk := src.read(CHUNK):
+                    while chunk:
                         dst.write(chunk)
-                        yield from sink.drain()
-            yield from sink.drain()
-    yield from sink.drain()
+                        if sink.pending >= YIELD_BYTES:
+                            yield sink.take()
+                        chunk = src.read(CHUNK)
+    yield sink.take()
 
 
 def local_opener(path: str):
@@ -521,6 +542,37 @@ def s3_opener(client, bucket: str, obj: dict):
 
 
 # ---------------------------------------------------------------------------- views
+
+class AnswerCache:
+    """JSON bodies of status answers that only a new run can change, kept `ttl` seconds
+    (None: for good). Status polling under load then costs no journal or log reads, which
+    under contention cost far more than their few microseconds: each one gives up the GIL
+    and waits to get it back."""
+
+    def __init__(self, ttl: float | None, size: int = 4096):
+        self.ttl = ttl
+        self.size = size
+        self.items = {}
+
+    def get(self, key):
+        item = self.items.get(key)
+        if item and (self.ttl is None or time.monotonic() - item[0] < self.ttl):
+            return item[1]
+        return None
+
+    def put(self, key, body: str) -> str:
+        if len(self.items) >= self.size:
+            self.items.clear()
+        self.items[key] = (time.monotonic(), body)
+        return body
+
+    def drop_job(self, job: str) -> None:
+        """Forget the job's answers (a run of it was just submitted or cancelled here)."""
+        for key in list(self.items):
+            if key[1] == job:
+                self.items.pop(key, None)
+
+
 
 def run_status(db: journal.Journal, run: dict) -> dict:
     """The RunStatus of a journal row."""
@@ -567,6 +619,10 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     catalogue = queue.catalogue
     schemas = load_schemas()
     settings = cfg.settings
+    done_runs = AnswerCache(None)  # runs over, their process gone: they never change again
+    # a job's or a module's status only changes when a new run of the job starts, which a
+    # poller sees at most a second late (it could not see the start any sooner anyway)
+    settled = AnswerCache(1.0)
     verified = set()  # HMACs of credentials already checked, so pbkdf2 runs once per user
     salt = secrets.token_bytes(16)
 
@@ -663,17 +719,18 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
 
     def get_module(job, module):
         checked_name("module", module)
+        execution = db.latest_execution(checked_name("job", job), module)
+        if execution is not None:
+            return execution
         get_job(job)
         if module not in catalogue:
             raise ApiError(404, "unknown_module",
                            f"no module {module!r}; GET /modules lists them")
-        execution = db.latest_execution(job, module)
-        if execution is None:
-            raise ApiError(404, "module_not_run", f"module {module!r} has not run in job {job!r}")
-        return execution
+        raise ApiError(404, "module_not_run", f"module {module!r} has not run in job {job!r}")
 
     def submit(payload, key):
         run_id = queue.submit(payload, key)
+        settled.drop_job(payload["job"])
         bottle.response.set_header("Location", f"/runs/{run_id}")
         return send(run_status(db, db.run(run_id)))
 
@@ -729,13 +786,23 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         if status is not None and status not in {s.value for s in Status}:
             raise ApiError(400, "bad_query",
                            f"?status= must be one of {', '.join(s.value for s in Status)}")
-        return send(db.run_ids(job, status, query_int("limit", None, 10**9),
-                               query_int("offset", 0, 10**12)))
+        bottle.response.content_type = "application/json"
+        return db.run_ids_json(job, status, query_int("limit", None, 10**9),
+                               query_int("offset", 0, 10**12))
 
     @route("GET", "/runs/{run_id}", answer="RunStatus")
     def get_run_status(run_id):
         """A run's RunStatus. Raises 404 if unknown."""
-        return send(run_status(db, get_run(run_id)))
+        bottle.response.content_type = "application/json"
+        body = done_runs.get(("run", run_id))
+        if body is None:
+            run = get_run(run_id)
+            status = run_status(db, run)
+            body = json.dumps(status)
+            if (run["status"] in FINISHED and run_id not in queue.running
+                    and all(s in FINISHED for s in status["module_status"].values())):
+                done_runs.put(("run", run_id), body)
+        return body
 
     @route("GET", "/runs/{run_id}/log", answer="text/plain")
     def get_run_log(run_id):
@@ -752,6 +819,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         """Stop a run and every module it runs; a no-op on a finished run."""
         run = get_run(run_id)
         queue.cancel(run["run_id"])
+        settled.drop_job(run["job"])
         return send(run_status(db, db.run(run["run_id"])))
 
     @route("POST", "/runs/{run_id}/rerun", answer="RunStatus")
@@ -782,20 +850,30 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     @route("GET", "/jobs/{job}", answer="JobStatus")
     def job_status(job):
         """A job's JobStatus (that of its latest run). Raises 404 if unknown."""
-        get_job(job)
-        run = db.latest_run(job)
+        bottle.response.content_type = "application/json"
+        body = settled.get(("job", job))
+        if body is not None:
+            return body
+        run = db.latest_run(checked_name("job", job))
+        if run is None:
+            get_job(job)  # raises the 404
         finished = run["status"] in FINISHED
-        return send({
+        answer = {
             "status": run["status"], "job": job, "modules": run["modules"],
             "start_time": run["start_time"], "stop_time": run["stop_time"],
             "log": log_tail(run["log_path"]) if finished else None,
-            "force_rerun": run["force_rerun"], "map": db.job_map(job), "run_id": run["run_id"],
-            "module_status": {m: db.latest_execution(job, m)["status"]
-                              for m in db.job_modules(job)},
+            "force_rerun": run["force_rerun"], "map": run["map"], "run_id": run["run_id"],
+            "module_status": db.job_module_status(job),
             "cdr": {kind: {k: row[k] for k in ("status", "result_id", "cdr_job_id", "message",
                                                "time")}
                     for kind, row in db.publications(job).items()} or None,
-        })
+        }
+        body = json.dumps(answer)
+        if (finished and run["run_id"] not in queue.running
+                and all(s in FINISHED for s in answer["module_status"].values())
+                and all(p["status"] != "pending" for p in (answer["cdr"] or {}).values())):
+            settled.put(("job", job), body)
+        return body
 
     @route("GET", "/modules", answer={"type": "array", "items": "ModuleDescription"})
     def list_modules():
@@ -811,7 +889,17 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     @route("GET", "/modules/{job}/{module}", answer="ModuleStatus")
     def get_module_status(job, module):
         """The latest execution of a module in a job. Raises 404 if none."""
-        return send(module_status(get_module(job, module)))
+        bottle.response.content_type = "application/json"
+        body = settled.get(("module", job, module))
+        if body is not None:
+            return body
+        execution = get_module(job, module)
+        body = json.dumps(module_status(execution))
+        uploading = (settings.s3_bucket and execution["status"] == Status.PASSED
+                     and execution["upload_status"] is None)
+        if execution["status"] in FINISHED and not uploading:
+            settled.put(("module", job, module), body)
+        return body
 
     s3 = {}  # the S3 client, made on first use
 
@@ -842,7 +930,8 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         files = mipper.kind_files(settings, job, module, kind)
         entries = []
         if files is not None:
-            entries = [(f"{prefix}/{name}", local_opener(path)) for name, path in files]
+            # lazily: the first bytes go out before a big folder is fully listed
+            entries = ((f"{prefix}/{name}", local_opener(path)) for name, path in files)
         elif settings.s3_bucket and execution["upload_status"] == "uploaded":
             entries = s3_entries(job, module, kind, prefix)
         # an empty temps folder is a fine answer; no folder at all is not
@@ -920,6 +1009,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         if db.latest_run(job)["status"] != Status.PASSED:
             raise ApiError(409, "job_not_passed", f"job {job!r} has not passed; nothing to publish")
         link.queue_publish(job)
+        settled.drop_job(job)
         return job_status(job)
 
     @route("GET", "/maps", answer={"type": "array", "items": {"type": "string"}})
@@ -1007,13 +1097,20 @@ class RequestLog:
         return self.app(environ, start)
 
 
-def setup_logging() -> None:
+def setup_logging() -> logging.handlers.QueueListener:
+    """Log lines go through a queue to one writer thread: under load, request threads that
+    each wrote their own line waited on the stream's lock and halved the request rate.
+    Returns the listener, to stop (and flush) at exit."""
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("mip").addHandler(handler)
+    lines = SimpleQueue()
+    listener = logging.handlers.QueueListener(lines, handler)
+    listener.start()
+    logging.getLogger("mip").addHandler(logging.handlers.QueueHandler(lines))
     logging.getLogger("mip").setLevel(logging.INFO)
     # waitress warns on every queued request under load, which costs time and says nothing
     logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+    return listener
 
 
 def main(argv=None) -> int:
@@ -1057,7 +1154,7 @@ def main(argv=None) -> int:
         # keep streamed zips in memory (bounded by the high watermark), never in temp files
         outbuf_high_watermark=8 * 1024 * 1024, outbuf_overflow=64 * 1024 * 1024)
     print(f"mip: serving on http://{cfg.host}:{server.effective_port}", flush=True)
-    setup_logging()
+    listener = setup_logging()
     if not cfg.auth:
         log.warning("!!! AUTHENTICATION IS OFF (--no-auth): anyone who reaches this port can "
                     "run modules and read results !!!")
@@ -1083,6 +1180,7 @@ def main(argv=None) -> int:
             link.stop()
         server.close()
         log.info("stopped; running runs go on and are adopted at the next start")
+        listener.stop()
     return mipper.EXIT_OK
 
 

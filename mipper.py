@@ -414,9 +414,10 @@ def s3_key_prefix(settings: Settings, job: str, module: str) -> str:
 KINDS = ("logs", "outputs", "temps")
 
 
-def kind_files(settings: Settings, job: str, module: str, kind: str) -> list | None:
-    """[(name within the kind, path)] of a module's logs (mipper's log of it and the *.log
-    files it wrote), outputs or temps on disk; None when it has none of that kind."""
+def kind_files(settings: Settings, job: str, module: str, kind: str):
+    """(name within the kind, path) of a module's logs (mipper's log of it and the *.log
+    files it wrote), outputs or temps on disk, listed as they are read (a folder of many
+    files starts streaming at once); None when it has none of that kind."""
     out_dir = os.path.join(settings.outputs_dir, job, module)
     if kind == "logs":
         own_log = os.path.join(settings.outputs_dir, job, f"{module}.log")
@@ -424,26 +425,37 @@ def kind_files(settings: Settings, job: str, module: str, kind: str) -> list | N
         files += [(name, path) for name, path in walk_files(out_dir) if name.endswith(".log")]
         return files or None
     folder = out_dir if kind == "outputs" else os.path.join(settings.temps_dir, job, module)
-    return list(walk_files(folder)) if os.path.isdir(folder) else None
+    return walk_files(folder) if os.path.isdir(folder) else None
 
 
 def module_files(settings: Settings, job: str, module: str) -> dict:
     """{kind: files} of what is copied to S3: logs and outputs, and temps when asked."""
     kinds = KINDS if settings.s3_temps else KINDS[:2]
-    return {kind: kind_files(settings, job, module, kind) or [] for kind in kinds}
+    return {kind: list(kind_files(settings, job, module, kind) or ()) for kind in kinds}
 
 
 def walk_files(root: str):
-    """(relative name, path) of the regular files under `root`, sorted; symlinks are
-    followed only when they stay inside `root`."""
-    real_root = os.path.realpath(root)
-    for folder, dirs, files in os.walk(root):
-        dirs.sort()
-        for name in sorted(files):
-            path = os.path.join(folder, name)
-            real = os.path.realpath(path)
-            if real.startswith(real_root + os.sep) and os.path.isfile(real):
-                yield os.path.relpath(path, root), path
+    """(relative name, path) of the regular files under `root`, each folder's files (sorted)
+    before its subfolders; symlinks are followed only when they point to a file in `root`."""
+    real_root = os.path.realpath(root) + os.sep
+    stack = [(root, "")]
+    while stack:
+        folder, rel = stack.pop()
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        subfolders = []
+        for entry in entries:
+            # types come from the listing itself: no stat and no realpath per plain file
+            if entry.is_dir(follow_symlinks=False):
+                subfolders.append((entry.path, f"{rel}{entry.name}/"))
+            elif entry.is_file(follow_symlinks=False) or (
+                    entry.is_symlink() and os.path.realpath(entry.path).startswith(real_root)
+                    and os.path.isfile(entry.path)):
+                yield f"{rel}{entry.name}", entry.path
+        stack.extend(reversed(subfolders))
 
 
 def upload_module(settings: Settings, job: str, module: str, client=None) -> str:

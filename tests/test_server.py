@@ -423,7 +423,7 @@ def test_unexpected_errors_are_json_without_traceback(server):
     with db.transaction() as conn:
         conn.execute("UPDATE runs SET payload = '{broken' WHERE run_id = ?", (run_id,))
     db.close()
-    body = error(server.get(f"/runs/{run_id}"), 500, "internal_error")
+    body = error(server.get("/jobs/broken"), 500, "internal_error")
     assert "JSONDecodeError" not in body["message"]
     wait_for(lambda: "Traceback" in server.output())
 

@@ -1,0 +1,811 @@
+"""bench: the figures of issue 8, measured on loopback, each against a baseline of the same run.
+
+    make bench                                  # = source env.sh && .venv/bin/python bench/run.py
+    .venv/bin/python bench/run.py --only 1,4    # some figures only
+    .venv/bin/python bench/run.py --python-load # the Python load generator even if wrk is here
+
+It starts its own servers on free loopback ports (mip_server.py with a scratch journal and
+folders, bench/bare.py as the baseline), and stops them, and every run they started, before
+it exits. The modules are zero-time shell stand-ins on the real graph of config.yml.
+Prints the machine, then one line per figure: value, baseline, ratio, goal, met.
+A benchmark, not a test: it exits 0 whether or not the goals are met.
+
+Sections: tools (processes, HTTP, load), fixtures, figures 1-6, main.
+"""
+
+import argparse
+import base64
+import http.client
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from datetime import datetime
+
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import journal  # noqa: E402
+
+PY = sys.executable
+MAP = "bench_map"
+SECONDS = 3  # each load measurement; one more second of warm-up before it
+CONNECTIONS = 16
+# A module that takes no time: ignores its switches, sleeps when given `--sleep N`.
+STANDIN = 'while [ $# -gt 0 ]; do if [ "$1" = --sleep ]; then sleep "$2"; fi; shift; done'
+FINISHED = ("passed", "failed", "cancelled")
+
+
+class BenchError(Exception):
+    """A server did not start or answered wrongly: the figure cannot be measured."""
+
+
+def note(text: str) -> None:
+    print(f"# {text}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------- tools
+
+class Server:
+    """A server subprocess whose first output line is `...serving on http://HOST:PORT`."""
+
+    def __init__(self, argv: list, env: dict, log_path: str):
+        self.argv, self.env, self.log_path = argv, env, log_path
+        self.proc = None
+        self.url = None
+
+    def start(self, timeout: float = 20) -> "Server":
+        with open(self.log_path, "w") as out:
+            self.proc = subprocess.Popen(self.argv, env=self.env, cwd=ROOT, stdout=out,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self.url is None:
+            with open(self.log_path) as f:
+                match = re.search(r"serving on (http://[\d.]+:\d+)", f.readline())
+            if match:
+                self.url = match.group(1)
+            elif self.proc.poll() is not None:
+                break
+            else:
+                time.sleep(0.05)
+        if self.url is None:
+            self.stop()
+            with open(self.log_path) as f:
+                raise BenchError(f"{self.argv[1]} did not start: {f.read()[-500:]}")
+        return self
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+class Client:
+    """One keep-alive HTTP connection with optional basic auth."""
+
+    def __init__(self, url: str, auth: str | None = None, timeout: float = 60):
+        host, port = url.removeprefix("http://").split(":")
+        self.conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        self.headers = {"Authorization": auth} if auth else {}
+
+    def send(self, method: str, path: str, body=None):
+        """(status, body bytes, seconds)."""
+        data = None if body is None else json.dumps(body).encode()
+        started = time.perf_counter()
+        self.conn.request(method, path, body=data, headers=self.headers)
+        resp = self.conn.getresponse()
+        raw = resp.read()
+        return resp.status, raw, time.perf_counter() - started
+
+    def json(self, method: str, path: str, body=None):
+        status, raw, _ = self.send(method, path, body)
+        if status != 200:
+            raise BenchError(f"{method} {path}: {status} {raw[:300]!r}")
+        return json.loads(raw)
+
+    def timings(self, method: str, path: str, count: int, body=None) -> list:
+        """Seconds of `count` requests one after another; raises BenchError on a non-200."""
+        out = []
+        for _ in range(count):
+            status, raw, took = self.send(method, path, body)
+            if status != 200:
+                raise BenchError(f"{method} {path}: {status} {raw[:300]!r}")
+            out.append(took)
+        return out
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def median_ms(times: list) -> float:
+    return statistics.median(times) * 1000
+
+
+def pct_ms(times: list, q: float) -> float:
+    ordered = sorted(times)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))] * 1000
+
+
+def load_rate(url: str, path: str, auth: str, use_wrk: bool, seconds: int = SECONDS) -> float:
+    """Requests per second of GET `path` over CONNECTIONS keep-alive connections, after one
+    second of warm-up; raises BenchError on any non-200 answer."""
+    if use_wrk:
+        wrk(url, path, auth, 1)
+        return wrk(url, path, auth, seconds)
+    python_load(url, path, auth, 1)
+    return python_load(url, path, auth, seconds)
+
+
+def wrk(url: str, path: str, auth: str, seconds: int) -> float:
+    argv = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{seconds}s", "--timeout", "5s",
+            "-H", f"Authorization: {auth}", url + path]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30).stdout
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    if bad or (errors and re.search(r"[1-9]", errors.group(1))):
+        raise BenchError(f"wrk {path}: {(bad or errors).group(0)}")
+    return float(re.search(r"Requests/sec:\s*([\d.]+)", out).group(1))
+
+
+def python_load(url: str, path: str, auth: str, seconds: int) -> float:
+    """wrk's stand-in: CONNECTIONS threads, each one keep-alive http.client connection."""
+    counts = [0] * CONNECTIONS
+    failures = []
+    deadline = time.monotonic() + seconds
+
+    def hammer(i):
+        client = Client(url, auth, timeout=10)
+        try:
+            while time.monotonic() < deadline:
+                status, _, _ = client.send("GET", path)
+                if status != 200:
+                    failures.append(status)
+                    return
+                counts[i] += 1
+        except OSError as e:
+            failures.append(e)
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=hammer, args=(i,), daemon=True)
+               for i in range(CONNECTIONS)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 30)
+    if failures:
+        raise BenchError(f"GET {path}: {failures[0]}")
+    return sum(counts) / (time.monotonic() - started)
+
+
+def find_wrk(force_python: bool) -> bool:
+    if force_python:
+        note("load generator: Python threads (--python-load); ratios hold, absolute rates "
+             "are the client's ceiling")
+        return False
+    if shutil.which("wrk"):
+        return True
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        note("wrk not found; trying `apt-get install -y wrk` (running as root)")
+        subprocess.run(["apt-get", "install", "-y", "-q", "wrk"], capture_output=True,
+                       timeout=120)
+        if shutil.which("wrk"):
+            return True
+    note("wrk not found (apt-get install wrk); load generator: Python threads, "
+         f"{CONNECTIONS} keep-alive http.client connections; ratios hold, absolute rates are "
+         "the client's ceiling")
+    return False
+
+
+def rss_kb(pid: int, field: str = "VmRSS") -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return int(re.search(rf"{field}:\s+(\d+)", f.read()).group(1))
+
+
+def temp_bytes(pid: int, tmpdir: str) -> int:
+    """Bytes in files under tmpdir, counting files the server holds open but unlinked."""
+    total = 0
+    for folder, _, files in os.walk(tmpdir):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(folder, name)).st_size
+            except OSError:
+                pass
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return total
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{pid}/fd/{fd}").startswith(tmpdir) and "(deleted)" in \
+                    os.readlink(f"/proc/{pid}/fd/{fd}"):
+                total += os.stat(f"/proc/{pid}/fd/{fd}").st_size
+        except OSError:
+            pass
+    return total
+
+
+def parse_time(text: str) -> float:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+
+
+def machine(use_wrk: bool) -> str:
+    with open("/proc/cpuinfo") as f:
+        cpu = re.search(r"model name\s*:\s*(.*)", f.read())
+    with open("/proc/meminfo") as f:
+        mem = int(re.search(r"MemTotal:\s+(\d+)", f.read()).group(1)) / 2**20
+    load = "wrk" if use_wrk else "Python threads (no wrk)"
+    return (f"{os.cpu_count()} x {cpu.group(1) if cpu else platform.processor()}, "
+            f"{mem:.0f} GB RAM, Linux {platform.release()}, Python {platform.python_version()},"
+            f" load: {load} {CONNECTIONS} connections, {SECONDS} s each")
+
+
+# ---------------------------------------------------------------------------- fixtures
+
+class Bench:
+    """The scratch folders, the two servers and what the figures share."""
+
+    def __init__(self, scratch: str, use_wrk: bool):
+        self.scratch = scratch
+        self.use_wrk = use_wrk
+        self.rows = []  # (figure, value, baseline, ratio, goal, met)
+        self.details = []
+        self.dirs = {name: os.path.join(scratch, name)
+                     for name in ("inputs", "outputs", "temps", "runs", "repos", "tmp")}
+        for path in self.dirs.values():
+            os.makedirs(path)
+        map_dir = os.path.join(self.dirs["inputs"], "maps", MAP)
+        os.makedirs(map_dir)
+        with open(os.path.join(map_dir, f"{MAP}.tif"), "wb") as f:
+            f.write(b"II*\x00")  # the stand-ins never read it; the server checks it exists
+        self.catalogue = self.write_catalogue(os.path.join(scratch, "config.yml"))
+        password = secrets.token_urlsafe(12)
+        self.auth = basic("bench", password)
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("MIP_", "TA1_")) and "proxy" not in k.lower()}
+        env.update({
+            "TA1_INPUTS_DIR": self.dirs["inputs"], "TA1_OUTPUTS_DIR": self.dirs["outputs"],
+            "TA1_TEMPS_DIR": self.dirs["temps"], "TA1_RUNS_DIR": self.dirs["runs"],
+            "TA1_REPOS_DIR": self.dirs["repos"], "TMPDIR": self.dirs["tmp"],
+            "MIP_CONFIG": os.path.join(scratch, "config.yml"), "MIP_USER": "bench",
+            "MIP_PASSWORD": password, "MIP_MAX_RUNS": "2", "MIP_WORKERS": "4",
+            "MIP_THREADS": "8", "PYTHONUNBUFFERED": "1",
+        })
+        self.env = env
+        self.journal_path = os.path.join(self.dirs["runs"], "journal.db")
+        self.mip = Server([PY, "mip_server.py", "--port", "0"], env,
+                          os.path.join(scratch, "mip_server.log"))
+        self.bare = Server([PY, "bench/bare.py", "--port", "0", "--threads", "8"], env,
+                           os.path.join(scratch, "bare.log"))
+        self.client = None
+        self.finished = None  # (run_id, job, module) of a finished zero-time run
+        self.status_rate = None
+
+    def write_catalogue(self, path: str) -> dict:
+        """config.yml with every module's command replaced by the zero-time stand-in."""
+        with open(os.path.join(ROOT, "config.yml"), encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+        for module in data["modules"]:
+            module["command"] = ["sh", "-c", STANDIN, "standin"]
+            module["outputs"] = []
+        with open(path, "w", encoding="utf-8") as f:
+            yaml.safe_dump(data, f, sort_keys=False)
+        return {m["name"]: m["requires"] for m in data["modules"]}
+
+    def critical_path(self) -> int:
+        """Modules on the longest chain of `requires`."""
+        depth = {}
+
+        def chain(name):
+            if name not in depth:
+                depth[name] = 1 + max((chain(r) for r in self.catalogue[name]), default=0)
+            return depth[name]
+
+        return max(chain(n) for n in self.catalogue)
+
+    def start(self) -> None:
+        self.bare.start()
+        self.mip.start()
+        self.client = Client(self.mip.url, self.auth)
+        deadline = time.monotonic() + 20
+        while self.client.send("GET", "/health")[0] != 200:
+            if time.monotonic() > deadline:
+                raise BenchError("mip_server never answered /health")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.client:
+            self.client.close()
+        self.mip.stop()
+        self.bare.stop()
+        killed = kill_leftover_runs(self.journal_path)
+        if killed:
+            self.details.append(f"killed {killed} leftover mipper process group(s)")
+
+    def row(self, figure, value, baseline="-", ratio=None, goal="-", met=None) -> None:
+        self.rows.append((figure, value, baseline, ratio, goal, met))
+        note(f"{figure}: {value} (baseline {baseline}"
+             f"{f', ratio {ratio:.2f}' if ratio is not None else ''})")
+
+    def run_graph(self, job: str, sleep: float | None = None, timeout: float = 60) -> dict:
+        """Submit ALL for `job` and wait for it to pass; its RunStatus."""
+        payload = {"job": job, "modules": ["ALL"], "map": MAP}
+        if sleep:
+            payload["extra_switches"] = {m: ["--sleep", str(sleep)] for m in self.catalogue}
+        run = self.client.json("POST", "/runs", payload)
+        deadline = time.monotonic() + timeout
+        while run["status"] not in FINISHED:
+            if time.monotonic() > deadline:
+                raise BenchError(f"run {run['run_id']} still {run['status']} after {timeout} s")
+            time.sleep(0.05)
+            run = self.client.json("GET", f"/runs/{run['run_id']}")
+        if run["status"] != "passed":
+            raise BenchError(f"run {run['run_id']} {run['status']}: {run['log']}")
+        return run
+
+    def finished_run(self) -> tuple:
+        if self.finished is None:
+            run = self.run_graph("status-job")
+            self.finished = (run["run_id"], "status-job", "geopackage")
+        return self.finished
+
+    def get_status_rate(self) -> float:
+        if self.status_rate is None:
+            self.status_rate = load_rate(self.mip.url, f"/runs/{self.finished_run()[0]}",
+                                         self.auth, self.use_wrk)
+        return self.status_rate
+
+
+def kill_leftover_runs(journal_path: str) -> int:
+    """SIGKILL the process group of every run whose mipper is still alive; how many."""
+    if not os.path.exists(journal_path):
+        return 0
+    db = journal.Journal(journal_path)
+    rows = db.connect().execute("SELECT run_id, pid FROM runs WHERE pid IS NOT NULL").fetchall()
+    db.close()
+    killed = 0
+    for run_id, pid in rows:
+        if mipper_alive(pid, run_id):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+                killed += 1
+            except (ProcessLookupError, PermissionError):
+                pass
+    return killed
+
+
+def mipper_alive(pid: int, run_id: str) -> bool:
+    """True if `pid` is still this run's mipper (not a zombie, not a reused pid)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != b"Z" and run_id.encode() in cmdline
+
+
+# ---------------------------------------------------------------------------- figures
+
+def figure_1(b: Bench) -> None:
+    """Status reads against the bare endpoint, measured before and after each of them, since
+    the machine is noisy; each ratio is against the mean of the two bare rates around it."""
+    run_id, job, module = b.finished_run()
+    bare = [load_rate(b.bare.url, "/bare", b.auth, b.use_wrk)]
+    for label, path in (("GET /runs/{id}", f"/runs/{run_id}"),
+                        ("GET /jobs/{job}", f"/jobs/{job}"),
+                        ("GET /modules/{job}/{module}", f"/modules/{job}/{module}")):
+        rate = load_rate(b.mip.url, path, b.auth, b.use_wrk)
+        bare.append(load_rate(b.bare.url, "/bare", b.auth, b.use_wrk))
+        base = (bare[-2] + bare[-1]) / 2
+        if b.status_rate is None:
+            b.status_rate = rate
+        b.row(f"1 {label} req/s", f"{rate:.0f}", f"{base:.0f} bare", rate / base,
+              ">= 0.80 x bare", rate / base >= 0.8)
+    b.details.append(f"1: bare endpoint {', '.join(f'{r:.0f}' for r in bare)} req/s")
+
+
+def fill_runs(journal_path: str, total: int) -> float:
+    """Add passed runs of one job until the journal holds `total`; seconds it took."""
+    started = time.monotonic()
+    db = journal.Journal(journal_path)
+    now = journal.utcnow()
+    with db.transaction() as conn:
+        have = conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+        conn.execute("INSERT OR IGNORE INTO jobs (job, map, created) VALUES (?, ?, ?)",
+                     ("list-job", MAP, now))
+        payload = json.dumps({"job": "list-job", "modules": ["ALL"], "map": MAP,
+                              "force_rerun": False})
+        log_path = os.path.join(os.path.dirname(journal_path), "logs", "list-job.log")
+        conn.executemany(
+            "INSERT INTO runs (run_id, job, map, modules, force_rerun, payload, status,"
+            " submit_time, start_time, stop_time, log_path)"
+            " VALUES (?, 'list-job', ?, '[\"ALL\"]', 0, ?, 'passed', ?, ?, ?, ?)",
+            ((journal.new_run_id(), MAP, payload, now, now, now, log_path)
+             for _ in range(max(0, total - have))))
+    db.close()
+    return time.monotonic() - started
+
+
+def figure_2(b: Bench) -> None:
+    """Run listing with 1,000 and 100,000 runs in the journal."""
+    status_rate = b.get_status_rate()
+    took = fill_runs(b.journal_path, 1000)
+    full_rate = load_rate(b.mip.url, "/runs", b.auth, b.use_wrk)
+    full_1k = b.client.timings("GET", "/runs", 50)
+    page_1k = b.client.timings("GET", "/runs?limit=100", 100)
+    took += fill_runs(b.journal_path, 100_000)
+    page_100k = b.client.timings("GET", "/runs?limit=100", 100)
+    full_100k = b.client.timings("GET", "/runs", 10)
+    if len(b.client.json("GET", "/runs")) != 100_000:
+        raise BenchError("GET /runs does not list 100,000 runs")
+    b.details.append(f"2: journal filled to 100,000 runs in {took:.1f} s; "
+                     f"?limit=100 p99 {pct_ms(page_100k, 0.99):.1f} ms at 100,000")
+    b.row("2 GET /runs, 1k runs req/s", f"{full_rate:.0f}", f"{status_rate:.0f} status",
+          full_rate / status_rate, ">= 0.50 x status", full_rate / status_rate >= 0.5)
+    b.row("2 GET /runs?limit=100, 1k runs ms", f"{median_ms(page_1k):.1f}")
+    b.row("2 GET /runs?limit=100, 100k runs ms", f"{median_ms(page_100k):.1f}",
+          f"{median_ms(page_1k):.1f} at 1k", median_ms(page_100k) / median_ms(page_1k),
+          "< 20 ms", median_ms(page_100k) < 20)
+    b.row("2 GET /runs, 100k runs ms", f"{median_ms(full_100k):.0f}",
+          f"{median_ms(full_1k):.1f} at 1k", median_ms(full_100k) / median_ms(full_1k))
+
+
+def figure_3(b: Bench, count: int = 200) -> None:
+    """POST /runs latency of long runs on distinct jobs, then every run cancelled."""
+    bare = Client(b.bare.url)
+    payloads = [{"job": f"post-{i:03d}", "modules": ["ALL"], "map": MAP,
+                 "extra_switches": {"legend_segment": ["--sleep", "600"]}} for i in range(count)]
+    base = median_ms(bare.timings("POST", "/bare", count, payloads[0]))
+    bare.close()
+    times, run_ids = [], []
+    for body in payloads:
+        status, raw, took = b.client.send("POST", "/runs", body)
+        if status != 200:
+            raise BenchError(f"POST /runs: {status} {raw[:300]!r}")
+        times.append(took)
+        run_ids.append(json.loads(raw)["run_id"])
+    # newest first, so that no cancellation lets a queued run start
+    started = time.monotonic()
+    for run_id in reversed(run_ids):
+        b.client.json("POST", f"/runs/{run_id}/cancel")
+    cancelled = time.monotonic() - started
+    statuses = {b.client.json("GET", f"/runs/{r}")["status"] for r in run_ids}
+    left = kill_leftover_runs(b.journal_path)
+    b.details.append(f"3: {count} runs cancelled in {cancelled:.1f} s; statuses after: "
+                     f"{', '.join(sorted(statuses))}; mipper processes left: {left}"
+                     f"{' (killed)' if left else ''}")
+    b.row("3 POST /runs median ms", f"{median_ms(times):.1f}", f"{base:.1f} bare POST",
+          median_ms(times) / base, "< 20 ms", median_ms(times) < 20)
+    b.row("3 POST /runs p99 ms", f"{pct_ms(times, 0.99):.1f}")
+
+
+def make_folder(root: str, files: int, size: int, compressible: bool) -> int:
+    """`files` files of `size` bytes under root (100 per subfolder); total bytes."""
+    os.makedirs(root)
+    text = (b'{"type": "Feature", "properties": {"name": "unit %d", "confidence": 0.%d}, '
+            b'"geometry": {"type": "Polygon", "coordinates": [[[%d, %d], [%d, %d]]]}}\n')
+    for i in range(files):
+        folder = os.path.join(root, f"part{i // 100:03d}")
+        if i % 100 == 0:
+            os.makedirs(folder)
+        if compressible:
+            data = b"".join(text % (i, j, i, j, j, i) for j in range(size // 100 + 1))[:size]
+            name = f"item_{i:05d}.geojson"
+        else:
+            data = os.urandom(size)
+            name = f"blob_{i:05d}.bin"
+        with open(os.path.join(folder, name), "wb") as f:
+            f.write(data)
+    return files * size
+
+
+def zipfile_baseline(root: str) -> float:
+    """Seconds for Python's zipfile to write root, stored, to /dev/null."""
+    started = time.perf_counter()
+    with open(os.devnull, "wb") as sink, zipfile.ZipFile(sink, "w", zipfile.ZIP_STORED) as zf:
+        for folder, dirs, files in os.walk(root):
+            dirs.sort()
+            for name in sorted(files):
+                path = os.path.join(folder, name)
+                zf.write(path, os.path.relpath(path, root))
+    return time.perf_counter() - started
+
+
+def zip_baseline(root: str) -> float:
+    """Seconds for `zip -0 -r` of root to /dev/null."""
+    started = time.perf_counter()
+    subprocess.run(["zip", "-q", "-0", "-r", "-", "."], cwd=root, stdout=subprocess.DEVNULL,
+                   check=True, timeout=300)
+    return time.perf_counter() - started
+
+
+def download(b: Bench, path: str, status_path: str) -> dict:
+    """Fetch a zip while sampling the server's RSS and temp bytes and timing status reads
+    on a second connection."""
+    pid, tmpdir = b.mip.pid, b.dirs["tmp"]
+    idle = b.client.timings("GET", status_path, 50)
+    try:
+        with open(f"/proc/{pid}/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM, the peak RSS, to the current RSS
+    except OSError:
+        pass
+    before = rss_kb(pid)
+    done = threading.Event()
+    peak = {"rss": before, "tmp": 0}
+    reads = []
+
+    def sample():
+        while not done.wait(0.02):
+            peak["rss"] = max(peak["rss"], rss_kb(pid))
+            peak["tmp"] = max(peak["tmp"], temp_bytes(pid, tmpdir))
+
+    def status_reads():
+        client = Client(b.mip.url, b.auth)
+        while not done.is_set():
+            reads.extend(client.timings("GET", status_path, 1))
+            time.sleep(0.01)
+        client.close()
+
+    threads = [threading.Thread(target=sample, daemon=True),
+               threading.Thread(target=status_reads, daemon=True)]
+    for t in threads:
+        t.start()
+    conn = Client(b.mip.url, b.auth, timeout=120)
+    buf = bytearray(1 << 20)
+    tail = b""
+    received = 0
+    try:
+        started = time.perf_counter()
+        conn.conn.request("GET", path, headers=conn.headers)
+        resp = conn.conn.getresponse()
+        if resp.status != 200:
+            raise BenchError(f"GET {path}: {resp.status} {resp.read()[:300]!r}")
+        first = resp.read1(65536)
+        ttfb = time.perf_counter() - started
+        received, tail = len(first), first[-22:]
+        while n := resp.readinto(buf):
+            received += n
+            tail = (tail + bytes(buf[max(0, n - 22):n]))[-22:]
+        total = time.perf_counter() - started
+    finally:
+        done.set()
+        for t in threads:
+            t.join(30)
+        conn.close()
+    if not tail.startswith(b"PK\x05\x06"):
+        raise BenchError(f"GET {path}: the answer does not end like a zip")
+    try:
+        peak["rss"] = max(peak["rss"], rss_kb(pid, "VmHWM"))
+    except (OSError, AttributeError):
+        pass
+    return {"ttfb": ttfb, "seconds": total, "bytes": received, "tmp": peak["tmp"],
+            "growth_mb": (peak["rss"] - before) / 1024, "reads": reads or [float("nan")],
+            "idle": idle}
+
+
+def figure_4(b: Bench) -> None:
+    """Zip downloads of 500 MB of incompressible files and of 20,000 small files."""
+    run_id = b.finished_run()[0]
+    folders = {"map_crop": ("500 MB", 50, 10 * 2**20, False),
+               "polygon_extract": ("20k files", 20_000, 2048, True)}
+    b.run_graph("zip-job")  # the modules pass with empty folders, filled below
+    job_out = os.path.join(b.dirs["outputs"], "zip-job")
+    for module, (label, files, size, compressible) in folders.items():
+        root = os.path.join(job_out, module)
+        os.rmdir(root)
+        made = time.monotonic()
+        total = make_folder(root, files, size, compressible)
+        made = time.monotonic() - made
+        zf = zipfile_baseline(root)
+        zp = zip_baseline(root)
+        got = download(b, f"/modules/zip-job/{module}/outputs", f"/runs/{run_id}")
+        mbps = total / got["seconds"] / 1e6
+        zip_mbps, zf_mbps = total / zp / 1e6, total / zf / 1e6
+        b.details.append(
+            f"4 {label}: folder made in {made:.1f} s; zip {got['bytes'] / 1e6:.0f} MB in "
+            f"{got['seconds']:.2f} s; zipfile stored {zf_mbps:.0f} MB/s, zip -0 {zip_mbps:.0f} "
+            f"MB/s; concurrent status reads: {len(got['reads'])}, median "
+            f"{median_ms(got['reads']):.1f} ms, max {max(got['reads']) * 1000:.1f} ms")
+        idle_ms = median_ms(got["idle"])
+        b.row(f"4 {label}: first byte ms", f"{got['ttfb'] * 1000:.1f}",
+              f"{idle_ms:.1f} status", got["ttfb"] * 1000 / idle_ms, "< 50 ms",
+              got["ttfb"] < 0.05)
+        b.row(f"4 {label}: throughput MB/s", f"{mbps:.0f}", f"{zip_mbps:.0f} zip -0",
+              mbps / zip_mbps, ">= 1.00 x zip -0", mbps >= zip_mbps)
+        b.row(f"4 {label}: temp bytes", f"{got['tmp']}", goal="0", met=got["tmp"] == 0)
+        b.row(f"4 {label}: memory growth MB", f"{got['growth_mb']:.1f}", goal="< 50 MB",
+              met=got["growth_mb"] < 50)
+        p99 = pct_ms(got["reads"], 0.99)
+        b.row(f"4 {label}: concurrent status p99 ms", f"{p99:.1f}", f"{idle_ms:.1f} idle",
+              p99 / idle_ms, "< 20 ms", p99 < 20)
+        shutil.rmtree(root)
+
+
+def figure_5(b: Bench, repeats: int = 3) -> None:
+    """The whole graph with zero-time stand-ins, and with every module sleeping 1 s."""
+    modules = len(b.catalogue)
+    spans = []
+    for i in range(repeats):
+        run = b.run_graph(f"zero-{i}")
+        spans.append(parse_time(run["stop_time"]) - parse_time(run["submit_time"]))
+        startup = parse_time(run["start_time"]) - parse_time(run["submit_time"])
+    started = time.perf_counter()
+    for _ in range(modules):
+        subprocess.run(["sh", "-c", STANDIN, "standin", "--input", "x"], check=True)
+    direct = (time.perf_counter() - started) / modules
+    per_module = statistics.median(spans) / modules
+    b.details.append(f"5: zero-time graph makespans {', '.join(f'{s:.2f}' for s in spans)} s "
+                     f"for {modules} modules (submit to mipper running: {startup:.2f} s)")
+    b.row("5 zero-time graph: ms per module", f"{per_module * 1000:.0f}",
+          f"{direct * 1000:.1f} spawn", per_module / direct, "< 150 ms", per_module < 0.15)
+    chain = b.critical_path()
+    run = b.run_graph("sleep-1", sleep=1)
+    span = parse_time(run["stop_time"]) - parse_time(run["submit_time"])
+    b.row("5 1 s modules: makespan s", f"{span:.2f}", f"{chain:.2f} crit. path", span / chain,
+          "<= 1.10 x path", span / chain <= 1.10)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def figure_6(b: Bench, files: int = 16, size: int = 16 * 2**20) -> None:
+    """A module's upload (mipper.upload_module: boto3 managed transfers) to moto's
+    S3-compatible server on loopback, against a plain local copy of the same files."""
+    sys.path.insert(0, ROOT)
+    import boto3
+
+    import mipper
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    moto_log = open(os.path.join(b.scratch, "moto.log"), "wb")
+    moto = subprocess.Popen([PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=moto_log, stderr=subprocess.STDOUT)
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                                             "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    try:
+        os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="bench",
+                          AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+        deadline = time.monotonic() + 30
+        client = boto3.client("s3")
+        while True:
+            try:
+                client.create_bucket(Bucket="bench")
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                if time.monotonic() > deadline:
+                    raise BenchError("moto server did not start") from None
+                time.sleep(0.1)
+        root = os.path.join(b.dirs["outputs"], "s3-job", "map_crop")
+        total = make_folder(root, files, size, compressible=False)
+        started = time.perf_counter()
+        shutil.copytree(root, os.path.join(b.scratch, "copy"))
+        copy = time.perf_counter() - started
+        settings = mipper.Settings(
+            inputs_dir=b.dirs["inputs"], outputs_dir=b.dirs["outputs"],
+            temps_dir=b.dirs["temps"], runs_dir=b.dirs["runs"], repos_dir=b.dirs["repos"],
+            config_path=os.path.join(b.scratch, "config.yml"), s3_bucket="bench")
+        started = time.perf_counter()
+        mipper.upload_module(settings, "s3-job", "map_crop", client)
+        upload = time.perf_counter() - started
+        started = time.perf_counter()
+        mipper.upload_module(settings, "s3-job", "map_crop", client)
+        again = time.perf_counter() - started
+        up_mbps, copy_mbps = total / upload / 1e6, total / copy / 1e6
+        b.details.append(f"6: {files} files of {size // 2**20} MB: upload {upload:.2f} s, "
+                         f"local copy {copy:.2f} s, upload again (nothing to send) {again:.2f} s")
+        b.row("6 S3 upload MB/s", f"{up_mbps:.0f}", f"{copy_mbps:.0f} local copy",
+              up_mbps / copy_mbps, "(reported)")
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        moto.terminate()
+        try:
+            moto.wait(10)
+        except subprocess.TimeoutExpired:
+            moto.kill()
+            moto.wait(10)
+        moto_log.close()
+
+
+FIGURES = {1: figure_1, 2: figure_2, 3: figure_3, 4: figure_4, 5: figure_5, 6: figure_6}
+
+
+# ---------------------------------------------------------------------------- main
+
+def table(rows: list) -> str:
+    head = ("figure", "value", "baseline", "ratio", "goal", "met")
+    lines = [head]
+    for figure, value, baseline, ratio, goal, met in rows:
+        lines.append((figure, value, baseline, "-" if ratio is None else f"{ratio:.2f}", goal,
+                      "-" if met is None else ("yes" if met else "NO")))
+    if any(len(r[1]) > 12 for r in lines[1:]):
+        wide = [r for r in lines if len(r[1]) > 12]
+        lines = [r for r in lines if len(r[1]) <= 12]
+    else:
+        wide = []
+    widths = [max(len(r[i]) for r in lines) for i in range(6)]
+    out = ["  ".join(c.ljust(w) if i in (0, 2, 4) else c.rjust(w) if i in (1, 3) else c
+                     for i, (c, w) in enumerate(zip(r, widths, strict=True))).rstrip()
+           for r in lines]
+    out += [f"{r[0].ljust(widths[0])}  {r[1]}" for r in wide]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default="", help="comma-separated figure numbers (1-6)")
+    parser.add_argument("--python-load", action="store_true",
+                        help="use the Python load generator even when wrk is installed")
+    parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    args = parser.parse_args(argv)
+    chosen = [int(n) for n in args.only.split(",") if n.strip()] or list(FIGURES)
+    use_wrk = find_wrk(args.python_load)
+    scratch = tempfile.mkdtemp(prefix="mip-bench-")
+    started = time.monotonic()
+    bench = Bench(scratch, use_wrk)
+    try:
+        try:
+            bench.start()
+        except (BenchError, OSError) as e:
+            chosen = []
+            bench.row("(all)", f"not measured: {str(e).splitlines()[0]}")
+            print(e, file=sys.stderr)
+        for number in chosen:
+            note(f"figure {number}")
+            try:
+                FIGURES[number](bench)
+            except (BenchError, OSError, subprocess.SubprocessError) as e:
+                bench.row(f"{number} (failed)", f"not measured: {e}")
+    finally:
+        bench.stop()
+        if args.keep:
+            note(f"scratch kept: {scratch}")
+        else:
+            shutil.rmtree(scratch, ignore_errors=True)
+    print(f"machine: {machine(use_wrk)}")
+    print(f"date: {datetime.now().strftime('%Y-%m-%d %H:%M')}, "
+          f"took {time.monotonic() - started:.0f} s")
+    print(table(bench.rows))
+    for line in bench.details:
+        print(f"  {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
