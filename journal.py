@@ -1,8 +1,8 @@
 """The SQLite journal of runs, jobs and module executions, shared by mip_server.py and mipper.py.
 
 Not run directly: `journal.Journal(path).migrate()` creates or upgrades the file.
-One connection per thread and per process (luigi forks a process per task), WAL mode,
-every write inside `with journal.transaction() as db:`.
+One connection per thread and per process (luigi forks a process per task), the file in
+WAL mode (set by migrate()), every write inside `with journal.transaction() as db:`.
 """
 
 import contextlib
@@ -158,7 +158,6 @@ class Journal:
             local.db = sqlite3.connect(self.path, timeout=5, isolation_level=None,
                                        check_same_thread=False)
             local.db.row_factory = sqlite3.Row
-            local.db.execute("PRAGMA journal_mode=WAL")
             local.db.execute("PRAGMA foreign_keys=ON")
             local.pid = os.getpid()
         return local.db
@@ -176,8 +175,10 @@ class Journal:
         db.execute("COMMIT")
 
     def migrate(self) -> None:
-        """Create the schema and apply pending migrations; a no-op when up to date."""
+        """Switch the file to WAL, create the schema and apply pending migrations; a no-op
+        when up to date."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._use_wal()
         with self.transaction() as db:
             for statement in SCHEMA.split(";"):
                 if statement.strip():
@@ -187,6 +188,22 @@ class Journal:
                 if db.execute("PRAGMA user_version").fetchone()[0] < version:
                     apply(db)
                     db.execute(f"PRAGMA user_version = {int(version)}")
+
+    def _use_wal(self, tries: int = 100) -> None:
+        """WAL is a property of the file, set once. Switching fails at once, without the busy
+        timeout, while another connection is using the file (two mippers starting on a new
+        journal), so it is retried for a while."""
+        db = self.connect()
+        for _ in range(tries):
+            try:
+                if db.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                    return
+                db.execute("PRAGMA journal_mode=WAL")
+            except sqlite3.OperationalError as e:
+                if "locked" not in str(e):
+                    raise
+                time.sleep(0.05)
+        raise JournalError(f"{self.path}: could not switch to WAL; the file stays locked")
 
     def close(self) -> None:
         """Close this thread's connection."""
@@ -341,9 +358,11 @@ class Journal:
             (job, module)).fetchone()
         return dict(row) if row else None
 
-    def last_execution_id(self) -> int:
-        """The id of the latest module execution of any job (0 when none)."""
-        row = self.connect().execute("SELECT MAX(id) FROM executions").fetchone()
+    def last_pass(self, job: str, module: str) -> int:
+        """The id of the module's latest passed execution in the job (0 when none)."""
+        row = self.connect().execute(
+            "SELECT MAX(id) FROM executions WHERE job = ? AND module = ? AND status = 'passed'",
+            (job, module)).fetchone()
         return row[0] or 0
 
     def executions(self, run_id: str) -> list:

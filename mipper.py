@@ -567,7 +567,7 @@ class Run:
     to_run: set
     extra: dict
     env: dict
-    since: int = 0  # executions after this id started after the run was planned
+    passed_before: dict = field(default_factory=dict)  # module -> last pass when planned
 
     def done(self, name: str) -> bool:
         """True when the module need not run: it passed before and nothing forces it, or it
@@ -576,7 +576,8 @@ class Run:
         if name not in self.to_run:
             return True
         last = self.db.latest_execution(self.job, name)
-        return last is not None and last["status"] == "passed" and last["id"] > self.since
+        return (last is not None and last["status"] == "passed"
+                and last["id"] > self.passed_before.get(name, 0))
 
     def execute(self, name: str) -> None:
         """Run one module to its end and record it; raises ModuleFailed."""
@@ -656,6 +657,21 @@ def scheduler_options(settings: Settings) -> dict:
     return {"local_scheduler": False, "scheduler_url": settings.luigi_scheduler_url}
 
 
+def wait_for_other_runs(db: journal.Journal, job: str, graph: list,
+                        hours: float = 24) -> None:
+    """With a central scheduler, luigi's worker ends once the tasks left are running in
+    another mipper; wait (a day at most) for those modules to end, so that this run's
+    outcome is theirs."""
+    deadline = time.monotonic() + hours * 3600
+    while time.monotonic() < deadline:
+        busy = [n for n in graph
+                if (db.latest_execution(job, n) or {}).get("status") == "running"]
+        if not busy:
+            return
+        log.info("waiting for %s, run by another mipper", " ".join(busy))
+        time.sleep(1)
+
+
 def plan(catalogue: dict, db: journal.Journal, job: str, targets: list,
          force_rerun: bool) -> tuple:
     """(graph, to_run): the targets with their predecessors, and those that must execute:
@@ -726,7 +742,8 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
         log.info("run %s: job %s, map %s, modules %s; to execute: %s", run_id, job, map_name,
                  " ".join(targets), " ".join(n for n in graph if n in to_run) or "nothing")
         RUN = Run(settings, catalogue, db, run_id, job, map_name, graph, to_run, extra,
-                  module_env(settings, env, env.get("MIP_OPENAI_KEY")), db.last_execution_id())
+                  module_env(settings, env, env.get("MIP_OPENAI_KEY")),
+                  {n: db.last_pass(job, n) for n in to_run})
         try:
             result = luigi.build([ModuleTask(job=job, module=t) for t in targets],
                                  workers=settings.workers, detailed_summary=True,
@@ -736,9 +753,11 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
             db.set_run_status(run_id, Status.CANCELLED)
             log.info("run %s interrupted", run_id)
             return EXIT_FAILED
+        if settings.luigi_scheduler_url:
+            wait_for_other_runs(db, job, graph)
         passed = all(RUN.done(n) for n in graph)
         ran = {e["module"] for e in db.executions(run_id)}
-        skipped = [n for n in graph if n in to_run and n not in ran]
+        skipped = [n for n in graph if not RUN.done(n) and n not in ran]
         if skipped:
             log.info("not run, since a module they need failed: %s", " ".join(skipped))
         if settings.s3_bucket:

@@ -38,6 +38,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import journal  # noqa: E402
+from mip_server import process_alive  # noqa: E402
 
 PY = sys.executable
 MAP = "bench_map"
@@ -390,25 +391,13 @@ def kill_leftover_runs(journal_path: str) -> int:
     db.close()
     killed = 0
     for run_id, pid in rows:
-        if mipper_alive(pid, run_id):
+        if process_alive(pid, run_id):
             try:
                 os.killpg(pid, signal.SIGKILL)
                 killed += 1
             except (ProcessLookupError, PermissionError):
                 pass
     return killed
-
-
-def mipper_alive(pid: int, run_id: str) -> bool:
-    """True if `pid` is still this run's mipper (not a zombie, not a reused pid)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != b"Z" and run_id.encode() in cmdline
 
 
 # ---------------------------------------------------------------------------- figures
@@ -683,7 +672,6 @@ def free_port() -> int:
 def figure_6(b: Bench, files: int = 16, size: int = 16 * 2**20) -> None:
     """A module's upload (mipper.upload_module: boto3 managed transfers) to moto's
     S3-compatible server on loopback, against a plain local copy of the same files."""
-    sys.path.insert(0, ROOT)
     import boto3
 
     import mipper

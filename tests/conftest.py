@@ -193,6 +193,31 @@ def kill_leftover_runs(env: dict) -> None:
     db.close()
 
 
+def wait_for(predicate, timeout: float = 30, step: float = 0.05):
+    """Poll `predicate` until it gives something true, which is returned; bounded."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    raise AssertionError("condition not met in time")
+
+
+def read(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        return f.read()
+
+
+def latest(env: dict, job: str) -> dict:
+    """{module: its latest execution row} in a job, from the journal."""
+    db = journal.Journal(os.path.join(env["TA1_RUNS_DIR"], "journal.db"))
+    try:
+        return {m: db.latest_execution(job, m) for m in db.job_modules(job)}
+    finally:
+        db.close()
+
+
 def payload(job: str, *modules: str, **extra) -> dict:
     return {"job": job, "modules": list(modules), "map": MAP, **extra}
 

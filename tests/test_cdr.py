@@ -16,20 +16,11 @@ from conftest import Server
 from conftest import free_port
 from conftest import kill_leftover_runs
 from conftest import payload
+from conftest import wait_for
 
 TOKEN = "cdr-token-for-tests"
 SECRET = "webhook-secret-for-tests"
 COG = "5a06544690b6d3f04fe7f4c8a7e3a1c2"
-
-
-def wait_for(predicate, timeout=60, step=0.1):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
 
 
 @pytest.fixture

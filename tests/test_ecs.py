@@ -17,9 +17,9 @@ import pytest
 import requests
 from conftest import MAP
 from conftest import ROOT
+from conftest import latest
 from conftest import mipper
-
-import journal
+from conftest import read
 
 CLUSTER = "mip-test"
 LOG_GROUP = "/ecs/ta1-test"
@@ -121,19 +121,6 @@ class Cluster:
             {"timestamp": now, "message": line} for line in lines])
         self.ecs.stop_task(cluster=CLUSTER, task=task["taskArn"],
                            reason="Essential container in task exited")
-
-
-def latest(env, job):
-    db = journal.Journal(os.path.join(env["TA1_RUNS_DIR"], "journal.db"))
-    try:
-        return {m: db.latest_execution(job, m) for m in db.job_modules(job)}
-    finally:
-        db.close()
-
-
-def read(path):
-    with open(path, encoding="utf-8") as f:
-        return f.read()
 
 
 def test_whole_graph_as_ecs_tasks(ecs_env):

@@ -8,17 +8,13 @@ import yaml
 from conftest import MAP
 from conftest import ROOT
 from conftest import mipper
+from conftest import read
 
 import journal
 
 ALL_MODULES = ["legend_segment", "georeference", "legend_item_segment", "map_crop",
                "legend_item_description", "polygon_extract", "line_extract", "point_extract",
                "geopackage"]
-
-
-def read(path):
-    with open(path, encoding="utf-8") as f:
-        return f.read()
 
 
 def executions(env, job):

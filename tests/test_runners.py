@@ -13,8 +13,10 @@ from conftest import ROOT
 from conftest import Server
 from conftest import free_port
 from conftest import kill_leftover_runs
+from conftest import latest
 from conftest import mipper
 from conftest import payload
+from conftest import read
 
 import journal
 
@@ -47,14 +49,6 @@ def docker_calls(env):
         return []
 
 
-def latest(env, job):
-    db = journal.Journal(os.path.join(env["TA1_RUNS_DIR"], "journal.db"))
-    try:
-        return {m: db.latest_execution(job, m) for m in db.job_modules(job)}
-    finally:
-        db.close()
-
-
 def alive(pid):
     """True while `pid` runs (zombies count as gone)."""
     try:
@@ -62,11 +56,6 @@ def alive(pid):
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
-
-
-def read(path):
-    with open(path, encoding="utf-8") as f:
-        return f.read()
 
 
 def test_whole_graph_through_docker(docker_env):
@@ -175,7 +164,7 @@ def test_luigid_shares_one_job_between_two_mippers(mip_env, tmp_path):
         both = [subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.PIPE, text=True) for _ in range(2)]
         outcomes = [p.communicate(timeout=120) for p in both]
-        assert [p.returncode for p in both] == [0, 0], outcomes
+        assert [p.returncode for p in both] == [0, 0], "\n".join(o[1] for o in outcomes)
         db = journal.Journal(os.path.join(env["TA1_RUNS_DIR"], "journal.db"))
         rows = db.connect().execute(
             "SELECT module, COUNT(*) FROM executions WHERE job = 'shared' GROUP BY module")

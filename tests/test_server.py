@@ -20,6 +20,7 @@ from conftest import ROOT
 from conftest import Server
 from conftest import kill_leftover_runs
 from conftest import payload
+from conftest import wait_for
 
 import journal
 
@@ -73,16 +74,6 @@ def module_processes(marker):
                 errors="replace"):
             pids.append(int(pid))
     return pids
-
-
-def wait_for(predicate, timeout=20, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError("condition not met in time")
 
 
 # ---------------------------------------------------------------------------- walk-through
@@ -192,8 +183,8 @@ def test_same_job_runs_serialized_different_jobs_parallel(server):
     b1 = ok(server.post("/runs", json=payload("jb", "georeference",
                                               extra_switches=slow("georeference", 2))))
     # ja's first run and jb's run execute together while ja's second one waits
-    wait_for(lambda: server.get(f"/runs/{b1['run_id']}").json()["status"] == "running")
-    assert server.get(f"/runs/{a1['run_id']}").json()["status"] == "running"
+    wait_for(lambda: all(server.get(f"/runs/{r['run_id']}").json()["status"] == "running"
+                         for r in (a1, b1)))
     assert server.get(f"/runs/{a2['run_id']}").json()["status"] == "not_started"
     done = [server.wait_run(r["run_id"]) for r in (a1, a2, b1)]
     assert [d["status"] for d in done] == ["passed"] * 3
