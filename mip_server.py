@@ -308,7 +308,8 @@ class RunQueue:
             argv.append("--force-rerun")
         for name, args in (run["payload"].get("extra_switches") or {}).items():
             argv += [f"--extra-switch={name}={arg}" for arg in args]
-        env = {k: v for k, v in self.env.items() if k not in mipper.SECRET_VARS}
+        env = {k: v for k, v in self.env.items()
+               if k not in mipper.SERVER_SECRETS and k != "MIP_OPENAI_KEY"}
         key = self.keys.pop(run_id, None) or self.env.get("MIP_OPENAI_KEY")
         if key:
             env["MIP_OPENAI_KEY"] = key
@@ -571,7 +572,6 @@ class AnswerCache:
         for key in list(self.items):
             if key[1] == job:
                 self.items.pop(key, None)
-
 
 
 def run_status(db: journal.Journal, run: dict) -> dict:

@@ -236,3 +236,27 @@ def test_run_ids_are_unique_and_sorted():
     ids = [journal.new_run_id() for _ in range(2000)]
     assert len(set(ids)) == len(ids)
     assert ids == sorted(ids)
+
+
+def test_modules_do_not_get_the_hosts_secrets(mip_env, tmp_path):
+    env = dict(mip_env, MIP_CDR_SECRET="cdr-secret-value", AWS_SECRET_ACCESS_KEY="aws-secret",
+               MIP_PASSWORD="server-password", MIP_OPENAI_KEY="sk-openai-value")
+    probe = tmp_path / "probe.py"
+    probe.write_text("import os, sys\n"
+                     "names = sorted(k for k in os.environ if 'SECRET' in k or 'PASSWORD' in k"
+                     " or k == 'OPENAI_API_KEY')\n"
+                     "open(sys.argv[sys.argv.index('--out') + 1], 'w').write(' '.join(names))\n")
+    catalogue = tmp_path / "config.yml"
+    catalogue.write_text(f"""modules:
+  - name: probe
+    version: "1"
+    requires: []
+    command: [python, {probe}]
+    options: {{out: $OUTPUT_DIR/probe/names.txt}}
+    outputs: [$OUTPUT_DIR/probe/names.txt]
+""")
+    result = mipper(dict(env, MIP_CONFIG=str(catalogue)), "--job", "env", "--map", MAP,
+                    "--module", "probe")
+    assert result.returncode == 0, result.stderr
+    names = read(os.path.join(env["TA1_OUTPUTS_DIR"], "env", "probe", "names.txt")).split()
+    assert names == ["OPENAI_API_KEY"]
