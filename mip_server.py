@@ -686,16 +686,22 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         bottle.response.content_type = "application/json"
         return json.dumps(data)
 
-    def read_json():
+    def read_body() -> bytes:
+        """The raw body; raises 413 past MAX_BODY (for a body sent without a length)."""
         raw = bottle.request.body.read(MAX_BODY + 1)
         if len(raw) > MAX_BODY:
             raise ApiError(413, "body_too_large", f"the body is over the {MAX_BODY} byte limit")
+        return raw
+
+    def read_json(optional: bool = False):
+        """The body as JSON, whatever the Content-Type says (None for an optional empty
+        one). Raises 400 for an empty or malformed body."""
+        raw = read_body()
         if not raw.strip():
+            if optional:
+                return None
             raise ApiError(400, "empty_body", "the body is empty; send a JSON object")
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}") from None
+        return read_json_bytes(raw)
 
     def query_int(name, default, high):
         raw = bottle.request.query.get(name)
@@ -827,17 +833,12 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         """Submit a new run with the same payload: what failed or was cancelled runs again,
         what passed is skipped. Optional body: {"openai_key": ...}."""
         run = get_run(run_id)
-        raw = bottle.request.body.read(MAX_BODY + 1)
-        key = None
-        if raw.strip():
-            body = read_json_bytes(raw)
-            if not isinstance(body, dict) or set(body) - {"openai_key"} or not isinstance(
-                    body.get("openai_key", ""), str):
-                raise ApiError(422, "invalid_payload",
-                               'body: optional, {"openai_key": "<key>"} only')
-            key = body.get("openai_key")
-        payload = dict(run["payload"], force_rerun=False)
-        return submit(payload, key)
+        body = read_json(optional=True)
+        body = {} if body is None else body
+        if not isinstance(body, dict) or set(body) - {"openai_key"} or not isinstance(
+                body.get("openai_key", ""), str):
+            raise ApiError(422, "invalid_payload", 'body: optional, {"openai_key": "<key>"} only')
+        return submit(dict(run["payload"], force_rerun=False), body.get("openai_key"))
 
     @route("GET", "/jobs", answer={"type": "array", "items": {"type": "string"}})
     def list_jobs():
@@ -962,7 +963,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         """The CDR's webhook: signed with x-cdr-signature-256 instead of basic auth.
         Raises 403 for a missing or wrong signature, 404 when the CDR link is off."""
         need_link()
-        raw = bottle.request.body.read(MAX_BODY + 1)
+        raw = read_body()
         if not cdr.verify(cfg.cdr_settings.secret, raw,
                           bottle.request.get_header("x-cdr-signature-256")):
             raise ApiError(403, "bad_signature",
