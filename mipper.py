@@ -11,6 +11,7 @@ run as `python mipper.py --run-id ID ...` in a process group of its own.
 """
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -716,13 +717,7 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
     settings.make_dirs()
     db = journal.Journal(settings.journal_path)
     db.migrate()
-    # how each module was run (containers, tasks) is for the operator's eyes only: it goes
-    # to a file of the host, never into the logs the API serves
-    runner_log = logging.FileHandler(os.path.join(settings.runs_dir, "runners.log"))
-    runner_log.setFormatter(logging.Formatter(f"%(asctime)s {job} %(message)s"))
-    logging.getLogger("mip.runner").addHandler(runner_log)
-    logging.getLogger("mip.runner").propagate = False
-    file_handler = None
+    log_path = None
     if run_id is None:
         payload = {"job": job, "modules": list(modules), "map": map_name,
                    "force_rerun": force_rerun, "extra_switches": extra}
@@ -732,12 +727,9 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
         except journal.JournalError as e:
             raise UsageError(str(e)) from None
         log_path = db.run(run_id)["log_path"]
-        file_handler = logging.FileHandler(log_path)
-        file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
-        logging.getLogger("mip").addHandler(file_handler)
     elif db.run(run_id) is None:
         raise UsageError(f"no run {run_id!r} in the journal")
-    try:
+    with run_logs(settings, job, log_path):
         if not db.set_run_status(run_id, Status.RUNNING, pid=os.getpid()):
             log.info("run %s was cancelled before it started", run_id)
             return EXIT_FAILED
@@ -751,38 +743,62 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
             result = luigi.build([ModuleTask(job=job, module=t) for t in targets],
                                  workers=settings.workers, detailed_summary=True,
                                  log_level="CRITICAL", **scheduler_options(settings))
+            status = Status.PASSED if judge(RUN) else Status.FAILED
         except KeyboardInterrupt:
             db.end_running_executions(run_id, Status.CANCELLED, "interrupted")
             db.set_run_status(run_id, Status.CANCELLED)
             log.info("run %s interrupted", run_id)
             return EXIT_FAILED
-        if settings.luigi_scheduler_url:
-            wait_for_other_runs(db, job, graph)
-        passed = all(RUN.done(n) for n in graph)
-        ran = {e["module"] for e in db.executions(run_id)}
-        skipped = [n for n in graph if not RUN.done(n) and n not in ran]
-        if skipped:
-            log.info("not run, since a module they need failed: %s", " ".join(skipped))
-        if settings.s3_bucket:
-            # modules that passed in earlier runs but whose upload failed or never happened
-            upload_missing(settings, db, job, [n for n in graph if n not in ran])
-            missing = [n for n in graph if (db.latest_execution(job, n) or {}).get(
-                "upload_status") not in ("uploaded", None)]
-            if missing:
-                log.info("not in S3 (upload failed): %s", " ".join(missing))
-                passed = False
-        status = Status.PASSED if passed else Status.FAILED
+        finally:
+            RUN = None
         if not db.set_run_status(run_id, status):
             status = Status(db.run(run_id)["status"])
         log.info("run %s %s (luigi: %s)", run_id, status.value, result.status.name)
         return EXIT_OK if status == Status.PASSED else EXIT_FAILED
+
+
+def judge(run: Run) -> bool:
+    """True when every module of the run's graph is done (and in S3, when asked for); the
+    log says what is not. luigi's own verdict is not enough: see plan() and done()."""
+    settings, db, job, graph = run.settings, run.db, run.job, run.graph
+    if settings.luigi_scheduler_url:
+        wait_for_other_runs(db, job, graph)
+    passed = all(run.done(n) for n in graph)
+    ran = {e["module"] for e in db.executions(run.run_id)}
+    skipped = [n for n in graph if not run.done(n) and n not in ran]
+    if skipped:
+        log.info("not run, since a module they need failed: %s", " ".join(skipped))
+    if settings.s3_bucket:
+        # modules that passed in earlier runs but whose upload failed or never happened
+        upload_missing(settings, db, job, [n for n in graph if n not in ran])
+        missing = [n for n in graph if (db.latest_execution(job, n) or {}).get(
+            "upload_status") not in ("uploaded", None)]
+        if missing:
+            log.info("not in S3 (upload failed): %s", " ".join(missing))
+            passed = False
+    return passed
+
+
+@contextlib.contextmanager
+def run_logs(settings: Settings, job: str, log_path: str | None):
+    """Where a run logs besides stderr: its own log file when mipper recorded the run (the
+    server sends stderr there itself), and runners.log, where how each module was run
+    (containers, tasks) stays on the host, never in the logs the API serves."""
+    handlers = {"mip.runner": logging.FileHandler(os.path.join(settings.runs_dir,
+                                                               "runners.log"))}
+    handlers["mip.runner"].setFormatter(logging.Formatter(f"%(asctime)s {job} %(message)s"))
+    logging.getLogger("mip.runner").propagate = False
+    if log_path:
+        handlers["mip"] = logging.FileHandler(log_path)
+        handlers["mip"].setFormatter(logging.Formatter(LOG_FORMAT))
+    for name, handler in handlers.items():
+        logging.getLogger(name).addHandler(handler)
+    try:
+        yield
     finally:
-        RUN = None
-        logging.getLogger("mip.runner").removeHandler(runner_log)
-        runner_log.close()
-        if file_handler:
-            logging.getLogger("mip").removeHandler(file_handler)
-            file_handler.close()
+        for name, handler in handlers.items():
+            logging.getLogger(name).removeHandler(handler)
+            handler.close()
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
