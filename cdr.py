@@ -690,7 +690,10 @@ class CdrLink:
                 return
             kind, arg = task
             try:
-                self.process(arg) if kind == "event" else self.publish(arg)
+                if kind == "event":
+                    self.process(arg)
+                else:
+                    self.publish(arg)
             except Exception:  # noqa: BLE001 - one bad task must not stop the others
                 log.exception("CDR %s task for %s failed", kind, arg)
 

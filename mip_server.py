@@ -1184,14 +1184,20 @@ def main(argv=None) -> int:
     app = make_app(cfg, db, queue, link)
     # nothing is logged before the port line below, which must come first
     writer = setup_logging()
-    server = waitress.create_server(
-        RequestLog(app, writer), host=cfg.host, port=cfg.port, threads=cfg.threads,
-        expose_tracebacks=False, ident="mip",
-        # bodies over MAX_BODY get our JSON 413; far larger ones are refused by waitress
-        # itself (plain text) before it buffers them
-        max_request_body_size=16 * MAX_BODY,
-        # keep streamed zips in memory (bounded by the high watermark), never in temp files
-        outbuf_high_watermark=8 * 1024 * 1024, outbuf_overflow=64 * 1024 * 1024)
+    try:
+        server = waitress.create_server(
+            RequestLog(app, writer), host=cfg.host, port=cfg.port, threads=cfg.threads,
+            expose_tracebacks=False, ident="mip",
+            # bodies over MAX_BODY get our JSON 413; far larger ones are refused by waitress
+            # itself (plain text) before it buffers them
+            max_request_body_size=16 * MAX_BODY,
+            # keep streamed zips in memory (bounded by the high watermark), never in temp files
+            outbuf_high_watermark=8 * 1024 * 1024, outbuf_overflow=64 * 1024 * 1024)
+    except OSError as e:
+        print(f"mip_server: error: cannot listen on {cfg.host}:{cfg.port}: {e.strerror} "
+              "(set MIP_PORT or --port)", file=sys.stderr)
+        writer.stop()
+        return mipper.EXIT_USAGE
     print(f"mip: serving on http://{cfg.host}:{server.effective_port}", flush=True)
     if not cfg.auth:
         log.warning("!!! AUTHENTICATION IS OFF (--no-auth): anyone who reaches this port can "

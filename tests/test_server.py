@@ -450,6 +450,15 @@ def test_server_refuses_to_start_without_credentials(mip_env):
     assert len(proc.stderr.strip().splitlines()) == 1 and "no credentials" in proc.stderr
 
 
+def test_port_in_use_gives_one_line(server, server_env):
+    port = server.url.rsplit(":", 1)[1]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "mip_server.py"), "--port", port],
+                          env=server_env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
 def test_no_auth_is_announced(mip_env):
     srv = Server(mip_env, "--no-auth").start()
     try:
