@@ -249,10 +249,8 @@ class RunQueue:
         self.finished = []  # callbacks(run) called when a run's process has ended
         self.env = dict(os.environ if env is None else env)
         self.lock = threading.RLock()
-        self.running = {}  # run_id -> job, for runs whose mipper process is alive
+        self.running = {}  # run_id -> (job, mipper pid), while that process is alive
         self.keys = {}  # run_id -> openai key, in memory only, until the run starts
-        self.procs = {}  # run_id -> Popen (runs started by this server)
-        self.pids = {}  # run_id -> pid
         self.stopping = False
 
     def submit(self, payload: dict, openai_key: str | None = None) -> str:
@@ -294,7 +292,8 @@ class RunQueue:
             for run in self.db.runs_with_status(Status.NOT_STARTED):
                 if len(self.running) >= self.cfg.max_runs:
                     break
-                if run["run_id"] in self.running or run["job"] in self.running.values():
+                if run["run_id"] in self.running or any(
+                        job == run["job"] for job, _ in self.running.values()):
                     continue
                 self.start(run)
 
@@ -325,9 +324,7 @@ class RunQueue:
                 log.error("run %s failed: could not start mipper: %s", run_id, e)
                 return
         self.db.set_run_pid(run_id, proc.pid)
-        self.running[run_id] = run["job"]
-        self.procs[run_id] = proc
-        self.pids[run_id] = proc.pid
+        self.running[run_id] = (run["job"], proc.pid)
         log.info("run %s started (job %s, pid %d)", run_id, run["job"], proc.pid)
         threading.Thread(target=self.watch, args=(run_id, proc.wait), daemon=True,
                          name=f"watch-{run_id}").start()
@@ -336,8 +333,7 @@ class RunQueue:
         """Watch a run whose mipper outlived a previous server."""
         run_id = run["run_id"]
         with self.lock:
-            self.running[run_id] = run["job"]
-            self.pids[run_id] = run["pid"]
+            self.running[run_id] = (run["job"], run["pid"])
         log.info("run %s: mipper (pid %d) still alive after restart; watching it", run_id,
                  run["pid"])
 
@@ -353,8 +349,6 @@ class RunQueue:
         code = wait()
         with self.lock:
             self.running.pop(run_id, None)
-            self.procs.pop(run_id, None)
-            self.pids.pop(run_id, None)
             run = self.db.run(run_id)
             if run["status"] == Status.CANCELLED:
                 self.db.end_running_executions(run_id, Status.CANCELLED, "run cancelled")
@@ -386,7 +380,7 @@ class RunQueue:
                 append_log(run["log_path"], "(it had just ended)\n")
                 return
             self.keys.pop(run_id, None)
-            pid = self.pids.get(run_id)
+            pid = self.running.get(run_id, (None, None))[1]
             log.info("run %s cancelled", run_id)
         if pid is not None:
             # the run's process group holds mipper, luigi's workers and every local module;

@@ -204,6 +204,34 @@ def wait_for(predicate, timeout: float = 30, step: float = 0.05):
     raise AssertionError("condition not met in time")
 
 
+def answers(url: str) -> bool:
+    """True once something answers HTTP at `url`."""
+    try:
+        requests.get(url, timeout=1)
+        return True
+    except requests.ConnectionError:
+        return False
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
+    """Terminate, wait a while, then kill."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout)
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs (a zombie counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except OSError:
+        return False
+
+
 def read(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         return f.read()
@@ -238,23 +266,13 @@ def moto_endpoint(tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
                              str(port)], stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            requests.get(url + "/moto-api/", timeout=1)
-            break
-        except requests.ConnectionError:
-            time.sleep(0.1)
-    else:
-        proc.kill()
-        raise AssertionError("moto server did not start")
-    yield url
-    proc.terminate()
     try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(10)
+        wait_for(lambda: answers(url + "/moto-api/"))
+    except AssertionError:
+        stop_process(proc)
+        raise AssertionError("moto server did not start") from None
+    yield url
+    stop_process(proc)
     log.close()
 
 

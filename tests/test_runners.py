@@ -4,19 +4,22 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
 from conftest import MAP
 from conftest import ROOT
 from conftest import Server
+from conftest import alive
+from conftest import answers
 from conftest import free_port
 from conftest import kill_leftover_runs
 from conftest import latest
 from conftest import mipper
 from conftest import payload
 from conftest import read
+from conftest import stop_process
+from conftest import wait_for
 
 import journal
 
@@ -47,15 +50,6 @@ def docker_calls(env):
             return [json.loads(line) for line in f]
     except FileNotFoundError:
         return []
-
-
-def alive(pid):
-    """True while `pid` runs (zombies count as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except OSError:
-        return False
 
 
 def test_whole_graph_through_docker(docker_env):
@@ -120,10 +114,7 @@ def test_cancel_reaches_docker_kill(docker_env):
     try:
         body = payload("dkc", "georeference", extra_switches={"georeference": ["--sleep", "60"]})
         run_id = srv.post("/runs", json=body).json()["run_id"]
-        deadline = time.monotonic() + 30
-        while not os.listdir(env["DOCKER_STANDIN_STATE"]) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        pid_file = os.listdir(env["DOCKER_STANDIN_STATE"])[0]
+        pid_file = wait_for(lambda: os.listdir(env["DOCKER_STANDIN_STATE"]))[0]
         name = pid_file.removesuffix(".pid")
         container_pid = int(read(os.path.join(env["DOCKER_STANDIN_STATE"], pid_file)))
         status = srv.post(f"/runs/{run_id}/cancel").json()
@@ -149,13 +140,7 @@ def test_luigid_shares_one_job_between_two_mippers(mip_env, tmp_path):
          "--logdir", str(tmp_path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}/"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                requests.get(url, timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
+        wait_for(lambda: answers(url))
         env = dict(mip_env, MIP_LUIGI_SCHEDULER_URL=url)
         args = [sys.executable, os.path.join(ROOT, "mipper.py"), "--job", "shared", "--map",
                 MAP, "--module", "ALL"]
@@ -176,9 +161,4 @@ def test_luigid_shares_one_job_between_two_mippers(mip_env, tmp_path):
             {"status": "DONE"})}, timeout=10).json()["response"]
         assert len(tasks) == len(MODULES)
     finally:
-        luigid.terminate()
-        try:
-            luigid.wait(10)
-        except subprocess.TimeoutExpired:
-            luigid.kill()
-            luigid.wait(10)
+        stop_process(luigid)

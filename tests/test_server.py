@@ -18,6 +18,7 @@ import requests
 from conftest import MAP
 from conftest import ROOT
 from conftest import Server
+from conftest import alive
 from conftest import kill_leftover_runs
 from conftest import payload
 from conftest import wait_for
@@ -58,20 +59,15 @@ def slow(module, seconds):
 
 
 def module_processes(marker):
-    """Pids of live processes whose command line contains `marker`."""
+    """Pids of live module processes whose command line contains `marker`."""
     pids = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
+    for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmdline = f.read()
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                state = f.read().rsplit(b")", 1)[1].split()[0]
         except OSError:
             continue
-        if marker.encode() in cmdline and state != b"Z" and "modules/" in cmdline.decode(
-                errors="replace"):
+        if marker.encode() in cmdline and b"modules/" in cmdline and alive(int(pid)):
             pids.append(int(pid))
     return pids
 
