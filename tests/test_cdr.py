@@ -1,6 +1,7 @@
 """The server invoked by, and publishing to, a stand-in CDR that speaks the CDR's protocol."""
 
 import http.server
+import json
 import os
 import signal
 import subprocess
@@ -11,6 +12,7 @@ import time
 import pytest
 import requests
 from cdr_standin import StandInCdr
+from conftest import MAP
 from conftest import ROOT
 from conftest import Server
 from conftest import free_port
@@ -158,6 +160,9 @@ def test_duplicate_deliveries_start_nothing(linked, cdr):
     assert cdr.deliver("something.else", {"id": "x"}).status_code == 200
     assert cdr.deliver("map.process", {"cog_id": "../x", "cog_url": "http://h/x"}) \
         .status_code == 422
+    # checked against the CDR's own MapEventPayload schema, naming the field
+    resp = cdr.deliver("map.process", {"cog_id": COG})
+    assert resp.status_code == 422 and "$.payload.cog_url" in resp.json()["message"]
 
 
 class SlowOnce(http.server.BaseHTTPRequestHandler):
@@ -262,3 +267,91 @@ def test_half_configured_cdr_stops_start_up(server_env):
     proc = subprocess.run([sys.executable, f"{ROOT}/mip_server.py", "--port", "0"], env=env,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "MIP_CDR_TOKEN" in proc.stderr
+
+
+def publication(srv, job):
+    """The job's cdr state once no publication is pending."""
+    def settled():
+        state = srv.get(f"/jobs/{job}").json()["cdr"]
+        return state if state and all(p["status"] != "pending" for p in state.values()) \
+            else None
+    return wait_for(settled)
+
+
+def passed_job(srv, job):
+    run_id = srv.post("/runs", json=payload(job, "ALL")).json()["run_id"]
+    assert srv.wait_run(run_id)["status"] == "passed"
+
+
+def write_output(env, job, name, data):
+    with open(os.path.join(env["TA1_OUTPUTS_DIR"], job, name), "w", encoding="utf-8") as f:
+        json.dump(data, f)
+
+
+def read_output(env, job, name):
+    with open(os.path.join(env["TA1_OUTPUTS_DIR"], job, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def publish_calls(cdr):
+    return [p for _, p in cdr.requests if p.startswith("/v1/maps/publish/")]
+
+
+def test_a_payload_the_cdr_would_refuse_is_not_sent(linked, cdr, cdr_env):
+    passed_job(linked, "handmade")
+    # outputs breaking the contract: a GCP without its crs, a point without its bbox
+    georef_name = f"georeference/{MAP}.json"
+    georef = read_output(cdr_env, "handmade", georef_name)
+    del georef["gcps"][1]["crs"]
+    write_output(cdr_env, "handmade", georef_name, georef)
+    points_name = f"point_extract/output-per-symbol/{MAP}_points.geojson"
+    points = read_output(cdr_env, "handmade", points_name)
+    del points["features"][2]["properties"]["bbox"]
+    write_output(cdr_env, "handmade", points_name, points)
+
+    assert linked.post("/jobs/handmade/publish").status_code == 200
+    state = publication(linked, "handmade")
+    assert state["georef"]["status"] == "failed" and state["features"]["status"] == "failed"
+    assert state["georef"]["message"].startswith("not sent: ")
+    assert "$.gcps[1].crs" in state["georef"]["message"]
+    assert "point_features.features[2].properties.bbox" in state["features"]["message"]
+    assert publish_calls(cdr) == [] and cdr.published == [] and cdr.refused == []
+    output = wait_for(lambda: "$.gcps[1].crs" in linked.output() and linked.output())
+    assert "properties.bbox" in output
+
+
+def test_estimated_gcps_are_skipped_and_the_features_still_go(linked, cdr, cdr_env):
+    passed_job(linked, "handmade")
+    # what georeference writes for a map without georeferencing, by the contract
+    georef_name = f"georeference/{MAP}.json"
+    georef = read_output(cdr_env, "handmade", georef_name)
+    georef.update(crs=None, estimated=True)
+    for gcp in georef["gcps"]:
+        gcp["crs"] = "EPSG:4326"
+    write_output(cdr_env, "handmade", georef_name, georef)
+
+    linked.post("/jobs/handmade/publish")
+    state = publication(linked, "handmade")
+    assert state["features"]["status"] == "published"
+    assert state["georef"]["status"] == "skipped"
+    assert "estimated" in state["georef"]["message"] and MAP in state["georef"]["message"]
+    assert publish_calls(cdr) == ["/v1/maps/publish/features"]
+    assert [kind for kind, _, _ in cdr.published] == ["features"]
+    assert "georef not published to the CDR" in linked.output()
+
+
+def test_a_downloaded_map_gdal_cannot_read_is_refused_and_fetched_again(linked, cdr, cdr_env):
+    good = cdr.image
+    cdr.add_cog(COG, b"<html>an error page where the map should be</html>")
+    cdr.deliver("map.process", {"cog_id": COG, "cog_url": f"{cdr.url}/cogs/{COG}.cog.tif"})
+    event = wait_for(lambda: [e for e in linked.get("/cdr/events").json()
+                              if e["status"] == "failed"])[0]
+    assert "not an image GDAL reads" in event["message"]
+    assert "not recognized as being in a supported file format" in event["message"]
+    assert linked.get("/jobs").json() == []
+    assert not os.path.exists(f"{cdr_env['TA1_INPUTS_DIR']}/maps/{COG}/{COG}.tif")
+
+    cdr.add_cog(COG, good)
+    assert linked.post(f"/cdr/cogs/{COG}").json()["status"] == "received"
+    wait_for(lambda: job_done(linked, COG))
+    assert linked.get(f"/jobs/{COG}").json()["status"] == "passed"
