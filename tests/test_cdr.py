@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+import rasterio
 import requests
 from cdr_standin import StandInCdr
 from conftest import MAP
@@ -19,6 +20,7 @@ from conftest import free_port
 from conftest import kill_leftover_runs
 from conftest import payload
 from conftest import wait_for
+from rasterio.transform import Affine
 
 TOKEN = "cdr-token-for-tests"
 SECRET = "webhook-secret-for-tests"
@@ -355,3 +357,60 @@ def test_a_downloaded_map_gdal_cannot_read_is_refused_and_fetched_again(linked, 
     assert linked.post(f"/cdr/cogs/{COG}").json()["status"] == "received"
     wait_for(lambda: job_done(linked, COG))
     assert linked.get(f"/jobs/{COG}").json()["status"] == "passed"
+
+
+def cog_bytes(sample_tif: str, folder, georeferenced: bool) -> bytes:
+    """The sample map as the CDR serves maps: a Cloud-Optimized GeoTIFF written by GDAL,
+    placed in EPSG:4267 or without any georeferencing (as most scans come)."""
+    with rasterio.open(sample_tif) as src:
+        data = src.read()
+    height, width = data.shape[1:]
+    # 0.5 x 0.4 degrees from 106.5 W, 41.25 N (Affine's own constructor: its `*` is
+    # deprecated, and rasterio's from_bounds uses it)
+    where = {"crs": "EPSG:4267",
+             "transform": Affine(0.5 / width, 0, -106.5, 0, -0.4 / height, 41.25)} \
+        if georeferenced else {}
+    path = str(folder / "map.cog.tif")
+    with rasterio.open(path, "w", driver="COG", compress="lzw", width=width, height=height,
+                       count=data.shape[0], dtype=data.dtype, **where) as out:
+        out.write(data)
+    with rasterio.open(path) as written:
+        assert written.driver == "GTiff" and written.block_shapes[0] == (512, 512)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+@pytest.mark.parametrize("georeferenced", [True, False], ids=["with_crs", "without_crs"])
+def test_a_cog_from_the_cdr_runs_and_publishes(linked, cdr, cdr_env, sample_tif, tmp_path,
+                                               georeferenced):
+    image = cog_bytes(sample_tif, tmp_path, georeferenced)
+    cdr.add_cog(COG, image)
+    cdr.deliver("map.process", {"cog_id": COG, "cog_url": f"{cdr.url}/cogs/{COG}.cog.tif"})
+    wait_for(lambda: job_done(linked, COG), timeout=180)
+    job = linked.get(f"/jobs/{COG}").json()
+    assert job["status"] == "passed", linked.get(f"/runs/{job['run_id']}/log").text[-3000:]
+    # stored where mipper looks for a map, byte for byte, and listed as a map
+    with open(f"{cdr_env['TA1_INPUTS_DIR']}/maps/{COG}/{COG}.tif", "rb") as f:
+        assert f.read() == image
+    assert COG in linked.get("/maps").json()
+
+    state = publication(linked, COG)
+    assert state["features"]["status"] == "published", state
+    (features,) = published(cdr, "features")  # accepted by the CDR's schemas
+    assert all(f["geometry"]["type"] == "Polygon" for r in features["polygon_feature_results"]
+               for f in r["polygon_features"]["features"])
+    units = [r["id"] for r in features["polygon_feature_results"]]
+    assert len(units) == len(set(units)) and any(
+        r["polygon_features"]["features"] for r in features["polygon_feature_results"])
+    if georeferenced:
+        assert state["georef"]["status"] == "published", state
+        (georef,) = published(cdr, "georef")
+        assert georef["georeference_results"][0]["likely_CRSs"] == ["EPSG:4267"]
+        for gcp in georef["gcps"]:
+            assert gcp["crs"] == "EPSG:4326"
+            assert 40.85 <= gcp["map_geom"]["latitude"] <= 41.25
+            assert -106.5 <= gcp["map_geom"]["longitude"] <= -106.0
+    else:
+        assert state["georef"]["status"] == "skipped" and "estimated" in state["georef"]["message"]
+        assert published(cdr, "georef") == []
