@@ -9,6 +9,7 @@ import sys
 import threading
 import time
 
+import jsonschema
 import pytest
 import rasterio
 import requests
@@ -340,6 +341,9 @@ def test_estimated_gcps_are_skipped_and_the_features_still_go(linked, cdr, cdr_e
     assert publish_calls(cdr) == ["/v1/maps/publish/features"]
     assert [kind for kind, _, _ in cdr.published] == ["features"]
     assert "georef not published to the CDR" in linked.output()
+    with open(os.path.join(ROOT, "schema", "JobStatus.json"), encoding="utf-8") as f:
+        jsonschema.Draft202012Validator(json.load(f)).validate(
+            linked.get("/jobs/handmade").json())
 
 
 def test_a_downloaded_map_gdal_cannot_read_is_refused_and_fetched_again(linked, cdr, cdr_env):
