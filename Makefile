@@ -36,12 +36,14 @@ setup: $(VENV)/.runtime
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.runtime: requirements.txt | $(PY)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+$(VENV)/.runtime: requirements.txt modules/requirements.txt | $(PY)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt \
+	    -r modules/requirements.txt
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt | $(PY)
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
+$(VENV)/.dev: requirements.txt requirements-dev.txt modules/requirements.txt | $(PY)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt \
+	    -r modules/requirements.txt
 	touch $@ $(VENV)/.runtime
 
 clean:

@@ -6,8 +6,10 @@ Run: python modules/legend_item_description.py --map_dir MAP_DIR --symbol_json_d
 
 The real module asks GPT-4 to read the legend text. This one reads legend_item_segment's
 swatches (<map>_PolygonType.geojson, <map>_PointLineType.geojson), checks each swatch's
-colour on the map image, and measures the label text beside it (the span of dark pixels to
-the right of the swatch, within the legend area legend_segment reported). Writes
+colour on the map image, and measures the label text beside it (the span of ink, pixels
+further from the paper than legend_segment's threshold, on the swatch's middle row right
+of it, within the legend area legend_segment reported). It reads only those pixels (small
+windows of the map), never the whole map. Writes
 OUT/<map>_point.json, OUT/<map>_line.json and OUT/<map>_polygon.json, each
 {item name: {"symbol name", "description", "color", "bbox": [x0, y0, x1, y1],
 "label_bbox"}}. It logs whether OPENAI_API_KEY is set, never its value, and never uses it.
@@ -19,6 +21,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import numpy as np  # noqa: E402
+import raster  # noqa: E402
 
 NAME = "legend_item_description"
 
@@ -35,34 +39,37 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def label_extent(image, bbox, right_edge: int):
+def label_extent(reader, bbox, right_edge: int, paper, threshold: int):
     """The [x0, y0, x1, y1] of the label text right of a swatch, or None."""
     x0, y0, x1, y1 = bbox
     middle = (y0 + y1) // 2
-    # label text is any non-paper pixel on the swatch's middle row, past a small gutter
-    row = image.row(middle, x1 + 2, right_edge).translate(common.PAPER_TABLE)
-    inked = [n // 3 for n in range(0, len(row), 3) if row[n] | row[n + 1] | row[n + 2]]
-    if not inked:
+    start = min(x1 + 2, reader.width)  # a small gutter after the swatch
+    if right_edge <= start:
         return None
-    return [x1 + 2 + inked[0], y0, x1 + 2 + inked[-1] + 1, y1]
+    row = reader.rgb((start, middle, right_edge, middle + 1))
+    inked = np.flatnonzero(raster.ink_mask(row[0], paper, threshold))
+    if not inked.size:
+        return None
+    return [start + int(inked[0]), y0, start + int(inked[-1]) + 1, y1]
 
 
-def describe(image, feature, right_edge: int) -> tuple:
+def describe(reader, feature, right_edge: int, paper, threshold: int) -> tuple:
     """(name, description record) for one swatch feature."""
     props = feature["properties"]
     ring = feature["geometry"]["coordinates"][0]
     xs = [int(p[0]) for p in ring]
     ys = [int(p[1]) for p in ring]
     bbox = [min(xs), min(ys), max(xs), max(ys)]
-    seen = image.pixel((bbox[0] + bbox[2]) // 2, (bbox[1] + bbox[3]) // 2)
-    label = label_extent(image, bbox, right_edge)
-    text = f"{props['type']} unit {props['abbreviation']}, colour {common.hex_colour(seen)}"
+    cx, cy = (bbox[0] + bbox[2]) // 2, (bbox[1] + bbox[3]) // 2
+    seen = common.hex_colour(reader.rgb((cx, cy, cx + 1, cy + 1))[0, 0])
+    label = label_extent(reader, bbox, right_edge, paper, threshold)
+    text = f"{props['type']} unit {props['abbreviation']}, colour {seen}"
     if label:
         text += f"; label text {label[2] - label[0]} px wide (stand-in: not read)"
     return props["name"], {
         "symbol name": props["abbreviation"],
         "description": text,
-        "color": common.hex_colour(seen),
+        "color": seen,
         "bbox": bbox,
         "label_bbox": label,
     }
@@ -72,24 +79,28 @@ def work(args, log) -> None:
     key_state = "set" if os.environ.get("OPENAI_API_KEY") else "not set"
     log.info("OPENAI_API_KEY is %s; the stand-in never calls the API", key_state)
     seg_path = os.path.join(args.legend_json_dir, f"{args.map_name}_map_segmentation.json")
-    boxes = common.segmentation_boxes(common.read_json(seg_path, "legend_segment output"))
+    segmentation = common.read_json(seg_path, "legend_segment output")
+    boxes = common.segmentation_boxes(segmentation)
+    paper = segmentation.get("paper", (255, 255, 255))
+    threshold = int(segmentation.get("ink_threshold", 24))
     swatch_files = [os.path.join(args.symbol_json_dir, f"{args.map_name}_{kind}.geojson")
                     for kind in ("PolygonType", "PointLineType")]
     features = []
     for path in swatch_files:
         features += common.read_json(path, "legend_item_segment output")["features"]
     tif = common.find_map_tif(args.map_dir)
-    image = common.read_tiff(tif)
-    log.info("read %s, %s, %s and %s (%d swatches); temp folder %s is not used",
-             tif, seg_path, *swatch_files, len(features), args.temp_dir)
+    log.info("read %s, %s and %s (%d swatches); temp folder %s is not used",
+             seg_path, *swatch_files, len(features), args.temp_dir)
 
     by_kind = {"point": {}, "line": {}, "polygon": {}}
-    for feature in features:
-        kind = feature["properties"]["type"]
-        area = boxes.get("legend_polygons" if kind == "polygon" else "legend_points_lines")
-        right_edge = int(area[2]) if area else image.width
-        name, record = describe(image, feature, right_edge)
-        by_kind[kind][name] = record
+    with raster.open_map(tif) as reader:
+        log.info("map %s (%s)", tif, reader.describe())
+        for feature in features:
+            kind = feature["properties"]["type"]
+            area = boxes.get("legend_polygons" if kind == "polygon" else "legend_points_lines")
+            right_edge = min(int(area[2]), reader.width) if area else reader.width
+            name, record = describe(reader, feature, right_edge, paper, threshold)
+            by_kind[kind][name] = record
     for kind, records in by_kind.items():
         out = os.path.join(args.output_dir, f"{args.map_name}_{kind}.json")
         common.write_json(out, records)

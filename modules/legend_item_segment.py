@@ -6,11 +6,13 @@ Run: python modules/legend_item_segment.py --input_image MAP.tif
      --competition_custom True|False --version V --only_poly True|False
      [--sleep S] [--fail] [--fail-unless-exists PATH]
 
-Scans the legend areas that legend_segment reported on a 2-pixel grid for "ink" (not
-white, not the grey of label text), groups it into connected swatches, and reads each
-swatch's colour at its centre. Swatches in the polygon legend become polygon units; in the
-point/line legend a wide, thin swatch is a line and anything else a point. Writes, in
-pixel coordinates (x right, y down):
+Reads only the legend areas that legend_segment reported (windows of the map, on a grid
+of 2 px, coarser on maps over 8,000 px), marks ink (pixels further from the paper than
+legend_segment's threshold), and groups it into 8-connected blobs. The blobs starting in
+the legend's leftmost column are the swatches (the blobs right of them are label text);
+each swatch's colour is read at its centre. Swatches in the polygon legend become polygon
+units; in the point/line legend a wide, thin swatch is a line and anything else a point.
+Writes, in pixel coordinates (x right, y down):
   OUT/<map>_PolygonType.geojson           one rectangle per polygon swatch
   OUT/<map>_PointLineType.geojson         one rectangle per point or line swatch
   OUT/<map>_PolygonType_internal.json     labelme-style swatch boxes plus the map area
@@ -23,10 +25,16 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import numpy as np  # noqa: E402
+import raster  # noqa: E402
+from scipy import ndimage  # noqa: E402
 
 NAME = "legend_item_segment"
 STEP = 2
 MIN_CELLS = 4
+# blobs starting within this share of the legend's width from its left edge anchor the
+# swatch column
+COLUMN_SHARE = 0.1
 
 
 def parse_args(argv):
@@ -43,22 +51,36 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def find_swatches(image, box) -> list:
-    """[(x0, y0, x1, y1, (r, g, b))] of the ink blobs in box, top to bottom."""
+def legend_grid(reader, box) -> tuple:
+    """(rgb sampled every step px of the legend window box, step)."""
     x0, y0, x1, y1 = box
-    cells = {((x - x0) // STEP, (y - y0) // STEP)
-             for x, y, r, g, b in common.samples(image, x0, y0, x1, y1, STEP)
-             if common.is_ink((r, g, b))}
+    step = max(STEP, -(-max(reader.width, reader.height) // 4000))
+    shape = (-(-(y1 - y0) // step), -(-(x1 - x0) // step))
+    return reader.rgb(box, out_shape=shape), step
+
+
+def find_swatches(reader, box, paper, threshold: int) -> list:
+    """[(x0, y0, x1, y1, (r, g, b))] of the swatches in a legend box, top to bottom."""
+    x0, y0, _, _ = box
+    rgb, step = legend_grid(reader, box)
+    ink = raster.ink_mask(rgb, paper, threshold)
+    labels, count = ndimage.label(ink, structure=np.ones((3, 3), dtype=bool))
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    blobs = [(s[1].start, s[0].start, s[1].stop, s[0].stop)
+             for n, s in enumerate(ndimage.find_objects(labels), start=1)
+             if s is not None and sizes[n] >= MIN_CELLS]
+    if not blobs:
+        return []
+    left = min(b[0] for b in blobs)
+    reach = left + COLUMN_SHARE * ink.shape[1]
+    column_right = max(b[2] for b in blobs if b[0] <= reach)
     swatches = []
-    for group in common.components(cells):
-        if len(group) < MIN_CELLS:
-            continue
-        xs = [cx for cx, _ in group]
-        ys = [cy for _, cy in group]
-        left, top = x0 + min(xs) * STEP, y0 + min(ys) * STEP
-        right, bottom = x0 + (max(xs) + 1) * STEP, y0 + (max(ys) + 1) * STEP
-        colour = image.pixel((left + right) // 2, (top + bottom) // 2)
-        swatches.append((left, top, right, bottom, colour))
+    for gx0, gy0, gx1, gy1 in blobs:
+        if gx0 >= column_right:
+            continue  # label text right of the swatch column
+        colour = rgb[(gy0 + gy1) // 2, (gx0 + gx1) // 2]
+        swatches.append((x0 + gx0 * step, y0 + gy0 * step, x0 + gx1 * step, y0 + gy1 * step,
+                         tuple(int(v) for v in colour)))
     swatches.sort(key=lambda s: (s[1], s[0]))
     return swatches
 
@@ -75,11 +97,21 @@ def feature(name: str, kind: str, swatch) -> dict:
 
 def work(args, log) -> None:
     segmentation = common.read_json(args.input_legend_segmentation, "legend_segment output")
-    image = common.read_tiff(args.input_image)
     map_name = os.path.splitext(os.path.basename(args.input_image))[0]
-    boxes = common.segmentation_boxes(segmentation)
-    log.info("read %s (%d x %d) and %s with areas %s", args.input_image, image.width,
-             image.height, args.input_legend_segmentation, sorted(boxes))
+    boxes = {label: tuple(int(v) for v in box)
+             for label, box in common.segmentation_boxes(segmentation).items()}
+    paper = segmentation.get("paper", (255, 255, 255))
+    threshold = int(segmentation.get("ink_threshold", 24))
+    with raster.open_map(args.input_image) as reader:
+        log.info("read %s (%s) and %s with areas %s; paper %s, ink threshold %d",
+                 args.input_image, reader.describe(), args.input_legend_segmentation,
+                 sorted(boxes), common.hex_colour(paper), threshold)
+        polygon_swatches = point_line_swatches = []
+        if "legend_polygons" in boxes:
+            polygon_swatches = find_swatches(reader, boxes["legend_polygons"], paper, threshold)
+        if "legend_points_lines" in boxes and not args.only_poly:
+            point_line_swatches = find_swatches(reader, boxes["legend_points_lines"], paper,
+                                                threshold)
     log.info("version %s, postprocessing_for_crs=%s, competition_custom=%s: coordinates "
              "stay in pixels; intermediate folder %s is not used", args.version,
              args.postprocessing_for_crs, args.competition_custom, args.path_to_intermediate)
@@ -88,7 +120,7 @@ def work(args, log) -> None:
 
     polygons = []
     if "legend_polygons" in boxes:
-        for n, swatch in enumerate(find_swatches(image, boxes["legend_polygons"]), start=1):
+        for n, swatch in enumerate(polygon_swatches, start=1):
             polygons.append((f"U{n}_poly", "polygon", swatch))
     else:
         log.warning("no legend_polygons area: no polygon units")
@@ -97,7 +129,7 @@ def work(args, log) -> None:
         log.info("--only_poly True: skipping point and line swatches")
     elif "legend_points_lines" in boxes:
         counts = {"line": 0, "point": 0}
-        for swatch in find_swatches(image, boxes["legend_points_lines"]):
+        for swatch in point_line_swatches:
             width, height = swatch[2] - swatch[0], swatch[3] - swatch[1]
             kind = "line" if width >= 3 * height else "point"
             counts[kind] += 1

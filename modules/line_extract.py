@@ -7,12 +7,14 @@ Run: python modules/line_extract.py --config CFG.yaml --trained_model_dir DIR
 
 Reads the line legend items (and their colours) from legend_item_description's
 <map>_line.json and the map_crop patches in PATCH_DIR (<map>_g<size>_s<stride>_wo_legend,
-patch (row, col) at pixel (col*stride, row*stride)). Samples the patches on a 3-pixel grid
-in whole-map coordinates, keeps the samples close to a line colour, groups them into
-8-connected strokes, and follows each stroke along its longer axis to a polyline.
---predict_vector writes OUT/<map>_lines.geojson (LineStrings in pixel coordinates, x right,
-y down); --predict_raster writes OUT/<map>_lines_mask.png, one pixel per grid cell, black
-where a line was seen. The config, model folder and device are only logged.
+patch (row, col) at pixel (col*stride, row*stride)), one at a time with Pillow. Samples
+the patches on a 3-pixel grid in whole-map coordinates, keeps the samples close to a line
+colour (numpy, per patch), labels them into 8-connected strokes (scipy.ndimage), and
+follows each stroke along its longer axis to a polyline (the mean position of each run of
+8 grid cells). --predict_vector writes OUT/<map>_lines.geojson (LineStrings in pixel
+coordinates, x right, y down); --predict_raster writes OUT/<map>_lines_mask.png, one
+pixel per grid cell, black where a line was seen. The config, model folder and device are
+only logged.
 """
 
 import os
@@ -21,6 +23,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import numpy as np  # noqa: E402
+import patches  # noqa: E402
+from scipy import ndimage  # noqa: E402
 
 NAME = "line_extract"
 STEP = 3
@@ -43,44 +48,43 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def scan_patches(patches: list, stride: int, colours: list) -> tuple:
-    """({colour index: set of (gx, gy) grid cells}, (grid width, grid height))."""
-    cells = {n: set() for n in range(len(colours))}
-    width = height = 0
-    for row, col, path in patches:
-        patch = common.read_png(path)
-        ox, oy = col * stride, row * stride
-        width, height = max(width, ox + patch.width), max(height, oy + patch.height)
-        # start where the whole-map grid falls, so overlapping patches agree on cells
-        start_x, start_y = (-ox) % STEP, (-oy) % STEP
-        for x, y, r, g, b in common.samples(patch, start_x, start_y, patch.width,
-                                            patch.height, STEP):
-            if r > 235 and g > 235 and b > 235:
-                continue
-            for n, colour in enumerate(colours):
-                if abs(r - colour[0]) + abs(g - colour[1]) + abs(b - colour[2]) <= TOLERANCE:
-                    cells[n].add(((ox + x) // STEP, (oy + y) // STEP))
-    return cells, (width // STEP + 1, height // STEP + 1)
+def scan_patches(folder: str, colours: list) -> np.ndarray:
+    """uint8 grid over the patches' extent: 1 + the index of the first line colour within
+    TOLERANCE of each sample, else 0."""
+    size, stride = patches.patch_grid(folder)
+    found = patches.list_patches(folder)
+    width = max(col for _, col, _ in found) * stride + size
+    height = max(row for row, _, _ in found) * stride + size
+    grid = np.zeros((height // STEP + 1, width // STEP + 1), dtype=np.uint8)
+    for gx, gy, samples in patches.sample_patches(folder, STEP):
+        seen = np.zeros(samples.shape[:2], dtype=np.uint8)
+        for n, colour in reversed(list(enumerate(colours))):
+            seen[near_colour(samples, colour)] = n + 1
+        view = grid[gy:gy + seen.shape[0], gx:gx + seen.shape[1]]
+        np.copyto(view, seen, where=seen > 0)
+    return grid
 
 
-def polyline(group: list) -> list:
-    """Vertices along a stroke's longer axis, each the mean of BIN cells' worth of samples."""
-    xs = [gx for gx, _ in group]
-    ys = [gy for _, gy in group]
-    along_x = max(xs) - min(xs) >= max(ys) - min(ys)
-    bins = {}
-    for gx, gy in group:
-        major = gx if along_x else gy
-        bins.setdefault(major // BIN, []).append((gx, gy))
-    vertices = []
-    for key in sorted(bins):
-        members = bins[key]
-        mx = sum(p[0] for p in members) / len(members)
-        my = sum(p[1] for p in members) / len(members)
-        vertices.append([round(mx * STEP, 1), round(my * STEP, 1)])
-    if len(vertices) == 1:
-        vertices = [[min(xs) * STEP, min(ys) * STEP], [max(xs) * STEP, max(ys) * STEP]]
-    return vertices
+def near_colour(samples: np.ndarray, colour) -> np.ndarray:
+    distance = np.abs(samples.astype(np.int16) - np.asarray(colour, dtype=np.int16)).sum(-1)
+    return distance <= TOLERANCE
+
+
+def polyline(ys: np.ndarray, xs: np.ndarray) -> list:
+    """Vertices along a stroke's longer axis: the mean cell of each BIN cells along it."""
+    along_x = np.ptp(xs) >= np.ptp(ys)
+    major, minor = (xs, ys) if along_x else (ys, xs)
+    keys = (major - major.min()) // BIN
+    counts = np.bincount(keys)
+    used = counts > 0
+    mean_major = (np.bincount(keys, weights=major)[used] / counts[used]) * STEP
+    mean_minor = (np.bincount(keys, weights=minor)[used] / counts[used]) * STEP
+    if used.sum() == 1:
+        return [[int(xs.min()) * STEP, int(ys.min()) * STEP],
+                [int(xs.max()) * STEP, int(ys.max()) * STEP]]
+    pairs = zip(mean_major, mean_minor, strict=True)
+    return [[round(float(a if along_x else b), 1), round(float(b if along_x else a), 1)]
+            for a, b in pairs]
 
 
 def length(vertices: list) -> float:
@@ -88,28 +92,38 @@ def length(vertices: list) -> float:
                for a, b in zip(vertices, vertices[1:], strict=False))
 
 
+def strokes(mask: np.ndarray) -> list:
+    """[(ys, xs)] grid cells of each 8-connected stroke at least MIN_EXTENT cells long."""
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+    found = []
+    for n, where in enumerate(ndimage.find_objects(labels), start=1):
+        if where is None:
+            continue
+        extent = max(where[0].stop - where[0].start, where[1].stop - where[1].start)
+        if extent <= MIN_EXTENT:
+            continue
+        ys, xs = np.nonzero(labels[where] == n)
+        found.append((ys + where[0].start, xs + where[1].start))
+    return found
+
+
 def work(args, log) -> None:
     legend_path = os.path.join(args.map_legend_json, f"{args.map_name}_line.json")
     legend = common.read_json(legend_path, "legend_item_description output")
-    patches = common.list_patches(args.cropped_image_dir)
-    _, stride = common.patch_grid(args.cropped_image_dir)
+    found = patches.list_patches(args.cropped_image_dir)
     log.info("read %s (%d line items) and %d patches from %s", legend_path, len(legend),
-             len(patches), args.cropped_image_dir)
+             len(found), args.cropped_image_dir)
     log.info("config %s, model folder %s and device %s are not used", args.config,
              args.trained_model_dir, args.cuda_visible_device)
 
     names = sorted(legend)
     colours = [common.hex_to_rgb(legend[name]["color"]) for name in names]
-    cells, grid_size = scan_patches(patches, stride, colours)
+    grid = scan_patches(args.cropped_image_dir, colours)
     features = []
     for n, name in enumerate(names):
         before = len(features)
-        for group in common.components(cells[n]):
-            xs = [gx for gx, _ in group]
-            ys = [gy for _, gy in group]
-            if max(max(xs) - min(xs), max(ys) - min(ys)) < MIN_EXTENT:
-                continue
-            vertices = polyline(group)
+        for ys, xs in strokes(grid == n + 1):
+            vertices = polyline(ys, xs)
             features.append({
                 "type": "Feature",
                 "geometry": {"type": "LineString", "coordinates": vertices},
@@ -126,13 +140,9 @@ def work(args, log) -> None:
         log.info("no --predict_vector: no GeoJSON written")
     if args.predict_raster:
         out = os.path.join(args.prediction_dir, f"{args.map_name}_lines_mask.png")
-        seen = set().union(*cells.values())
-        width, height = grid_size
-        rows = (b"".join(b"\x00\x00\x00" if (gx, gy) in seen else b"\xff\xff\xff"
-                         for gx in range(width)) for gy in range(height))
-        common.write_png(out, width, height, rows)
+        patches.write_png(out, np.where(grid > 0, 0, 255).astype(np.uint8))
         log.info("wrote a %d x %d line mask (one pixel per %d px cell) to %s",
-                 width, height, STEP, out)
+                 grid.shape[1], grid.shape[0], STEP, out)
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,10 @@ holding <map>_<row>_<col>.png, where row and col index a grid laid over the whol
 so patch (row, col) starts at pixel (col*stride, row*stride). With only-map-area True,
 everything outside the "map" box of legend_segment's <map>_map_segmentation.json is white
 and patches that miss the box are not written. Edge patches are padded with white.
+
+The map is read one band of patch rows at a time (a window of the map area, `size` rows
+high), never whole, and each patch is written by Pillow at zlib level 1: patches are
+intermediate files, and encoding them is most of this module's time on a big map.
 """
 
 import math
@@ -19,6 +23,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import numpy as np  # noqa: E402
+import patches  # noqa: E402
+import raster  # noqa: E402
 
 NAME = "map_crop"
 
@@ -41,34 +48,27 @@ def parse_args(argv):
     return args
 
 
-def patch_rows(image, area, x0: int, y0: int, size: int):
-    """The rows of one size x size patch at (x0, y0): area pixels, white elsewhere."""
-    ax0, ay0, ax1, ay1 = area
-    left, right = max(x0, ax0), min(x0 + size, ax1)
-    blank = b"\xff" * (size * 3)
-    pad_left = b"\xff" * ((left - x0) * 3)
-    pad_right = b"\xff" * ((x0 + size - right) * 3)
-    for y in range(y0, y0 + size):
-        if ay0 <= y < ay1:
-            yield pad_left + image.row(y, left, right) + pad_right
-        else:
-            yield blank
-
-
-def crop(image, area, map_name: str, folder: str, size: int, stride: int) -> int:
+def crop(reader, area, map_name: str, folder: str, size: int, stride: int) -> int:
     """Write the patches of one grid into folder; returns how many were written."""
     os.makedirs(folder, exist_ok=True)
     ax0, ay0, ax1, ay1 = area
-    columns = 1 + math.ceil(max(0, image.width - size) / stride)
-    rows = 1 + math.ceil(max(0, image.height - size) / stride)
+    columns = 1 + math.ceil(max(0, reader.width - size) / stride)
+    rows = 1 + math.ceil(max(0, reader.height - size) / stride)
     written = 0
     for row in range(rows):
+        y0 = row * stride
+        top, bottom = max(y0, ay0), min(y0 + size, ay1)
+        if top >= bottom:
+            continue
+        band = reader.rgb((ax0, top, ax1, bottom))
         for col in range(columns):
-            x0, y0 = col * stride, row * stride
-            if x0 >= ax1 or x0 + size <= ax0 or y0 >= ay1 or y0 + size <= ay0:
+            x0 = col * stride
+            left, right = max(x0, ax0), min(x0 + size, ax1)
+            if left >= right:
                 continue
-            path = os.path.join(folder, f"{map_name}_{row}_{col}.png")
-            common.write_png(path, size, size, patch_rows(image, area, x0, y0, size))
+            patch = np.full((size, size, 3), 255, dtype=np.uint8)
+            patch[top - y0:bottom - y0, left - x0:right - x0] = band[:, left - ax0:right - ax0]
+            patches.write_png(os.path.join(folder, f"{map_name}_{row}_{col}.png"), patch)
             written += 1
     return written
 
@@ -77,18 +77,22 @@ def work(args, log) -> None:
     seg_path = os.path.join(args.legend_dir, f"{args.map_name}_map_segmentation.json")
     boxes = common.segmentation_boxes(common.read_json(seg_path, "legend_segment output"))
     tif = common.find_map_tif(args.input_dir)
-    image = common.read_tiff(tif)
-    log.info("read %s (%d x %d) and %s", tif, image.width, image.height, seg_path)
-    whole = (0, 0, image.width, image.height)
-    grids = zip(args.patch_sizes, args.strides, args.only_crop_map_area, strict=True)
-    for size, stride, only_map in grids:
-        if only_map and "map" not in boxes:
-            raise common.ModuleFailed(f"no 'map' area in {seg_path}")
-        area = tuple(int(v) for v in boxes["map"]) if only_map else whole
-        folder = os.path.join(args.output_dir, f"{args.map_name}_g{size}_s{stride}_wo_legend")
-        count = crop(image, area, args.map_name, folder, size, stride)
-        log.info("wrote %d patches of %d px, stride %d, area %s, to %s",
-                 count, size, stride, list(area), folder)
+    with raster.open_map(tif) as reader:
+        log.info("read %s (%s) and %s", tif, reader.describe(), seg_path)
+        whole = (0, 0, reader.width, reader.height)
+        grids = zip(args.patch_sizes, args.strides, args.only_crop_map_area, strict=True)
+        for size, stride, only_map in grids:
+            if only_map and "map" not in boxes:
+                raise common.ModuleFailed(f"no 'map' area in {seg_path}")
+            area = whole
+            if only_map:
+                x0, y0, x1, y1 = (int(v) for v in boxes["map"])
+                area = (max(0, x0), max(0, y0), min(reader.width, x1), min(reader.height, y1))
+            folder = os.path.join(args.output_dir,
+                                  f"{args.map_name}_g{size}_s{stride}_wo_legend")
+            count = crop(reader, area, args.map_name, folder, size, stride)
+            log.info("wrote %d patches of %d px, stride %d, area %s, to %s",
+                     count, size, stride, list(area), folder)
 
 
 def main(argv=None) -> int:

@@ -7,9 +7,10 @@ Run: python modules/point_extract.py --map_dir MAPS_DIR --map_metadata_dir DESC_
 
 The switches name no map, so the map name comes from PATCH_DIR
 (<map>_g<size>_s<stride>_wo_legend); MAPS_DIR/<map>/<map>.tif must exist and gives the
-map size. Reads the point legend items and colours from legend_item_description's
-<map>_point.json, samples the patches on a 3-pixel grid in whole-map coordinates, groups
-the samples near a point colour into 8-connected blobs and reports each blob's centre.
+map size (GDAL reads only its header). Reads the point legend items and colours from
+legend_item_description's <map>_point.json, samples the patches (one at a time, with
+Pillow) on a 3-pixel grid in whole-map coordinates, labels the samples near a point colour
+into 8-connected blobs (scipy.ndimage) and reports each blob's centre and bbox.
 Writes OUT/output-per-symbol/<map>_points.geojson (Points in pixel coordinates, x right,
 y down) and OUT/run.log. The model folders, symbol info and GPU are only logged.
 """
@@ -20,6 +21,10 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import numpy as np  # noqa: E402
+import patches  # noqa: E402
+import raster  # noqa: E402
+from scipy import ndimage  # noqa: E402
 
 NAME = "point_extract"
 STEP = 3
@@ -40,57 +45,68 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
+def scan_patches(folder: str, size: tuple, colours: list) -> list:
+    """[bool grid over the map, one cell per STEP px, true near colour] per colour."""
+    width, height = size
+    grids = [np.zeros((height // STEP + 1, width // STEP + 1), dtype=bool) for _ in colours]
+    # padding beyond the map's edge is white, so only the real pixels are scanned
+    for gx, gy, samples in patches.sample_patches(folder, STEP, limit=size):
+        if not samples.size:
+            continue
+        for grid, colour in zip(grids, colours, strict=True):
+            near = raster.colour_distance(samples, colour) <= TOLERANCE
+            grid[gy:gy + near.shape[0], gx:gx + near.shape[1]] |= near
+    return grids
+
+
+def symbols(grid: np.ndarray) -> list:
+    """[(centre x, centre y, bbox)] in map pixels of each blob of at least MIN_CELLS."""
+    labels, count = ndimage.label(grid, structure=np.ones((3, 3), dtype=bool))
+    if not count:
+        return []
+    sizes = np.bincount(labels.ravel())
+    index = np.arange(1, count + 1)
+    centres = ndimage.center_of_mass(grid, labels, index)
+    found = []
+    for n, where, (cy, cx) in zip(index, ndimage.find_objects(labels), centres, strict=True):
+        if sizes[n] < MIN_CELLS:
+            continue
+        bbox = [where[1].start * STEP, where[0].start * STEP,
+                where[1].stop * STEP, where[0].stop * STEP]
+        found.append((round(float(cx) * STEP, 1), round(float(cy) * STEP, 1), bbox))
+    return found
+
+
 def work(args, log) -> None:
     folder = os.path.basename(os.path.normpath(args.map_patches_dir))
-    _, stride = common.patch_grid(folder)
+    patches.patch_grid(folder)
     map_name = folder.rsplit("_g", 1)[0]
     tif = os.path.join(args.map_dir, map_name, f"{map_name}.tif")
-    image = common.read_tiff(tif, pixels=False)
+    with raster.open_map(tif) as reader:
+        size = (reader.width, reader.height)
     legend_path = os.path.join(args.map_metadata_dir, f"{map_name}_point.json")
     legend = common.read_json(legend_path, "legend_item_description output")
-    patches = common.list_patches(args.map_patches_dir)
+    found = patches.list_patches(args.map_patches_dir)
     log.info("read %s (%d x %d), %s (%d point items) and %d patches from %s", tif,
-             image.width, image.height, legend_path, len(legend), len(patches),
-             args.map_patches_dir)
+             size[0], size[1], legend_path, len(legend), len(found), args.map_patches_dir)
     log.info("models %s and %s, symbol info %s and gpu %s are not used",
              args.model_weights_dir, args.strike_model_dir, args.symbol_info_json_file,
              args.gpu_id)
 
     names = sorted(legend)
     colours = [common.hex_to_rgb(legend[name]["color"]) for name in names]
-    cells = {n: set() for n in range(len(names))}
-    for row, col, path in patches:
-        patch = common.read_png(path)
-        ox, oy = col * stride, row * stride
-        # padding beyond the map's edge is white, so only the real pixels are scanned
-        width = min(patch.width, image.width - ox)
-        height = min(patch.height, image.height - oy)
-        for x, y, r, g, b in common.samples(patch, (-ox) % STEP, (-oy) % STEP,
-                                            width, height, STEP):
-            if r > 235 and g > 235 and b > 235:
-                continue
-            for n, colour in enumerate(colours):
-                if abs(r - colour[0]) + abs(g - colour[1]) + abs(b - colour[2]) <= TOLERANCE:
-                    cells[n].add(((ox + x) // STEP, (oy + y) // STEP))
-
+    grids = scan_patches(args.map_patches_dir, size, colours)
     features = []
-    for n, name in enumerate(names):
-        found = 0
-        for group in common.components(cells[n]):
-            if len(group) < MIN_CELLS:
-                continue
-            xs = [gx * STEP for gx, _ in group]
-            ys = [gy * STEP for _, gy in group]
+    for name, grid in zip(names, grids, strict=True):
+        blobs = symbols(grid)
+        for x, y, bbox in blobs:
             features.append({
                 "type": "Feature",
-                "geometry": {"type": "Point",
-                             "coordinates": [round(sum(xs) / len(xs), 1),
-                                             round(sum(ys) / len(ys), 1)]},
+                "geometry": {"type": "Point", "coordinates": [x, y]},
                 "properties": {"legend_id": name, "type": "point", "score": 1.0,
-                               "bbox": [min(xs), min(ys), max(xs) + STEP, max(ys) + STEP]},
+                               "bbox": bbox},
             })
-            found += 1
-        log.info("point item %s: %d symbols", name, found)
+        log.info("point item %s: %d symbols", name, len(blobs))
     out = os.path.join(args.output_dir_root, "output-per-symbol", f"{map_name}_points.geojson")
     common.write_json(out, common.feature_collection(features, map_name=map_name))
     log.info("wrote %d point features to %s", len(features), out)

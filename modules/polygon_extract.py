@@ -6,12 +6,14 @@ Run: python modules/polygon_extract.py --path_to_tif MAP.tif
      --log OUT/run.log --dir_to_intermediate DIR --version V --trade_off N
      [--sleep S] [--fail] [--fail-unless-exists PATH]
 
-Samples the map area (from the internal JSON of legend_item_segment) on a grid of
-max(4, 2 * trade_off) pixels, gives each sample the legend unit whose colour (from
-legend_item_description's <map>_polygon.json) is nearest within a tolerance, and turns each
-unit's cells into rectangles (runs along a row, merged down the rows). Writes
-OUT/<map>_polygons.geojson: one MultiPolygon feature per unit found, in pixel coordinates
-(x right, y down). The model, version and intermediate folder are only logged.
+Reads the map area (from the internal JSON of legend_item_segment) decimated to one pixel
+per cell of max(4, 2 * trade_off) px (the cell's centre pixel), gives each cell the legend
+unit whose colour (from legend_item_description's <map>_polygon.json) is nearest within a
+tolerance, polygonises the unit grid (rasterio.features.shapes: touching cells of a unit
+merge) and unions each unit's parts with shapely into one valid MultiPolygon, clipped to
+the map area. Writes OUT/<map>_polygons.geojson: one MultiPolygon feature per unit found,
+in pixel coordinates (x right, y down), with legend_id, color, cells, area_px and parts.
+The model, version and intermediate folder are only logged.
 """
 
 import os
@@ -20,6 +22,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+import numpy as np  # noqa: E402
+import raster  # noqa: E402
+import shapely  # noqa: E402
+from rasterio import features as rio_features  # noqa: E402
+from rasterio.transform import Affine  # noqa: E402
+from shapely.geometry import box as shapely_box  # noqa: E402
+from shapely.geometry import mapping  # noqa: E402
+from shapely.geometry import shape  # noqa: E402
 
 NAME = "polygon_extract"
 TOLERANCE = 60
@@ -40,31 +50,38 @@ def parse_args(argv):
     return parser.parse_args(argv)
 
 
-def nearest_unit(rgb, units: list):
-    """Index of the unit colour nearest to rgb, or None if none is within TOLERANCE."""
-    best, best_distance = None, TOLERANCE + 1
+def unit_grid(rgb: np.ndarray, units: list) -> np.ndarray:
+    """int32 grid: 1 + the index of the nearest unit colour within TOLERANCE, else 0."""
+    best = np.full(rgb.shape[:2], TOLERANCE + 1, dtype=np.int16)
+    grid = np.zeros(rgb.shape[:2], dtype=np.int32)
     for n, colour in enumerate(units):
-        distance = abs(rgb[0] - colour[0]) + abs(rgb[1] - colour[1]) + abs(rgb[2] - colour[2])
-        if distance < best_distance:
-            best, best_distance = n, distance
-    return best
+        distance = raster.colour_distance(rgb, colour)
+        closer = distance < best
+        best[closer] = distance[closer]
+        grid[closer] = n + 1
+    return grid
 
 
-def rectangles(cells: set) -> list:
-    """Cover grid cells with rectangles (col0, row0, col1, row1), exclusive ends."""
-    by_row = {}
-    for col, row in cells:
-        by_row.setdefault(row, []).append(col)
-    done, open_runs = [], {}
-    for row in range(min(by_row), max(by_row) + 2):
-        still_open = {}
-        for span in common.runs_of(sorted(by_row.get(row, []))):
-            # a run with the same columns as one in the row above extends that rectangle
-            still_open[span] = open_runs.pop(span, row)
-        for (start, end), top in open_runs.items():
-            done.append((start, top, end, row))
-        open_runs = still_open
-    return sorted(done, key=lambda r: (r[1], r[0]))
+def unit_geometries(grid: np.ndarray, area: tuple) -> dict:
+    """{unit index: valid MultiPolygon in map pixels} from the unit grid over area."""
+    x0, y0, x1, y1 = area
+    # the grid's cells span the area exactly (the last ones a little narrower than `cell`)
+    to_pixels = Affine((x1 - x0) / grid.shape[1], 0, x0, 0, (y1 - y0) / grid.shape[0], y0)
+    parts = {}
+    for geometry, value in rio_features.shapes(grid, mask=grid > 0, connectivity=4,
+                                               transform=to_pixels):
+        parts.setdefault(int(value) - 1, []).append(shape(geometry))
+    clip = shapely_box(x0, y0, x1, y1)
+    found = {}
+    for unit, polygons in parts.items():
+        merged = shapely.union_all(polygons).intersection(clip)
+        if not merged.is_valid:
+            merged = shapely.make_valid(merged)
+        polygons = [g for g in getattr(merged, "geoms", [merged])
+                    if g.geom_type == "Polygon" and not g.is_empty]
+        if polygons:
+            found[unit] = shapely.MultiPolygon(polygons)
+    return found
 
 
 def work(args, log) -> None:
@@ -72,44 +89,42 @@ def work(args, log) -> None:
                                     "legend_item_description output")
     solution = common.read_json(args.path_to_legend_solution, "legend_item_segment output")
     internal = common.read_json(args.path_to_json, "legend_item_segment internal output")
-    image = common.read_tiff(args.path_to_tif)
     map_name = os.path.splitext(os.path.basename(args.path_to_tif))[0]
-    log.info("read %s (%d x %d), %s (%d units), %s (%d swatches), %s", args.path_to_tif,
-             image.width, image.height, args.path_to_legend_description, len(descriptions),
-             args.path_to_legend_solution, len(solution["features"]), args.path_to_json)
-    log.info("model %s, version %s and intermediate folder %s are not used",
-             args.path_to_model, args.version, args.dir_to_intermediate)
-
     names = sorted(descriptions)
     units = [common.hex_to_rgb(descriptions[name]["color"]) for name in names]
     x0, y0, x1, y1 = (int(v) for v in internal["map_area"])
     cell = max(4, 2 * args.trade_off)
-    found = {n: set() for n in range(len(names))}
-    # sample the middle of each cell, so a cell is judged by its centre pixel
-    for x, y, r, g, b in common.samples(image, x0 + cell // 2, y0 + cell // 2, x1, y1, cell):
-        unit = nearest_unit((r, g, b), units)
-        if unit is not None:
-            found[unit].add(((x - x0) // cell, (y - y0) // cell))
+    with raster.open_map(args.path_to_tif) as reader:
+        log.info("read %s (%s), %s (%d units), %s (%d swatches), %s", args.path_to_tif,
+                 reader.describe(), args.path_to_legend_description, len(descriptions),
+                 args.path_to_legend_solution, len(solution["features"]), args.path_to_json)
+        x0, y0 = max(0, x0), max(0, y0)
+        x1, y1 = min(reader.width, x1), min(reader.height, y1)
+        shape_cells = (-(-(y1 - y0) // cell), -(-(x1 - x0) // cell))
+        # one pixel per cell, its centre pixel: the whole map area is never held
+        rgb = reader.rgb((x0, y0, x1, y1), out_shape=shape_cells)
+    log.info("model %s, version %s and intermediate folder %s are not used",
+             args.path_to_model, args.version, args.dir_to_intermediate)
 
+    grid = unit_grid(rgb, units)
+    cells = np.bincount(grid.ravel(), minlength=len(units) + 1)
+    geometries = unit_geometries(grid, (x0, y0, x1, y1))
     features = []
-    for n, cells in found.items():
-        if not cells:
-            log.info("unit %s: no pixels of %s on the map", names[n],
-                     descriptions[names[n]]["color"])
+    for n, name in enumerate(names):
+        if n not in geometries:
+            log.info("unit %s: no pixels of %s on the map", name, descriptions[name]["color"])
             continue
-        polygons = []
-        for c0, r0, c1, r1 in rectangles(cells):
-            polygons.append(common.rectangle(x0 + c0 * cell, y0 + r0 * cell,
-                                             min(x1, x0 + c1 * cell), min(y1, y0 + r1 * cell)))
+        geometry = geometries[n]
         features.append({
             "type": "Feature",
-            "geometry": {"type": "MultiPolygon", "coordinates": polygons},
-            "properties": {"legend_id": names[n], "type": "polygon",
-                           "color": descriptions[names[n]]["color"],
-                           "cells": len(cells), "area_px": len(cells) * cell * cell},
+            "geometry": mapping(geometry),
+            "properties": {"legend_id": name, "type": "polygon",
+                           "color": descriptions[name]["color"],
+                           "cells": int(cells[n + 1]), "area_px": round(geometry.area),
+                           "parts": len(geometry.geoms)},
         })
-        log.info("unit %s: %d cells of %d px, %d rectangles", names[n], len(cells), cell,
-                 len(polygons))
+        log.info("unit %s: %d cells of %d px, %d part(s)", name, cells[n + 1], cell,
+                 len(geometry.geoms))
     out = os.path.join(args.dir_to_integrated_output, f"{map_name}_polygons.geojson")
     common.write_json(out, common.feature_collection(features, map_name=map_name))
     log.info("wrote %d polygon features to %s", len(features), out)

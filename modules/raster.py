@@ -1,0 +1,268 @@
+"""Reading maps for the stand-in modules: any TIFF GDAL reads, as 8-bit RGB numpy arrays.
+
+Not run on its own: the modules import it (after common). `open_map(path)` opens a map
+with rasterio; `MapReader.rgb(window, out_shape)` reads a window, or a decimated view,
+as an (height, width, 3) uint8 array whatever the file holds: palette (through its colour
+map), grey (replicated), RGB, RGBA (alpha composited on white paper), CMYK (converted),
+8- or 16-bit (16-bit scaled by the file's real range), pixel- or band-interleaved,
+compressed, tiled, COG or BigTIFF. Reads of a part of the map touch only that part.
+
+Sections: opening, reading, paper and ink, layout.
+"""
+
+import contextlib
+import math
+import warnings
+
+import common
+import numpy as np
+import rasterio
+from rasterio.enums import ColorInterp
+from rasterio.enums import Resampling
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+# GDAL's block cache defaults to 5% of the machine's memory per process: with several
+# modules running at once that alone would pass the graph's memory budget. A band of
+# patches (640 rows of a 12,000 px map) fits in this, so overlapping bands decode once.
+GDAL_CACHE_MB = 96
+# decimated reads for the layout keep the longer side at most this long
+LAYOUT_SIDE = 2000
+# the longer side of the decimated read that fixes a non-8-bit file's range
+RANGE_SIDE = 512
+
+CMYK = (ColorInterp.cyan, ColorInterp.magenta, ColorInterp.yellow, ColorInterp.black)
+RGB = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
+
+
+# ---------------------------------------------------------------- opening
+
+
+@contextlib.contextmanager
+def open_map(path: str):
+    """Yield a MapReader for the map at path; raises ModuleFailed if GDAL cannot open it."""
+    common.require(path, "map GeoTIFF")
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), warnings.catch_warnings():
+        # most scanned maps carry no georeferencing; georeference handles that case itself
+        warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+        try:
+            dataset = rasterio.open(path)
+        except RasterioError as exc:
+            raise common.ModuleFailed(f"GDAL cannot read the map {path}: {exc}") from exc
+        with dataset:
+            yield MapReader(dataset)
+
+
+class MapReader:
+    """An open map: its size, how its bands make RGB, and windowed RGB reads."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.width = dataset.width
+        self.height = dataset.height
+        self.kind, self.bands, self.alpha = band_layout(dataset)
+        self.lut = palette_lut(dataset) if self.kind == "palette" else None
+        self.range = None if dataset.dtypes[0] == "uint8" or self.lut is not None \
+            else self.value_range()
+
+    def describe(self) -> str:
+        ds = self.dataset
+        structure = ds.tags(ns="IMAGE_STRUCTURE")
+        return (f"{self.width} x {self.height}, {ds.count} band(s) of {ds.dtypes[0]}, "
+                f"{self.kind}{' with alpha' if self.alpha else ''}, "
+                f"{structure.get('COMPRESSION', 'uncompressed')}, "
+                f"{structure.get('INTERLEAVE', '?').lower()}-interleaved"
+                + (f", range {self.range[0]:g}..{self.range[1]:g} scaled to 0..255"
+                   if self.range else ""))
+
+    def rgb(self, window=None, out_shape=None) -> np.ndarray:
+        """(h, w, 3) uint8 of a window (x0, y0, x1, y1) or the whole map, optionally
+        decimated (nearest pixel) to out_shape (h, w)."""
+        x0, y0, x1, y1 = window or (0, 0, self.width, self.height)
+        win = Window(x0, y0, x1 - x0, y1 - y0)
+        shape = out_shape or (y1 - y0, x1 - x0)
+        indexes = list(self.bands) + ([self.alpha] if self.alpha else [])
+        raw = self.dataset.read(indexes, window=win, out_shape=(len(indexes), *shape),
+                                resampling=Resampling.nearest)
+        return self.to_rgb(raw)
+
+    def value_range(self) -> tuple:
+        """(low, high) of the colour bands on a small decimated read: every module reading
+        this file scales it the same way."""
+        scale = max(1, math.ceil(max(self.width, self.height) / RANGE_SIDE))
+        shape = (len(self.bands), math.ceil(self.height / scale), math.ceil(self.width / scale))
+        sample = self.dataset.read(list(self.bands), out_shape=shape,
+                                   resampling=Resampling.nearest)
+        low, high = float(sample.min()), float(sample.max())
+        return low, max(high, low + 1)
+
+    def to_rgb(self, raw: np.ndarray) -> np.ndarray:
+        colour = raw[:len(self.bands)]
+        if self.lut is not None:
+            rgb = self.lut[colour[0]]
+        else:
+            channels = [self.to_byte(band) for band in colour]
+            if self.kind == "cmyk":
+                channels = cmyk_to_rgb(channels)
+            elif self.kind == "grey":
+                channels = channels * 3
+            rgb = np.stack(channels, axis=-1)
+        if self.alpha:
+            rgb = over_white(rgb, raw[-1], np.iinfo(raw.dtype).max
+                             if raw.dtype.kind in "ui" else 1.0)
+        return rgb
+
+    def to_byte(self, band: np.ndarray) -> np.ndarray:
+        if self.range is None:
+            return band
+        low, high = self.range
+        scaled = (band.astype(np.float32) - low) * (255.0 / (high - low))
+        return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+
+
+def band_layout(dataset) -> tuple:
+    """(kind, colour band indexes, alpha band index or None) from the colour interpretation."""
+    interp = list(dataset.colorinterp)
+
+    def band(ci):
+        return interp.index(ci) + 1 if ci in interp else None
+
+    alpha = band(ColorInterp.alpha)
+    if ColorInterp.palette in interp:
+        return "palette", (band(ColorInterp.palette),), alpha
+    if all(ci in interp for ci in CMYK):
+        return "cmyk", tuple(band(ci) for ci in CMYK), alpha
+    if all(ci in interp for ci in RGB):
+        return "rgb", tuple(band(ci) for ci in RGB), alpha
+    colour = [n for n in range(1, dataset.count + 1) if n != alpha]
+    if len(colour) >= 3:
+        return "rgb", tuple(colour[:3]), alpha
+    return "grey", (colour[0],), alpha
+
+
+def palette_lut(dataset) -> np.ndarray:
+    """(entries, 3) uint8: the colour map, entries with alpha composited on white."""
+    colormap = dataset.colormap(1)
+    size = max(256, max(colormap) + 1)
+    lut = np.full((size, 4), 255, dtype=np.uint8)
+    for index, entry in colormap.items():
+        lut[index] = entry
+    return over_white(lut[:, :3], lut[:, 3], 255)
+
+
+def cmyk_to_rgb(channels: list) -> list:
+    """Subtractive ink to additive light: R = (255 - C) * (255 - K) / 255, and so on."""
+    *cmy, k = (channel.astype(np.uint16) for channel in channels)
+    return [((255 - ink) * (255 - k) // 255).astype(np.uint8) for ink in cmy]
+
+
+def over_white(rgb: np.ndarray, alpha: np.ndarray, full) -> np.ndarray:
+    """Composite rgb over white paper with alpha in 0..full."""
+    weight = (alpha.astype(np.float32) / float(full))[..., None]
+    return (rgb * weight + 255.0 * (1 - weight) + 0.5).astype(np.uint8)
+
+
+# ---------------------------------------------------------------- paper and ink
+
+
+def estimate_paper(rgb: np.ndarray) -> tuple:
+    """((r, g, b) of the paper, ink threshold) estimated from the map's own pixels.
+
+    The paper is the whitest colour that covers a real share of the map: colours are
+    binned 32 levels per channel, bins holding at least 2% of the pixels compete, and the
+    one whose darkest channel is lightest wins (so a bright yellow unit loses to tinted
+    paper). The paper colour is the median of the pixels near that bin; the threshold
+    grows with the paper's own noise, so noisy scans do not turn into ink.
+    """
+    pixels = rgb.reshape(-1, 3)
+    if len(pixels) > 1_000_000:
+        pixels = pixels[::len(pixels) // 1_000_000]
+    levels = (pixels >> 5).astype(np.int32)
+    keys = levels[:, 0] * 64 + levels[:, 1] * 8 + levels[:, 2]
+    counts = np.bincount(keys, minlength=512)
+    candidates = np.flatnonzero(counts >= max(1, 0.02 * len(pixels)))
+    if not candidates.size:
+        candidates = np.array([int(counts.argmax())])
+    bins = np.stack([candidates // 64, candidates // 8 % 8, candidates % 8], axis=1)
+    order = np.lexsort((counts[candidates], bins.sum(axis=1), bins.min(axis=1)))
+    centre = bins[order[-1]] * 32 + 16
+    signed = pixels.astype(np.int16)
+    near = pixels[np.abs(signed - centre).max(axis=1) <= 32]
+    paper = np.median(near, axis=0).round().astype(np.int16)
+    distance = np.abs(signed - paper).max(axis=1)
+    close = distance[distance <= 48]
+    noise = float(np.percentile(close, 95)) if close.size else 0.0
+    threshold = int(np.clip(2 * noise + 12, 24, 64))
+    return tuple(int(v) for v in paper), threshold
+
+
+def ink_mask(rgb: np.ndarray, paper, threshold: int) -> np.ndarray:
+    """True where a pixel is further than threshold from the paper in some channel."""
+    paper = np.asarray(paper, dtype=np.int16)
+    return (np.abs(rgb.astype(np.int16) - paper).max(axis=-1) > threshold)
+
+
+def colour_distance(rgb: np.ndarray, colour) -> np.ndarray:
+    """Sum of absolute channel differences to one colour, as int16 per pixel."""
+    return np.abs(rgb.astype(np.int16) - np.asarray(colour, dtype=np.int16)).sum(axis=-1)
+
+
+# ---------------------------------------------------------------- layout
+
+
+def runs(flags: np.ndarray, min_gap: int) -> list:
+    """[start, end) runs of true flags, bridging gaps of at most min_gap false flags."""
+    where = np.flatnonzero(flags)
+    if not where.size:
+        return []
+    breaks = np.flatnonzero(np.diff(where) > min_gap)
+    starts = np.concatenate([where[:1], where[breaks + 1]])
+    ends = np.concatenate([where[breaks] + 1, where[-1:] + 1])
+    return [(int(a), int(b)) for a, b in zip(starts, ends, strict=True)]
+
+
+def widest(blocks: list) -> tuple:
+    """The widest (start, end) block; raises ModuleFailed if there is none."""
+    if not blocks:
+        raise common.ModuleFailed("the map image is blank: no ink found on the paper")
+    return max(blocks, key=lambda block: block[1] - block[0])
+
+
+class Layout:
+    """The map on a decimated read: paper, ink, and the column blocks of ink.
+
+    Positions found here are in overview pixels; `box` turns them into map pixels,
+    widened by one overview pixel where the read was decimated.
+    """
+
+    def __init__(self, reader: MapReader):
+        self.width, self.height = reader.width, reader.height
+        scale = max(1, math.ceil(max(self.width, self.height) / LAYOUT_SIDE))
+        shape = (math.ceil(self.height / scale), math.ceil(self.width / scale))
+        self.rgb = reader.rgb(out_shape=shape) if scale > 1 else reader.rgb()
+        self.sx = self.width / self.rgb.shape[1]
+        self.sy = self.height / self.rgb.shape[0]
+        self.paper, self.threshold = estimate_paper(self.rgb)
+        self.ink = ink_mask(self.rgb, self.paper, self.threshold)
+        self.min_gap = max(2, round(max(8, self.width // 50) / self.sx))
+        self.columns = runs(self.ink.any(axis=0), self.min_gap)
+
+    def row_blocks(self, x0: int, x1: int, min_gap: int) -> list:
+        """[y0, y1) blocks (overview pixels) of rows holding ink between columns x0, x1."""
+        return runs(self.ink[:, x0:x1].any(axis=1), min_gap)
+
+    def map_area(self) -> tuple:
+        """(x0, y0, x1, y1) of the map area in overview pixels: the widest ink block."""
+        x0, x1 = widest(self.columns)
+        y0, y1 = widest(self.row_blocks(x0, x1, self.min_gap))
+        return x0, y0, x1, y1
+
+    def box(self, x0, y0, x1, y1) -> tuple:
+        """An overview-pixel box in map pixels (exact when the read was not decimated)."""
+        pad_x = math.ceil(self.sx) if self.sx > 1 else 0
+        pad_y = math.ceil(self.sy) if self.sy > 1 else 0
+        return (max(0, math.floor(x0 * self.sx) - pad_x),
+                max(0, math.floor(y0 * self.sy) - pad_y),
+                min(self.width, math.ceil(x1 * self.sx) + pad_x),
+                min(self.height, math.ceil(y1 * self.sy) + pad_y))
