@@ -7,9 +7,10 @@ A library, not a program: the server imports it.
     cdr.validate("FeatureResults", results)
     client.publish_features(results)
 
-The protocol as its users speak it is in CDR.md; the payloads follow cdr_schemas v0.4.18,
-checked against schema/cdr/*.json. Sections: errors, client, signatures, results, validation,
-and the server's link (registration, deliveries, publishing passed runs).
+The protocol is described in the README's CDR section. Every payload is checked against the
+CDR's own schemas (schema/cdr/*.json, exported from cdr_schemas 0.4.18) before it is sent,
+and so is every delivery. Sections: errors, client, signatures, results, validation, and the
+server's link (registration, deliveries, publishing passed runs).
 """
 
 import functools
@@ -28,6 +29,7 @@ from dataclasses import field
 import jsonschema
 import requests
 
+import mapcheck
 import mipper
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -54,6 +56,10 @@ class CdrError(Exception):
         self.status = status
         self.body = body[:BODY_CHARS]
         self.retry = retry
+
+
+class Skipped(CdrError):
+    """A result not published on purpose (estimated GCPs): the message says why."""
 
 
 # ---------------------------------------------------------------------------- client
@@ -314,14 +320,23 @@ def feature_results(settings: mipper.Settings, job: str, map_name: str, cog_id: 
 def georef_results(settings: mipper.Settings, job: str, map_name: str, cog_id: str, system: str,
                    version: str) -> tuple:
     """(GeoreferenceResults, files to upload) from georeference's GCPs: GCP-only, so the
-    list is empty. Raises CdrError if the georeference output is missing or unreadable."""
+    list is empty. The GCPs' latitude/longitude are EPSG:4326 (each GCP says so in its
+    `crs`); the map's own CRS is the likely CRS. Raises Skipped when the GCPs are estimated
+    placeholders, CdrError if the georeference output is missing or unreadable."""
     outputs = _Outputs(settings, job, map_name)
     data = outputs.read("georeference", "{m}.json")
     if data is None:
         raise CdrError(f"job {job!r}, map {map_name!r}: no georeference output")
+    estimated = data.get("estimated", False)
+    if not isinstance(estimated, bool):
+        raise CdrError(f"georeference output of map {map_name!r}: `estimated` is "
+                       f"{estimated!r}, not true or false")
+    if estimated:
+        raise Skipped(f"georeference estimated the GCPs of map {map_name!r} (the map carries "
+                      "no georeferencing): placeholders are never published to the CDR")
     crs = data.get("crs")
     model = outputs.provenance("georeference")
-    gcps = [gcp for gcp in (_gcp(raw, model, crs) for raw in data.get("gcps") or []) if gcp]
+    gcps = [_gcp(raw, model) for raw in data.get("gcps") or []]
     segmentation = outputs.read("legend_segment", "{m}_map_segmentation.json")
     map_areas = [area for area in _areas(segmentation, outputs.provenance("legend_segment"))
                  if area["category"] == "map_area"]
@@ -331,22 +346,24 @@ def georef_results(settings: mipper.Settings, job: str, map_name: str, cog_id: s
             "georeference_results": [result]}, []
 
 
-def _gcp(raw: dict, model: dict, crs) -> dict | None:
-    """One GroundControlPoint from georeference's flat record, or None if malformed."""
-    try:
-        return {
-            "gcp_id": str(raw["gcp_id"]),
-            "map_geom": {"latitude": raw["latitude"], "longitude": raw["longitude"],
-                         "type": "Point"},
-            "px_geom": {"rows_from_top": raw["rows_from_top"],
-                        "columns_from_left": raw["columns_from_left"], "type": "Point"},
-            "confidence": raw.get("confidence"),
-            **model,
-            "crs": raw.get("crs") or crs,
-        }
-    except (KeyError, TypeError, AttributeError):
-        log.warning("skipping a malformed GCP: %r", raw)
-        return None
+def _gcp(raw, model: dict):
+    """One GroundControlPoint from georeference's flat record. Only what the module wrote
+    is carried over: a field it left out stays out, so the schema check names it instead
+    of a made-up value going to the CDR. `crs` is that of the GCP's latitude/longitude
+    (EPSG:4326 by contract), never the map's own."""
+    if not isinstance(raw, dict):
+        return raw
+
+    def given(*keys):
+        return {k: raw[k] for k in keys if k in raw}
+
+    gcp = {**given("gcp_id"),
+           "map_geom": {**given("latitude", "longitude"), "type": "Point"},
+           "px_geom": {**given("rows_from_top", "columns_from_left"), "type": "Point"},
+           "confidence": raw.get("confidence"), **model, **given("crs")}
+    if isinstance(gcp.get("gcp_id"), int):
+        gcp["gcp_id"] = str(gcp["gcp_id"])  # a number is an id all the same
+    return gcp
 
 
 # kind -> (module, its output, the result's features field, geometry type)
@@ -416,25 +433,36 @@ class _Outputs:
         for swatch in (self.read("legend_item_segment", swatch_file) or {}).get("features", []):
             props = swatch.get("properties") or {}
             if props.get("type") == kind and props.get("name"):
-                items[props["name"]] = _item(kind, props["name"], props.get("abbreviation", ""),
-                                             "", props.get("color", ""),
-                                             _ring_bbox(swatch.get("geometry")))
+                name = str(props["name"])
+                items[name] = _item(kind, name, props.get("abbreviation"), "",
+                                    props.get("color"), _ring_bbox(swatch.get("geometry")))
         described = self.read("legend_item_description", f"{{m}}_{kind}.json") or {}
         for name, record in described.items():
+            if not isinstance(record, dict):
+                log.warning("legend_item_description: skipping item %r: not an object", name)
+                continue
             items[name] = _item(kind, name, record.get("symbol name", ""),
                                 record.get("description", ""), record.get("color", ""),
                                 record.get("bbox"))
         return items
 
 
-def _item(kind: str, name: str, abbreviation: str, description: str, color: str,
-          bbox) -> dict:
-    # a polygon unit's name goes in `label`, a line's or point's in `name`
+def _item(kind: str, name: str, abbreviation, description, color, bbox) -> dict:
+    """A legend item's fields, named as the CDR's model of its kind names them."""
+    # a polygon unit's name goes in `label`, a line's or point's in `name`; only the
+    # polygon model has a colour
     item = {"id": name, "label" if kind == "polygon" else "name": name,
-            "abbreviation": abbreviation, "description": description, "color": color}
-    if bbox:
+            "abbreviation": _text(abbreviation), "description": _text(description)}
+    if kind == "polygon":
+        item["color"] = _text(color)
+    if isinstance(bbox, list | tuple) and bbox:
         item["legend_bbox"] = list(bbox)
     return item
+
+
+def _text(value) -> str:
+    """A module's text field, or the model's default "" where it wrote none (or null)."""
+    return value if isinstance(value, str) else ""
 
 
 def _ring_bbox(geometry) -> list | None:
@@ -447,7 +475,9 @@ def _ring_bbox(geometry) -> list | None:
 
 
 def _collection(features: list, geom_type: str, provenance: dict) -> dict:
-    """A FeatureCollection of single geometries, Multi* features split into their parts."""
+    """A FeatureCollection of single geometries (the CDR's geometry types are Point,
+    LineString and Polygon): a Multi* feature becomes one feature per part, so a map unit's
+    MultiPolygon gives one Polygon feature per connected part."""
     out = []
     for feature in features:
         geometry = feature.get("geometry") or {}
@@ -457,6 +487,8 @@ def _collection(features: list, geom_type: str, provenance: dict) -> dict:
         elif geometry.get("type") == "Multi" + geom_type:
             parts = geometry["coordinates"]
         else:
+            log.warning("skipping a %s feature of %r: a %s result holds %s features",
+                        geometry.get("type"), props.get("legend_id"), geom_type, geom_type)
             continue
         properties = {**provenance, "confidence": props.get("confidence", props.get("score")),
                       **_extra_properties(geom_type, props)}
@@ -477,6 +509,8 @@ def _extra_properties(geom_type: str, props: dict) -> dict:
         if isinstance(props.get("symbol"), str):
             extra["symbol"] = props["symbol"]
     elif geom_type == "Point":
+        # point_extract must give every point its bbox: a missing one goes as null, which
+        # the schema check refuses, rather than as the CDR's default "no bbox"
         extra["bbox"] = props.get("bbox")
         for key in ("dip", "dip_direction"):
             value = props.get(key)
@@ -509,6 +543,10 @@ def _areas(segmentation: dict | None, provenance: dict) -> list:
 
 # ---------------------------------------------------------------------------- validation
 
+SCHEMAS = ("FeatureResults", "GeoreferenceResults", "Event", "MapEventPayload")
+MESSAGE_CHARS = 300
+
+
 @functools.cache
 def _validator(name: str) -> jsonschema.Draft202012Validator:
     with open(os.path.join(SCHEMA_DIR, f"{name}.json"), encoding="utf-8") as f:
@@ -517,14 +555,33 @@ def _validator(name: str) -> jsonschema.Draft202012Validator:
     return jsonschema.Draft202012Validator(schema)
 
 
-def validate(name: str, payload: dict) -> None:
-    """Check a payload against schema/cdr/<name>.json ("FeatureResults" or
-    "GeoreferenceResults"); raises CdrError naming the failing field."""
-    if name not in ("FeatureResults", "GeoreferenceResults"):
-        raise CdrError(f"no CDR schema named {name!r}")
+def problem(name: str, payload) -> str | None:
+    """What makes a payload fail the CDR's schema schema/cdr/<name>.json (one of SCHEMAS),
+    as "<JSON path of the field>: <why>", or None if it passes."""
+    if name not in SCHEMAS:
+        raise ValueError(f"no CDR schema named {name!r}")
     error = jsonschema.exceptions.best_match(_validator(name).iter_errors(payload))
-    if error is not None:
-        raise CdrError(f"{name}: {error.json_path}: {error.message}")
+    if error is None:
+        return None
+    where = error.json_path
+    if error.validator == "required" and isinstance(error.instance, dict):
+        # name the missing field itself, not the object that lacks it
+        absent = [f for f in error.validator_value if f not in error.instance]
+        where = f"{where}.{absent[0]}" if absent else where
+    message = error.message
+    if len(message) > MESSAGE_CHARS:
+        message = message[:MESSAGE_CHARS] + "..."
+    return f"{where}: {message}"
+
+
+def validate(name: str, payload) -> None:
+    """Check a payload against the CDR's schema `name` (one of SCHEMAS); raises CdrError
+    naming the failing field."""
+    if name not in SCHEMAS:
+        raise CdrError(f"no CDR schema named {name!r}")
+    found = problem(name, payload)
+    if found is not None:
+        raise CdrError(f"{name} fails the CDR's schema at {found}")
 
 # ---------------------------------------------------------------------------- the server's link
 
@@ -641,10 +698,12 @@ class CdrLink:
 
     def deliver(self, body) -> None:
         """Act on a verified delivery: ping and unknown events are only logged; map.process
-        is recorded, then worked on in the background. Raises BadEvent."""
-        if not isinstance(body, dict) or not isinstance(body.get("id"), str) \
-                or not isinstance(body.get("event"), str) or not body["id"]:
-            raise BadEvent("expected {\"id\": str, \"event\": str, \"payload\": ...}")
+        is recorded, then worked on in the background. Raises BadEvent naming what fails the
+        CDR's Event or MapEventPayload schema."""
+        found = problem("Event", body)
+        if found is not None or not body["id"]:
+            raise BadEvent(f"not a CDR event {{\"id\", \"event\", \"payload\"}}: "
+                           f"{found or '$.id: empty'}")
         event = body["event"]
         if event == "ping":
             log.info("CDR ping %s", body["id"])
@@ -652,11 +711,13 @@ class CdrLink:
         if event != "map.process":
             log.info("CDR event %s (%s) ignored", event, body["id"])
             return
-        payload = body.get("payload")
-        if not isinstance(payload, dict):
-            raise BadEvent("map.process needs a payload {\"cog_id\", \"cog_url\"}")
-        cog_id, cog_url = payload.get("cog_id"), payload.get("cog_url")
-        if not isinstance(cog_url, str) or not cog_url.startswith(("https://", "http://")):
+        payload = body["payload"]
+        found = problem("MapEventPayload", payload)
+        if found is not None:
+            raise BadEvent(f"map.process payload {{\"cog_id\", \"cog_url\"}}: "
+                           f"{found.replace('$', '$.payload', 1)}")
+        cog_id, cog_url = payload["cog_id"], payload["cog_url"]
+        if not cog_url.startswith(("https://", "http://")):
             raise BadEvent("payload.cog_url must be an http(s) URL")
         self.take(body["id"], cog_id, cog_url)
 
@@ -714,6 +775,14 @@ class CdrLink:
                           event_id, why, cog_id)
                 return
             log.info("CDR event %s: map %s downloaded (%d bytes)", event_id, cog_id, size)
+            unreadable = mapcheck.unreadable(path)
+            if unreadable:
+                # removed, so that a resend downloads it again rather than reuse a bad copy
+                _remove(path)
+                why = f"the map at {event['cog_url']} is not an image GDAL reads: {unreadable}"
+                self.db.set_event(event_id, "failed", message=why)
+                log.error("CDR event %s: %s", event_id, why)
+                return
         try:
             run_id = self.submit({"job": cog_id, "map": cog_id, "modules": ["ALL"],
                                   "force_rerun": False})
@@ -736,19 +805,25 @@ class CdrLink:
         self.tasks.put(("publish", job))
 
     def publish(self, job: str) -> None:
-        """Publish a job's features and georeference; the outcome of each is recorded."""
+        """Publish a job's features and georeference; the outcome of each is recorded:
+        `published`, `skipped` (estimated GCPs) or `failed` (a payload failing the CDR's
+        schema is not sent, and the message names the failing field)."""
         map_name = self.db.job_map(job)
         args = (self.settings, job, map_name, map_name, self.cs.system, self.cs.version)
         for kind in ("features", "georef"):
             try:
                 if kind == "features":
                     results = feature_results(*args)
-                    validate("FeatureResults", results)
+                    _check_before_sending("FeatureResults", results)
                     answer = self.client.publish_features(results)
                 else:
                     results, files = georef_results(*args)
-                    validate("GeoreferenceResults", results)
+                    _check_before_sending("GeoreferenceResults", results)
                     answer = self.client.publish_georef(results, files)
+            except Skipped as e:
+                self.db.set_publication(job, kind, "skipped", message=str(e))
+                log.warning("job %s: %s not published to the CDR: %s", job, kind, e)
+                continue
             except CdrError as e:
                 self.db.set_publication(job, kind, "failed", message=str(e))
                 log.error("CDR publishing of %s for job %s failed: %s", kind, job, e)
@@ -756,3 +831,11 @@ class CdrLink:
             self.db.set_publication(job, kind, "published", answer.get("id"),
                                     answer.get("job_id"))
             log.info("job %s: %s published to the CDR as %s", job, kind, answer.get("id"))
+
+
+def _check_before_sending(name: str, results: dict) -> None:
+    """Raises CdrError ("not sent: ...", naming the field) if results fail the schema."""
+    try:
+        validate(name, results)
+    except CdrError as e:
+        raise CdrError(f"not sent: {e}") from None

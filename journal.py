@@ -110,11 +110,30 @@ def _add_cdr_tables(db) -> None:
         PRIMARY KEY (job, kind))""")
 
 
+def _allow_skipped_publications(db) -> None:
+    """3: a publication may be `skipped` on purpose (estimated GCPs are never published).
+    SQLite cannot change a CHECK in place: the table is copied into a new one."""
+    db.execute("""CREATE TABLE cdr_publications_new (
+        job TEXT NOT NULL REFERENCES jobs(job),
+        kind TEXT NOT NULL CHECK (kind IN ('features', 'georef')),
+        status TEXT NOT NULL CHECK (status IN ('pending', 'published', 'failed', 'skipped')),
+        result_id TEXT,
+        cdr_job_id TEXT,
+        message TEXT,
+        time TEXT NOT NULL,
+        PRIMARY KEY (job, kind))""")
+    db.execute("INSERT INTO cdr_publications_new SELECT job, kind, status, result_id,"
+               " cdr_job_id, message, time FROM cdr_publications")
+    db.execute("DROP TABLE cdr_publications")
+    db.execute("ALTER TABLE cdr_publications_new RENAME TO cdr_publications")
+
+
 # Numbered migrations after the initial schema: (version, function(db)). Each runs in
 # one transaction with the bump of PRAGMA user_version that records it.
 MIGRATIONS: list = [
     (1, _add_upload_columns),
     (2, _add_cdr_tables),
+    (3, _allow_skipped_publications),
 ]
 
 

@@ -5,94 +5,72 @@
         client = CdrClient(cdr.url, "token")
 
 It checks the Bearer token, keeps registrations, serves cogs (optionally breaking a
-download halfway), checks the required fields of published results, records every call,
-fails calls on demand, and delivers signed events to the latest registration's callback.
-Standard library and requests only; it signs with its own HMAC code, not cdr.py's.
+download halfway), checks published results against the CDR's own schemas (schema/cdr/, with
+jsonschema, not through cdr.py) and answers 422 as the CDR does, records every call and
+every result it accepts, fails calls on demand, and delivers signed events to the latest
+registration's callback. It signs with its own HMAC code, not cdr.py's.
 """
 
 import email.parser
 import email.policy
+import functools
 import hashlib
 import hmac
 import http.server
 import json
+import os
 import re
 import threading
 import uuid
 
+import jsonschema
 import requests
 
-AREA_CATEGORIES = ("map_area", "legend_area", "cross_section", "ocr", "polygon_legend_area",
-                   "line_point_legend_area", "line_legend_area", "point_legend_area",
-                   "correlation_diagram")
-DASH_PATTERNS = ("", "solid", "dash", "dotted", None)
-# (list field, its features field, required fields of a result) of FeatureResults
-FEATURE_LISTS = (
-    ("polygon_feature_results", "polygon_features", ("id", "label")),
-    ("line_feature_results", "line_features", ("id",)),
-    ("point_feature_results", "point_features", ("id", "name")),
-)
+SCHEMA_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "schema", "cdr")
 
 
 # ---------------------------------------------------------------------------- checks
 
-def missing(payload, fields, where: str) -> str | None:
-    """The path of the first field absent from payload, or of payload if not an object."""
+@functools.cache
+def validator(name: str) -> jsonschema.Draft202012Validator:
+    """A validator of the CDR's own schema `name` (schema/cdr/<name>.json)."""
+    with open(os.path.join(SCHEMA_DIR, f"{name}.json"), encoding="utf-8") as f:
+        return jsonschema.Draft202012Validator(json.load(f))
+
+
+def schema_errors(name: str, payload) -> list:
+    """FastAPI-style 422 details of what in payload fails the CDR's schema, the missing
+    field named in `loc` as the CDR's pydantic models name it; [] if it passes."""
+    details = []
+    for error in validator(name).iter_errors(payload):
+        # as pydantic does, name the innermost failure, not "none of anyOf matched"
+        error = jsonschema.exceptions.best_match([error])
+        loc = ["body", *error.absolute_path]
+        if error.validator == "required" and isinstance(error.instance, dict):
+            loc += [f for f in error.validator_value if f not in error.instance][:1]
+        details.append({"type": error.validator, "loc": loc, "msg": error.message[:200]})
+    return details
+
+
+def missing(payload, fields) -> list:
+    """422 details for the fields absent from a registration body."""
     if not isinstance(payload, dict):
-        return where or "body"
-    for name in fields:
-        if payload.get(name) is None:
-            return f"{where}.{name}".lstrip(".")
-    return None
+        return [{"type": "type", "loc": ["body"], "msg": "not an object"}]
+    return [{"type": "required", "loc": ["body", f], "msg": "field required"}
+            for f in fields if payload.get(f) is None]
 
 
-def check_features(results) -> str | None:
-    """The first required field a FeatureResults lacks, as a dotted path, or None."""
-    problem = missing(results, ("system", "system_version", "cog_id"), "")
-    if problem:
-        return problem
-    for list_field, features_field, required in FEATURE_LISTS:
-        for n, result in enumerate(results.get(list_field) or []):
-            where = f"{list_field}.{n}"
-            problem = missing(result, required, where)
-            for k, feature in enumerate(((result or {}).get(features_field) or {})
-                                        .get("features", [])):
-                at = f"{where}.{features_field}.features.{k}"
-                problem = (problem or missing(feature, ("id", "geometry", "properties"), at)
-                           or missing(feature["geometry"], ("coordinates",), f"{at}.geometry")
-                           or missing(feature["properties"], ("model", "model_version"),
-                                      f"{at}.properties"))
-                if not problem and (feature["properties"].get("dash_pattern", None)
-                                    not in DASH_PATTERNS):
-                    problem = f"{at}.properties.dash_pattern"
-            if problem:
-                return problem
-    for n, area in enumerate(results.get("cog_area_extractions") or []):
-        problem = missing(area, ("coordinates", "category", "model", "model_version"),
-                          f"cog_area_extractions.{n}")
-        if problem or area["category"] not in AREA_CATEGORIES:
-            return problem or f"cog_area_extractions.{n}.category"
-    return None
-
-
-def check_georef(results, file_names: list) -> str | None:
-    """The first required field a GeoreferenceResults lacks, or a projection whose file
-    was not sent, as a dotted path; None if all is there."""
-    problem = missing(results, ("cog_id", "system", "system_version"), "")
-    if problem:
-        return problem
-    for n, gcp in enumerate(results.get("gcps") or []):
-        problem = missing(gcp, ("gcp_id", "map_geom", "px_geom", "model", "model_version"),
-                          f"gcps.{n}")
-        if problem:
-            return problem
+def unsent_files(results, file_names: list) -> list:
+    """422 details for projections whose file was not sent along."""
+    details = []
     for n, result in enumerate(results.get("georeference_results") or []):
-        for k, projection in enumerate((result or {}).get("projections") or []):
-            at = f"georeference_results.{n}.projections.{k}"
-            problem = missing(projection, ("crs", "gcp_ids", "file_name"), at)
-            if problem or projection["file_name"] not in file_names:
-                return problem or f"{at}.file_name"
-    return None
+        for k, projection in enumerate(result.get("projections") or []):
+            if projection["file_name"] not in file_names:
+                details.append({"type": "file", "msg": "no file part of that name",
+                                "loc": ["body", "georeference_results", n, "projections", k,
+                                        "file_name"]})
+    return details
 
 
 def parse_multipart(content_type: str, body: bytes) -> tuple:
@@ -127,6 +105,7 @@ class StandInCdr:
         self.broken = set()
         self.failures = {}
         self.published = []
+        self.refused = []  # (kind, 422 details) of every result refused
         self.requests = []
         self.server = None
         self.thread = None
@@ -209,9 +188,9 @@ class StandInCdr:
             return failure[1]
 
     def register(self, body) -> tuple:
-        problem = missing(body, ("name", "version", "callback_url", "webhook_secret"), "")
-        if problem:
-            return 422, {"detail": [{"loc": ["body", problem], "msg": "field required"}]}
+        problems = missing(body, ("name", "version", "callback_url", "webhook_secret"))
+        if problems:
+            return 422, {"detail": problems}
         if self.secret_check is not None and not self.secret_check(body["webhook_secret"]):
             return 400, {"detail": "webhook_secret refused"}
         with self.lock:
@@ -290,14 +269,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return 200, {"cog_id": cog_id, "cog_url": f"{cdr.url}/cogs/{cog_id}.cog.tif"}
         if (method, path) == ("POST", "/v1/maps/publish/features"):
             results = parse_json(body)
-            return self.accept("features", results, check_features(results), [])
+            return self.accept("features", results, schema_errors("FeatureResults", results),
+                               [])
         if (method, path) == ("POST", "/v1/maps/publish/georef"):
             return self.accept_georef(body)
         return 404, {"detail": "Not Found"}
 
-    def accept(self, kind: str, results, problem: str | None, file_names: list) -> tuple:
-        if problem:
-            return 422, {"detail": [{"loc": ["body", problem], "msg": "field required"}]}
+    def accept(self, kind: str, results, problems: list, file_names: list) -> tuple:
+        if problems:
+            with self.cdr.lock:
+                self.cdr.refused.append((kind, problems))
+            return 422, {"detail": problems}
         return 200, self.cdr.publish(kind, results, file_names)
 
     def accept_georef(self, body: bytes) -> tuple:
@@ -312,7 +294,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return 422, {"detail": "file parts must be named files"}
         results = parse_json(fields["georef_result"].encode("utf-8"))
         names = [file_name for _, file_name, _ in files]
-        return self.accept("georef", results, check_georef(results, names), names)
+        problems = schema_errors("GeoreferenceResults", results)
+        return self.accept("georef", results, problems or unsent_files(results, names), names)
 
     def send_cog(self, cog_id: str) -> tuple:
         with self.cdr.lock:
@@ -344,7 +327,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 def parse_json(body: bytes):
-    """The body as JSON, or None (which fails the required-field checks)."""
+    """The body as JSON, or None (which fails the schema checks)."""
     try:
         return json.loads(body)
     except ValueError:

@@ -8,6 +8,7 @@ import hmac
 import http.server
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -355,10 +356,16 @@ def test_publish_georef_unreadable_file_sends_nothing(standin, client, tmp_path)
     assert standin.requests == []
 
 
-def test_cdr_schemas_are_valid_schemas():
-    for name in ("FeatureResults", "GeoreferenceResults"):
+def test_cdr_schemas_are_the_cdrs_own_and_valid():
+    for name in cdr.SCHEMAS:
         with open(os.path.join(ROOT, "schema", "cdr", f"{name}.json"), encoding="utf-8") as f:
-            jsonschema.Draft202012Validator.check_schema(json.load(f))
+            schema = json.load(f)
+        jsonschema.Draft202012Validator.check_schema(schema)
+        assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+        assert schema["title"] == name
+    with open(os.path.join(ROOT, "schema", "cdr", "README.md"), encoding="utf-8") as f:
+        note = f.read()
+    assert "cdr_schemas" in note and "0.4.18" in note and "model_json_schema()" in note
 
 
 def test_standin_refuses_missing_fields(outputs, standin, client):
@@ -368,8 +375,9 @@ def test_standin_refuses_missing_fields(outputs, standin, client):
     with pytest.raises(cdr.CdrError) as caught:
         client.publish_features(broken)
     assert caught.value.status == 422
-    assert "line_feature_results.0.line_features.features.0.properties.model" in \
-        caught.value.body
+    # the CDR's answer is kept truncated: its start names the field
+    assert '"loc": ["body", "line_feature_results", 0, "line_features", "features", 0, ' \
+        '"properties", "model"]' in caught.value.body
     georef, _ = cdr.georef_results(outputs, JOB, MAP, "cog1", "mip", "0.2.0")
     georef["georeference_results"][0]["projections"] = [
         {"crs": "EPSG:4267", "gcp_ids": [], "file_name": "absent.tif"}]
@@ -377,6 +385,58 @@ def test_standin_refuses_missing_fields(outputs, standin, client):
         client.publish_georef(georef)
     assert caught.value.status == 422 and "file_name" in caught.value.body
     assert standin.published == []
+    assert [kind for kind, _ in standin.refused] == ["features", "georef"]
+
+
+def minimal_features(**point_properties) -> dict:
+    point = {"id": "p1", "geometry": {"type": "Point", "coordinates": [5, 6]},
+             "properties": {"model": "point_extract", "model_version": "1", **point_properties}}
+    return {"system": "mip", "system_version": "1", "cog_id": "c",
+            "point_feature_results": [{"id": "P", "name": "P", "point_features": {
+                "type": "FeatureCollection", "features": [point]}}]}
+
+
+def minimal_georef(**gcp_fields) -> dict:
+    gcp = {"gcp_id": "1", "map_geom": {"latitude": 40.5, "longitude": -105.2},
+           "px_geom": {"rows_from_top": 10, "columns_from_left": 20},
+           "model": "georeference", "model_version": "1", **gcp_fields}
+    return {"cog_id": "c", "system": "mip", "system_version": "1", "gcps": [gcp]}
+
+
+@pytest.mark.parametrize("name, payload, field", [
+    # what the CDR's models refuse and hand-written approximations used to let through
+    ("GeoreferenceResults", minimal_georef(), "$.gcps[0].crs"),
+    ("GeoreferenceResults", minimal_georef(crs=None), "$.gcps[0].crs"),
+    ("FeatureResults", minimal_features(bbox=None), "bbox"),
+    ("FeatureResults", minimal_features(bbox=[1, 2, 3, 4], dip=12.5), "dip"),
+])
+def test_what_the_cdr_refuses_fails_validation_and_the_standin(name, payload, field, standin,
+                                                                 client):
+    assert cdr.problem(name, payload) is not None
+    with pytest.raises(cdr.CdrError, match=re.escape(field)):
+        cdr.validate(name, payload)
+    publish = client.publish_features if name == "FeatureResults" else client.publish_georef
+    with pytest.raises(cdr.CdrError) as caught:
+        publish(payload)
+    assert caught.value.status == 422 and standin.published == []
+    # and the same payloads, completed honestly, pass both
+    if name == "GeoreferenceResults":
+        fixed = minimal_georef(crs="EPSG:4326")
+    else:
+        fixed = minimal_features(bbox=[1, 2, 3, 4], dip=12)
+    cdr.validate(name, fixed)
+    publish(fixed)
+    assert len(standin.published) == 1
+
+
+def test_a_multipolygon_is_refused_by_the_cdrs_schema():
+    results = {"system": "s", "system_version": "1", "cog_id": "c",
+               "polygon_feature_results": [{"id": "A", "label": "A", "polygon_features": {
+                   "features": [{"id": "A_1", "properties": {"model": "m", "model_version": "1"},
+                                 "geometry": {"type": "MultiPolygon",
+                                              "coordinates": [[[0, 0], [1, 0], [0, 0]]]}}]}}]}
+    assert ".geometry.type: 'MultiPolygon' is not one of" in cdr.problem("FeatureResults",
+                                                                          results)
 
 
 def test_validate_names_the_failing_field(outputs):
@@ -427,3 +487,132 @@ def test_nothing_to_publish_raises(outputs, tmp_path):
     settings = dataclasses.replace(outputs, outputs_dir=str(tmp_path))
     with pytest.raises(cdr.CdrError, match="no module output"):
         cdr.feature_results(settings, JOB, MAP, "cog1", "mip", "0.2.0")
+
+
+# ---------------------------------------------------------------------------- the contract
+
+# Module outputs as the contract between the modules and the CDR link describes them:
+# polygon_extract gives ONE feature per map unit (a MultiPolygon, or a Polygon), and
+# georeference gives EPSG:4326 GCPs, the map's own CRS and whether the GCPs are estimated.
+SQUARE = [[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]
+FRAME = [[20, 20], [40, 20], [40, 40], [20, 40], [20, 20]]
+HOLE = [[25, 25], [30, 25], [30, 30], [25, 30], [25, 25]]
+TRIANGLE = [[50, 50], [60, 50], [55, 58], [50, 50]]
+CONTRACT = {
+    "polygon_extract/M_polygons.geojson": {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"legend_id": "Qal"},
+         "geometry": {"type": "MultiPolygon", "coordinates": [[SQUARE], [FRAME, HOLE]]}},
+        {"type": "Feature", "properties": {"legend_id": "Tg"},
+         "geometry": {"type": "Polygon", "coordinates": [TRIANGLE]}}]},
+    "legend_item_description/M_polygon.json": {
+        "Qal": {"symbol name": "Qal", "description": "alluvium", "color": "#e0d080",
+                "bbox": [100, 10, 120, 20]},
+        "Tg": {"symbol name": None, "description": None, "color": "#c04040",
+               "bbox": [100, 30, 120, 40]},
+        "Kx": {"symbol name": "Kx", "description": "", "color": "#40c040",
+               "bbox": [100, 50, 120, 60]}},
+    "line_extract/M_lines.geojson": {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"legend_id": "fault", "dash_pattern": "dash"},
+         "geometry": {"type": "MultiLineString",
+                      "coordinates": [[[0, 0], [5, 5]], [[7, 7], [9, 9], [12, 9]]]}}]},
+    "point_extract/output-per-symbol/M_points.geojson": {"type": "FeatureCollection", "features": [
+        {"type": "Feature", "properties": {"legend_id": "mine", "bbox": [3, 3, 9, 9],
+                                           "score": 0.8},
+         "geometry": {"type": "Point", "coordinates": [6, 6]}}]},
+    "georeference/M.json": {
+        "map_name": "M", "crs": "EPSG:26913", "estimated": False,
+        "gcps": [{"gcp_id": "1", "rows_from_top": 0, "columns_from_left": 0,
+                  "latitude": 40.9, "longitude": -105.6, "crs": "EPSG:4326"},
+                 {"gcp_id": "2", "rows_from_top": 900, "columns_from_left": 1200,
+                  "latitude": 40.8, "longitude": -105.4, "crs": "EPSG:4326"}]},
+}
+
+
+def write_outputs(settings, files: dict) -> None:
+    for name, data in files.items():
+        path = os.path.join(settings.outputs_dir, JOB, name)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+
+
+@pytest.fixture
+def contract(outputs, tmp_path):
+    settings = dataclasses.replace(outputs, outputs_dir=str(tmp_path))
+    write_outputs(settings, copy.deepcopy(CONTRACT))
+    return settings
+
+
+def test_one_legend_result_per_unit_and_one_polygon_per_part(contract):
+    results = cdr.feature_results(contract, JOB, MAP, "cog1", "mip", "0.2.0")
+    cdr.validate("FeatureResults", results)
+    units = results["polygon_feature_results"]
+    assert [u["id"] for u in units] == ["Qal", "Tg", "Kx"]
+    assert [u["label"] for u in units] == ["Qal", "Tg", "Kx"]
+    qal, tg, kx = units
+    assert [f["geometry"] for f in features_of(qal)] == [
+        {"type": "Polygon", "coordinates": [SQUARE]},
+        {"type": "Polygon", "coordinates": [FRAME, HOLE]}]  # the hole stays with its part
+    assert [f["geometry"] for f in features_of(tg)] == [
+        {"type": "Polygon", "coordinates": [TRIANGLE]}]
+    assert features_of(kx) == []  # a legend unit found nowhere on the map is still reported
+    assert qal["color"] == "#e0d080" and qal["description"] == "alluvium"
+    assert qal["legend_bbox"] == [100, 10, 120, 20]
+    # nulls written by a module become the model's own default, never a null
+    assert tg["abbreviation"] == "" and tg["description"] == ""
+    assert {f["properties"]["model"] for u in units for f in features_of(u)} == {
+        "polygon_extract"}
+    (fault,) = results["line_feature_results"]
+    assert [f["geometry"]["type"] for f in features_of(fault)] == ["LineString"] * 2
+    assert features_of(fault)[0]["properties"]["dash_pattern"] == "dash"
+    assert "color" not in fault  # the line model has no colour
+    (mine,) = results["point_feature_results"]
+    assert features_of(mine)[0]["properties"]["bbox"] == [3, 3, 9, 9]
+    assert features_of(mine)[0]["properties"]["confidence"] == 0.8
+
+
+def test_gcps_in_degrees_with_the_maps_own_crs_as_likely(contract):
+    results, files = cdr.georef_results(contract, JOB, MAP, "cog1", "mip", "0.2.0")
+    cdr.validate("GeoreferenceResults", results)
+    assert files == []
+    assert [(g["gcp_id"], g["map_geom"]["latitude"], g["map_geom"]["longitude"], g["crs"])
+            for g in results["gcps"]] == [("1", 40.9, -105.6, "EPSG:4326"),
+                                          ("2", 40.8, -105.4, "EPSG:4326")]
+    assert results["gcps"][1]["px_geom"] == {"rows_from_top": 900, "columns_from_left": 1200,
+                                             "type": "Point"}
+    (result,) = results["georeference_results"]
+    assert result["likely_CRSs"] == ["EPSG:26913"] and result["projections"] == []
+
+
+def test_estimated_gcps_are_never_published(contract):
+    georef = copy.deepcopy(CONTRACT["georeference/M.json"])
+    georef.update(crs=None, estimated=True)
+    write_outputs(contract, {"georeference/M.json": georef})
+    with pytest.raises(cdr.Skipped, match="estimated"):
+        cdr.georef_results(contract, JOB, MAP, "cog1", "mip", "0.2.0")
+    # the features of the same job are published all the same
+    cdr.validate("FeatureResults", cdr.feature_results(contract, JOB, MAP, "cog1", "mip", "1"))
+    georef["estimated"] = "no"
+    write_outputs(contract, {"georeference/M.json": georef})
+    with pytest.raises(cdr.CdrError, match="estimated"):
+        cdr.georef_results(contract, JOB, MAP, "cog1", "mip", "0.2.0")
+
+
+def test_what_a_module_left_out_is_not_made_up(contract):
+    georef = copy.deepcopy(CONTRACT["georeference/M.json"])
+    del georef["gcps"][1]["crs"]
+    del georef["gcps"][0]["latitude"]
+    points = copy.deepcopy(CONTRACT["point_extract/output-per-symbol/M_points.geojson"])
+    del points["features"][0]["properties"]["bbox"]
+    write_outputs(contract, {"georeference/M.json": georef,
+                             "point_extract/output-per-symbol/M_points.geojson": points})
+    results, _ = cdr.georef_results(contract, JOB, MAP, "cog1", "mip", "0.2.0")
+    assert "crs" not in results["gcps"][1]  # never the map's CRS in its place
+    with pytest.raises(cdr.CdrError, match=re.escape("$.gcps[1].crs")):
+        cdr.validate("GeoreferenceResults", results)
+    del results["gcps"][1]
+    with pytest.raises(cdr.CdrError, match=re.escape("$.gcps[0].map_geom.latitude")):
+        cdr.validate("GeoreferenceResults", results)
+    features = cdr.feature_results(contract, JOB, MAP, "cog1", "mip", "0.2.0")
+    with pytest.raises(cdr.CdrError, match=r"point_features\.features\[0\]\.properties\.bbox"):
+        cdr.validate("FeatureResults", features)

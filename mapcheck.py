@@ -1,0 +1,95 @@
+"""The map check at the door: can GDAL read this map? Asked by POST /runs and the CDR link.
+
+A library, not a program:
+
+    reason = mapcheck.unreadable("/data/inputs/maps/m/m.tif", shown="maps/m/m.tif")
+    if reason: ...refuse the map, saying `reason`...
+
+The server imports rasterio (GDAL) here and nowhere else, and only on the first check: the
+import takes seconds, which start-up need not pay. GDAL opens the file and reads its first
+and last blocks, so a truncated file is caught as well as one that is no image at all. The
+verdict is cached per (path, size, modification time), so asking again about an unchanged
+map costs one stat; a map replaced or rewritten is checked again. Never reads more than a
+few blocks, never changes a file.
+"""
+
+import os
+import threading
+import warnings
+
+MAX_CACHED = 4096
+# rasterio's wrapper around the GDAL error that caused it: says nothing itself
+GENERIC = "See previous exception for details"
+
+_cache = {}  # (path, size, mtime_ns) -> the reason, or None for a readable map
+_lock = threading.Lock()
+_rasterio = None
+
+
+def unreadable(path: str, shown: str | None = None) -> str | None:
+    """Why GDAL cannot read the map at `path`, or None when it can; `shown` replaces the
+    path in the reason (so that an answer does not reveal the server's folders)."""
+    try:
+        stat = os.stat(path)
+    except OSError as e:
+        return f"{shown or path}: {e.strerror}"
+    key = (path, stat.st_size, stat.st_mtime_ns)
+    with _lock:
+        if key in _cache:
+            reason = _cache[key]
+            return reason.replace(path, shown) if reason and shown else reason
+    # outside the lock: two first checks of one map may both read it, which is harmless,
+    # while a slow map must not hold up the checks of others
+    reason = _read(path)
+    with _lock:
+        if len(_cache) >= MAX_CACHED:
+            _cache.pop(next(iter(_cache)))  # the oldest entry
+        _cache[key] = reason
+    return reason.replace(path, shown) if reason and shown else reason
+
+
+def forget() -> None:
+    """Drop every cached verdict."""
+    with _lock:
+        _cache.clear()
+
+
+def _read(path: str) -> str | None:
+    """GDAL's reason for failing to open the file or read its first and last blocks."""
+    rasterio = _load()
+    from rasterio.windows import Window
+
+    try:
+        with rasterio.open(path) as dataset:
+            # blocks are stored in order, so a file cut short loses its last one first
+            for col, row in ((0, 0), (dataset.width - 1, dataset.height - 1)):
+                dataset.read(window=Window(col, row, 1, 1))
+    except (rasterio.errors.RasterioError, OSError) as e:
+        return _gdal_reason(e)
+    return None
+
+
+def _load():
+    """rasterio, imported on first use; an un-georeferenced map is no fault of the map."""
+    global _rasterio
+    if _rasterio is None:
+        import rasterio
+        import rasterio.errors
+
+        warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning)
+        _rasterio = rasterio
+    return _rasterio
+
+
+def _gdal_reason(error: BaseException) -> str:
+    """The messages of an exception and the GDAL errors chained to it, most general first,
+    without rasterio's generic wrapper or repeats."""
+    messages = []
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error).strip()
+        if text and GENERIC not in text and not any(text in m for m in messages):
+            messages.append(text)
+        error = error.__cause__ or error.__context__
+    return " / ".join(messages) or "GDAL could not read it"
