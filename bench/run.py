@@ -739,8 +739,6 @@ BIG_SIZE = (12_000, 9_000)
 SAMPLE_SECONDS = 0.2
 PAGE = os.sysconf("SC_PAGE_SIZE")
 PATCH_NAME = re.compile(r"_(\d+)_(\d+)\.png$")
-# map_crop's PNG settings: the patch bound encodes with the same ones
-PATCH_PNG = {}
 
 
 def tree_rss(root: int) -> tuple:
@@ -823,11 +821,14 @@ def map_box(segmentation_path: str) -> tuple:
 
 def encode_patches(path: str, crop_dir: str, area: tuple, dest: str) -> tuple:
     """(seconds, patches, bytes): map_crop's required output made alone: the very patches it
-    wrote (white outside the map area and past the edges), encoded as PNG with Pillow
-    from the decoded map, one after another."""
+    wrote (white outside the map area and past the edges), encoded as PNG with Pillow at
+    map_crop's compression level, from the decoded map, one after another."""
     import numpy
     import rasterio
     from PIL import Image
+
+    sys.path.insert(0, os.path.join(ROOT, "modules"))
+    import patches as map_crop_patches
 
     with rasterio.open(path) as src:
         rgb = src.read().transpose(1, 2, 0)
@@ -851,7 +852,8 @@ def encode_patches(path: str, crop_dir: str, area: tuple, dest: str) -> tuple:
             if left < right and top < bottom:
                 patch[top - y0:bottom - y0, left - x0:right - x0] = rgb[top:bottom, left:right]
             out = os.path.join(dest, folder, name)
-            Image.fromarray(patch).save(out, "PNG", **PATCH_PNG)
+            Image.fromarray(patch).save(out, "PNG",
+                                        compress_level=map_crop_patches.PNG_LEVEL)
             size_out += os.path.getsize(out)
             count += 1
     return time.perf_counter() - started, count, size_out

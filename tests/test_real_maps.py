@@ -16,6 +16,8 @@ modules, the catalogue's stand-ins), then its results read as a GIS user and the
 
 import json
 import os
+import subprocess
+import sys
 import time
 import warnings
 
@@ -170,6 +172,8 @@ def check_cdr_payloads(env: dict, job: str, map_name: str, estimated: bool) -> N
     for kind in ("polygon", "line", "point"):
         assert features[f"{kind}_feature_results"], f"{map_name}: no {kind} results"
     if estimated:
+        with pytest.raises(cdr.Skipped):
+            cdr.georef_results(settings, job, map_name, map_name, "mip", "0.0.0")
         return
     georef, _ = cdr.georef_results(settings, job, map_name, map_name, "mip", "0.0.0")
     cdr.validate("GeoreferenceResults", georef)
@@ -212,3 +216,46 @@ def test_variants_are_what_they_claim(variant_files):
         assert facts["size"] == (1000, 800)
         assert facts["crs"] == v.crs
         assert facts["transform"] is v.georeferenced
+
+
+def test_demo_maps_are_written_as_real_maps_come(tmp_path):
+    """`make setup`'s two demo maps: a compressed, tiled TIFF with no georeferencing, and
+    the same pixels as a GeoTIFF in EPSG:4267; the same command gives the same bytes."""
+    plain, geo, again = (str(tmp_path / name) for name in ("plain.tif", "geo.tif", "again.tif"))
+    script = os.path.join(os.path.dirname(sample_map.__file__), "sample_map.py")
+    for args in ([plain, "--no-georef"], [geo], [again, "--no-georef"]):
+        done = subprocess.run([sys.executable, script, *args], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, done.stderr
+    facts = describe(plain)
+    assert (facts["crs"], facts["transform"]) == (None, False)
+    assert facts["compress"] == "lzw" and facts["tiled"] and facts["size"] == (1000, 800)
+    facts = describe(geo)
+    assert facts["crs"] == sample_map.CRS and facts["transform"]
+    assert file_bounds(geo) == pytest.approx(sample_map.BOUNDS)
+    with open(plain, "rb") as a, open(again, "rb") as b:
+        assert a.read() == b.read()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(plain) as p, rasterio.open(geo) as g:
+            assert (p.read() == g.read()).all()
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def file_bounds(path: str) -> tuple:
+    with rasterio.open(path) as src:
+        return tuple(src.bounds)
+
+
+def test_sample_map_draws_every_feature_in_its_colour(drawn):
+    """The pixels hold what the checks above expect the modules to find: each unit colour,
+    the faults' black, the symbols' red, the label and frame grey, and paper."""
+    colours = {tuple(c) for c in numpy.unique(drawn.reshape(-1, 3), axis=0)}
+    expected = {*sample_map.UNIT_COLOURS, sample_map.BLACK, sample_map.RED,
+                sample_map.LABEL_GREY, sample_map.WHITE}
+    assert colours == expected
+    lumas = sorted(round(0.299 * r + 0.587 * g + 0.114 * b) for r, g, b in
+                   sample_map.UNIT_COLOURS)
+    assert min(b - a for a, b in zip(lumas, lumas[1:], strict=False)) >= 15
+    with pytest.raises(ValueError):
+        sample_map.draw_sample_map(100, 100)
