@@ -84,7 +84,7 @@ def from_geotransform(dataset, area: tuple) -> list:
     places = [(x0 + inset_x, y0 + inset_y), (x1 - inset_x, y0 + inset_y),
               (x0 + inset_x, y1 - inset_y), (x1 - inset_x, y1 - inset_y),
               ((x0 + x1) // 2, (y0 + y1) // 2)]
-    xs, ys = zip(*(dataset.transform * place for place in places), strict=True)
+    xs, ys = zip(*(dataset.transform @ place for place in places), strict=True)
     lons, lats = to_degrees(dataset.crs, list(xs), list(ys))
     return [gcp(n, row, column, lat, lon) for n, ((column, row), lon, lat)
             in enumerate(zip(places, lons, lats, strict=True), start=1)]

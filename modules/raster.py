@@ -191,9 +191,11 @@ def estimate_paper(rgb: np.ndarray) -> tuple:
     near = pixels[np.abs(signed - centre).max(axis=1) <= 32]
     paper = np.median(near, axis=0).round().astype(np.int16)
     distance = np.abs(signed - paper).max(axis=1)
+    # the median distance of near-paper pixels measures the paper's own noise, and stays
+    # put when pale units nearby fall in the window
     close = distance[distance <= 48]
-    noise = float(np.percentile(close, 95)) if close.size else 0.0
-    threshold = int(np.clip(2 * noise + 12, 24, 64))
+    noise = float(np.median(close)) if close.size else 0.0
+    threshold = int(np.clip(3 * noise + 12, 24, 64))
     return tuple(int(v) for v in paper), threshold
 
 
