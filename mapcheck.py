@@ -59,6 +59,9 @@ def _read(path: str) -> str | None:
     rasterio = _load()
     from rasterio.windows import Window
 
+    # an un-georeferenced map is no fault of the map: most scans have no georeferencing.
+    # Set on every call, as a caller (a test) may have reset the filters since the last.
+    warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning)
     try:
         with rasterio.open(path) as dataset:
             # blocks are stored in order, so a file cut short loses its last one first
@@ -70,13 +73,12 @@ def _read(path: str) -> str | None:
 
 
 def _load():
-    """rasterio, imported on first use; an un-georeferenced map is no fault of the map."""
+    """rasterio, imported on first use."""
     global _rasterio
     if _rasterio is None:
         import rasterio
         import rasterio.errors
 
-        warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning)
         _rasterio = rasterio
     return _rasterio
 

@@ -37,6 +37,7 @@ import waitress
 
 import cdr
 import journal
+import mapcheck
 import mipper
 from journal import FINISHED
 from journal import Status
@@ -229,6 +230,16 @@ def validate(schemas: dict, name: str, data) -> None:
         raise ApiError(422, "invalid_payload", f"{where}: {message}")
 
 
+def check_map_readable(settings: mipper.Settings, map_name: str) -> None:
+    """Refuse a map GDAL cannot read (422 unreadable_map, with GDAL's reason) before any
+    module meets it."""
+    shown = f"$TA1_INPUTS_DIR/maps/{map_name}/{map_name}.tif"
+    reason = mapcheck.unreadable(mipper.map_file(settings, map_name), shown)
+    if reason:
+        raise ApiError(422, "unreadable_map",
+                       f"map {map_name!r}: GDAL cannot read {shown}: {reason}")
+
+
 def checked_name(kind: str, value: str) -> str:
     """Refuse a path parameter that is not a plain name, before anything touches the disk."""
     try:
@@ -256,7 +267,7 @@ class RunQueue:
     def submit(self, payload: dict, openai_key: str | None = None) -> str:
         """Check a RunPayload against the catalogue, maps and jobs, record it and start it
         when the limits allow; returns the run id. Raises ApiError (404 unknown map, 409 job
-        bound to another map, 422 unknown module)."""
+        bound to another map, 422 unknown module or a map GDAL cannot read)."""
         catalogue, settings = self.catalogue, self.cfg.settings
         try:
             mipper.expand_modules(catalogue, payload["modules"])
@@ -270,6 +281,7 @@ class RunQueue:
             mipper.check_map(settings, payload["map"])
         except mipper.UsageError as e:
             raise ApiError(404, "unknown_map", f"map: {e}") from None
+        check_map_readable(settings, payload["map"])
         try:
             run_id = self.db.create_run(payload["job"], payload["map"], payload["modules"],
                                         payload.get("force_rerun", False), payload,
@@ -769,7 +781,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     @route("POST", "/runs", body="RunPayload", answer="RunStatus")
     def post_run():
         """Submit a run; answers at once with its RunStatus. 404 unknown map, 409 job bound
-        to another map, 422 invalid payload."""
+        to another map, 422 invalid payload or a map GDAL cannot read (unreadable_map)."""
         payload = read_json()
         validate(schemas, "RunPayload", payload)
         key = payload.pop("openai_key", None)

@@ -1,6 +1,7 @@
 """The server invoked by, and publishing to, a stand-in CDR that speaks the CDR's protocol."""
 
 import http.server
+import json
 import os
 import signal
 import subprocess
@@ -8,15 +9,19 @@ import sys
 import threading
 import time
 
+import jsonschema
 import pytest
+import rasterio
 import requests
 from cdr_standin import StandInCdr
+from conftest import MAP
 from conftest import ROOT
 from conftest import Server
 from conftest import free_port
 from conftest import kill_leftover_runs
 from conftest import payload
 from conftest import wait_for
+from rasterio.transform import Affine
 
 TOKEN = "cdr-token-for-tests"
 SECRET = "webhook-secret-for-tests"
@@ -158,6 +163,9 @@ def test_duplicate_deliveries_start_nothing(linked, cdr):
     assert cdr.deliver("something.else", {"id": "x"}).status_code == 200
     assert cdr.deliver("map.process", {"cog_id": "../x", "cog_url": "http://h/x"}) \
         .status_code == 422
+    # checked against the CDR's own MapEventPayload schema, naming the field
+    resp = cdr.deliver("map.process", {"cog_id": COG})
+    assert resp.status_code == 422 and "$.payload.cog_url" in resp.json()["message"]
 
 
 class SlowOnce(http.server.BaseHTTPRequestHandler):
@@ -262,3 +270,151 @@ def test_half_configured_cdr_stops_start_up(server_env):
     proc = subprocess.run([sys.executable, f"{ROOT}/mip_server.py", "--port", "0"], env=env,
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "MIP_CDR_TOKEN" in proc.stderr
+
+
+def publication(srv, job):
+    """The job's cdr state once no publication is pending."""
+    def settled():
+        state = srv.get(f"/jobs/{job}").json()["cdr"]
+        return state if state and all(p["status"] != "pending" for p in state.values()) \
+            else None
+    return wait_for(settled)
+
+
+def passed_job(srv, job):
+    run_id = srv.post("/runs", json=payload(job, "ALL")).json()["run_id"]
+    assert srv.wait_run(run_id)["status"] == "passed"
+
+
+def write_output(env, job, name, data):
+    with open(os.path.join(env["TA1_OUTPUTS_DIR"], job, name), "w", encoding="utf-8") as f:
+        json.dump(data, f)
+
+
+def read_output(env, job, name):
+    with open(os.path.join(env["TA1_OUTPUTS_DIR"], job, name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def publish_calls(cdr):
+    return [p for _, p in cdr.requests if p.startswith("/v1/maps/publish/")]
+
+
+def test_a_payload_the_cdr_would_refuse_is_not_sent(linked, cdr, cdr_env):
+    passed_job(linked, "handmade")
+    # outputs breaking the contract: a GCP without its crs, a point without its bbox
+    georef_name = f"georeference/{MAP}.json"
+    georef = read_output(cdr_env, "handmade", georef_name)
+    del georef["gcps"][1]["crs"]
+    write_output(cdr_env, "handmade", georef_name, georef)
+    points_name = f"point_extract/output-per-symbol/{MAP}_points.geojson"
+    points = read_output(cdr_env, "handmade", points_name)
+    del points["features"][2]["properties"]["bbox"]
+    write_output(cdr_env, "handmade", points_name, points)
+
+    assert linked.post("/jobs/handmade/publish").status_code == 200
+    state = publication(linked, "handmade")
+    assert state["georef"]["status"] == "failed" and state["features"]["status"] == "failed"
+    assert state["georef"]["message"].startswith("not sent: ")
+    assert "$.gcps[1].crs" in state["georef"]["message"]
+    assert "point_features.features[2].properties.bbox" in state["features"]["message"]
+    assert publish_calls(cdr) == [] and cdr.published == [] and cdr.refused == []
+    output = wait_for(lambda: "$.gcps[1].crs" in linked.output() and linked.output())
+    assert "properties.bbox" in output
+
+
+def test_estimated_gcps_are_skipped_and_the_features_still_go(linked, cdr, cdr_env):
+    passed_job(linked, "handmade")
+    # what georeference writes for a map without georeferencing, by the contract
+    georef_name = f"georeference/{MAP}.json"
+    georef = read_output(cdr_env, "handmade", georef_name)
+    georef.update(crs=None, estimated=True)
+    for gcp in georef["gcps"]:
+        gcp["crs"] = "EPSG:4326"
+    write_output(cdr_env, "handmade", georef_name, georef)
+
+    linked.post("/jobs/handmade/publish")
+    state = publication(linked, "handmade")
+    assert state["features"]["status"] == "published"
+    assert state["georef"]["status"] == "skipped"
+    assert "estimated" in state["georef"]["message"] and MAP in state["georef"]["message"]
+    assert publish_calls(cdr) == ["/v1/maps/publish/features"]
+    assert [kind for kind, _, _ in cdr.published] == ["features"]
+    assert "georef not published to the CDR" in linked.output()
+    with open(os.path.join(ROOT, "schema", "JobStatus.json"), encoding="utf-8") as f:
+        jsonschema.Draft202012Validator(json.load(f)).validate(
+            linked.get("/jobs/handmade").json())
+
+
+def test_a_downloaded_map_gdal_cannot_read_is_refused_and_fetched_again(linked, cdr, cdr_env):
+    good = cdr.image
+    cdr.add_cog(COG, b"<html>an error page where the map should be</html>")
+    cdr.deliver("map.process", {"cog_id": COG, "cog_url": f"{cdr.url}/cogs/{COG}.cog.tif"})
+    event = wait_for(lambda: [e for e in linked.get("/cdr/events").json()
+                              if e["status"] == "failed"])[0]
+    assert "not an image GDAL reads" in event["message"]
+    assert "not recognized as being in a supported file format" in event["message"]
+    assert linked.get("/jobs").json() == []
+    assert not os.path.exists(f"{cdr_env['TA1_INPUTS_DIR']}/maps/{COG}/{COG}.tif")
+
+    cdr.add_cog(COG, good)
+    assert linked.post(f"/cdr/cogs/{COG}").json()["status"] == "received"
+    wait_for(lambda: job_done(linked, COG))
+    assert linked.get(f"/jobs/{COG}").json()["status"] == "passed"
+
+
+def cog_bytes(sample_tif: str, folder, georeferenced: bool) -> bytes:
+    """The sample map as the CDR serves maps: a Cloud-Optimized GeoTIFF written by GDAL,
+    placed in EPSG:4267 or without any georeferencing (as most scans come)."""
+    with rasterio.open(sample_tif) as src:
+        data = src.read()
+    height, width = data.shape[1:]
+    # 0.5 x 0.4 degrees from 106.5 W, 41.25 N (Affine's own constructor: its `*` is
+    # deprecated, and rasterio's from_bounds uses it)
+    where = {"crs": "EPSG:4267",
+             "transform": Affine(0.5 / width, 0, -106.5, 0, -0.4 / height, 41.25)} \
+        if georeferenced else {}
+    path = str(folder / "map.cog.tif")
+    with rasterio.open(path, "w", driver="COG", compress="lzw", width=width, height=height,
+                       count=data.shape[0], dtype=data.dtype, **where) as out:
+        out.write(data)
+    with rasterio.open(path) as written:
+        assert written.driver == "GTiff" and written.block_shapes[0] == (512, 512)
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+@pytest.mark.parametrize("georeferenced", [True, False], ids=["with_crs", "without_crs"])
+def test_a_cog_from_the_cdr_runs_and_publishes(linked, cdr, cdr_env, sample_tif, tmp_path,
+                                               georeferenced):
+    image = cog_bytes(sample_tif, tmp_path, georeferenced)
+    cdr.add_cog(COG, image)
+    cdr.deliver("map.process", {"cog_id": COG, "cog_url": f"{cdr.url}/cogs/{COG}.cog.tif"})
+    wait_for(lambda: job_done(linked, COG), timeout=180)
+    job = linked.get(f"/jobs/{COG}").json()
+    assert job["status"] == "passed", linked.get(f"/runs/{job['run_id']}/log").text[-3000:]
+    # stored where mipper looks for a map, byte for byte, and listed as a map
+    with open(f"{cdr_env['TA1_INPUTS_DIR']}/maps/{COG}/{COG}.tif", "rb") as f:
+        assert f.read() == image
+    assert COG in linked.get("/maps").json()
+
+    state = publication(linked, COG)
+    assert state["features"]["status"] == "published", state
+    (features,) = published(cdr, "features")  # accepted by the CDR's schemas
+    assert all(f["geometry"]["type"] == "Polygon" for r in features["polygon_feature_results"]
+               for f in r["polygon_features"]["features"])
+    units = [r["id"] for r in features["polygon_feature_results"]]
+    assert len(units) == len(set(units)) and any(
+        r["polygon_features"]["features"] for r in features["polygon_feature_results"])
+    if georeferenced:
+        assert state["georef"]["status"] == "published", state
+        (georef,) = published(cdr, "georef")
+        assert georef["georeference_results"][0]["likely_CRSs"] == ["EPSG:4267"]
+        for gcp in georef["gcps"]:
+            assert gcp["crs"] == "EPSG:4326"
+            assert 40.85 <= gcp["map_geom"]["latitude"] <= 41.25
+            assert -106.5 <= gcp["map_geom"]["longitude"] <= -106.0
+    else:
+        assert state["georef"]["status"] == "skipped" and "estimated" in state["georef"]["message"]
+        assert published(cdr, "georef") == []
