@@ -1,10 +1,11 @@
 # mip: `make run` starts the server on the demo map; `make test` runs the test suite.
-# Both set up everything first: .venv, the requirements, the data folders, the sample map.
+# Both set up everything first: .venv, the requirements, the data folders, the demo maps.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 MAP := WY_CO_Peach
+GEO_MAP := WY_CO_Peach_geo
 
 .PHONY: run test bench setup lint clean
 
@@ -20,12 +21,17 @@ bench: $(VENV)/.dev setup
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .
 
-# The data folders and the sample map at $TA1_INPUTS_DIR/maps/$(MAP)/$(MAP).tif.
+# The data folders and the two demo maps under $TA1_INPUTS_DIR/maps/: $(MAP), a compressed,
+# tiled TIFF without georeferencing (as most scans come), and $(GEO_MAP), the same map as a
+# GeoTIFF. Each is (re)written when missing or older than modules/sample_map.py.
 setup: $(VENV)/.runtime
 	source ./env.sh && mkdir -p "$$TA1_INPUTS_DIR/maps" "$$TA1_OUTPUTS_DIR" "$$TA1_TEMPS_DIR" \
 	    "$$TA1_RUNS_DIR" "$$TA1_REPOS_DIR" && \
-	  { [ -f "$$TA1_INPUTS_DIR/maps/$(MAP)/$(MAP).tif" ] || \
-	    $(PY) modules/sample_map.py "$$TA1_INPUTS_DIR/maps/$(MAP)/$(MAP).tif"; }
+	  plain="$$TA1_INPUTS_DIR/maps/$(MAP)/$(MAP).tif" && \
+	  geo="$$TA1_INPUTS_DIR/maps/$(GEO_MAP)/$(GEO_MAP).tif" && \
+	  { [ "$$plain" -nt modules/sample_map.py ] || \
+	    $(PY) modules/sample_map.py --no-georef "$$plain"; } && \
+	  { [ "$$geo" -nt modules/sample_map.py ] || $(PY) modules/sample_map.py "$$geo"; }
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)

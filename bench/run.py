@@ -1,4 +1,4 @@
-"""bench: the figures of issue 8, measured on loopback, each against a baseline of the same run.
+"""bench: the figures of issues 8 and 11, each measured against a baseline of the same run.
 
     make bench                                  # = source env.sh && .venv/bin/python bench/run.py
     .venv/bin/python bench/run.py --only 1,4    # some figures only
@@ -6,11 +6,12 @@
 
 It starts its own servers on free loopback ports (mip_server.py with a scratch journal and
 folders, bench/bare.py as the baseline), and stops them, and every run they started, before
-it exits. The modules are zero-time shell stand-ins on the real graph of config.yml.
+it exits. The modules are zero-time shell stand-ins on the real graph of config.yml, except
+in figure 7, where the real stand-ins of modules/ run on a 12,000 x 9,000 px map.
 Prints the machine, then one line per figure: value, baseline, ratio, goal, met.
 A benchmark, not a test: it exits 0 whether or not the goals are met.
 
-Sections: tools (processes, HTTP, load), fixtures, figures 1-6, main.
+Sections: tools (processes, HTTP, load), fixtures, figures 1-6, figure 7, main.
 """
 
 import argparse
@@ -731,7 +732,194 @@ def figure_6(b: Bench, files: int = 16, size: int = 16 * 2**20) -> None:
         moto_log.close()
 
 
-FIGURES = {1: figure_1, 2: figure_2, 3: figure_3, 4: figure_4, 5: figure_5, 6: figure_6}
+# ---------------------------------------------------------------------------- figure 7
+
+BIG_MAP = "bench_big"
+BIG_SIZE = (12_000, 9_000)
+SAMPLE_SECONDS = 0.2
+PAGE = os.sysconf("SC_PAGE_SIZE")
+PATCH_NAME = re.compile(r"_(\d+)_(\d+)\.png$")
+
+
+def tree_rss(root: int) -> tuple:
+    """(bytes, processes): the summed resident memory of root and all its descendants."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    total, count, todo = 0, 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * PAGE
+            count += 1
+        except (OSError, ValueError, IndexError):
+            continue
+        todo.extend(children.get(pid, []))
+    return total, count
+
+
+def run_sampled(argv: list, env: dict, log_path: str, timeout: float) -> dict:
+    """Run argv to its end, sampling the memory of its process tree every 0.2 s."""
+    peak = {"bytes": 0, "processes": 0, "at": 0.0}
+    done = threading.Event()
+    with open(log_path, "w") as log:
+        started = time.perf_counter()
+        proc = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+
+        def sample():
+            while not done.is_set():
+                rss, count = tree_rss(proc.pid)
+                if rss > peak["bytes"]:
+                    peak.update(bytes=rss, processes=count, at=time.perf_counter() - started)
+                done.wait(SAMPLE_SECONDS)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            code = proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            raise BenchError(f"{argv[1]} still running after {timeout:.0f} s") from None
+        finally:
+            seconds = time.perf_counter() - started
+            done.set()
+            sampler.join(10)
+    return {"code": code, "seconds": seconds, **peak}
+
+
+def decode_seconds(path: str, repeats: int = 2) -> float:
+    """The best time of one full decode of the map by rasterio (every band, every pixel)."""
+    import rasterio
+
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        with rasterio.open(path) as src:
+            pixels = src.read()
+        best = min(best, time.perf_counter() - started)
+        del pixels
+    return best
+
+
+def map_box(segmentation_path: str) -> tuple:
+    """legend_segment's map area (x0, y0, x1, y1)."""
+    with open(segmentation_path, encoding="utf-8") as f:
+        shapes = json.load(f)["shapes"]
+    (x0, y0), (x1, y1) = next(s["points"] for s in shapes if s["label"] == "map")
+    return int(x0), int(y0), int(x1), int(y1)
+
+
+def encode_patches(path: str, crop_dir: str, area: tuple, dest: str) -> tuple:
+    """(seconds, patches, bytes): map_crop's required output made alone: the very patches it
+    wrote (white outside the map area and past the edges), encoded as PNG with Pillow at
+    map_crop's compression level, from the decoded map, one after another."""
+    import numpy
+    import rasterio
+    from PIL import Image
+
+    sys.path.insert(0, os.path.join(ROOT, "modules"))
+    import patches as map_crop_patches
+
+    with rasterio.open(path) as src:
+        rgb = src.read().transpose(1, 2, 0)
+    ax0, ay0, ax1, ay1 = area
+    count = size_out = 0
+    started = time.perf_counter()
+    for folder in sorted(os.listdir(crop_dir)):
+        grid = re.search(r"_g(\d+)_s(\d+)_wo_legend$", folder)
+        if not grid:
+            continue
+        size, stride = int(grid.group(1)), int(grid.group(2))
+        os.makedirs(os.path.join(dest, folder))
+        for name in sorted(os.listdir(os.path.join(crop_dir, folder))):
+            place = PATCH_NAME.search(name)
+            if not place:
+                continue
+            x0, y0 = int(place.group(2)) * stride, int(place.group(1)) * stride
+            patch = numpy.full((size, size, 3), 255, dtype=numpy.uint8)
+            left, top = max(x0, ax0), max(y0, ay0)
+            right, bottom = min(x0 + size, ax1), min(y0 + size, ay1)
+            if left < right and top < bottom:
+                patch[top - y0:bottom - y0, left - x0:right - x0] = rgb[top:bottom, left:right]
+            out = os.path.join(dest, folder, name)
+            Image.fromarray(patch).save(out, "PNG",
+                                        compress_level=map_crop_patches.PNG_LEVEL)
+            size_out += os.path.getsize(out)
+            count += 1
+    return time.perf_counter() - started, count, size_out
+
+
+def figure_7(b: Bench) -> None:
+    """The whole graph of the real stand-ins (config.yml), 4 workers, on the sample map drawn
+    at 12,000 x 9,000 and written as LZW: wall time against one full decode of the file by
+    rasterio, peak memory of mipper and all its children, and map_crop's patches encoded
+    alone (the bound its required output puts on the graph)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import map_variants
+    import sample_map
+
+    base = os.path.join(b.scratch, "big")
+    dirs = {name: os.path.join(base, name)
+            for name in ("inputs", "outputs", "temps", "runs", "repos", "bound")}
+    for path in dirs.values():
+        os.makedirs(path)
+    tif = os.path.join(dirs["inputs"], "maps", BIG_MAP, f"{BIG_MAP}.tif")
+    started = time.perf_counter()
+    map_variants.write_variant(map_variants.VARIANTS["lzw"], sample_map.draw_sample_map(*BIG_SIZE),
+                               tif)
+    made = time.perf_counter() - started
+    decode = decode_seconds(tif)
+
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MIP_", "TA1_")) and "proxy" not in k.lower()}
+    env.update({f"TA1_{name.upper()}_DIR": dirs[name]
+                for name in ("inputs", "outputs", "temps", "runs", "repos")})
+    env.update(MIP_CONFIG=os.path.join(ROOT, "config.yml"), MIP_WORKERS="4",
+               PYTHONUNBUFFERED="1")
+    job = "big-job"
+    run = run_sampled([PY, "mipper.py", "--job", job, "--map", BIG_MAP, "--module", "ALL"], env,
+                      os.path.join(base, "mipper.log"), timeout=900)
+    if run["code"] != 0:
+        with open(os.path.join(base, "mipper.log")) as f:
+            raise BenchError(f"the graph failed on the 12k map: {f.read()[-400:]}")
+    db = journal.Journal(os.path.join(dirs["runs"], "journal.db"))
+    spans = {}
+    for module in db.job_modules(job):
+        row = db.latest_execution(job, module)
+        spans[module] = parse_time(row["stop_time"]) - parse_time(row["start_time"])
+    db.close()
+
+    out = os.path.join(dirs["outputs"], job)
+    area = map_box(os.path.join(out, "legend_segment", f"{BIG_MAP}_map_segmentation.json"))
+    bound, patches, patch_bytes = encode_patches(tif, os.path.join(out, "map_crop"), area,
+                                                 dirs["bound"])
+    graph, peak_gb = run["seconds"], run["bytes"] / 1e9
+    slowest = sorted(spans.items(), key=lambda kv: -kv[1])[:4]
+    b.details.append(
+        f"7: map {BIG_SIZE[0]} x {BIG_SIZE[1]} LZW, {os.path.getsize(tif) / 1e6:.0f} MB, made "
+        f"in {made:.1f} s; decode {decode:.2f} s (best of 2); graph {graph:.1f} s, longest "
+        f"modules {', '.join(f'{m} {s:.1f} s' for m, s in slowest)}; peak {peak_gb:.2f} GB in "
+        f"{run['processes']} processes at {run['at']:.1f} s; map_crop's {patches} patches "
+        f"({patch_bytes / 1e6:.0f} MB of PNG) encoded alone in {bound:.1f} s")
+    b.row("7 12k map: graph s", f"{graph:.1f}", f"{decode:.2f} decode", graph / decode,
+          "<= 20 x decode", graph / decode <= 20)
+    b.row("7 12k map: graph vs patches s", f"{graph:.1f}", f"{bound:.1f} patches",
+          graph / bound, "<= 1.5 x patches", graph / bound <= 1.5)
+    b.row("7 12k map: peak memory GB", f"{peak_gb:.2f}", goal="<= 1.2 GB", met=peak_gb <= 1.2)
+
+
+FIGURES = {1: figure_1, 2: figure_2, 3: figure_3, 4: figure_4, 5: figure_5, 6: figure_6,
+           7: figure_7}
 
 
 # ---------------------------------------------------------------------------- main
@@ -757,7 +945,7 @@ def table(rows: list) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="", help="comma-separated figure numbers (1-6)")
+    parser.add_argument("--only", default="", help="comma-separated figure numbers (1-7)")
     parser.add_argument("--python-load", action="store_true",
                         help="use the Python load generator even when wrk is installed")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
