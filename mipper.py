@@ -625,10 +625,16 @@ class Run:
                       f"# switches: {shlex.join(how.switches)}\n".encode())
             out.flush()
             try:
+                # again at the last moment: a module run since the run was checked may have
+                # made a symlink that now leads a path out of the job
+                check_extra(self.settings, self.catalogue, self.job,
+                            {name: self.extra.get(name, ())})
                 code, message = runners.run(module_runner(self.settings, module), how, out,
                                             self.settings.runner_settings)
             except runners.RunnerError as e:
                 code, message = None, str(e)
+            except switches.Refused as e:
+                code, message = None, f"extra switches refused: {e}"
             if message is None:
                 missing = [os.path.relpath(p, job_out)
                            for p in module_outputs(self.settings, module, self.job, self.map_name)

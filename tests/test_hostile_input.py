@@ -7,11 +7,14 @@ import hmac
 import json
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import requests
 from cdr_standin import StandInCdr
 from conftest import MAP
+from conftest import ROOT
 from conftest import Server
 from conftest import kill_leftover_runs
 from conftest import mipper
@@ -120,6 +123,31 @@ def test_mipper_refuses_the_same_switches(mip_env, tmp_path):
     assert not os.path.exists(target)
     # refused before anything is recorded
     assert not os.path.exists(os.path.join(mip_env["TA1_RUNS_DIR"], "journal.db"))
+
+
+def test_a_symlink_made_during_the_run_is_caught_before_the_module_starts(mip_env, tmp_path):
+    link = os.path.join(mip_env["TA1_OUTPUTS_DIR"], "m2", "link")
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "mipper.py"), "--job", "m2", "--map", MAP,
+         "--module", "map_crop", "--extra-switch", "legend_segment=--sleep",
+         "--extra-switch", "legend_segment=2", "--extra-switch",
+         "map_crop=--fail-unless-exists", "--extra-switch", f"map_crop={link}/shadow"],
+        env=mip_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: os.path.isdir(os.path.join(mip_env["TA1_OUTPUTS_DIR"], "m2",
+                                                    "legend_segment")))
+        (tmp_path / "shadow").write_text("x")
+        os.symlink(str(tmp_path), link)
+        assert proc.wait(60) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    db = journal.Journal(os.path.join(mip_env["TA1_RUNS_DIR"], "journal.db"))
+    row = db.latest_execution("m2", "map_crop")
+    db.close()
+    assert row["status"] == "failed"
+    assert "extra switches refused" in row["message"] and "outside" in row["message"]
 
 
 def test_docker_modules_see_container_paths_under_the_same_rule(mip_env):
