@@ -279,9 +279,9 @@ class RunQueue:
                                             os.path.join(self.cfg.settings.runs_dir, "logs"))
             except journal.JournalError as e:
                 raise ApiError(409, "job_bound_to_other_map", str(e)) from None
-        log.info("run %s submitted: job %s, map %s, modules %s", run_id, payload["job"],
-                 payload["map"], " ".join(payload["modules"]))
-        with self.lock:
+            log.info("run %s submitted: job %s, map %s, modules %s", run_id, payload["job"],
+                     payload["map"], " ".join(payload["modules"]))
+            # the key is in place before any dispatcher can see the run
             if openai_key:
                 self.keys[run_id] = openai_key
             self.dispatch()
@@ -320,21 +320,19 @@ class RunQueue:
 
     def queued(self) -> int:
         """Runs recorded but not started yet (those being started do not count)."""
-        return len([r for r in self.db.run_ids(status=Status.NOT_STARTED.value)
-                    if r not in self.running])
+        return len([r for r, _ in self.db.waiting_runs() if r not in self.running])
 
     def dispatch(self) -> None:
         """Start every queued run that the limits allow, oldest first."""
         with self.lock:
             if self.stopping:
                 return
-            for run in self.db.runs_with_status(Status.NOT_STARTED):
+            for run_id, job in self.db.waiting_runs():
                 if len(self.running) >= self.cfg.max_runs:
                     break
-                if run["run_id"] in self.running or any(
-                        job == run["job"] for job, _ in self.running.values()):
+                if run_id in self.running or any(j == job for j, _ in self.running.values()):
                     continue
-                self.start(run)
+                self.start(self.db.run(run_id))
 
     def start(self, run: dict) -> None:
         run_id = run["run_id"]
@@ -792,8 +790,8 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
                      "limits": {"max_runs": cfg.max_runs, "max_queued": cfg.max_queued,
                                 "workers": settings.workers,
                                 "max_body_bytes": MAX_BODY},
-                     "runs": {"running": len(db.runs_with_status(Status.RUNNING)),
-                              "queued": len(db.runs_with_status(Status.NOT_STARTED))},
+                     "runs": {"running": len(db.run_ids(status=Status.RUNNING.value)),
+                              "queued": len(db.waiting_runs())},
                      "cdr": link.status() if link else None,
                      "openapi": "/openapi.json"})
 
