@@ -21,6 +21,7 @@ export MIP_WORKERS=${MIP_WORKERS:-4}                    # modules run in paralle
 export MIP_HOST=${MIP_HOST:-127.0.0.1}    # address to bind; keep loopback unless behind a proxy
 export MIP_PORT=${MIP_PORT:-8080}
 export MIP_MAX_RUNS=${MIP_MAX_RUNS:-2}    # runs executing at once (runs of one job never overlap)
+export MIP_MAX_QUEUED=${MIP_MAX_QUEUED:-200}  # runs waiting to start; more are refused (503)
 export MIP_THREADS=${MIP_THREADS:-8}      # request threads
 # Basic auth: MIP_USER with MIP_PASSWORD, or MIP_USERS_FILE (lines user:hash, see
 # `python mip_server.py --hash-password`). With neither, the demo keeps a random password,

@@ -311,6 +311,13 @@ class Journal:
         sql = f"SELECT json_group_array(run_id) FROM ({sql})"
         return self.connect().execute(sql, args).fetchone()[0]
 
+    def waiting_runs(self) -> list:
+        """(run_id, job) of every `not_started` run, oldest first: what the dispatcher
+        needs, without the payloads (up to a MiB each), whose decoding made every
+        submission slower as the queue grew."""
+        return [tuple(row) for row in self.connect().execute(
+            "SELECT run_id, job FROM runs WHERE status = 'not_started' ORDER BY seq")]
+
     def runs_with_status(self, *statuses: Status) -> list:
         """Rows of every run in one of `statuses`, oldest first."""
         marks = ",".join("?" * len(statuses))

@@ -39,6 +39,8 @@ import cdr
 import journal
 import mapcheck
 import mipper
+import switches
+import untrusted
 from journal import FINISHED
 from journal import Status
 
@@ -46,12 +48,15 @@ VERSION = "0.1.0"
 MAX_BODY = 1024 * 1024
 LOG_TAIL = 8192
 CANCEL_GRACE = 30  # seconds for a cancelled run to stop its containers or tasks
+QUEUE_RETRY_AFTER = 30  # seconds a client is told to wait when the queue is full
 CHUNK = 256 * 1024
 YIELD_BYTES = 64 * 1024  # a zip goes to waitress in pieces of about this size
 # Already compressed: stored as they are, since deflating them costs time and saves nothing.
 STORED_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gz", ".zip", ".gpkg", ".pth",
                    ".cog", ".jp2", ".webp", ".bz2", ".xz", ".7z")
 PBKDF2_ITERATIONS = 200_000
+# an OpenAI key reaches a module's environment: printable ASCII, nothing that could break it
+OPENAI_KEY_RE = re.compile(r"[!-~]{1,512}")
 
 log = logging.getLogger("mip.server")
 
@@ -69,6 +74,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 8080
     max_runs: int = 2
+    max_queued: int = 200
     threads: int = 8
     users: dict = field(default_factory=dict, repr=False)  # name -> password hash
     auth: bool = True
@@ -83,6 +89,7 @@ class Config:
         port = port if port is not None else mipper.int_setting(env, "MIP_PORT", 8080, 0, 65535)
         return cls(settings=settings, host=host or env.get("MIP_HOST") or "127.0.0.1",
                    port=port, max_runs=mipper.int_setting(env, "MIP_MAX_RUNS", 2, 1, 256),
+                   max_queued=mipper.int_setting(env, "MIP_MAX_QUEUED", 200, 1, 100_000),
                    threads=mipper.int_setting(env, "MIP_THREADS", 8, 1, 256),
                    users=users, auth=not no_auth, password_file=password_file,
                    cdr_settings=cdr.CdrSettings.from_env(env, VERSION))
@@ -190,8 +197,8 @@ def render_http_error(res: bottle.HTTPError) -> str:
         message = (f"{bottle.request.method} is not allowed on {bottle.request.path}; "
                    f"allowed: {res.headers.get('Allow', '')}")
     elif code >= 500:
-        log.error("unexpected error on %s %s\n%s", bottle.request.method, bottle.request.path,
-                  res.traceback or res.exception)
+        log.error("unexpected error on %s %s", bottle.request.method, bottle.request.path,
+                  exc_info=res.exception)
         message = "internal error; the server log has the details"
     else:
         message = str(res.body or res.status_line)
@@ -267,47 +274,77 @@ class RunQueue:
     def submit(self, payload: dict, openai_key: str | None = None) -> str:
         """Check a RunPayload against the catalogue, maps and jobs, record it and start it
         when the limits allow; returns the run id. Raises ApiError (404 unknown map, 409 job
-        bound to another map, 422 unknown module or a map GDAL cannot read)."""
+        bound to another map, 422 bad name, unknown module, refused switch or a map GDAL
+        cannot read, 503 queue full)."""
+        self.check(payload, openai_key)
+        with self.lock:
+            # under the lock, so that two submissions cannot both take the last place
+            if self.queued() >= self.cfg.max_queued:
+                raise ApiError(503, "queue_full",
+                               f"{self.cfg.max_queued} runs are already waiting to start "
+                               f"(MIP_MAX_QUEUED); try again in {QUEUE_RETRY_AFTER} s",
+                               headers={"Retry-After": str(QUEUE_RETRY_AFTER)})
+            try:
+                run_id = self.db.create_run(payload["job"], payload["map"], payload["modules"],
+                                            payload.get("force_rerun", False), payload,
+                                            os.path.join(self.cfg.settings.runs_dir, "logs"))
+            except journal.JournalError as e:
+                raise ApiError(409, "job_bound_to_other_map", str(e)) from None
+            log.info("run %s submitted: job %s, map %s, modules %s", run_id, payload["job"],
+                     payload["map"], " ".join(payload["modules"]))
+            # the key is in place before any dispatcher can see the run
+            if openai_key:
+                self.keys[run_id] = openai_key
+            self.dispatch()
+        return run_id
+
+    def check(self, payload: dict, openai_key: str | None) -> None:
+        """Everything of a payload that reaches a module's command line or environment:
+        names (matched whole, so no trailing newline), modules, the map, extra switches
+        (the rule of switches.py) and the key. Raises ApiError."""
         catalogue, settings = self.catalogue, self.cfg.settings
+        for kind in ("job", "map"):
+            try:
+                mipper.check_name(kind, payload[kind])
+            except mipper.UsageError as e:
+                raise ApiError(422, "invalid_payload", f"{kind}: {e}") from None
         try:
             mipper.expand_modules(catalogue, payload["modules"])
         except mipper.UsageError as e:
             raise ApiError(422, "unknown_module", f"modules: {e}") from None
-        for name in payload.get("extra_switches") or {}:
+        extra = payload.get("extra_switches") or {}
+        for name in extra:
             if name not in catalogue:
                 raise ApiError(422, "unknown_module",
                                f"extra_switches: unknown module {name!r}; GET /modules lists them")
+        try:
+            mipper.check_extra(settings, catalogue, payload["job"], extra)
+        except switches.Refused as e:
+            raise ApiError(422, e.code, str(e)) from None
+        if openai_key and not OPENAI_KEY_RE.fullmatch(openai_key):
+            raise ApiError(422, "invalid_payload",
+                           "openai_key: expected printable ASCII without spaces")
         try:
             mipper.check_map(settings, payload["map"])
         except mipper.UsageError as e:
             raise ApiError(404, "unknown_map", f"map: {e}") from None
         check_map_readable(settings, payload["map"])
-        try:
-            run_id = self.db.create_run(payload["job"], payload["map"], payload["modules"],
-                                        payload.get("force_rerun", False), payload,
-                                        os.path.join(settings.runs_dir, "logs"))
-        except journal.JournalError as e:
-            raise ApiError(409, "job_bound_to_other_map", str(e)) from None
-        log.info("run %s submitted: job %s, map %s, modules %s", run_id, payload["job"],
-                 payload["map"], " ".join(payload["modules"]))
-        with self.lock:
-            if openai_key:
-                self.keys[run_id] = openai_key
-            self.dispatch()
-        return run_id
+
+    def queued(self) -> int:
+        """Runs recorded but not started yet (those being started do not count)."""
+        return len([r for r, _ in self.db.waiting_runs() if r not in self.running])
 
     def dispatch(self) -> None:
         """Start every queued run that the limits allow, oldest first."""
         with self.lock:
             if self.stopping:
                 return
-            for run in self.db.runs_with_status(Status.NOT_STARTED):
+            for run_id, job in self.db.waiting_runs():
                 if len(self.running) >= self.cfg.max_runs:
                     break
-                if run["run_id"] in self.running or any(
-                        job == run["job"] for job, _ in self.running.values()):
+                if run_id in self.running or any(j == job for j, _ in self.running.values()):
                     continue
-                self.start(run)
+                self.start(self.db.run(run_id))
 
     def start(self, run: dict) -> None:
         run_id = run["run_id"]
@@ -635,13 +672,17 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     @app.hook("before_request")
     def edges():
         env = bottle.request.environ
+        try:
+            untrusted.decoded_path(env.get("bottle.raw_path", ""))
+        except ValueError as e:
+            raise ApiError(400, "bad_path", str(e)) from None
         path = env.get("PATH_INFO", "/")
         if len(path) > 1 and path.endswith("/"):
             env["PATH_INFO"] = path.rstrip("/") or "/"
         if "\x00" in env["PATH_INFO"]:
             raise ApiError(400, "bad_path", "the path holds a NUL character")
         length = env.get("CONTENT_LENGTH") or "0"
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):
             raise ApiError(400, "bad_request", "Content-Length is not a number")
         if int(length) > MAX_BODY:
             raise ApiError(413, "body_too_large",
@@ -713,7 +754,8 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         raw = bottle.request.query.get(name)
         if raw is None:
             return default
-        if not raw.isdigit() or int(raw) > high:
+        # isascii: isdigit() is also true of "²", which int() refuses
+        if not (raw.isascii() and raw.isdigit()) or int(raw) > high:
             raise ApiError(400, "bad_query", f"?{name}= must be a whole number from 0 to {high}")
         return int(raw)
 
@@ -757,10 +799,11 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     def info():
         """Service info: version, modules, limits, queue."""
         return send({"name": "mip", "version": VERSION, "modules": list(catalogue),
-                     "limits": {"max_runs": cfg.max_runs, "workers": settings.workers,
+                     "limits": {"max_runs": cfg.max_runs, "max_queued": cfg.max_queued,
+                                "workers": settings.workers,
                                 "max_body_bytes": MAX_BODY},
-                     "runs": {"running": len(db.runs_with_status(Status.RUNNING)),
-                              "queued": len(db.runs_with_status(Status.NOT_STARTED))},
+                     "runs": {"running": len(db.run_ids(status=Status.RUNNING.value)),
+                              "queued": len(db.waiting_runs())},
                      "cdr": link.status() if link else None,
                      "openapi": "/openapi.json"})
 
@@ -1041,9 +1084,13 @@ def cdr_submitter(queue: RunQueue):
 
 
 def read_json_bytes(raw: bytes):
+    """The body as JSON. Raises 400: bad_json when nested too deep, malformed_json when
+    not JSON at all."""
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
+        return untrusted.parse_json(raw)
+    except untrusted.TooDeep as e:
+        raise ApiError(400, "bad_json", str(e)) from None
+    except ValueError as e:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}") from None
 
 
@@ -1099,7 +1146,9 @@ class RequestLog:
         started = time.monotonic()
 
         def start(status, headers, exc_info=None):
-            self.writer.line(f"{environ.get('REQUEST_METHOD')} {environ.get('PATH_INFO')} "
+            # both come from the client: escaped, so they cannot forge a line
+            self.writer.line(f"{untrusted.escape(environ.get('REQUEST_METHOD', ''))} "
+                             f"{untrusted.escape(environ.get('PATH_INFO', ''))} "
                              f"{status[:3]} {(time.monotonic() - started) * 1000:.1f} ms")
             return start_response(status, headers, exc_info)
 
@@ -1148,7 +1197,7 @@ def setup_logging() -> LineWriter:
     """The server's log lines to stdout through a LineWriter; returns it, to stop at exit."""
     writer = LineWriter(sys.stdout)
     handler = logging.handlers.QueueHandler(writer.lines)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setFormatter(untrusted.OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
     logging.getLogger("mip").addHandler(handler)
     logging.getLogger("mip").setLevel(logging.INFO)
     # waitress warns on every queued request under load, which costs time and says nothing

@@ -31,6 +31,8 @@ import yaml
 
 import journal
 import runners
+import switches
+import untrusted
 from journal import Status
 
 EXIT_OK = 0
@@ -41,7 +43,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SCHEMA_DIR = os.path.join(HERE, "schema")
 ALL = "ALL"
 CHUNK_READ = 1024 * 1024
-NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+# used with fullmatch: `$` would let a name end in a newline
+NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 TOKENS = ("$INPUT_DIR", "$OUTPUT_DIR", "$TEMP_DIR", "$REPO_DIR", "$MAP_NAME")
 # Never handed to mipper by the server: the server's own secrets.
 SERVER_SECRETS = ("MIP_PASSWORD", "MIP_CLIENT_PASSWORD", "MIP_CDR_TOKEN", "MIP_CDR_SECRET")
@@ -277,7 +280,7 @@ def ancestors(catalogue: dict, names) -> list:
 
 def check_name(kind: str, value: str) -> str:
     """Refuse names that could escape a folder; raises UsageError."""
-    if not isinstance(value, str) or not NAME_RE.match(value) or value in (".", ".."):
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value in (".", ".."):
         raise UsageError(f"bad {kind} name {value!r}: use letters, digits, '_', '.', '-', "
                          "at most 64, not starting with '.'")
     return value
@@ -293,7 +296,7 @@ def list_maps(settings: Settings) -> list:
         names = sorted(os.listdir(os.path.join(settings.inputs_dir, "maps")))
     except OSError:
         return []
-    return [n for n in names if NAME_RE.match(n) and os.path.isfile(map_file(settings, n))]
+    return [n for n in names if NAME_RE.fullmatch(n) and os.path.isfile(map_file(settings, n))]
 
 
 def check_map(settings: Settings, map_name: str) -> None:
@@ -356,9 +359,10 @@ def launch(settings: Settings, module: Module, job: str, map_name: str, run_id: 
     secrets = {k: env.pop(k) for k in ("OPENAI_API_KEY",) if k in env}
     mounts = ()
     if in_docker:
-        mounts = tuple((host, module.container.get(key, host)) for key, host in (
-            ("input_dir", settings.inputs_dir), ("output_dir", settings.outputs_dir),
-            ("temp_dir", settings.temps_dir), ("repo_dir", settings.repos_dir)))
+        # the inputs and the module sources are read-only to a module
+        mounts = tuple((host, module.container.get(key, host), ro) for key, host, ro in (
+            ("input_dir", settings.inputs_dir, True), ("output_dir", settings.outputs_dir, False),
+            ("temp_dir", settings.temps_dir, False), ("repo_dir", settings.repos_dir, True)))
     return runners.Launch(
         module=module.name,
         name=f"mip-{job}-{module.name}-{run_id}",
@@ -375,6 +379,24 @@ def launch(settings: Settings, module: Module, job: str, map_name: str, run_id: 
         task_definition=module.task_definition or f"ta1_{module.name}",
         container_name=module.container_name or module.name,
     )
+
+
+def check_extra(settings: Settings, catalogue: dict, job: str, extra: dict) -> None:
+    """Apply the rule of switches.py to every module's extra switches, with the paths that
+    module sees (a container's, for the docker runner). Raises UsageError for an unknown
+    module, switches.Refused for a switch that breaks the rule."""
+    roots = (os.path.join(settings.outputs_dir, job), os.path.join(settings.temps_dir, job))
+    for name, args in extra.items():
+        if name not in catalogue:
+            raise UsageError(f"extra switches for unknown module {name!r}")
+        module = catalogue[name]
+        base, view = os.path.join(settings.temps_dir, job, name), ()
+        if module_runner(settings, module) == "docker":
+            # a container's working folder is the image's: relative `..` paths are refused
+            base = None
+            view = [(module.container.get(key, host), host) for key, host in (
+                ("output_dir", settings.outputs_dir), ("temp_dir", settings.temps_dir))]
+        switches.check(name, args, module.options, roots, base, view)
 
 
 def module_outputs(settings: Settings, module: Module, job: str, map_name: str) -> list:
@@ -603,10 +625,16 @@ class Run:
                       f"# switches: {shlex.join(how.switches)}\n".encode())
             out.flush()
             try:
+                # again at the last moment: a module run since the run was checked may have
+                # made a symlink that now leads a path out of the job
+                check_extra(self.settings, self.catalogue, self.job,
+                            {name: self.extra.get(name, ())})
                 code, message = runners.run(module_runner(self.settings, module), how, out,
                                             self.settings.runner_settings)
             except runners.RunnerError as e:
                 code, message = None, str(e)
+            except switches.Refused as e:
+                code, message = None, f"extra switches refused: {e}"
             if message is None:
                 missing = [os.path.relpath(p, job_out)
                            for p in module_outputs(self.settings, module, self.job, self.map_name)
@@ -710,9 +738,7 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
     check_name("job", job)
     targets = expand_modules(catalogue, modules)
     extra = extra or {}
-    for name in extra:
-        if name not in catalogue:
-            raise UsageError(f"extra switches for unknown module {name!r}")
+    check_extra(settings, catalogue, job, extra)
     check_map(settings, map_name)
     settings.make_dirs()
     db = journal.Journal(settings.journal_path)
@@ -786,11 +812,12 @@ def run_logs(settings: Settings, job: str, log_path: str | None):
     (containers, tasks) stays on the host, never in the logs the API serves."""
     handlers = {"mip.runner": logging.FileHandler(os.path.join(settings.runs_dir,
                                                                "runners.log"))}
-    handlers["mip.runner"].setFormatter(logging.Formatter(f"%(asctime)s {job} %(message)s"))
+    handlers["mip.runner"].setFormatter(
+        untrusted.OneLineFormatter(f"%(asctime)s {job} %(message)s"))
     logging.getLogger("mip.runner").propagate = False
     if log_path:
         handlers["mip"] = logging.FileHandler(log_path)
-        handlers["mip"].setFormatter(logging.Formatter(LOG_FORMAT))
+        handlers["mip"].setFormatter(untrusted.OneLineFormatter(LOG_FORMAT))
     for name, handler in handlers.items():
         logging.getLogger(name).addHandler(handler)
     try:
@@ -828,7 +855,7 @@ def setup_logging() -> None:
     """Our lines to stderr; luigi's own chatter (and its tracebacks of our
     ModuleFailed) kept out, since each failure is already logged in one line."""
     handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(untrusted.OneLineFormatter(LOG_FORMAT))
     logger = logging.getLogger("mip")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -899,7 +926,7 @@ def main(argv=None) -> int:
             parser.error("--job, --map and --module are required to run modules")
         return run(settings, args.job, args.map, args.module, args.force_rerun,
                    parse_extra(args.extra_switch), args.run_id)
-    except (UsageError, CatalogueError) as e:
+    except (UsageError, CatalogueError, switches.Refused) as e:
         print(f"mipper: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except MipError as e:

@@ -87,7 +87,7 @@ class Launch:
     gpu: bool = False
     image: str | None = None
     user: str | None = None
-    mounts: tuple = ()  # (host path, container path)
+    mounts: tuple = ()  # (host path, container path, read-only)
     task_definition: str | None = None
     container_name: str | None = None
 
@@ -153,12 +153,13 @@ def run_inline(launch: Launch, out) -> int:
 # ---------------------------------------------------------------------------- docker
 
 def docker_argv(launch: Launch, settings: RunnerSettings) -> list:
-    """`docker run` for the module: its image, the data folders mounted, the GPU when it
-    wants one, the user, the secrets by name only (their values travel in the
-    environment, never on a command line), a unique name, the switches as the command."""
+    """`docker run` for the module: its image, the data folders mounted (inputs and repos
+    read-only), the GPU when it wants one, the user, the secrets by name only (their
+    values travel in the environment, never on a command line), a unique name, the
+    switches as the command."""
     argv = [settings.docker, "run", "--rm", "--name", launch.name]
-    for host, container in launch.mounts:
-        argv += ["-v", f"{host}:{container}"]
+    for host, container, read_only in launch.mounts:
+        argv += ["-v", f"{host}:{container}{':ro' if read_only else ''}"]
     if launch.gpu:
         argv += ["--gpus", "all"]
     if launch.user:

@@ -46,7 +46,8 @@ def parse_run(args: list) -> dict:
             run["name"] = value
         elif flag == "-v":
             host, _, container = value.partition(":")
-            run["mounts"].append([host, container])
+            container, _, mode = container.partition(":")
+            run["mounts"].append([host, container, mode or "rw"])
         elif flag == "--gpus":
             run["gpus"] = value
         elif flag == "--user":
@@ -75,7 +76,7 @@ def docker_run(args: list) -> int:
         print(f"Unable to find image '{run['image']}:latest' locally", file=sys.stderr)
         return fail(f"Error response from daemon: pull access denied for {run['image']}, "
                     "repository does not exist")
-    for host, container in run["mounts"]:
+    for host, container, _ in run["mounts"]:
         if not os.path.isabs(host) or not os.path.isdir(host) or not container.startswith("/"):
             return fail(f"invalid mount {host}:{container}")
     for name in run["env"]:
@@ -87,7 +88,7 @@ def docker_run(args: list) -> int:
         return fail(f"Error response from daemon: no such image {run['image']}")
     # longest container path first, so /ta1/outputs is not taken for /ta1
     mounts = sorted(run["mounts"], key=lambda m: -len(m[1]))
-    command = [next((host + arg[len(container):] for host, container in mounts
+    command = [next((host + arg[len(container):] for host, container, _ in mounts
                      if arg == container or arg.startswith(container + "/")), arg)
                for arg in run["command"]]
     # a container is not in the docker client's process group: signals to the client (or

@@ -1,6 +1,7 @@
 """mipper on the sample map with the stand-in modules: real luigi, subprocesses, SQLite."""
 
 import os
+import pathlib
 import sqlite3
 import time
 
@@ -56,8 +57,9 @@ def test_whole_graph_passes_and_writes_every_output(mip_env):
     assert "to execute: nothing" in again.stderr
 
 
-def test_failure_stops_dependents_only_and_rerun_executes_only_what_failed(mip_env, tmp_path):
-    flag = tmp_path / "flag"
+def test_failure_stops_dependents_only_and_rerun_executes_only_what_failed(mip_env):
+    # an extra switch may only name paths in the job's own output or temp folder
+    flag = pathlib.Path(mip_env["TA1_TEMPS_DIR"], "j2", "flag")
     args = ["--job", "j2", "--map", MAP, "--module", "ALL",
             "--extra-switch", "map_crop=--fail-unless-exists", "--extra-switch",
             f"map_crop={flag}"]
@@ -108,8 +110,9 @@ def test_force_rerun_reruns_named_targets_and_their_dependents(mip_env):
     assert last["map_crop"]["id"] != after["map_crop"]["id"]
 
 
-def test_extra_switches_reach_the_module_argv_as_separate_arguments(mip_env, tmp_path):
-    odd = tmp_path / "a file; with $(spaces) & `quotes`"
+def test_extra_switches_reach_the_module_argv_as_separate_arguments(mip_env):
+    odd = pathlib.Path(mip_env["TA1_OUTPUTS_DIR"], "j5", "a file; with $(spaces) & `quotes`")
+    odd.parent.mkdir(parents=True)
     odd.write_text("x")
     result = mipper(mip_env, "--job", "j5", "--map", MAP, "--module", "legend_segment",
                     "--extra-switch", "legend_segment=--fail-unless-exists",

@@ -61,8 +61,10 @@ def test_whole_graph_through_docker(docker_env):
                                     "TA1_REPOS_DIR")]
     for call in runs:
         assert call["rm"] and call["gpus"] == "all" and call["user"] == "1000:1000"
-        assert call["mounts"] == [[h, c] for h, c in zip(
-            host, ["/ta1/inputs", "/ta1/outputs", "/ta1/temps", "/ta1/repos"], strict=True)]
+        # inputs and module sources read-only: a module writes only outputs and temps
+        assert call["mounts"] == [[h, c, m] for h, c, m in zip(
+            host, ["/ta1/inputs", "/ta1/outputs", "/ta1/temps", "/ta1/repos"],
+            ["ro", "rw", "rw", "ro"], strict=True)]
         assert call["env"] == ["OPENAI_API_KEY"]
         assert KEY not in json.dumps(call)
         # the switches name the container's paths
