@@ -34,8 +34,9 @@ class KeyStore:
         try:
             return self._fernet.decrypt(sealed.encode("ascii")).decode()
         except (InvalidToken, UnicodeError):
-            raise KeyStoreError(f"a sealed key does not open with {self.path} (was the key "
-                                "file replaced?)") from None
+            # said in a run's log, which the API serves: no path
+            raise KeyStoreError("the run's OpenAI key does not open with the key file "
+                                "(MIP_KEY_FILE was replaced?)") from None
 
 
 def read_or_make_key(path: str) -> bytes:

@@ -335,11 +335,17 @@ class RunQueue:
                     self.dispatch_later()
 
     def dispatch_later(self) -> None:
+        """dispatch() again in RETRY_START seconds (once, however often it is asked)."""
         with self.lock:
-            if self.retry is None or not self.retry.is_alive():
-                self.retry = threading.Timer(RETRY_START, self.dispatch)
+            if self.retry is None:
+                self.retry = threading.Timer(RETRY_START, self.dispatch_again)
                 self.retry.daemon = True
                 self.retry.start()
+
+    def dispatch_again(self) -> None:
+        with self.lock:
+            self.retry = None
+        self.dispatch()
 
     def start(self, run: dict) -> None:
         run_id = run["run_id"]
@@ -471,6 +477,7 @@ class RunQueue:
         """Mark a run whose process is gone failed, saying why in its log."""
         self.db.end_running_executions(run["run_id"], Status.FAILED, why)
         self.db.set_run_status(run["run_id"], Status.FAILED)
+        self.db.forget_run_key(run["run_id"])
         append_log(run["log_path"], f"{journal.utcnow()} run failed: {why}\n")
 
     def cancel(self, run_id: str) -> None:
@@ -1302,7 +1309,11 @@ def main(argv=None) -> int:
         return mipper.EXIT_USAGE
     db = journal.Journal(cfg.settings.journal_path)
     db.migrate()
-    queue = RunQueue(cfg, db)
+    try:
+        queue = RunQueue(cfg, db)
+    except keystore.KeyStoreError as e:
+        print(f"mip_server: error: {e}", file=sys.stderr)
+        return mipper.EXIT_USAGE
     link = None
     if cfg.cdr_settings:
         link = cdr.CdrLink(cfg.cdr_settings, cfg.settings, db, cdr_submitter(queue))

@@ -4,6 +4,8 @@ delivered to the module, gone once the run starts, and never in clear on disk.""
 import hashlib
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 from conftest import ROOT
@@ -96,6 +98,37 @@ def test_queued_key_survives_a_restart_sealed(server_env, tmp_path):
         assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
         assert not data_files_holding(data, KEY)
         assert KEY not in first_output and KEY not in srv.output()
+    finally:
+        srv.stop()
+        kill_leftover_runs(env)
+
+
+def test_bad_key_file_is_one_line_at_start(server_env, tmp_path):
+    bad = tmp_path / "bad.key"
+    bad.write_text("not a key\n")
+    env = dict(server_env, MIP_KEY_FILE=str(bad))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "mip_server.py"), "--port", "0"],
+                          env=env, capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("mip_server: error: MIP_KEY_FILE")
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_key_sealed_under_a_replaced_key_file_fails_its_run(server_env, tmp_path):
+    env = dict(server_env, MIP_MAX_RUNS="1", MIP_CONFIG=probe_catalogue(tmp_path))
+    srv = Server(env).start()
+    try:
+        srv.post("/runs", json={"job": "hold", "map": "WY_CO_Peach", "modules": ["probe"],
+                                "extra_switches": {"probe": ["--sleep", "3"]}})
+        keyed = srv.post("/runs", json={"job": "lost", "map": "WY_CO_Peach",
+                                        "modules": ["probe"], "openai_key": KEY}).json()
+        srv.stop()
+        os.remove(os.path.join(env["TA1_RUNS_DIR"], "keystore.key"))
+        srv.start()
+        final = srv.wait_run(keyed["run_id"], timeout=60)
+        assert final["status"] == "failed"
+        assert "does not open with the key file" in final["log"]
+        assert env["TA1_RUNS_DIR"] not in final["log"]
     finally:
         srv.stop()
         kill_leftover_runs(env)
