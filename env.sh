@@ -23,6 +23,12 @@ export MIP_PORT=${MIP_PORT:-8080}
 export MIP_MAX_RUNS=${MIP_MAX_RUNS:-2}    # runs executing at once (runs of one job never overlap)
 export MIP_MAX_QUEUED=${MIP_MAX_QUEUED:-200}  # runs waiting to start; more are refused (503)
 export MIP_THREADS=${MIP_THREADS:-8}      # request threads
+# POST /runs (and rerun) answer 507 while the runs, outputs or temps folder has less free
+# space than this, in MB: a real module writes hundreds of MB, and a run needs room to
+# record its end.
+export MIP_MIN_FREE_MB=${MIP_MIN_FREE_MB:-1024}
+# MIP_KEY_FILE: the key that seals a queued run's OpenAI key in the journal; made
+# (random, owner-only) at first start; default $TA1_RUNS_DIR/keystore.key.
 # Basic auth: MIP_USER with MIP_PASSWORD, or MIP_USERS_FILE (lines user:hash, see
 # `python mip_server.py --hash-password`). With neither, the demo keeps a random password,
 # made once, in .mip_password (owner-only, git-ignored): MIP_PASSWORD_FILE.

@@ -128,12 +128,20 @@ def _allow_skipped_publications(db) -> None:
     db.execute("ALTER TABLE cdr_publications_new RENAME TO cdr_publications")
 
 
+def _add_run_keys(db) -> None:
+    """4: the sealed OpenAI key of a queued run (keystore.py), kept until the run starts."""
+    db.execute("""CREATE TABLE run_keys (
+        run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
+        sealed TEXT NOT NULL)""")
+
+
 # Numbered migrations after the initial schema: (version, function(db)). Each runs in
 # one transaction with the bump of PRAGMA user_version that records it.
 MIGRATIONS: list = [
     (1, _add_upload_columns),
     (2, _add_cdr_tables),
     (3, _allow_skipped_publications),
+    (4, _add_run_keys),
 ]
 
 
@@ -234,10 +242,11 @@ class Journal:
     # ---------------------------------------------------------------- runs and jobs
 
     def create_run(self, job: str, map_name: str, modules: list, force_rerun: bool,
-                   payload: dict, logs_dir: str) -> str:
+                   payload: dict, logs_dir: str, sealed_key: str | None = None) -> str:
         """Record a new `not_started` run, binding the job to its map on its first run;
         returns its id (made inside the transaction, so ids sort as runs were recorded).
-        The run's log is `<logs_dir>/<run id>.log`.
+        The run's log is `<logs_dir>/<run id>.log`. `sealed_key` (an already encrypted
+        OpenAI key) is kept with the run until run_key() is forgotten.
 
         Raises JournalError if the job is bound to another map.
         """
@@ -257,7 +266,21 @@ class Journal:
                 " submit_time, log_path) VALUES (?, ?, ?, ?, ?, ?, 'not_started', ?, ?)",
                 (run_id, job, map_name, json.dumps(modules), int(force_rerun),
                  json.dumps(payload), now, log_path))
+            if sealed_key is not None:
+                db.execute("INSERT INTO run_keys (run_id, sealed) VALUES (?, ?)",
+                           (run_id, sealed_key))
         return run_id
+
+    def run_key(self, run_id: str) -> str | None:
+        """The sealed OpenAI key kept for a queued run, or None."""
+        row = self.connect().execute("SELECT sealed FROM run_keys WHERE run_id = ?",
+                                     (run_id,)).fetchone()
+        return row and row[0]
+
+    def forget_run_key(self, run_id: str) -> None:
+        """Delete a run's sealed key (it started, was cancelled or ended)."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM run_keys WHERE run_id = ?", (run_id,))
 
     def set_run_status(self, run_id: str, status: Status, pid: int | None = None) -> bool:
         """Move a run to `status`, stamping start or stop time; False if the move is illegal."""

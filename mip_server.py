@@ -11,6 +11,7 @@ Each run is a `mipper.py` subprocess in its own process group; the SQLite journa
 
 import argparse
 import base64
+import errno
 import getpass
 import hashlib
 import hmac
@@ -21,6 +22,7 @@ import os
 import re
 import secrets
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -37,8 +39,10 @@ import waitress
 
 import cdr
 import journal
+import keystore
 import mapcheck
 import mipper
+import runners
 import switches
 import untrusted
 from journal import FINISHED
@@ -49,6 +53,8 @@ MAX_BODY = 1024 * 1024
 LOG_TAIL = 8192
 CANCEL_GRACE = 30  # seconds for a cancelled run to stop its containers or tasks
 QUEUE_RETRY_AFTER = 30  # seconds a client is told to wait when the queue is full
+RETRY_START = 5  # seconds before queued runs that could not start are tried again
+RETRY_END_MAX = 10  # longest wait between two tries at recording a run's end
 CHUNK = 256 * 1024
 YIELD_BYTES = 64 * 1024  # a zip goes to waitress in pieces of about this size
 # Already compressed: stored as they are, since deflating them costs time and saves nothing.
@@ -267,16 +273,22 @@ class RunQueue:
         self.finished = []  # callbacks(run) called when a run's process has ended
         self.env = dict(os.environ if env is None else env)
         self.lock = threading.RLock()
-        self.running = {}  # run_id -> (job, mipper pid), while that process is alive
-        self.keys = {}  # run_id -> openai key, in memory only, until the run starts
+        self.running = {}  # run_id -> (job, mipper pid), until its end is recorded
+        # a queued run's OpenAI key waits in the journal, sealed, until the run starts
+        self.keystore = keystore.KeyStore(cfg.settings.key_file)
+        # where a dead run's containers or tasks may be: the runners this host uses
+        self.runners = {mipper.module_runner(cfg.settings, m) for m in self.catalogue.values()}
+        self.retry = None  # the timer that dispatches again after a run could not start
         self.stopping = False
 
     def submit(self, payload: dict, openai_key: str | None = None) -> str:
         """Check a RunPayload against the catalogue, maps and jobs, record it and start it
         when the limits allow; returns the run id. Raises ApiError (404 unknown map, 409 job
         bound to another map, 422 bad name, unknown module, refused switch or a map GDAL
-        cannot read, 503 queue full)."""
+        cannot read, 503 queue full, 507 too little free disk space)."""
         self.check(payload, openai_key)
+        self.check_space()
+        sealed = self.keystore.seal(openai_key) if openai_key else None
         with self.lock:
             # under the lock, so that two submissions cannot both take the last place
             if self.queued() >= self.cfg.max_queued:
@@ -287,14 +299,16 @@ class RunQueue:
             try:
                 run_id = self.db.create_run(payload["job"], payload["map"], payload["modules"],
                                             payload.get("force_rerun", False), payload,
-                                            os.path.join(self.cfg.settings.runs_dir, "logs"))
+                                            os.path.join(self.cfg.settings.runs_dir, "logs"),
+                                            sealed)
             except journal.JournalError as e:
                 raise ApiError(409, "job_bound_to_other_map", str(e)) from None
+            except (sqlite3.Error, OSError) as e:
+                if not disk_full(e):
+                    raise
+                raise insufficient_storage("the journal's disk is full") from None
             log.info("run %s submitted: job %s, map %s, modules %s", run_id, payload["job"],
                      payload["map"], " ".join(payload["modules"]))
-            # the key is in place before any dispatcher can see the run
-            if openai_key:
-                self.keys[run_id] = openai_key
             self.dispatch()
         return run_id
 
@@ -334,17 +348,54 @@ class RunQueue:
         """Runs recorded but not started yet (those being started do not count)."""
         return len([r for r, _ in self.db.waiting_runs() if r not in self.running])
 
+    def check_space(self) -> None:
+        """Raises ApiError 507 when a data folder has less free space than MIP_MIN_FREE_MB:
+        a run started there would fail, or could not even record its end."""
+        settings = self.cfg.settings
+        for name, path in (("runs", settings.runs_dir), ("outputs", settings.outputs_dir),
+                           ("temps", settings.temps_dir)):
+            free = free_mb(path)
+            if free is not None and free < settings.min_free_mb:
+                raise insufficient_storage(
+                    f"the {name} folder has {free} MB free; a run needs at least "
+                    f"{settings.min_free_mb} MB (MIP_MIN_FREE_MB)")
+
     def dispatch(self) -> None:
-        """Start every queued run that the limits allow, oldest first."""
+        """Start every queued run that the limits allow, oldest first. Never raises: a run
+        that cannot start now (a full disk) stays queued and is tried again later."""
         with self.lock:
             if self.stopping:
                 return
-            for run_id, job in self.db.waiting_runs():
+            try:
+                queued = self.db.waiting_runs()
+            except sqlite3.Error as e:
+                log.error("cannot read the queue (%s); trying again in %d s", e, RETRY_START)
+                self.dispatch_later()
+                return
+            for run_id, job in queued:
                 if len(self.running) >= self.cfg.max_runs:
                     break
                 if run_id in self.running or any(j == job for j, _ in self.running.values()):
                     continue
-                self.start(self.db.run(run_id))
+                try:
+                    self.start(self.db.run(run_id))
+                except Exception as e:  # noqa: BLE001 - the other runs and the caller go on
+                    log.error("run %s could not start (%s); it stays queued, tried again in "
+                              "%d s", run_id, e, RETRY_START)
+                    self.dispatch_later()
+
+    def dispatch_later(self) -> None:
+        """dispatch() again in RETRY_START seconds (once, however often it is asked)."""
+        with self.lock:
+            if self.retry is None:
+                self.retry = threading.Timer(RETRY_START, self.dispatch_again)
+                self.retry.daemon = True
+                self.retry.start()
+
+    def dispatch_again(self) -> None:
+        with self.lock:
+            self.retry = None
+        self.dispatch()
 
     def start(self, run: dict) -> None:
         run_id = run["run_id"]
@@ -358,7 +409,13 @@ class RunQueue:
             argv += [f"--extra-switch={name}={arg}" for arg in args]
         env = {k: v for k, v in self.env.items()
                if k not in mipper.SERVER_SECRETS and k != "MIP_OPENAI_KEY"}
-        key = self.keys.pop(run_id, None) or self.env.get("MIP_OPENAI_KEY")
+        # every process of the run inherits this, so that a dead run's leftovers are found
+        env[runners.RUN_ENV] = run_id
+        try:
+            key = self.run_key(run_id) or self.env.get("MIP_OPENAI_KEY")
+        except keystore.KeyStoreError as e:
+            self.fail(run, str(e))
+            return
         if key:
             env["MIP_OPENAI_KEY"] = key
         os.makedirs(os.path.dirname(run["log_path"]), exist_ok=True)
@@ -372,11 +429,21 @@ class RunQueue:
                 self.db.set_run_status(run_id, Status.FAILED)
                 log.error("run %s failed: could not start mipper: %s", run_id, e)
                 return
-        self.db.set_run_pid(run_id, proc.pid)
         self.running[run_id] = (run["job"], proc.pid)
         log.info("run %s started (job %s, pid %d)", run_id, run["job"], proc.pid)
         threading.Thread(target=self.watch, args=(run_id, proc.wait), daemon=True,
                          name=f"watch-{run_id}").start()
+        try:
+            self.db.forget_run_key(run_id)
+            self.db.set_run_pid(run_id, proc.pid)
+        except sqlite3.Error as e:
+            # mipper records its pid itself; the key goes when the run's end is recorded
+            log.error("run %s: cannot record its start yet: %s", run_id, e)
+
+    def run_key(self, run_id: str) -> str | None:
+        """The OpenAI key given with a queued run, opened; None if it has none."""
+        sealed = self.db.run_key(run_id)
+        return self.keystore.open(sealed) if sealed else None
 
     def adopt(self, run: dict) -> None:
         """Watch a run whose mipper outlived a previous server."""
@@ -393,28 +460,74 @@ class RunQueue:
         threading.Thread(target=self.watch, args=(run_id, wait), daemon=True,
                          name=f"watch-{run_id}").start()
 
-    def watch(self, run_id: str, wait) -> None:
-        """Wait for the run's process, then make sure the journal says how it ended."""
+    def watch(self, run_id: str, wait, why: str | None = None) -> None:
+        """Wait for the run's process; then stop what it left running if it died, and make
+        sure the journal says how it ended, trying again (with backoff) until it does.
+        The job stays busy until then. Never raises."""
         code = wait()
+        if why is None:
+            why = (f"mipper exited with code {code} before recording the end of the run"
+                   if code is not None else "mipper ended before recording the end of the run")
+        pid = self.running.get(run_id, (None, None))[1]
+        try:
+            recorded = self.db.run(run_id)["status"] in (Status.PASSED, Status.FAILED)
+        except sqlite3.Error:
+            recorded = False
+        if not recorded:
+            self.stop_leftovers(run_id, pid)
+        delay = 0.1
+        while True:
+            try:
+                run = self.record_end(run_id, why)
+                break
+            except Exception as e:  # noqa: BLE001 - a full disk passes; the end must be kept
+                log.error("run %s: cannot record its end yet (%s); trying again in %.1f s",
+                          run_id, e, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_END_MAX)
+        log.info("run %s %s", run_id, run["status"])
         with self.lock:
             self.running.pop(run_id, None)
-            run = self.db.run(run_id)
-            if run["status"] == Status.CANCELLED:
-                self.db.end_running_executions(run_id, Status.CANCELLED, "run cancelled")
-            elif run["status"] not in FINISHED:
-                why = (f"mipper exited with code {code} before recording the end of the run"
-                       if code is not None else "mipper ended before recording the end of the run")
-                self.fail(run, why)
-            run = self.db.run(run_id)
-            log.info("run %s %s", run_id, run["status"])
-            self.dispatch()
+        self.dispatch()
         for callback in self.finished:
-            callback(run)
+            try:
+                callback(run)
+            except Exception:
+                log.exception("run %s: a run-end callback failed", run_id)
+
+    def record_end(self, run_id: str, why: str) -> dict:
+        """Fail a run whose process ended without recording its end, close any of its
+        module executions still `running`, forget its key; the run's row."""
+        with self.lock:
+            run = self.db.run(run_id)
+            if run["status"] not in FINISHED:
+                self.fail(run, why)
+            elif run["status"] == Status.CANCELLED:
+                self.db.end_running_executions(run_id, Status.CANCELLED, "run cancelled")
+            else:
+                self.db.end_running_executions(run_id, Status.FAILED,
+                                               "the run ended before this module recorded its end")
+            self.db.forget_run_key(run_id)
+            return self.db.run(run_id)
+
+    def stop_leftovers(self, run_id: str, pid: int | None) -> None:
+        """Stop what a run whose mipper died left running (processes, containers, tasks),
+        before its job is freed for another run."""
+        try:
+            stopped = runners.stop_run(run_id, pid, self.runners,
+                                       self.cfg.settings.runner_settings)
+        except runners.RunnerError as e:
+            log.error("run %s: its mipper died and what it started may still run: %s",
+                      run_id, e)
+            return
+        if stopped:
+            log.info("run %s: its mipper died; stopped %s", run_id, ", ".join(stopped))
 
     def fail(self, run: dict, why: str) -> None:
         """Mark a run whose process is gone failed, saying why in its log."""
         self.db.end_running_executions(run["run_id"], Status.FAILED, why)
         self.db.set_run_status(run["run_id"], Status.FAILED)
+        self.db.forget_run_key(run["run_id"])
         append_log(run["log_path"], f"{journal.utcnow()} run failed: {why}\n")
 
     def cancel(self, run_id: str) -> None:
@@ -428,7 +541,7 @@ class RunQueue:
             if not self.db.set_run_status(run_id, Status.CANCELLED):
                 append_log(run["log_path"], "(it had just ended)\n")
                 return
-            self.keys.pop(run_id, None)
+            self.db.forget_run_key(run_id)
             pid = self.running.get(run_id, (None, None))[1]
             log.info("run %s cancelled", run_id)
         if pid is not None:
@@ -455,19 +568,46 @@ class RunQueue:
 
     def recover(self) -> None:
         """At start-up: watch runs whose mipper is still alive, fail those whose process is
-        gone, and queue again those that never started."""
+        gone (after stopping what they left running), and queue again those that never
+        started."""
         for run in self.db.runs_with_status(Status.RUNNING, Status.NOT_STARTED):
             if run["pid"] and process_alive(run["pid"], run["run_id"]):
                 self.adopt(run)
             elif run["pid"] or run["status"] == Status.RUNNING:
-                self.fail(run, "the server restarted and the run's mipper process was gone")
-                log.info("run %s failed: mipper process gone after a restart", run["run_id"])
+                log.info("run %s: mipper process gone after a restart", run["run_id"])
+                with self.lock:
+                    self.running[run["run_id"]] = (run["job"], run["pid"])
+                threading.Thread(
+                    target=self.watch, daemon=True, name=f"watch-{run['run_id']}",
+                    args=(run["run_id"], lambda: None,
+                          "the server restarted and the run's mipper process was gone")).start()
         self.dispatch()
 
     def stop(self) -> None:
         """Stop starting runs; running mippers go on and a restarted server adopts them."""
         with self.lock:
             self.stopping = True
+
+
+def insufficient_storage(why: str) -> ApiError:
+    return ApiError(507, "insufficient_storage",
+                    f"{why}; no run can start until space is freed on the server")
+
+
+def free_mb(path: str) -> int | None:
+    """Free space for this user under `path`, in MB; None if it cannot be told."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize // (1024 * 1024)
+
+
+def disk_full(e: Exception) -> bool:
+    """True for the errors a full disk gives SQLite and the file system."""
+    if isinstance(e, sqlite3.Error):
+        return getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL
+    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def process_alive(pid: int, run_id: str) -> bool:
@@ -1231,7 +1371,11 @@ def main(argv=None) -> int:
         return mipper.EXIT_USAGE
     db = journal.Journal(cfg.settings.journal_path)
     db.migrate()
-    queue = RunQueue(cfg, db)
+    try:
+        queue = RunQueue(cfg, db)
+    except keystore.KeyStoreError as e:
+        print(f"mip_server: error: {e}", file=sys.stderr)
+        return mipper.EXIT_USAGE
     link = None
     if cfg.cdr_settings:
         link = cdr.CdrLink(cfg.cdr_settings, cfg.settings, db, cdr_submitter(queue))

@@ -93,6 +93,8 @@ class Settings:
     s3_temps: bool = False
     runner_settings: runners.RunnerSettings = field(default_factory=runners.RunnerSettings)
     luigi_scheduler_url: str | None = None
+    min_free_mb: int = 1024  # below this, in the runs, outputs or temps folder, no new run
+    key_file: str | None = None  # the keystore's Fernet key (default: in the runs folder)
 
     @classmethod
     def from_env(cls, env) -> "Settings":
@@ -117,6 +119,9 @@ class Settings:
             s3_temps=env.get("MIP_S3_TEMPS", "0") == "1",
             runner_settings=runner_settings(env),
             luigi_scheduler_url=env.get("MIP_LUIGI_SCHEDULER_URL") or None,
+            min_free_mb=int_setting(env, "MIP_MIN_FREE_MB", 1024, 0, 10**9),
+            key_file=os.path.abspath(env.get("MIP_KEY_FILE") or os.path.join(
+                dirs["TA1_RUNS_DIR"], "keystore.key")),
         )
 
     @property
@@ -366,6 +371,7 @@ def launch(settings: Settings, module: Module, job: str, map_name: str, run_id: 
     return runners.Launch(
         module=module.name,
         name=f"mip-{job}-{module.name}-{run_id}",
+        run_id=run_id,
         command=tuple(inline_command(settings, module)),
         switches=tuple(module_switches(module, token_values(settings, job, map_name, container))
                        + list(extra)),
@@ -605,21 +611,10 @@ class Run:
         return (last is not None and last["status"] == "passed"
                 and last["id"] > self.passed_before.get(name, 0))
 
-    def execute(self, name: str) -> None:
-        """Run one module to its end and record it; raises ModuleFailed."""
-        module = self.catalogue[name]
+    def run_module(self, module: Module, how: runners.Launch, log_path: str) -> tuple:
+        """Run the module with its log open; (exit code, message when it failed)."""
+        name = module.name
         job_out = os.path.join(self.settings.outputs_dir, self.job)
-        for folder in (os.path.join(job_out, name),
-                       os.path.join(self.settings.temps_dir, self.job, name)):
-            # a rerun starts clean, so that stale outputs cannot pass for new ones
-            shutil.rmtree(folder, ignore_errors=True)
-            os.makedirs(folder)
-        log_path = os.path.join(job_out, f"{name}.log")
-        how = launch(self.settings, module, self.job, self.map_name, self.run_id,
-                     self.extra.get(name, ()), self.env)
-        exec_id = self.db.start_execution(self.run_id, self.job, name, log_path)
-        log.info("module %s started", name)
-        started = time.monotonic()
         with open(log_path, "wb") as out:
             out.write(f"# {name} {module.version}: {journal.utcnow()}\n"
                       f"# switches: {shlex.join(how.switches)}\n".encode())
@@ -644,7 +639,30 @@ class Run:
             status = Status.FAILED if message else Status.PASSED
             out.write(f"# {name} {status.value}"
                       f"{': ' + message if message else ''}: {journal.utcnow()}\n".encode())
-        self.db.finish_execution(exec_id, status, code, message)
+        return code, message
+
+    def execute(self, name: str) -> None:
+        """Run one module to its end and record it; raises ModuleFailed."""
+        module = self.catalogue[name]
+        job_out = os.path.join(self.settings.outputs_dir, self.job)
+        for folder in (os.path.join(job_out, name),
+                       os.path.join(self.settings.temps_dir, self.job, name)):
+            # a rerun starts clean, so that stale outputs cannot pass for new ones
+            shutil.rmtree(folder, ignore_errors=True)
+            os.makedirs(folder)
+        log_path = os.path.join(job_out, f"{name}.log")
+        how = launch(self.settings, module, self.job, self.map_name, self.run_id,
+                     self.extra.get(name, ()), self.env)
+        exec_id = self.db.start_execution(self.run_id, self.job, name, log_path)
+        log.info("module %s started", name)
+        started = time.monotonic()
+        try:
+            code, message = self.run_module(module, how, log_path)
+        except Exception as e:  # noqa: BLE001 - the execution must not stay `running`
+            # a full outputs disk: the module's log cannot be written, or it fails oddly
+            code, message = None, f"mipper could not run the module or keep its log: {e}"
+        self.db.finish_execution(exec_id, Status.FAILED if message else Status.PASSED, code,
+                                 message)
         took = time.monotonic() - started
         if message:
             log.info("module %s failed after %.1f s: %s", name, took, message)
@@ -777,6 +795,10 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
             return EXIT_FAILED
         finally:
             RUN = None
+        # a module whose end could not be recorded (its worker died) must not stay running
+        if db.end_running_executions(run_id, Status.FAILED,
+                                     "the run ended before this module recorded its end"):
+            status = Status.FAILED
         if not db.set_run_status(run_id, status):
             status = Status(db.run(run_id)["status"])
         log.info("run %s %s (luigi: %s)", run_id, status.value, result.status.name)

@@ -6,9 +6,15 @@ Not run directly. A runner gets a Launch and the module's open log file, returns
 module's exit code, and raises RunnerError when the module could not be run at all.
 Cancelling (SIGTERM to mipper's process group) calls `terminate()`, which stops what the
 runner started: the local process, the container (`docker kill`), the task (`StopTask`).
+When mipper itself dies (SIGKILL, the OOM killer), nothing of that runs: the server then
+calls `stop_run()`, which finds what the run started by its run id (the processes'
+MIP_RUN_ID, the containers' label, the tasks' startedBy) and stops it.
 """
 
+import contextlib
 import logging
+import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -17,6 +23,8 @@ from dataclasses import field
 log = logging.getLogger("mip.runner")
 
 RUNNERS = ("inline", "docker", "ecs")
+RUN_LABEL = "mip.run_id"  # the docker label naming the run that started a container
+RUN_ENV = "MIP_RUN_ID"  # set by the server for mipper; every process of the run inherits it
 # docker run's own failures (the image, the engine, the command) rather than the module's
 DOCKER_EXIT = {125: "docker could not run the container (the log has docker's reason: a "
                     "missing image, an engine that is not running, ...)",
@@ -78,7 +86,7 @@ class Launch:
     """One module execution, in the terms every runner understands."""
 
     module: str
-    name: str  # unique: container name, ECS startedBy/reference
+    name: str  # unique: container name
     command: tuple  # inline: the program and its first arguments
     switches: tuple  # the module's switches, with the paths where the module runs
     env: dict = field(repr=False)  # inline: the whole environment
@@ -90,6 +98,7 @@ class Launch:
     mounts: tuple = ()  # (host path, container path, read-only)
     task_definition: str | None = None
     container_name: str | None = None
+    run_id: str = ""  # the container's label, the ECS task's startedBy
 
 
 # ---------------------------------------------------------------------------- cancelling
@@ -158,6 +167,8 @@ def docker_argv(launch: Launch, settings: RunnerSettings) -> list:
     values travel in the environment, never on a command line), a unique name, the
     switches as the command."""
     argv = [settings.docker, "run", "--rm", "--name", launch.name]
+    if launch.run_id:
+        argv += ["--label", f"{RUN_LABEL}={launch.run_id}"]
     for host, container, read_only in launch.mounts:
         argv += ["-v", f"{host}:{container}{':ro' if read_only else ''}"]
     if launch.gpu:
@@ -206,7 +217,7 @@ def run_ecs(launch: Launch, out, settings: RunnerSettings) -> int:
         "cluster": settings.ecs_cluster,
         "taskDefinition": launch.task_definition,
         "count": 1,
-        "startedBy": launch.name[:36],
+        "startedBy": launch.run_id[:128],
         "overrides": {"containerOverrides": [{
             "name": launch.container_name,
             "command": list(launch.switches),
@@ -291,3 +302,101 @@ def copy_task_log(launch: Launch, arn: str, out, settings: RunnerSettings) -> No
         out.write(f"# the task's log {settings.ecs_log_group}/{stream} could not be read: "
                   f"{e}\n".encode())
     out.flush()
+
+
+# ---------------------------------------------------------------------------- a dead run
+
+def stop_run(run_id: str, pgid: int | None, used: set, settings: RunnerSettings) -> list:
+    """Stop everything a run whose mipper died had started: its processes (the process
+    group `pgid` and any process carrying its MIP_RUN_ID), the containers labelled with
+    its id when `used` has docker, the ECS tasks it started when `used` has ecs. Returns
+    what was stopped, as text; raises RunnerError when docker or ECS could not be asked
+    (the processes are stopped first, whatever happens after)."""
+    stopped = [f"process {pid}" for pid in stop_processes(run_id, pgid)]
+    errors = []
+    for runner, stop in (("docker", stop_containers), ("ecs", stop_tasks)):
+        if runner in used:
+            try:
+                stopped += stop(run_id, settings)
+            except RunnerError as e:
+                errors.append(str(e))
+    if errors:
+        raise RunnerError("; ".join(errors))
+    return stopped
+
+
+def run_processes(run_id: str) -> list:
+    """(pid, process group) of the live processes whose environment holds this run's id."""
+    marker = f"{RUN_ENV}={run_id}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            # a zombie's environ reads empty: it is gone already
+            with open(f"/proc/{name}/environ", "rb") as f:
+                if marker not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{name}/stat", "rb") as f:
+                pgrp = int(f.read().rsplit(b")", 1)[1].split()[2])
+        except (OSError, ValueError, IndexError):
+            continue
+        found.append((int(name), pgrp))
+    return found
+
+
+def stop_processes(run_id: str, pgid: int | None, timeout: float = 10) -> list:
+    """SIGKILL the run's process group (mipper's luigi workers and inline modules) and any
+    straggler that left it; returns the pids seen. The group is killed only while a
+    member carries the run's id, so a pid reused since cannot be hit."""
+    seen = set()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = run_processes(run_id)
+        if not found:
+            break
+        seen.update(pid for pid, _ in found)
+        if pgid and any(group == pgid for _, group in found):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pgid, signal.SIGKILL)
+        for pid, _ in found:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.05)
+    return sorted(seen)
+
+
+def stop_containers(run_id: str, settings: RunnerSettings) -> list:
+    """`docker kill` the running containers labelled with the run's id."""
+    argv = [settings.docker, "ps", "--quiet", "--filter", f"label={RUN_LABEL}={run_id}"]
+    try:
+        found = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise RunnerError(f"could not list the run's containers: {e}") from None
+    if found.returncode != 0:
+        raise RunnerError(f"could not list the run's containers: {found.stderr.strip()}")
+    ids = found.stdout.split()
+    if ids:
+        subprocess.run([settings.docker, "kill", *ids], stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=30, check=False)
+    return [f"container {i}" for i in ids]
+
+
+def stop_tasks(run_id: str, settings: RunnerSettings) -> list:
+    """StopTask on the cluster's tasks started by the run (startedBy = its id)."""
+    import boto3
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
+
+    try:
+        ecs = boto3.client("ecs")
+        arns = []
+        for page in ecs.get_paginator("list_tasks").paginate(
+                cluster=settings.ecs_cluster, startedBy=run_id[:128], desiredStatus="RUNNING"):
+            arns += page.get("taskArns", [])
+        for arn in arns:
+            ecs.stop_task(cluster=settings.ecs_cluster, task=arn,
+                          reason="its mip run's mipper process died")
+    except (BotoCoreError, ClientError) as e:
+        raise RunnerError(f"could not stop the run's ECS tasks: {e}") from None
+    return [f"task {arn}" for arn in arns]

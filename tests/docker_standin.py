@@ -1,11 +1,12 @@
 """A stand-in `docker` program for tests (no Docker engine runs here).
 
-It accepts the `docker run` and `docker kill` command lines mip gives, checks them as a real
+It accepts the `docker run`, `docker kill` and `docker ps --quiet --filter label=K=V`
+command lines mip gives, checks them as a real
 docker would need them, records each call as a JSON line in $DOCKER_STANDIN_LOG, and runs
 the stand-in module of the image (`inferlink/ta1_<module>` -> modules/<module>.py) with
 the container paths of its switches mapped back to the mounted host folders.
 
-    $DOCKER_STANDIN_STATE        folder for the pids of running "containers"
+    $DOCKER_STANDIN_STATE        folder for the pids and labels of running "containers"
     $DOCKER_STANDIN_MISSING      space-separated images that do not exist
     $DOCKER_STANDIN_NO_ENGINE=1  behave as a client whose engine is not running
 """
@@ -31,7 +32,8 @@ def fail(message: str, code: int = 125) -> int:
 
 def parse_run(args: list) -> dict:
     """The options of `docker run` up to the image; raises ValueError for unknown ones."""
-    run = {"rm": False, "name": None, "mounts": [], "gpus": None, "user": None, "env": []}
+    run = {"rm": False, "name": None, "mounts": [], "gpus": None, "user": None, "env": [],
+           "labels": {}}
     i = 0
     while i < len(args) and args[i].startswith("-"):
         flag = args[i]
@@ -54,6 +56,11 @@ def parse_run(args: list) -> dict:
             run["user"] = value
         elif flag == "-e":
             run["env"].append(value)
+        elif flag == "--label":
+            key, sep, label = value.partition("=")
+            if not sep or not key:
+                raise ValueError(f"invalid label {value!r}: expected KEY=VALUE")
+            run["labels"][key] = label
         else:
             raise ValueError(f"unknown flag: {flag}")
         i += 2
@@ -93,14 +100,46 @@ def docker_run(args: list) -> int:
                for arg in run["command"]]
     # a container is not in the docker client's process group: signals to the client (or
     # its death) leave it running, as a real one would be without `docker kill`
-    proc = subprocess.Popen([sys.executable, program, *command], start_new_session=True)
-    pid_file = os.path.join(os.environ["DOCKER_STANDIN_STATE"], f"{run['name']}.pid")
+    # nor does it inherit the client's environment: only the variables named with -e (and
+    # what the interpreter needs here to start)
+    env = {k: v for k, v in os.environ.items()
+           if k in run["env"] or not k.startswith(("MIP_", "TA1_", "DOCKER_STANDIN"))}
+    proc = subprocess.Popen([sys.executable, program, *command], start_new_session=True,
+                            env=env)
+    state = os.environ["DOCKER_STANDIN_STATE"]
+    pid_file = os.path.join(state, f"{run['name']}.pid")
+    labels_file = os.path.join(state, f"{run['name']}.labels")
+    with open(labels_file, "w") as f:
+        json.dump(run["labels"], f)
     with open(pid_file, "w") as f:
         f.write(str(proc.pid))
     try:
         return proc.wait()
     finally:
         os.remove(pid_file)
+        os.remove(labels_file)
+
+
+def docker_ps(args: list) -> int:
+    """`docker ps --quiet --filter label=KEY=VALUE`: the names (as ids) of the running
+    containers with that label."""
+    record({"cmd": "ps", "args": args})
+    if args[:2] not in (["--quiet", "--filter"], ["-q", "--filter"]) or len(args) != 3 \
+            or not args[2].startswith("label="):
+        return fail(f"ps: this stand-in knows only --quiet --filter label=K=V, not {args}")
+    key, _, value = args[2].removeprefix("label=").partition("=")
+    state = os.environ["DOCKER_STANDIN_STATE"]
+    for name in sorted(os.listdir(state)):
+        if not name.endswith(".pid"):
+            continue
+        try:
+            with open(os.path.join(state, name.removesuffix(".pid") + ".labels")) as f:
+                labels = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if labels.get(key) == value:
+            print(name.removesuffix(".pid"))
+    return 0
 
 
 def docker_kill(args: list) -> int:
@@ -121,6 +160,8 @@ def main(argv: list) -> int:
         return docker_run(argv[1:])
     if argv[:1] == ["kill"]:
         return docker_kill(argv[1:])
+    if argv[:1] == ["ps"]:
+        return docker_ps(argv[1:])
     return fail(f"'{' '.join(argv[:1])}' is not a docker command this stand-in knows")
 
 

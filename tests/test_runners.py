@@ -116,7 +116,8 @@ def test_cancel_reaches_docker_kill(docker_env):
     try:
         body = payload("dkc", "georeference", extra_switches={"georeference": ["--sleep", "60"]})
         run_id = srv.post("/runs", json=body).json()["run_id"]
-        pid_file = wait_for(lambda: os.listdir(env["DOCKER_STANDIN_STATE"]))[0]
+        pid_file = wait_for(lambda: [n for n in os.listdir(env["DOCKER_STANDIN_STATE"])
+                                     if n.endswith(".pid")])[0]
         name = pid_file.removesuffix(".pid")
         container_pid = int(read(os.path.join(env["DOCKER_STANDIN_STATE"], pid_file)))
         status = srv.post(f"/runs/{run_id}/cancel").json()

@@ -302,6 +302,8 @@ def test_restart_after_sigkill_reconciles_runs(server_env, tmp_path):
         doomed = ok(srv.post("/runs", json=payload("r3", "georeference",
                                                    extra_switches=slow("georeference", 60))))
         srv.wait_run(doomed["run_id"], until=("running",))
+        # the run is `running` a moment before its module's execution is recorded
+        wait_for(lambda: srv.get("/modules/r3/georeference").status_code == 200)
         srv.proc.send_signal(signal.SIGKILL)
         srv.proc.wait(10)
         srv.stop()

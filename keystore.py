@@ -1,0 +1,63 @@
+"""keystore: seals the OpenAI key of a queued run, so that it survives a server restart
+without ever being written in clear.
+
+Not run directly: the server's run queue makes one `KeyStore(path)` at start-up. The
+first start writes a random Fernet key to `path` (MIP_KEY_FILE, owner-only, like the
+password file); every sealed value in the journal needs that file to be opened again.
+This file owns the key file and the sealing; it never writes a journal row or logs a
+value.
+"""
+
+import os
+
+from cryptography.fernet import Fernet
+from cryptography.fernet import InvalidToken
+
+
+class KeyStoreError(Exception):
+    """The key file is unreadable or malformed, or a sealed value does not open with it."""
+
+
+class KeyStore:
+    """Seals and opens short secrets with the Fernet key kept in `path`."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._fernet = Fernet(read_or_make_key(path))
+
+    def seal(self, secret: str) -> str:
+        """The secret encrypted and authenticated, as ASCII text for the journal."""
+        return self._fernet.encrypt(secret.encode()).decode("ascii")
+
+    def open(self, sealed: str) -> str:
+        """The secret back; raises KeyStoreError if it was not sealed with this key file."""
+        try:
+            return self._fernet.decrypt(sealed.encode("ascii")).decode()
+        except (InvalidToken, UnicodeError):
+            # said in a run's log, which the API serves: no path
+            raise KeyStoreError("the run's OpenAI key does not open with the key file "
+                                "(MIP_KEY_FILE was replaced?)") from None
+
+
+def read_or_make_key(path: str) -> bytes:
+    """The Fernet key kept in `path`, made once (owner-only) when the file does not exist.
+    Raises KeyStoreError naming the file when it cannot be read or holds no valid key."""
+    try:
+        if not os.path.exists(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            # O_EXCL: two servers starting at once cannot both write a key
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(Fernet.generate_key() + b"\n")
+        with open(path, "rb") as f:
+            key = f.read().strip()
+    except FileExistsError:
+        return read_or_make_key(path)
+    except OSError as e:
+        raise KeyStoreError(f"MIP_KEY_FILE {path}: {e.strerror}") from None
+    try:
+        Fernet(key)
+    except ValueError:
+        raise KeyStoreError(f"MIP_KEY_FILE {path} does not hold a Fernet key (32 url-safe "
+                            "base64-encoded bytes); delete it to make a new one") from None
+    return key
