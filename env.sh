@@ -22,6 +22,9 @@ export MIP_HOST=${MIP_HOST:-127.0.0.1}    # address to bind; keep loopback unles
 export MIP_PORT=${MIP_PORT:-8080}
 export MIP_MAX_RUNS=${MIP_MAX_RUNS:-2}    # runs executing at once (runs of one job never overlap)
 export MIP_THREADS=${MIP_THREADS:-8}      # request threads
+# MIP_MAX_DOWNLOADS: zip downloads sent at once (default half of MIP_THREADS, at most
+# MIP_THREADS - 1); one more gets 503 with Retry-After.
+export MIP_AUTH_FAILURES=${MIP_AUTH_FAILURES:-10}  # wrong credentials a minute per address, then 429
 # Basic auth: MIP_USER with MIP_PASSWORD, or MIP_USERS_FILE (lines user:hash, see
 # `python mip_server.py --hash-password`). With neither, the demo keeps a random password,
 # made once, in .mip_password (owner-only, git-ignored): MIP_PASSWORD_FILE.

@@ -1,4 +1,4 @@
-"""bench: the figures of issue 8, measured on loopback, each against a baseline of the same run.
+"""bench: the figures of issues 8 and 12, on loopback, each against a baseline of the same run.
 
     make bench                                  # = source env.sh && .venv/bin/python bench/run.py
     .venv/bin/python bench/run.py --only 1,4    # some figures only
@@ -10,7 +10,7 @@ it exits. The modules are zero-time shell stand-ins on the real graph of config.
 Prints the machine, then one line per figure: value, baseline, ratio, goal, met.
 A benchmark, not a test: it exits 0 whether or not the goals are met.
 
-Sections: tools (processes, HTTP, load), fixtures, figures 1-6, main.
+Sections: tools (processes, HTTP, load), fixtures, figures 1-8, main.
 """
 
 import argparse
@@ -104,9 +104,11 @@ class Server:
 class Client:
     """One keep-alive HTTP connection with optional basic auth."""
 
-    def __init__(self, url: str, auth: str | None = None, timeout: float = 60):
+    def __init__(self, url: str, auth: str | None = None, timeout: float = 60,
+                 source: str | None = None):
         host, port = url.removeprefix("http://").split(":")
-        self.conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        self.conn = http.client.HTTPConnection(
+            host, int(port), timeout=timeout, source_address=(source, 0) if source else None)
         self.headers = {"Authorization": auth} if auth else {}
 
     def send(self, method: str, path: str, body=None):
@@ -731,7 +733,155 @@ def figure_6(b: Bench, files: int = 16, size: int = 16 * 2**20) -> None:
         moto_log.close()
 
 
-FIGURES = {1: figure_1, 2: figure_2, 3: figure_3, 4: figure_4, 5: figure_5, 6: figure_6}
+def sample_reads(b: Bench, paths: list, seconds: float) -> dict:
+    """{path: seconds of each GET} for `seconds`, one connection per path, each sending a
+    request 10 ms after the last answer; raises BenchError on a non-200 answer."""
+    times = {path: [] for path in paths}
+    failures = []
+    deadline = time.monotonic() + seconds
+
+    def read(path):
+        client = Client(b.mip.url, b.auth, timeout=30)
+        try:
+            while time.monotonic() < deadline:
+                status, raw, took = client.send("GET", path)
+                if status != 200:
+                    failures.append(f"GET {path}: {status} {raw[:200]!r}")
+                    return
+                times[path].append(took)
+                time.sleep(0.01)
+        except OSError as e:
+            failures.append(f"GET {path}: {e}")
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=read, args=(p,), daemon=True) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 60)
+    if failures:
+        raise BenchError(failures[0])
+    return times
+
+
+def latency_rows(b: Bench, figure: str, idle: dict, loaded: dict) -> None:
+    """One row per path: p95 under load against p95 idle, goal < 50 ms."""
+    for path, label in zip(idle, ("status read", "/health"), strict=True):
+        p95, base = pct_ms(loaded[path], 0.95), pct_ms(idle[path], 0.95)
+        b.row(f"{figure} {label} p95 ms", f"{p95:.1f}", f"{base:.1f} idle", p95 / base,
+              "< 50 ms", p95 < 50)
+
+
+ATTACKERS = 32
+ATTACK_INTERVAL = 0.5  # seconds between two wrong passwords of one attacker: 64/s in all
+
+
+def figure_7(b: Bench, seconds: float = 6) -> None:
+    """Status reads and /health while 32 clients, each from its own loopback address
+    (127.0.0.2 and up), send wrong passwords, each one every ATTACK_INTERVAL seconds."""
+    paths = [f"/runs/{b.finished_run()[0]}", "/health"]
+    idle = sample_reads(b, paths, 3)
+    counts = {}
+    done = threading.Event()
+    wrong = basic("bench", "wrong password")
+
+    def attack(i):
+        client = Client(b.mip.url, wrong, timeout=30, source=f"127.0.0.{2 + i}")
+        try:
+            while not done.is_set():
+                status = client.send("GET", "/jobs")[0]
+                counts[status] = counts.get(status, 0) + 1
+                done.wait(ATTACK_INTERVAL)
+        except OSError as e:
+            counts[type(e).__name__] = counts.get(type(e).__name__, 0) + 1
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=attack, args=(i,), daemon=True)
+               for i in range(ATTACKERS)]
+    for t in threads:
+        t.start()
+    try:
+        loaded = sample_reads(b, paths, seconds)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(60)
+    b.details.append(f"7: {ATTACKERS} addresses, {ATTACKERS / ATTACK_INTERVAL:.0f} wrong "
+                     f"passwords/s asked, {sum(counts.values())} sent in {seconds:.0f} s, "
+                     "answers " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(),
+                                                                           key=str))
+                     + f"; reads under attack: {', '.join(str(len(t)) for t in loaded.values())}")
+    latency_rows(b, "7 wrong passwords:", idle, loaded)
+
+
+READERS = 20
+READ_RATE = 600 * 1024  # bytes a second each slow reader takes
+
+
+def figure_8(b: Bench, seconds: float = 8) -> None:
+    """Status reads and /health while 20 clients download a 64 MB zip at 600 KB/s each;
+    a reader refused with 503 waits its Retry-After and asks again, as a client would."""
+    paths = [f"/runs/{b.finished_run()[0]}", "/health"]
+    b.run_graph("slow-zip-job")
+    root = os.path.join(b.dirs["outputs"], "slow-zip-job", "map_crop")
+    shutil.rmtree(root)
+    make_folder(root, 4, 16 * 2**20, compressible=False)
+    idle = sample_reads(b, paths, 3)
+    counts = {"served": 0, "refused": 0, "bytes": 0, "errors": 0}
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds + 1
+
+    def read_slowly():
+        while time.monotonic() < deadline:
+            client = Client(b.mip.url, b.auth, timeout=30)
+            try:
+                client.conn.request("GET", "/modules/slow-zip-job/map_crop/outputs",
+                                    headers=client.headers)
+                resp = client.conn.getresponse()
+                if resp.status != 200:
+                    resp.read()
+                    with lock:
+                        counts["refused"] += 1
+                    time.sleep(min(float(resp.getheader("Retry-After") or 1),
+                                   max(0, deadline - time.monotonic())))
+                    continue
+                with lock:
+                    counts["served"] += 1
+                while time.monotonic() < deadline:
+                    data = resp.read(READ_RATE // 10)
+                    if not data:
+                        break
+                    with lock:
+                        counts["bytes"] += len(data)
+                    time.sleep(0.1)
+            except OSError:
+                with lock:
+                    counts["errors"] += 1
+            finally:
+                client.close()
+
+    threads = [threading.Thread(target=read_slowly, daemon=True) for _ in range(READERS)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)  # every reader has asked once
+        loaded = sample_reads(b, paths, seconds)
+    finally:
+        for t in threads:
+            t.join(60)
+    b.details.append(f"8: {READERS} readers at {READ_RATE // 1024} KB/s: downloads served "
+                     f"{counts['served']}, refused (503) {counts['refused']}, "
+                     f"{counts['bytes'] / 1e6:.0f} MB read, connection errors "
+                     f"{counts['errors']}; reads under load: "
+                     f"{', '.join(str(len(t)) for t in loaded.values())}")
+    latency_rows(b, "8 slow downloads:", idle, loaded)
+    shutil.rmtree(root)
+
+
+FIGURES = {1: figure_1, 2: figure_2, 3: figure_3, 4: figure_4, 5: figure_5, 6: figure_6,
+           7: figure_7, 8: figure_8}
 
 
 # ---------------------------------------------------------------------------- main
@@ -757,7 +907,7 @@ def table(rows: list) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="", help="comma-separated figure numbers (1-6)")
+    parser.add_argument("--only", default="", help="comma-separated figure numbers (1-8)")
     parser.add_argument("--python-load", action="store_true",
                         help="use the Python load generator even when wrk is installed")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
