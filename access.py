@@ -32,7 +32,11 @@ CACHE_SECONDS = 300
 CACHE_SIZE = 1024  # headers kept; past it the oldest goes
 # pbkdf2 releases the GIL but takes a whole core: one check at a time leaves the other
 # cores to requests. A correct header is hashed once per CACHE_SECONDS, so one is plenty.
-CHECKS_AT_ONCE = 1
+# While it runs, a client address with no failure on record may wait for it (a new client
+# logging in during an attack); others are refused at once, and so is anyone past the
+# waiting places, since each waiter holds a request thread.
+WAITING_PLACES = 2
+CHECK_WAIT = 3.0  # seconds a waiter waits at most
 CHECK_BUSY_RETRY = 1  # Retry-After when a check is already running
 ADDRESSES = 10_000  # failure budgets kept; spent budgets are never the ones dropped
 DOWNLOAD_RETRY = 5  # Retry-After when every download slot is taken
@@ -103,7 +107,7 @@ class Credentials:
         self.verified = OrderedDict()  # HMAC of header -> when it was found valid
         self.budgets = {}  # client address -> (failures left, when counted)
         self.lock = threading.Lock()
-        self.checks = threading.BoundedSemaphore(CHECKS_AT_ONCE)
+        self.slot = CheckSlot()
 
     def check(self, header: str, address: str) -> bool:
         """True for valid credentials, False for none or wrong ones.
@@ -115,9 +119,11 @@ class Credentials:
         token = hmac.new(self.key, header.encode(), "sha256").digest()
         if self.cached(token):
             return True
-        self.spend(address)
-        if not self.checks.acquire(blocking=False):
-            self.refund(address)
+        clean = self.spend(address)
+        # a refusal keeps the failure spent: an address whose tries are refused this way
+        # is one with failures on record, which never waits, so the waiting places stay
+        # for addresses that are new
+        if not self.slot.take(CHECK_WAIT if clean else 0):
             raise Refused("auth_busy", "another credential check is running; try again",
                           CHECK_BUSY_RETRY)
         try:
@@ -126,7 +132,7 @@ class Credentials:
             # a dummy hash for unknown users too, so that timing does not reveal names
             ok = check_password(password, stored or DUMMY_HASH) and stored is not None
         finally:
-            self.checks.release()
+            self.slot.give()
         if ok:
             self.refund(address)
             self.remember(token)
@@ -149,11 +155,13 @@ class Credentials:
             while len(self.verified) > self.cache_size:
                 self.verified.popitem(last=False)
 
-    def spend(self, address: str) -> None:
+    def spend(self, address: str) -> bool:
         """Take one failure from the address's budget before hashing (given back if the
-        credentials turn out right). Raises Refused when none is left."""
+        credentials turn out right); True if the address had no failure on record.
+        Raises Refused when none is left."""
         with self.lock:
             left = self.left(address)
+            clean = left >= self.burst
             if left < 1:
                 wait = math.ceil((1 - left) / self.rate)
                 raise Refused("too_many_failures",
@@ -162,6 +170,7 @@ class Credentials:
             self.budgets[address] = (left - 1, self.clock())
             if len(self.budgets) > ADDRESSES:
                 self.forget()
+            return clean
 
     def refund(self, address: str) -> None:
         with self.lock:
@@ -178,6 +187,39 @@ class Credentials:
         self.budgets = {a: b for a, b in self.budgets.items() if self.left(a) < self.burst}
         if len(self.budgets) > ADDRESSES:
             self.budgets = dict(list(self.budgets.items())[-ADDRESSES // 2:])
+
+
+class CheckSlot:
+    """The one pbkdf2 check running at a time. take(wait) with wait > 0 queues for it in
+    one of WAITING_PLACES; take(0) gets it only when it is free and nobody is waiting, so
+    that clients with failures on record never pass the ones waiting."""
+
+    def __init__(self):
+        self.cond = threading.Condition()
+        self.busy = False
+        self.waiting = 0
+
+    def take(self, wait: float) -> bool:
+        with self.cond:
+            if not self.busy and not self.waiting:
+                self.busy = True
+                return True
+            if wait <= 0 or self.waiting >= WAITING_PLACES:
+                return False
+            self.waiting += 1
+            try:
+                if not self.cond.wait_for(lambda: not self.busy, wait):
+                    return False
+            finally:
+                self.waiting -= 1
+            self.busy = True
+            return True
+
+    def give(self) -> None:
+        with self.cond:
+            self.busy = False
+            # all: a waiter that has just timed out must not swallow the only wake-up
+            self.cond.notify_all()
 
 
 # ---------------------------------------------------------------------------- slots

@@ -108,8 +108,11 @@ def test_the_cache_is_bounded_and_holds_no_password():
             assert basic(f"u{i}", f"secret-{i}").encode() not in key
 
 
-def test_one_pbkdf2_check_at_a_time_and_the_rest_refused_at_once(monkeypatch):
-    """32 addresses together get one core's worth of hashing, never every thread."""
+def test_one_pbkdf2_check_at_a_time_and_new_clients_first(monkeypatch):
+    """32 addresses that sent wrong credentials get one core's worth of hashing between
+    them and are refused at once while it runs, never holding a thread, and that refusal
+    counts as a failure; an address with no failure on record waits for the check in one
+    of WAITING_PLACES."""
     creds = access.Credentials({"ann": access.hash_password("right", iterations=FAST)}, 5)
     inside, go_on = threading.Event(), threading.Event()
     real = access.check_password
@@ -120,20 +123,38 @@ def test_one_pbkdf2_check_at_a_time_and_the_rest_refused_at_once(monkeypatch):
         return real(password, stored)
 
     monkeypatch.setattr(access, "check_password", slow)
-    first = threading.Thread(target=creds.check, args=(basic("ann", "wrong"), "10.0.0.1"))
-    first.start()
+    results = {}
+
+    def check(header, address):
+        try:
+            results[address] = creds.check(header, address)
+        except access.Refused as e:
+            results[address] = e.code
+
+    threads = [threading.Thread(target=check, args=(basic("ann", "wrong"), "10.0.0.1"))]
+    threads[0].start()
     try:
         assert inside.wait(30)
         for i in range(2, 34):
+            creds.spend(f"10.0.0.{i}")  # a failure on record
             with pytest.raises(access.Refused) as refused:
                 creds.check(basic("ann", "wrong"), f"10.0.0.{i}")
             assert refused.value.code == "auth_busy" and refused.value.retry_after >= 1
-        # a refusal for being busy does not spend the address's budget
-        assert creds.left("10.0.0.2") == 5
+            assert round(creds.left(f"10.0.0.{i}")) == 3  # counted as a failure
+        for address in ("10.0.1.1", "10.0.1.2"):  # new clients wait for the check
+            threads.append(threading.Thread(target=check,
+                                            args=(basic("ann", "right"), address)))
+            threads[-1].start()
+        wait_for(lambda: creds.slot.waiting == 2, timeout=10)
+        with pytest.raises(access.Refused):  # no waiting place left
+            creds.check(basic("ann", "right"), "10.0.1.3")
+        with pytest.raises(access.Refused):  # nor a way past those waiting
+            creds.check(basic("ann", "wrong"), "10.0.0.2")
     finally:
         go_on.set()
-        first.join(30)
-    assert creds.check(basic("ann", "right"), "10.0.0.2") is True
+        for t in threads:
+            t.join(30)
+    assert results == {"10.0.0.1": False, "10.0.1.1": True, "10.0.1.2": True}
 
 
 def test_the_address_table_is_bounded(monkeypatch):
