@@ -108,6 +108,7 @@ class Credentials:
         self.budgets = {}  # client address -> (failures left, when counted)
         self.lock = threading.Lock()
         self.slot = CheckSlot()
+        self.flights = {}  # HMAC of header -> Flight, while that header is being checked
 
     def check(self, header: str, address: str) -> bool:
         """True for valid credentials, False for none or wrong ones.
@@ -119,13 +120,46 @@ class Credentials:
         token = hmac.new(self.key, header.encode(), "sha256").digest()
         if self.cached(token):
             return True
-        clean = self.spend(address)
-        # a refusal keeps the failure spent: an address whose tries are refused this way
-        # is one with failures on record, which never waits, so the waiting places stay
-        # for addresses that are new
+        with self.lock:
+            self.refuse_spent(address)
+            clean = self.left(address) >= self.burst
+            flight = self.flights.get(token)
+            leader = flight is None
+            if leader:
+                flight = self.flights[token] = Flight()
+        if not leader:
+            return self.follow(flight, address, clean)
+        try:
+            flight.outcome = self.verify(parsed, token, address, clean)
+        except Refused as e:
+            flight.outcome = e
+            raise
+        finally:
+            with self.lock:
+                del self.flights[token]
+            flight.done.set()
+        return flight.outcome
+
+    def follow(self, flight: "Flight", address: str, clean: bool) -> bool:
+        """The outcome of the check of the same header that another request is making: a
+        new client's first requests, sent at once, cost one check. An address with
+        failures on record is refused at once instead, so that it never holds threads."""
+        if not clean:
+            raise self.busy(address)
+        flight.waiting += 1
+        if not flight.done.wait(2 * CHECK_WAIT):
+            raise self.busy(address)
+        if isinstance(flight.outcome, Refused):
+            raise flight.outcome
+        if not flight.outcome:
+            self.fail(address)
+        return bool(flight.outcome)
+
+    def verify(self, parsed: tuple, token: bytes, address: str, clean: bool) -> bool:
+        """The pbkdf2 check itself, once the check slot is ours; a wrong answer is a
+        failure of the address. Raises Refused when the slot is not to be had."""
         if not self.slot.take(CHECK_WAIT if clean else 0):
-            raise Refused("auth_busy", "another credential check is running; try again",
-                          CHECK_BUSY_RETRY)
+            raise self.busy(address)
         try:
             user, password = parsed
             stored = self.users.get(user)
@@ -134,9 +168,18 @@ class Credentials:
         finally:
             self.slot.give()
         if ok:
-            self.refund(address)
             self.remember(token)
+        else:
+            self.fail(address)
         return ok
+
+    def busy(self, address: str) -> Refused:
+        """The refusal while a check runs. It counts as a failure: an address refused this
+        way has failures on record and never waits, so the waiting places stay for
+        addresses that are new."""
+        self.fail(address)
+        return Refused("auth_busy", "another credential check is running; try again",
+                       CHECK_BUSY_RETRY)
 
     def cached(self, token: bytes) -> bool:
         with self.lock:
@@ -155,26 +198,20 @@ class Credentials:
             while len(self.verified) > self.cache_size:
                 self.verified.popitem(last=False)
 
-    def spend(self, address: str) -> bool:
-        """Take one failure from the address's budget before hashing (given back if the
-        credentials turn out right); True if the address had no failure on record.
-        Raises Refused when none is left."""
+    def refuse_spent(self, address: str) -> None:
+        """Raises Refused when the address has no failure left; call under self.lock."""
+        left = self.left(address)
+        if left < 1:
+            wait = math.ceil((1 - left) / self.rate)
+            raise Refused("too_many_failures", f"too many wrong credentials from {address}; "
+                                               f"try again in {wait} s", max(1, wait))
+
+    def fail(self, address: str) -> None:
+        """Count a failure of the address."""
         with self.lock:
-            left = self.left(address)
-            clean = left >= self.burst
-            if left < 1:
-                wait = math.ceil((1 - left) / self.rate)
-                raise Refused("too_many_failures",
-                              f"too many wrong credentials from {address}; try again in "
-                              f"{wait} s", max(1, wait))
-            self.budgets[address] = (left - 1, self.clock())
+            self.budgets[address] = (max(0.0, self.left(address) - 1), self.clock())
             if len(self.budgets) > ADDRESSES:
                 self.forget()
-            return clean
-
-    def refund(self, address: str) -> None:
-        with self.lock:
-            self.budgets[address] = (min(self.burst, self.left(address) + 1), self.clock())
 
     def left(self, address: str) -> float:
         """Failures the address may still make (the budget grows back over a minute)."""
@@ -187,6 +224,15 @@ class Credentials:
         self.budgets = {a: b for a, b in self.budgets.items() if self.left(a) < self.burst}
         if len(self.budgets) > ADDRESSES:
             self.budgets = dict(list(self.budgets.items())[-ADDRESSES // 2:])
+
+
+class Flight:
+    """One check of a header in progress; requests with the same header wait for it."""
+
+    def __init__(self):
+        self.done = threading.Event()
+        self.outcome = None  # True, False or the Refused the check ended with
+        self.waiting = 0  # requests waiting for it (read by tests)
 
 
 class CheckSlot:

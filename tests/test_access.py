@@ -136,25 +136,53 @@ def test_one_pbkdf2_check_at_a_time_and_new_clients_first(monkeypatch):
     try:
         assert inside.wait(30)
         for i in range(2, 34):
-            creds.spend(f"10.0.0.{i}")  # a failure on record
+            creds.fail(f"10.0.0.{i}")  # a failure on record
             with pytest.raises(access.Refused) as refused:
-                creds.check(basic("ann", "wrong"), f"10.0.0.{i}")
+                creds.check(basic("ann", f"wrong-{i}"), f"10.0.0.{i}")
             assert refused.value.code == "auth_busy" and refused.value.retry_after >= 1
             assert round(creds.left(f"10.0.0.{i}")) == 3  # counted as a failure
-        for address in ("10.0.1.1", "10.0.1.2"):  # new clients wait for the check
+        with pytest.raises(access.Refused):  # the header being checked, sent again
+            creds.check(basic("ann", "wrong"), "10.0.0.2")
+        # new clients (headers not seen, addresses with no failure) wait for the check
+        for address, scheme in (("10.0.1.1", "basic"), ("10.0.1.2", "BASIC")):
             threads.append(threading.Thread(target=check,
-                                            args=(basic("ann", "right"), address)))
+                                            args=(basic("ann", "right", scheme), address)))
             threads[-1].start()
         wait_for(lambda: creds.slot.waiting == 2, timeout=10)
         with pytest.raises(access.Refused):  # no waiting place left
-            creds.check(basic("ann", "right"), "10.0.1.3")
+            creds.check(basic("ann", "right", "bAsic"), "10.0.1.3")
         with pytest.raises(access.Refused):  # nor a way past those waiting
-            creds.check(basic("ann", "wrong"), "10.0.0.2")
+            creds.check(basic("ann", "wrong-2"), "10.0.0.2")
     finally:
         go_on.set()
         for t in threads:
             t.join(30)
     assert results == {"10.0.0.1": False, "10.0.1.1": True, "10.0.1.2": True}
+
+
+def test_a_new_clients_first_requests_at_once_cost_one_check(monkeypatch, hashes):
+    creds = access.Credentials({"ann": access.hash_password("right", iterations=FAST)}, 5)
+    go_on = threading.Event()
+    counted = access.check_password
+
+    def slow(password, stored):
+        go_on.wait(30)
+        return counted(password, stored)
+
+    monkeypatch.setattr(access, "check_password", slow)
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(
+        creds.check(basic("ann", "right"), "10.0.0.1"))) for _ in range(20)]
+    for t in threads:
+        t.start()
+    try:
+        wait_for(lambda: sum(f.waiting for f in list(creds.flights.values())) == 19,
+                 timeout=10)
+    finally:
+        go_on.set()
+        for t in threads:
+            t.join(30)
+    assert results == [True] * 20 and len(hashes) == 1
 
 
 def test_the_address_table_is_bounded(monkeypatch):
