@@ -5,9 +5,10 @@ Imported by mip_server.py; nothing to run. It owns:
 - password hashes (pbkdf2) and the check of a basic-auth header against them;
 - the cache of headers already found valid, so that a client's every request does not
   cost a 200,000-round pbkdf2 check;
-- the throttle of wrong credentials: a budget of failures per client address, spent before
-  any hashing, and a bound on pbkdf2 checks running at once, so that many addresses
-  together cannot take the CPU from everyone else;
+- the throttle of wrong credentials: a budget of failures per client address, checked
+  before any hashing, and one pbkdf2 check at a time (requests with the same header share
+  it), so that many addresses together cannot take the CPU or the threads from everyone
+  else;
 - slots: a bound on long answers (zip downloads) held at once, so that slow readers never
   hold every request thread.
 
@@ -38,7 +39,7 @@ CACHE_SIZE = 1024  # headers kept; past it the oldest goes
 WAITING_PLACES = 2
 CHECK_WAIT = 3.0  # seconds a waiter waits at most
 CHECK_BUSY_RETRY = 1  # Retry-After when a check is already running
-ADDRESSES = 10_000  # failure budgets kept; spent budgets are never the ones dropped
+ADDRESSES = 10_000  # failure budgets kept; those grown back whole are dropped first
 DOWNLOAD_RETRY = 5  # Retry-After when every download slot is taken
 
 
@@ -127,6 +128,8 @@ class Credentials:
             leader = flight is None
             if leader:
                 flight = self.flights[token] = Flight()
+            elif clean:
+                flight.waiting += 1
         if not leader:
             return self.follow(flight, address, clean)
         try:
@@ -146,7 +149,6 @@ class Credentials:
         failures on record is refused at once instead, so that it never holds threads."""
         if not clean:
             raise self.busy(address)
-        flight.waiting += 1
         if not flight.done.wait(2 * CHECK_WAIT):
             raise self.busy(address)
         if isinstance(flight.outcome, Refused):
