@@ -29,6 +29,9 @@ export MIP_THREADS=${MIP_THREADS:-8}      # request threads
 export MIP_MIN_FREE_MB=${MIP_MIN_FREE_MB:-1024}
 # MIP_KEY_FILE: the key that seals a queued run's OpenAI key in the journal; made
 # (random, owner-only) at first start; default $TA1_RUNS_DIR/keystore.key.
+# MIP_MAX_DOWNLOADS: zip downloads sent at once (default half of MIP_THREADS, at most
+# MIP_THREADS - 1); one more gets 503 with Retry-After.
+export MIP_AUTH_FAILURES=${MIP_AUTH_FAILURES:-10}  # wrong credentials a minute per address, then 429
 # Basic auth: MIP_USER with MIP_PASSWORD, or MIP_USERS_FILE (lines user:hash, see
 # `python mip_server.py --hash-password`). With neither, the demo keeps a random password,
 # made once, in .mip_password (owner-only, git-ignored): MIP_PASSWORD_FILE.

@@ -10,11 +10,8 @@ Each run is a `mipper.py` subprocess in its own process group; the SQLite journa
 """
 
 import argparse
-import base64
 import errno
 import getpass
-import hashlib
-import hmac
 import json
 import logging
 import logging.handlers
@@ -37,6 +34,7 @@ import bottle
 import jsonschema
 import waitress
 
+import access
 import cdr
 import journal
 import keystore
@@ -45,6 +43,7 @@ import mipper
 import runners
 import switches
 import untrusted
+from access import hash_password
 from journal import FINISHED
 from journal import Status
 
@@ -60,7 +59,6 @@ YIELD_BYTES = 64 * 1024  # a zip goes to waitress in pieces of about this size
 # Already compressed: stored as they are, since deflating them costs time and saves nothing.
 STORED_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gz", ".zip", ".gpkg", ".pth",
                    ".cog", ".jp2", ".webp", ".bz2", ".xz", ".7z")
-PBKDF2_ITERATIONS = 200_000
 # an OpenAI key reaches a module's environment: printable ASCII, nothing that could break it
 OPENAI_KEY_RE = re.compile(r"[!-~]{1,512}")
 
@@ -86,6 +84,8 @@ class Config:
     auth: bool = True
     password_file: str | None = None
     cdr_settings: cdr.CdrSettings | None = None
+    max_downloads: int = 4  # zip downloads at once; below `threads`
+    auth_failures: int = 10  # wrong credentials per minute from one address
 
     @classmethod
     def from_env(cls, env, host=None, port=None, no_auth=False) -> "Config":
@@ -93,31 +93,17 @@ class Config:
         settings = mipper.Settings.from_env(env)
         users, password_file = ({}, None) if no_auth else read_users(env)
         port = port if port is not None else mipper.int_setting(env, "MIP_PORT", 8080, 0, 65535)
+        threads = mipper.int_setting(env, "MIP_THREADS", 8, 1, 256)
+        # downloads stay below the request threads, so that some always answer the rest
+        max_downloads = mipper.int_setting(env, "MIP_MAX_DOWNLOADS", max(1, threads // 2), 1,
+                                           max(1, threads - 1))
         return cls(settings=settings, host=host or env.get("MIP_HOST") or "127.0.0.1",
                    port=port, max_runs=mipper.int_setting(env, "MIP_MAX_RUNS", 2, 1, 256),
                    max_queued=mipper.int_setting(env, "MIP_MAX_QUEUED", 200, 1, 100_000),
-                   threads=mipper.int_setting(env, "MIP_THREADS", 8, 1, 256),
+                   threads=threads, max_downloads=max_downloads,
+                   auth_failures=mipper.int_setting(env, "MIP_AUTH_FAILURES", 10, 1, 10000),
                    users=users, auth=not no_auth, password_file=password_file,
                    cdr_settings=cdr.CdrSettings.from_env(env, VERSION))
-
-
-def hash_password(password: str, salt: bytes | None = None,
-                  iterations: int = PBKDF2_ITERATIONS) -> str:
-    """`pbkdf2_sha256$<iterations>$<salt hex>$<hash hex>` for a users file."""
-    salt = salt or secrets.token_bytes(16)
-    digest = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
-    return f"pbkdf2_sha256${iterations}${salt.hex()}${digest.hex()}"
-
-
-def check_password(password: str, stored: str) -> bool:
-    """Constant-time check of a password against a hash_password() string."""
-    try:
-        scheme, iterations, salt, expected = stored.split("$")
-        digest = hashlib.pbkdf2_hmac("sha256", password.encode(), bytes.fromhex(salt),
-                                     int(iterations))
-    except ValueError:
-        return False
-    return scheme == "pbkdf2_sha256" and hmac.compare_digest(digest.hex(), expected)
 
 
 def read_users(env) -> tuple:
@@ -185,6 +171,11 @@ class ApiError(bottle.HTTPResponse):
 
 def error_body(code: str, message: str) -> str:
     return json.dumps({"error": code, "message": message})
+
+
+def refused(status: int, e: access.Refused) -> ApiError:
+    """A throttle's refusal (429, 503) with the seconds to wait in Retry-After."""
+    return ApiError(status, e.code, e.message, headers={"Retry-After": str(e.retry_after)})
 
 
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -806,8 +797,8 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     # a job's or a module's status only changes when a new run of the job starts, which a
     # poller sees at most a second late (it could not see the start any sooner anyway)
     settled = AnswerCache(1.0)
-    verified = set()  # HMACs of credentials already checked, so pbkdf2 runs once per user
-    salt = secrets.token_bytes(16)
+    credentials = access.Credentials(cfg.users, cfg.auth_failures)
+    downloads = access.Slots(cfg.max_downloads, "too_many_downloads", "zip downloads")
 
     @app.hook("before_request")
     def edges():
@@ -828,34 +819,20 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
             raise ApiError(413, "body_too_large",
                            f"the body has {length} bytes; the limit is {MAX_BODY}")
 
-    def authorized() -> bool:
-        header = bottle.request.environ.get("HTTP_AUTHORIZATION", "")
-        scheme, _, encoded = header.partition(" ")
-        if scheme.lower() != "basic":
-            return False
-        try:
-            user, sep, password = base64.b64decode(encoded, validate=True).decode().partition(":")
-        except (ValueError, UnicodeDecodeError):
-            return False
-        if not sep:
-            return False
-        token = hmac.new(salt, f"{user}:{password}".encode(), "sha256").digest()
-        if token in verified:
-            return True
-        stored = cfg.users.get(user)
-        # check a dummy hash for unknown users too, so timing does not reveal names
-        ok = check_password(password, stored or DUMMY_HASH) and stored is not None
-        if ok and len(verified) < 1024:
-            verified.add(token)
-        return ok
-
     def auth_plugin(callback):
         def wrapper(*args, **kwargs):
-            if cfg.auth and not authorized():
-                raise ApiError(401, "unauthorized",
-                               "no or wrong credentials: use basic auth (MIP_CLIENT_USER and "
-                               "MIP_CLIENT_PASSWORD for mip_client.py)",
-                               headers={"WWW-Authenticate": 'Basic realm="mip"'})
+            if cfg.auth:
+                env = bottle.request.environ
+                try:
+                    ok = credentials.check(env.get("HTTP_AUTHORIZATION", ""),
+                                           env.get("REMOTE_ADDR", ""))
+                except access.Refused as e:
+                    raise refused(429, e) from None
+                if not ok:
+                    raise ApiError(401, "unauthorized",
+                                   "no or wrong credentials: use basic auth (MIP_CLIENT_USER "
+                                   "and MIP_CLIENT_PASSWORD for mip_client.py)",
+                                   headers={"WWW-Authenticate": 'Basic realm="mip"'})
             return callback(*args, **kwargs)
         return wrapper
 
@@ -941,7 +918,8 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         return send({"name": "mip", "version": VERSION, "modules": list(catalogue),
                      "limits": {"max_runs": cfg.max_runs, "max_queued": cfg.max_queued,
                                 "workers": settings.workers,
-                                "max_body_bytes": MAX_BODY},
+                                "max_body_bytes": MAX_BODY,
+                                "max_downloads": cfg.max_downloads},
                      "runs": {"running": len(db.run_ids(status=Status.RUNNING.value)),
                               "queued": len(db.waiting_runs())},
                      "cdr": link.status() if link else None,
@@ -1128,14 +1106,19 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         if files is None and not entries:
             raise ApiError(404, f"no_{kind}", f"module {module!r} of job {job!r} has no {kind} "
                                               "(not produced, or cleaned away)")
+        try:
+            body = downloads.hold(zip_stream(entries))
+        except access.Refused as e:
+            raise refused(503, e) from None
         bottle.response.content_type = "application/zip"
         bottle.response.set_header("Content-Disposition", f'attachment; filename="{prefix}.zip"')
-        return zip_stream(entries)
+        return body
 
     for prefix in ("/modules", "/jobs"):
         for kind in ("logs", "outputs", "temps"):
             route("GET", f"{prefix}/{{job}}/{{module}}/{kind}", answer="application/zip",
-                  summary=f"A zip of the module's {kind}, streamed. Raises 404 if none.")(
+                  summary=f"A zip of the module's {kind}, streamed. Raises 404 if none, "
+                          "503 when MIP_MAX_DOWNLOADS zips are being sent.")(
                 lambda job, module, kind=kind: download(job, module, kind))
 
     # ------------------------------------------------------------------ CDR
@@ -1208,9 +1191,6 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         return send(mipper.list_maps(settings))
 
     return app
-
-
-DUMMY_HASH = hash_password("not a password", b"0" * 16)
 
 
 def cdr_submitter(queue: RunQueue):

@@ -1,4 +1,4 @@
-"""bench: the figures of issues 8 and 11, each measured against a baseline of the same run.
+"""bench: the figures of issues 8, 11 and 12, on loopback, each against a baseline of the same run.
 
     make bench                                  # = source env.sh && .venv/bin/python bench/run.py
     .venv/bin/python bench/run.py --only 1,4    # some figures only
@@ -11,7 +11,8 @@ in figure 7, where the real stand-ins of modules/ run on a 12,000 x 9,000 px map
 Prints the machine, then one line per figure: value, baseline, ratio, goal, met.
 A benchmark, not a test: it exits 0 whether or not the goals are met.
 
-Sections: tools (processes, HTTP, load), fixtures, figures 1-6, figure 7, main.
+Sections: tools (processes, HTTP, load), fixtures, figures 1-6, figure 7 (a big map),
+figures 8-9 (attacks), main.
 """
 
 import argparse
@@ -105,9 +106,11 @@ class Server:
 class Client:
     """One keep-alive HTTP connection with optional basic auth."""
 
-    def __init__(self, url: str, auth: str | None = None, timeout: float = 60):
+    def __init__(self, url: str, auth: str | None = None, timeout: float = 60,
+                 source: str | None = None):
         host, port = url.removeprefix("http://").split(":")
-        self.conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        self.conn = http.client.HTTPConnection(
+            host, int(port), timeout=timeout, source_address=(source, 0) if source else None)
         self.headers = {"Authorization": auth} if auth else {}
 
     def send(self, method: str, path: str, body=None):
@@ -918,8 +921,182 @@ def figure_7(b: Bench) -> None:
     b.row("7 12k map: peak memory GB", f"{peak_gb:.2f}", goal="<= 1.2 GB", met=peak_gb <= 1.2)
 
 
+def sample_reads(b: Bench, paths: list, seconds: float) -> dict:
+    """{path: seconds of each GET} for `seconds`, one connection per path, each sending a
+    request 10 ms after the last answer; raises BenchError on a non-200 answer."""
+    times = {path: [] for path in paths}
+    failures = []
+    deadline = time.monotonic() + seconds
+
+    def read(path):
+        client = Client(b.mip.url, b.auth, timeout=30)
+        try:
+            while time.monotonic() < deadline:
+                status, raw, took = client.send("GET", path)
+                if status != 200:
+                    failures.append(f"GET {path}: {status} {raw[:200]!r}")
+                    return
+                times[path].append(took)
+                time.sleep(0.01)
+        except OSError as e:
+            failures.append(f"GET {path}: {e}")
+        finally:
+            client.close()
+
+    threads = [threading.Thread(target=read, args=(p,), daemon=True) for p in paths]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds + 60)
+    if failures:
+        raise BenchError(failures[0])
+    return times
+
+
+def latency_rows(b: Bench, figure: str, idle: dict, loaded: dict) -> None:
+    """One row per path: p95 under load against p95 idle, goal < 50 ms."""
+    for path, label in zip(idle, ("status read", "/health"), strict=True):
+        p95, base = pct_ms(loaded[path], 0.95), pct_ms(idle[path], 0.95)
+        b.row(f"{figure} {label} p95 ms", f"{p95:.1f}", f"{base:.1f} idle", p95 / base,
+              "< 50 ms", p95 < 50)
+
+
+ATTACKERS = 32
+ATTACK_INTERVAL = 0.5  # seconds between two wrong passwords of one attacker: 64/s in all
+
+
+def figure_8(b: Bench, seconds: float = 6) -> None:
+    """Status reads and /health while 32 clients, each from its own loopback address
+    (127.0.0.2 and up), send wrong passwords, each one every ATTACK_INTERVAL seconds."""
+    paths = [f"/runs/{b.finished_run()[0]}", "/health"]
+    idle = sample_reads(b, paths, 3)
+    counts = {}
+    done = threading.Event()
+    wrong = basic("bench", "wrong password")
+
+    def attack(i):
+        client = Client(b.mip.url, wrong, timeout=30, source=f"127.0.0.{2 + i}")
+        try:
+            while not done.is_set():
+                status = client.send("GET", "/jobs")[0]
+                counts[status] = counts.get(status, 0) + 1
+                done.wait(ATTACK_INTERVAL)
+        except OSError as e:
+            counts[type(e).__name__] = counts.get(type(e).__name__, 0) + 1
+        finally:
+            client.close()
+
+    logins = []  # (status, seconds) of new clients logging in during the attack
+    user, password = "bench", b.env["MIP_PASSWORD"]
+
+    def log_in():
+        # each from an address of its own, with a header the server has not seen (the
+        # scheme spelt in another case), so that each costs a real password check
+        schemes = ["".join(c.upper() if i >> k & 1 else c for k, c in enumerate("basic"))
+                   for i in range(32)]
+        for i, scheme in enumerate(s for s in schemes if s != "Basic"):
+            header = scheme + basic(user, password).removeprefix("Basic")
+            client = Client(b.mip.url, header, timeout=30, source=f"127.0.1.{1 + i}")
+            try:
+                status, _, took = client.send("GET", "/jobs")
+                logins.append((status, took))
+            finally:
+                client.close()
+            if done.wait(ATTACK_INTERVAL):
+                return
+
+    threads = [threading.Thread(target=attack, args=(i,), daemon=True)
+               for i in range(ATTACKERS)]
+    threads.append(threading.Thread(target=log_in, daemon=True))
+    for t in threads:
+        t.start()
+    try:
+        loaded = sample_reads(b, paths, seconds)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(60)
+    b.details.append(f"8: {ATTACKERS} addresses, {ATTACKERS / ATTACK_INTERVAL:.0f} wrong "
+                     f"passwords/s asked, {sum(counts.values())} sent in {seconds:.0f} s, "
+                     "answers " + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items(),
+                                                                           key=str))
+                     + f"; reads under attack: {', '.join(str(len(t)) for t in loaded.values())}")
+    latency_rows(b, "8 wrong passwords:", idle, loaded)
+    passed = [took for status, took in logins if status == 200]
+    b.row("8 new clients' logins", f"{len(passed)}/{len(logins)} ok",
+          goal="(reported)")
+    b.details.append("8: new clients' logins: " + ", ".join(
+        f"{status} in {took * 1000:.0f} ms" for status, took in logins))
+    if passed:
+        b.row("8 new client login max ms", f"{max(passed) * 1000:.0f}", goal="(reported)")
+
+
+READERS = 20
+READ_RATE = 600 * 1024  # bytes a second each slow reader takes
+
+
+def figure_9(b: Bench, seconds: float = 8) -> None:
+    """Status reads and /health while 20 clients download a 64 MB zip at 600 KB/s each;
+    a reader refused with 503 waits its Retry-After and asks again, as a client would."""
+    paths = [f"/runs/{b.finished_run()[0]}", "/health"]
+    b.run_graph("slow-zip-job")
+    root = os.path.join(b.dirs["outputs"], "slow-zip-job", "map_crop")
+    shutil.rmtree(root)
+    make_folder(root, 4, 16 * 2**20, compressible=False)
+    idle = sample_reads(b, paths, 3)
+    counts = {"served": 0, "refused": 0, "bytes": 0, "errors": 0}
+    lock = threading.Lock()
+    deadline = time.monotonic() + seconds + 1
+
+    def read_slowly():
+        while time.monotonic() < deadline:
+            client = Client(b.mip.url, b.auth, timeout=30)
+            try:
+                client.conn.request("GET", "/modules/slow-zip-job/map_crop/outputs",
+                                    headers=client.headers)
+                resp = client.conn.getresponse()
+                if resp.status != 200:
+                    resp.read()
+                    with lock:
+                        counts["refused"] += 1
+                    time.sleep(min(float(resp.getheader("Retry-After") or 1),
+                                   max(0, deadline - time.monotonic())))
+                    continue
+                with lock:
+                    counts["served"] += 1
+                while time.monotonic() < deadline:
+                    data = resp.read(READ_RATE // 10)
+                    if not data:
+                        break
+                    with lock:
+                        counts["bytes"] += len(data)
+                    time.sleep(0.1)
+            except OSError:
+                with lock:
+                    counts["errors"] += 1
+            finally:
+                client.close()
+
+    threads = [threading.Thread(target=read_slowly, daemon=True) for _ in range(READERS)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1)  # every reader has asked once
+        loaded = sample_reads(b, paths, seconds)
+    finally:
+        for t in threads:
+            t.join(60)
+    b.details.append(f"9: {READERS} readers at {READ_RATE // 1024} KB/s: downloads served "
+                     f"{counts['served']}, refused (503) {counts['refused']}, "
+                     f"{counts['bytes'] / 1e6:.0f} MB read, connection errors "
+                     f"{counts['errors']}; reads under load: "
+                     f"{', '.join(str(len(t)) for t in loaded.values())}")
+    latency_rows(b, "9 slow downloads:", idle, loaded)
+    shutil.rmtree(root)
+
+
 FIGURES = {1: figure_1, 2: figure_2, 3: figure_3, 4: figure_4, 5: figure_5, 6: figure_6,
-           7: figure_7}
+           7: figure_7, 8: figure_8, 9: figure_9}
 
 
 # ---------------------------------------------------------------------------- main
@@ -945,7 +1122,7 @@ def table(rows: list) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="", help="comma-separated figure numbers (1-7)")
+    parser.add_argument("--only", default="", help="comma-separated figure numbers (1-9)")
     parser.add_argument("--python-load", action="store_true",
                         help="use the Python load generator even when wrk is installed")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
