@@ -81,8 +81,16 @@ def test_path_parameters_carry_the_server_patterns(server):
     params = {p["name"]: p["schema"] for ops in spec["paths"].values() for op in ops.values()
               for p in op.get("parameters", []) if p["in"] == "path"}
     assert set(params) == {"run_id", "job", "module", "cog_id", "name"}
+    samples = ["a", "A_b.c-d", "_x", "9" * 64, "9" * 65, ".x", "-x", "a/b", "é", "a b", "",
+               "..", "a%2e"]
     for name in ("job", "module", "cog_id"):
-        assert params[name]["pattern"] == mipper.NAME_RE.pattern
+        for value in samples:
+            declared = re.search(params[name]["pattern"], value) is not None
+            try:
+                enforced = mipper.check_name(name, value) == value
+            except mipper.UsageError:
+                enforced = False
+            assert declared == enforced, (name, value)
     run_id = journal.new_run_id()
     assert re.fullmatch(params["run_id"]["pattern"].strip("^$"), run_id)
     assert mipper.NAME_RE.match(run_id)
