@@ -40,6 +40,7 @@ import journal
 import keystore
 import mapcheck
 import mipper
+import openapi
 import runners
 import switches
 import untrusted
@@ -226,7 +227,9 @@ def validate(schemas: dict, name: str, data) -> None:
         where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
         where = where.lstrip(".") or "body"
         message = error.message
-        if error.validator == "pattern":
+        if error.schema.get("writeOnly"):  # a secret: never echoed back
+            message = f"does not satisfy {error.validator} {json.dumps(error.validator_value)}"
+        elif error.validator == "pattern":
             message = (f"{json.dumps(error.instance)[:80]} is not a valid name: use letters, "
                        "digits, '_', '.', '-', at most 64, not starting with '.'")
         elif error.validator == "additionalProperties" and not error.absolute_path:
@@ -789,7 +792,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     """The Bottle app with every route, the auth plugin and the JSON error shape."""
     app = bottle.Bottle()
     app.default_error_handler = render_http_error
-    routes = []  # (method, path, summary, body schema, answer schema or type, auth)
+    routes = []  # openapi.Route rows, which GET /openapi.json is built from
     catalogue = queue.catalogue
     schemas = load_schemas()
     settings = cfg.settings
@@ -836,10 +839,14 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
             return callback(*args, **kwargs)
         return wrapper
 
-    def route(method, path, summary="", body=None, answer=None, auth=True):
-        """Register a route (also in the table the OpenAPI document is built from)."""
+    def route(method, path, summary="", body=None, answer=None, auth=True, errors=(),
+              query=None):
+        """Register a route, and its row of the table the OpenAPI document is built from.
+        `errors`: the statuses it can answer beyond those openapi.statuses() adds to every
+        route (400, 405, 413; 401 and 429 with auth; 404 with a path parameter)."""
         def register(fn):
-            routes.append((method, path, summary or fn.__doc__.split("\n")[0], body, answer, auth))
+            routes.append(openapi.Route(method, path, summary or fn.__doc__.split("\n")[0],
+                                        body, answer, auth, errors, query))
             app.route(path.replace("{", "<").replace("}", ">"), method, fn,
                       apply=[auth_plugin] if auth else [])
             return fn
@@ -926,9 +933,10 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
                      "openapi": "/openapi.json"})
 
     @route("GET", "/openapi.json", answer={"type": "object"})
-    def openapi():
+    def openapi_json():
         """This API as an OpenAPI 3 document."""
-        return send(openapi_document(routes, schemas))
+        return send(openapi.document(routes, {n: d for n, (d, _) in schemas.items()},
+                                     VERSION, list(catalogue)))
 
     @route("GET", "/schema/{name}", answer={"type": "object"})
     def schema(name):
@@ -939,7 +947,8 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
                            f"no schema {name!r}; known: {', '.join(SCHEMA_NAMES)}")
         return send(schemas[name][0])
 
-    @route("POST", "/runs", body="RunPayload", answer="RunStatus")
+    @route("POST", "/runs", body="RunPayload", answer="RunStatus",
+           errors=(404, 409, 422, 503, 507))
     def post_run():
         """Submit a run; answers at once with its RunStatus. 404 unknown map, 409 job bound
         to another map, 422 invalid payload or a map GDAL cannot read (unreadable_map)."""
@@ -949,7 +958,9 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         payload.setdefault("force_rerun", False)
         return submit(payload, key)
 
-    @route("GET", "/runs", answer={"type": "array", "items": {"type": "string"}})
+    @route("GET", "/runs", answer={"type": "array", "items": {"type": "string"}},
+           query={"job": openapi.NAME, "status": {"enum": [s.value for s in Status]},
+                  "limit": openapi.whole(10**9), "offset": openapi.whole(10**12)})
     def list_runs():
         """Run ids, oldest first; ?job= ?status= ?limit= ?offset=."""
         job = bottle.request.query.get("job")
@@ -995,19 +1006,22 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         settled.drop_job(run["job"])
         return send(run_status(db, db.run(run["run_id"])))
 
-    @route("POST", "/runs/{run_id}/rerun", answer="RunStatus")
+    @route("POST", "/runs/{run_id}/rerun", body=openapi.RERUN_BODY, answer="RunStatus",
+           errors=(409, 422, 503, 507))
     def rerun(run_id):
         """Submit a new run with the same payload: what failed or was cancelled runs again,
         what passed is skipped. Optional body: {"openai_key": ...}."""
         run = get_run(run_id)
         body = read_json(optional=True)
         body = {} if body is None else body
-        if not isinstance(body, dict) or set(body) - {"openai_key"} or not isinstance(
-                body.get("openai_key", ""), str):
+        if not isinstance(body, dict) or set(body) - {"openai_key"}:
             raise ApiError(422, "invalid_payload", 'body: optional, {"openai_key": "<key>"} only')
+        # the key obeys RunPayload's rule here too (a 100 KB key was taken)
+        validate(schemas, "RunPayload", dict(run["payload"], **body))
         return submit(dict(run["payload"], force_rerun=False), body.get("openai_key"))
 
-    @route("GET", "/jobs", answer={"type": "array", "items": {"type": "string"}})
+    @route("GET", "/jobs", answer={"type": "array", "items": {"type": "string"}},
+           query={"limit": openapi.whole(10**9), "offset": openapi.whole(10**12)})
     def list_jobs():
         """Job names; ?limit= ?offset=."""
         jobs = db.jobs()
@@ -1117,6 +1131,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     for prefix in ("/modules", "/jobs"):
         for kind in ("logs", "outputs", "temps"):
             route("GET", f"{prefix}/{{job}}/{{module}}/{kind}", answer="application/zip",
+                  errors=(502, 503),
                   summary=f"A zip of the module's {kind}, streamed. Raises 404 if none, "
                           "503 when MIP_MAX_DOWNLOADS zips are being sent.")(
                 lambda job, module, kind=kind: download(job, module, kind))
@@ -1130,7 +1145,8 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
                            "and MIP_CDR_CALLBACK_URL")
         return link
 
-    @route("POST", "/cdr", auth=False, answer={"type": "object"})
+    @route("POST", "/cdr", auth=False, body={"type": "object"}, answer={"type": "object"},
+           errors=(403, 404, 422))
     def cdr_webhook():
         """The CDR's webhook: signed with x-cdr-signature-256 instead of basic auth.
         Raises 403 for a missing or wrong signature, 404 when the CDR link is off."""
@@ -1146,7 +1162,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
             raise ApiError(422, "bad_event", str(e)) from None
         return send({"ok": "success"})
 
-    @route("POST", "/cdr/cogs/{cog_id}", answer={"type": "object"})
+    @route("POST", "/cdr/cogs/{cog_id}", answer={"type": "object"}, errors=(422, 502))
     def cdr_cog(cog_id):
         """Process a CDR cog by hand: its URL is looked up in the CDR, then as a delivery.
         Raises 404 for a cog the CDR does not know, 502 when the CDR cannot be asked."""
@@ -1165,7 +1181,8 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
             raise ApiError(422, "bad_cog", str(e)) from None
         return send({"cog_id": cog_id, "event_id": event_id, "status": status})
 
-    @route("GET", "/cdr/events", answer={"type": "array", "items": {"type": "object"}})
+    @route("GET", "/cdr/events", answer={"type": "array", "items": {"type": "object"}},
+           errors=(404,), query={"limit": openapi.whole(10000)})
     def cdr_events():
         """CDR events received, newest first; ?limit= (default 100)."""
         need_link()
@@ -1173,7 +1190,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         rows = db.events("received", "downloading", "submitted", "failed", "duplicate")
         return send(list(reversed(rows))[:limit])
 
-    @route("POST", "/jobs/{job}/publish", answer="JobStatus")
+    @route("POST", "/jobs/{job}/publish", answer="JobStatus", errors=(409,))
     def publish_job(job):
         """Publish a passed job's results to the CDR again (in the background); its JobStatus.
         Raises 404 if unknown, 409 if its latest run has not passed."""
@@ -1212,43 +1229,6 @@ def read_json_bytes(raw: bytes):
         raise ApiError(400, "bad_json", str(e)) from None
     except ValueError as e:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}") from None
-
-
-def openapi_document(routes: list, schemas: dict) -> dict:
-    """An OpenAPI 3.1 document built from the route table and schema/."""
-    paths = {}
-    for method, path, summary, body, answer, auth in routes:
-        op = {"summary": summary, "responses": {}}
-        params = re.findall(r"{(\w+)}", path)
-        if params:
-            op["parameters"] = [{"name": p, "in": "path", "required": True,
-                                 "schema": {"type": "string"}} for p in params]
-        if body:
-            op["requestBody"] = {"required": True, "content": {
-                "application/json": {"schema": {"$ref": f"#/components/schemas/{body}"}}}}
-        if isinstance(answer, str) and "/" in answer:
-            content = {answer: {"schema": {"type": "string", "format": "binary"}}}
-        else:
-            ref = answer if isinstance(answer, dict) else {"$ref": f"#/components/schemas/{answer}"}
-            if isinstance(ref.get("items"), str):
-                ref = dict(ref, items={"$ref": f"#/components/schemas/{ref['items']}"})
-            content = {"application/json": {"schema": ref}}
-        op["responses"]["200"] = {"description": "success", "content": content}
-        err = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
-        for code, text in ((400, "bad request"), (404, "not found"), (422, "invalid payload")):
-            op["responses"][str(code)] = {"description": text, **err}
-        if auth:
-            op["security"] = [{"basic": []}]
-            op["responses"]["401"] = {"description": "no or wrong credentials", **err}
-        paths.setdefault(path, {})[method.lower()] = op
-    components = {}
-    for name, (doc, _) in schemas.items():
-        components[name] = {k: v for k, v in doc.items() if k not in ("$schema", "$id")}
-    return {"openapi": "3.1.0",
-            "info": {"title": "mip: TA1 Module Integration server", "version": VERSION},
-            "paths": paths,
-            "components": {"schemas": components,
-                           "securitySchemes": {"basic": {"type": "http", "scheme": "basic"}}}}
 
 
 # ---------------------------------------------------------------------------- main
