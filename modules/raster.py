@@ -31,6 +31,8 @@ GDAL_CACHE_MB = 96
 LAYOUT_SIDE = 2000
 # the longer side of the decimated read that fixes a non-8-bit file's range
 RANGE_SIDE = 512
+# pixels the paper estimate looks at (evenly spread): plenty for a histogram
+SAMPLE_PIXELS = 250_000
 
 CMYK = (ColorInterp.cyan, ColorInterp.magenta, ColorInterp.yellow, ColorInterp.black)
 RGB = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
@@ -82,6 +84,12 @@ class MapReader:
         x0, y0, x1, y1 = window or (0, 0, self.width, self.height)
         win = Window(x0, y0, x1 - x0, y1 - y0)
         shape = out_shape or (y1 - y0, x1 - x0)
+        if self.kind == "rgb" and self.range is None and not self.alpha:
+            # GDAL writes straight into a pixel-interleaved array: no band-first copy
+            out = np.empty((*shape, 3), dtype=np.uint8)
+            self.dataset.read(list(self.bands), window=win, out=np.moveaxis(out, -1, 0),
+                              resampling=Resampling.nearest)
+            return out
         indexes = list(self.bands) + ([self.alpha] if self.alpha else [])
         raw = self.dataset.read(indexes, window=win, out_shape=(len(indexes), *shape),
                                 resampling=Resampling.nearest)
@@ -176,8 +184,8 @@ def estimate_paper(rgb: np.ndarray) -> tuple:
     grows with the paper's own noise, so noisy scans do not turn into ink.
     """
     pixels = rgb.reshape(-1, 3)
-    if len(pixels) > 1_000_000:
-        pixels = pixels[::len(pixels) // 1_000_000]
+    if len(pixels) > SAMPLE_PIXELS:
+        pixels = pixels[::len(pixels) // SAMPLE_PIXELS]
     levels = (pixels >> 5).astype(np.int32)
     keys = levels[:, 0] * 64 + levels[:, 1] * 8 + levels[:, 2]
     counts = np.bincount(keys, minlength=512)
