@@ -27,6 +27,13 @@ class ModuleFailed(Exception):
     """An expected failure: logged as one line, the module exits 1."""
 
 
+def lighter_rasterio() -> None:
+    """Call before importing rasterio in a module's own process: rasterio imports boto3
+    whenever it is installed (the server's S3 copies put it in the venv), which doubles
+    its start-up, and the stand-ins only ever read local files."""
+    sys.modules.setdefault("boto3", None)
+
+
 # ---------------------------------------------------------------- arguments
 
 

@@ -10,26 +10,41 @@ switches, usage errors, missing inputs, and that the OpenAI key never leaks.
 
 import json
 import os
-import sqlite3
-import struct
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
+import pyogrio
 import pytest
+import rasterio
+import rasterio.control
+import rasterio.crs
+import shapely
 import yaml
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.transform import Affine
+from rasterio.warp import transform as warp_transform
+from rasterio.warp import transform_bounds
+from shapely.geometry import shape
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ROOT / "modules"
 sys.path.insert(0, str(MODULES))
 
 import common  # noqa: E402
+import patches  # noqa: E402
+import raster  # noqa: E402
 import sample_map  # noqa: E402
 
 MAP_NAME = "WY_CO_Peach"
 SECRET = "sk-test-NEVER-LOG-THIS-4f9c2b"
-TIMEOUT = 60
+# generous: the modules start in about a second, but CI machines are shared
+TIMEOUT = 120
+# where the sample map's test copy sits: NAD27, 0.5 x 0.4 degrees
+WEST, NORTH, SPAN_X, SPAN_Y = -106.5, 41.25, 0.5, 0.4
 
 
 # ---------------------------------------------------------------- helpers
@@ -67,26 +82,64 @@ def run(argv: list, env: dict) -> tuple:
     return done, time.monotonic() - started
 
 
-def png_size(path: Path) -> tuple:
-    data = path.read_bytes()[:33]
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
-    return struct.unpack(">II", data[16:24])
-
-
 def read_json(path: Path):
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def open_map(path):
+    """rasterio.open, quiet about maps without georeferencing (expected here)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+        return rasterio.open(path)
+
+
+def sample_pixels(width: int = 1000, height: int = 800, folder=None) -> np.ndarray:
+    """The sample map's pixels as a (3, height, width) uint8 array."""
+    path = Path(folder) / "drawn.tif"
+    sample_map.write_sample_map(str(path), width, height)
+    with open_map(path) as ds:
+        rgb = ds.read()
+    path.unlink()
+    return rgb
+
+
+def write_map(path: Path, bands: np.ndarray, georeferenced=True, crs="EPSG:4267",
+              **profile) -> Path:
+    """Write bands (count, h, w) as a TIFF with rasterio; georeferenced over the sample
+    map's box (in crs, projected from NAD27 degrees when crs is not geographic)."""
+    count, height, width = bands.shape
+    options = {"driver": "GTiff", "width": width, "height": height, "count": count,
+               "dtype": bands.dtype.name, **profile}
+    if georeferenced:
+        west, south, east, north = WEST, NORTH - SPAN_Y, WEST + SPAN_X, NORTH
+        if crs != "EPSG:4267":
+            west, south, east, north = transform_bounds("EPSG:4267", crs, west, south, east,
+                                                        north)
+        options.update(crs=crs, transform=Affine((east - west) / width, 0, west,
+                                                 0, -(north - south) / height, north))
+    elif "gcps" in profile:
+        options["crs"] = crs  # the CRS of the GCPs
+    path.parent.mkdir(parents=True, exist_ok=True)
+    colormap = options.pop("colormap", None)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+        with rasterio.open(path, "w", **options) as ds:
+            ds.write(bands)
+            if colormap:
+                ds.write_colormap(1, colormap)
+    return path
 
 
 # ---------------------------------------------------------------- the chain
 
 
 class Chain:
-    """One sample map run through every module; results keyed by module name."""
+    """One map run through every module in catalogue order; results keyed by module."""
 
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, write):
         self.inputs = base / "inputs"
         self.tif = self.inputs / "maps" / MAP_NAME / f"{MAP_NAME}.tif"
-        sample_map.write_sample_map(str(self.tif))
+        write(self.tif)
         self.out = base / "outputs" / "job1"
         self.tokens = {
             "$MAP_NAME": MAP_NAME,
@@ -108,10 +161,17 @@ class Chain:
     def output(self, module: str, index: int = 0) -> Path:
         return self.path(self.modules[module]["outputs"][index])
 
+    def failures(self) -> dict:
+        return {name: done.stdout[-2000:] + done.stderr[-2000:]
+                for name, (done, _) in self.results.items() if done.returncode != 0}
+
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    return Chain(tmp_path_factory.mktemp("chain"))
+    """The sample map as an uncompressed, striped RGB GeoTIFF in NAD27 (EPSG:4267)."""
+    base = tmp_path_factory.mktemp("chain")
+    pixels = sample_pixels(folder=base)
+    return Chain(base, lambda path: write_map(path, pixels))
 
 
 MODULE_NAMES = [m["name"] for m in catalogue()]
@@ -134,29 +194,43 @@ def test_every_module_has_a_stand_in():
         assert (MODULES / f"{name}.py").exists()
 
 
+def test_no_hand_written_codec_remains():
+    for path in MODULES.glob("*.py"):
+        if path.name == "sample_map.py":
+            continue
+        text = path.read_text(encoding="utf-8")
+        for codec_mark in ("import struct", "import zlib", "import sqlite3", "b\"II*"):
+            assert codec_mark not in text, (path.name, codec_mark)
+
+
 def test_legend_segment_finds_map_and_legend(chain):
-    shapes = {s["label"]: s["points"] for s in read_json(chain.output("legend_segment"))["shapes"]}
+    segmentation = read_json(chain.output("legend_segment"))
+    shapes = {s["label"]: s["points"] for s in segmentation["shapes"]}
     assert shapes["map"] == [[20, 20], [740, 780]]
     (x0, y0), (x1, y1) = shapes["legend_polygons"]
     assert x0 >= 760 and y1 < 400
     (x0, y0), _ = shapes["legend_points_lines"]
     assert x0 >= 760 and y0 > 400
+    assert segmentation["paper"] == [255, 255, 255]
 
 
-def test_georeference_gcps_match_the_geotiff_tags(chain):
-    image = common.read_tiff(str(chain.tif), pixels=False)
-    dx, dy, _ = image.tags[33550]
-    i, j, _, lon0, lat0, _ = image.tags[33922]
-    gcps = read_json(chain.output("georeference"))["gcps"]
+def test_georeference_gcps_are_wgs84_degrees_from_the_geotiff(chain):
+    data = read_json(chain.output("georeference"))
+    assert data["crs"] == "EPSG:4267" and data["estimated"] is False
+    gcps = data["gcps"]
     assert len(gcps) >= 3
+    with open_map(chain.tif) as ds:
+        transform = ds.transform
     for gcp in gcps:
         assert set(gcp) == {"gcp_id", "rows_from_top", "columns_from_left", "latitude",
                             "longitude", "crs"}
-        assert gcp["crs"] == "EPSG:4267"
-        assert gcp["longitude"] == pytest.approx(lon0 + (gcp["columns_from_left"] - i) * dx)
-        assert gcp["latitude"] == pytest.approx(lat0 - (gcp["rows_from_top"] - j) * dy)
-        # Wyoming/Colorado border country
-        assert -111 < gcp["longitude"] < -102 and 37 < gcp["latitude"] < 45
+        assert gcp["crs"] == "EPSG:4326"
+        x, y = transform @ (gcp["columns_from_left"], gcp["rows_from_top"])
+        (lon,), (lat,) = warp_transform("EPSG:4267", "EPSG:4326", [x], [y])
+        assert gcp["longitude"] == pytest.approx(lon, abs=1e-9)
+        assert gcp["latitude"] == pytest.approx(lat, abs=1e-9)
+        # NAD27 to WGS84 moves this corner of Wyoming by well under a thousandth of a degree
+        assert abs(gcp["longitude"] - x) < 1e-3 and abs(gcp["latitude"] - y) < 1e-3
 
 
 def test_legend_item_segment_finds_every_swatch(chain):
@@ -172,21 +246,21 @@ def test_legend_item_segment_finds_every_swatch(chain):
 
 
 def test_map_crop_writes_png_patches_of_the_right_size(chain):
-    image = common.read_tiff(str(chain.tif))
+    with open_map(chain.tif) as ds:
+        image = np.moveaxis(ds.read(), 0, -1)
     for n, size in enumerate([1000, 256, 640]):
         folder = chain.output("map_crop", n)
-        patches = sorted(folder.glob(f"{MAP_NAME}_*_*.png"))
-        assert patches, folder
-        for patch in patches:
-            assert png_size(patch) == (size, size)
+        found = sorted(folder.glob(f"{MAP_NAME}_*_*.png"))
+        assert found, folder
+        for patch in found:
+            assert patches.read_png(str(patch)).shape == (size, size, 3)
     # patch (1, 1) of the 256/200 grid starts at pixel (200, 200), inside the map area
-    patch = common.read_png(str(chain.output("map_crop", 1) / f"{MAP_NAME}_1_1.png"))
-    assert patch.pixel(0, 0) == image.pixel(200, 200)
-    assert patch.pixel(100, 37) == image.pixel(300, 237)
+    patch = patches.read_png(str(chain.output("map_crop", 1) / f"{MAP_NAME}_1_1.png"))
+    assert (patch == image[200:456, 200:456]).all()
     # the legend is cropped away and the edge padded with white
-    big = common.read_png(str(chain.output("map_crop", 0) / f"{MAP_NAME}_0_0.png"))
-    assert big.pixel(820, 75) == (255, 255, 255)
-    assert big.pixel(500, 900) == (255, 255, 255)
+    big = patches.read_png(str(chain.output("map_crop", 0) / f"{MAP_NAME}_0_0.png"))
+    assert (big[75, 820] == 255).all() and (big[900, 500] == 255).all()
+    assert (big[20:780, 20:740] == image[20:780, 20:740]).all()
     assert not (chain.output("map_crop", 1) / f"{MAP_NAME}_0_4.png").exists()
 
 
@@ -201,17 +275,26 @@ def test_legend_item_description_describes_each_item(chain):
     assert counts == {"point": 1, "line": 1, "polygon": len(sample_map.UNIT_COLOURS)}
 
 
-def test_polygon_extract_maps_every_unit(chain):
+def test_polygon_extract_one_valid_multipolygon_per_unit(chain):
     features = read_json(chain.output("polygon_extract"))["features"]
-    assert len(features) == len(sample_map.UNIT_COLOURS)
+    ids = [f["properties"]["legend_id"] for f in features]
+    assert len(features) == len(sample_map.UNIT_COLOURS) == len(set(ids))
     for feature in features:
         assert feature["geometry"]["type"] == "MultiPolygon"
-        for polygon in feature["geometry"]["coordinates"]:
-            for x, y in polygon[0]:
-                assert 20 <= x <= 740 and 20 <= y <= 780
+        geometry = shape(feature["geometry"])
+        assert geometry.is_valid, shapely.is_valid_reason(geometry)
+        x0, y0, x1, y1 = geometry.bounds
+        assert 20 <= x0 and 20 <= y0 and x1 <= 740 and y1 <= 780
+    # touching cells merge: each unit of the sample map is one connected part
+    assert all(len(f["geometry"]["coordinates"]) == 1 for f in features)
     # unit 1 is the background, so it covers most of the map
     area = {f["properties"]["legend_id"]: f["properties"]["area_px"] for f in features}
     assert max(area, key=area.get) == "U1_poly"
+    # the units tile the map area without overlapping
+    union = shapely.union_all([shape(f["geometry"]) for f in features])
+    total = sum(shape(f["geometry"]).area for f in features)
+    assert union.area == pytest.approx(total)
+    assert union.area > 0.95 * 720 * 760
 
 
 def test_line_extract_traces_the_faults(chain):
@@ -219,6 +302,7 @@ def test_line_extract_traces_the_faults(chain):
     assert len(features) == len(sample_map.FAULTS)
     for feature in features:
         start, end = feature["geometry"]["coordinates"][0], feature["geometry"]["coordinates"][-1]
+        assert shape(feature["geometry"]).is_valid
         assert any(
             min(abs(start[0] - a[0]) + abs(start[1] - a[1]), abs(start[0] - b[0])
                 + abs(start[1] - b[1])) < 20
@@ -233,34 +317,39 @@ def test_point_extract_finds_the_symbols(chain):
     assert len(found) == len(sample_map.POINT_SYMBOLS)
     for (x, y), (ex, ey) in zip(found, sorted(sample_map.POINT_SYMBOLS), strict=True):
         assert abs(x - ex) < 5 and abs(y - ey) < 5
+    for feature in features:
+        x0, y0, x1, y1 = feature["properties"]["bbox"]
+        x, y = feature["geometry"]["coordinates"]
+        assert x0 <= x <= x1 and y0 <= y <= y1
 
 
-def test_geopackage_is_a_real_geopackage(chain):
-    path = chain.output("geopackage")
-    assert path.read_bytes()[68:72] == b"GPKG"  # application_id in the SQLite header
-    db = sqlite3.connect(path)
-    try:
-        assert db.execute("PRAGMA application_id").fetchone()[0] == 0x47504B47
-        assert db.execute("PRAGMA user_version").fetchone()[0] >= 10200
-        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        srs = {row[0] for row in db.execute("SELECT srs_id FROM gpkg_spatial_ref_sys")}
-        assert {-1, 0, 4326, 4267} <= srs
-        contents = dict(db.execute("SELECT table_name, data_type FROM gpkg_contents"))
-        assert contents == {"points": "features", "lines": "features", "polygons": "features"}
-        columns = dict(db.execute(
-            "SELECT table_name, geometry_type_name FROM gpkg_geometry_columns"))
-        assert columns == {"points": "POINT", "lines": "LINESTRING",
-                           "polygons": "MULTIPOLYGON"}
-        assert db.execute("SELECT count(*) FROM points").fetchone()[0] == 6
-        assert db.execute("SELECT count(*) FROM lines").fetchone()[0] == 3
-        assert db.execute("SELECT count(*) FROM polygons").fetchone()[0] == 6
-        blob = db.execute("SELECT geom FROM points LIMIT 1").fetchone()[0]
-        assert blob[:2] == b"GP" and blob[3] == 0x03
-        assert struct.unpack("<i", blob[4:8])[0] == 4267
-        x, y = struct.unpack("<dd", blob[8 + 32 + 5:8 + 32 + 21])  # after envelope, WKB head
-        assert -106.5 <= x <= -106.0 and 40.85 <= y <= 41.25
-    finally:
-        db.close()
+def gpkg_layers(path: Path) -> dict:
+    """{layer: (info, [shapely geometries], {field: values})} read through GDAL."""
+    layers = {}
+    for name, _ in pyogrio.list_layers(path):
+        info = pyogrio.read_info(path, layer=name)
+        meta, _, geometry, fields = pyogrio.raw.read(path, layer=name)
+        layers[name] = (info, list(shapely.from_wkb(geometry)),
+                        dict(zip(meta["fields"], fields, strict=True)))
+    return layers
+
+
+def test_geopackage_opens_through_gdal_with_valid_layers(chain):
+    layers = gpkg_layers(chain.output("geopackage"))
+    assert set(layers) == {"points", "lines", "polygons"}
+    kinds = {name: info["geometry_type"] for name, (info, _, _) in layers.items()}
+    assert kinds == {"points": "Point", "lines": "LineString", "polygons": "MultiPolygon"}
+    counts = {name: len(geometries) for name, (_, geometries, _) in layers.items()}
+    assert counts == {"points": 6, "lines": 3, "polygons": 6}
+    for name, (info, geometries, fields) in layers.items():
+        assert info["crs"] == "EPSG:4326"
+        assert all(g.is_valid for g in geometries), name
+        assert all(fields["description"]), name
+        for geometry in geometries:
+            x0, y0, x1, y1 = geometry.bounds
+            assert -106.51 <= x0 and x1 <= -105.99 and 40.84 <= y0 and y1 <= 41.26, name
+    ids = list(layers["polygons"][2]["legend_id"])
+    assert sorted(ids) == sorted(set(ids)) and len(ids) == 6
 
 
 def test_logs_are_written_and_the_key_never_leaks(chain):
@@ -275,11 +364,10 @@ def test_logs_are_written_and_the_key_never_leaks(chain):
             assert SECRET.encode() not in path.read_bytes(), path
 
 
-def test_each_module_is_fast(chain):
+def test_each_module_finishes_in_bounded_time(chain):
+    # a bound against hangs, not a speed goal (those live in bench/): shared CI machines
     for name, (_, seconds) in chain.results.items():
-        assert seconds < 5, (name, seconds)
-
-
+        assert seconds < 60, (name, seconds)
 # ---------------------------------------------------------------- switches
 
 
@@ -337,6 +425,184 @@ def test_missing_map_fails_clearly(chain, tmp_path):
     assert "missing input (map GeoTIFF)" in done.stdout
 
 
+def test_unreadable_map_fails_clearly(chain, tmp_path):
+    inputs = tmp_path / "inputs"
+    bad = inputs / "maps" / MAP_NAME / f"{MAP_NAME}.tif"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"II*\x00 this is not a TIFF at all")
+    tokens = {**chain.tokens, "$INPUT_DIR": str(inputs)}
+    done, _ = run(command(chain.modules["legend_segment"], tokens), chain.env)
+    assert done.returncode == 1
+    assert "GDAL cannot read the map" in done.stdout and str(bad) in done.stdout
+
+
+# ---------------------------------------------------------------- paper and ink
+
+
+def test_paper_is_estimated_from_the_map():
+    rng = np.random.default_rng(7)
+    image = np.empty((200, 300, 3), dtype=np.uint8)
+    image[:] = (236, 226, 198)  # tinted paper
+    image[40:160, 30:200] = (245, 225, 140)  # a large pale yellow unit
+    image[60:80, 220:280] = (250, 250, 160)  # a small bright yellow swatch
+    noisy = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
+    paper, threshold = raster.estimate_paper(noisy)
+    assert max(abs(a - b) for a, b in zip(paper, (236, 226, 198), strict=True)) <= 3
+    ink = raster.ink_mask(noisy, paper, threshold)
+    assert ink[40:160, 30:200].mean() > 0.99  # the unit is ink
+    assert ink[170:, :].mean() < 0.01  # the noisy paper is not
+    white = np.full((50, 50, 3), 255, dtype=np.uint8)
+    white[10:20, 10:20] = 128
+    assert raster.estimate_paper(white)[0] == (255, 255, 255)
+
+
+# ---------------------------------------------------------------- real-world files
+
+
+def palette_map(rgb: np.ndarray) -> tuple:
+    """(indexes (1, h, w) uint8, colormap) of an RGB map with few colours."""
+    flat = rgb.reshape(3, -1).T
+    colours, indexes = np.unique(flat, axis=0, return_inverse=True)
+    assert len(colours) <= 256
+    colormap = {n: (*(int(v) for v in c), 255) for n, c in enumerate(colours)}
+    return indexes.reshape(1, *rgb.shape[1:]).astype(np.uint8), colormap
+
+
+def cmyk_map(rgb: np.ndarray) -> np.ndarray:
+    """(4, h, w) uint8 CMYK inks of an RGB map (black in K, colour in C, M, Y)."""
+    ink = 255 - rgb.astype(np.int32)
+    k = ink.min(axis=0)
+    room = np.maximum(255 - k, 1)
+    cmy = (ink - k) * 255 // room
+    return np.concatenate([cmy, k[None]]).astype(np.uint8)
+
+
+def tinted_map(rgb: np.ndarray) -> np.ndarray:
+    """The map on tinted paper with scanner noise."""
+    tinted = rgb.astype(np.float32)
+    white = (rgb == 255).all(axis=0)
+    tinted[:, white] = np.array([238, 228, 200], dtype=np.float32)[:, None]
+    noise = np.random.default_rng(11).normal(0, 5, rgb.shape)
+    return np.clip(tinted + noise, 0, 255).astype(np.uint8)
+
+
+VARIANTS = {
+    # name: (how to write it from the sample map's RGB bands, georeferenced)
+    "lzw_tiled": (lambda rgb, path: write_map(path, rgb, compress="lzw", tiled=True,
+                                               blockxsize=256, blockysize=256), True),
+    "palette_utm": (lambda rgb, path: write_map(
+        path, palette_map(rgb)[0], crs="EPSG:32613", compress="packbits", photometric="palette",
+        colormap=palette_map(rgb)[1]), True),
+    "cmyk": (lambda rgb, path: write_map(path, cmyk_map(rgb), photometric="cmyk",
+                                          compress="deflate"), True),
+    "uint16_band_interleaved": (lambda rgb, path: write_map(
+        path, (rgb.astype(np.uint16) * 100 + 1000), interleave="band", compress="lzw"), True),
+    "rgba_bigtiff": (lambda rgb, path: write_map(
+        path, np.concatenate([rgb, np.full((1, *rgb.shape[1:]), 255, np.uint8)]),
+        photometric="rgb", alpha="yes", BIGTIFF="YES"), True),
+    "not_georeferenced": (lambda rgb, path: write_map(path, rgb, georeferenced=False,
+                                                      compress="lzw"), False),
+    "tinted_noisy": (lambda rgb, path: write_map(path, tinted_map(rgb), compress="lzw"), True),
+}
+
+
+@pytest.fixture(scope="module")
+def variant_pixels(tmp_path_factory):
+    return sample_pixels(800, 640, tmp_path_factory.mktemp("pixels"))
+
+
+@pytest.fixture(scope="module", params=sorted(VARIANTS))
+def variant(request, tmp_path_factory, variant_pixels):
+    write, georeferenced = VARIANTS[request.param]
+    base = tmp_path_factory.mktemp(request.param)
+    return Chain(base, lambda path: write(variant_pixels, path)), georeferenced
+
+
+def test_variant_completes_with_valid_nonempty_results(variant):
+    chain, _ = variant
+    assert chain.failures() == {}
+    polygons = read_json(chain.output("polygon_extract"))["features"]
+    assert len(polygons) == len(sample_map.UNIT_COLOURS)
+    for feature in polygons:
+        geometry = shape(feature["geometry"])
+        assert geometry.geom_type == "MultiPolygon" and geometry.is_valid
+        assert not geometry.is_empty
+    assert len(read_json(chain.output("line_extract"))["features"]) >= 1
+    assert len(read_json(chain.output("point_extract"))["features"]) >= 1
+    layers = gpkg_layers(chain.output("geopackage"))
+    assert set(layers) == {"points", "lines", "polygons"}
+    for name, (_, geometries, _) in layers.items():
+        assert geometries and all(g.is_valid for g in geometries), name
+
+
+def test_variant_gcps_are_wgs84_inside_the_map(variant):
+    chain, georeferenced = variant
+    data = read_json(chain.output("georeference"))
+    assert all(g["crs"] == "EPSG:4326" for g in data["gcps"])
+    with open_map(chain.tif) as ds:
+        crs, bounds, width, height = ds.crs, ds.bounds, ds.width, ds.height
+    for gcp in data["gcps"]:
+        assert 0 <= gcp["columns_from_left"] <= width and 0 <= gcp["rows_from_top"] <= height
+    if georeferenced:
+        assert data["estimated"] is False and data["crs"] == crs.to_string()
+        west, south, east, north = transform_bounds(crs, "EPSG:4326", *bounds)
+        for gcp in data["gcps"]:
+            assert west <= gcp["longitude"] <= east and south <= gcp["latitude"] <= north
+    else:
+        assert data["estimated"] is True and data["crs"] is None
+        done, _ = chain.results["georeference"]
+        assert "WARNING" in done.stdout and "placeholder GCPs" in done.stdout
+        corners = {(g["longitude"], g["latitude"]) for g in data["gcps"]}
+        assert corners == {(0.0, 1.0), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0)}
+
+
+def run_georeference(tif: Path, tmp_path: Path) -> tuple:
+    """(output JSON, stdout) of georeference alone on one map."""
+    out = tmp_path / "georeference" / "map.json"
+    done, _ = run([sys.executable, str(MODULES / "georeference.py"), "--input_path", str(tif),
+                   "--support_data_dir", str(tmp_path), "--output_path", str(out),
+                   "--temp_dir", str(tmp_path), "--gpu_id", "0"], dict(os.environ))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return read_json(out), done.stdout
+
+
+def test_georeference_passes_on_gcps_stored_in_the_file(tmp_path, variant_pixels):
+    _, height, width = variant_pixels.shape
+    corners = [(0, 0), (0, width), (height, 0), (height, width)]
+    # the sample map's box in UTM zone 13N, corner by corner
+    west, south, east, north = transform_bounds("EPSG:4267", "EPSG:32613", WEST,
+                                                NORTH - SPAN_Y, WEST + SPAN_X, NORTH)
+    gcps = [rasterio.control.GroundControlPoint(row, col, west + (east - west) * col / width,
+                                                north - (north - south) * row / height)
+            for row, col in corners]
+    tif = write_map(tmp_path / "gcps.tif", variant_pixels, georeferenced=False,
+                    gcps=gcps, crs="EPSG:32613")
+    data, _ = run_georeference(tif, tmp_path)
+    assert data["crs"] == "EPSG:32613" and data["estimated"] is False
+    assert [(g["rows_from_top"], g["columns_from_left"]) for g in data["gcps"]] == corners
+    lons, lats = warp_transform("EPSG:32613", "EPSG:4326", [g.x for g in gcps],
+                                [g.y for g in gcps])
+    for gcp, lon, lat in zip(data["gcps"], lons, lats, strict=True):
+        assert gcp["crs"] == "EPSG:4326"
+        assert gcp["longitude"] == pytest.approx(lon) and gcp["latitude"] == pytest.approx(lat)
+        assert -106.6 < lon < -105.9 and 40.8 < lat < 41.3
+
+
+def test_georeference_reads_an_aux_xml_sidecar(tmp_path, variant_pixels):
+    _, height, width = variant_pixels.shape
+    tif = write_map(tmp_path / "sidecar.tif", variant_pixels, georeferenced=False)
+    wkt = rasterio.crs.CRS.from_epsg(4267).to_wkt()
+    geotransform = f"{WEST}, {SPAN_X / width}, 0, {NORTH}, 0, {-SPAN_Y / height}"
+    Path(str(tif) + ".aux.xml").write_text(
+        f"<PAMDataset><SRS>{wkt}</SRS><GeoTransform>{geotransform}</GeoTransform>"
+        "</PAMDataset>", encoding="utf-8")
+    data, _ = run_georeference(tif, tmp_path)
+    assert data["crs"] == "EPSG:4267" and data["estimated"] is False
+    for gcp in data["gcps"]:
+        assert WEST - 0.01 < gcp["longitude"] < WEST + SPAN_X + 0.01
+        assert NORTH - SPAN_Y - 0.01 < gcp["latitude"] < NORTH + 0.01
+
+
 # ---------------------------------------------------------------- sample map
 
 
@@ -348,16 +614,13 @@ def test_sample_map_is_deterministic(tmp_path):
                               capture_output=True, text=True, timeout=TIMEOUT)
         assert done.returncode == 0, done.stderr
     assert paths[0].read_bytes() == paths[1].read_bytes()
-    sample_map.write_sample_map(str(tmp_path / "c.tif"), 400, 320)
-    assert (tmp_path / "c.tif").read_bytes() == paths[0].read_bytes()
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_sample_map_reads_back_as_a_geotiff(tmp_path):
+def test_sample_map_reads_back_through_gdal(tmp_path):
     path = sample_map.write_sample_map(str(tmp_path / "m.tif"), 500, 400)
-    image = common.read_tiff(path)
-    assert (image.width, image.height) == (500, 400)
-    assert len(image.rgb) == 500 * 400 * 3
-    assert common.geotiff_epsg(image) == 4267
-    assert image.pixel(5, 5) == (255, 255, 255)
-    assert image.pixel(30, 385) == sample_map.UNIT_COLOURS[0]
+    with raster.open_map(path) as reader:
+        assert (reader.width, reader.height) == (500, 400)
+        image = reader.rgb()
+    assert tuple(image[5, 5]) == (255, 255, 255)
+    assert tuple(image[385, 30]) == sample_map.UNIT_COLOURS[0]
