@@ -55,21 +55,27 @@ def crop(reader, area, map_name: str, folder: str, size: int, stride: int) -> in
     columns = 1 + math.ceil(max(0, reader.width - size) / stride)
     rows = 1 + math.ceil(max(0, reader.height - size) / stride)
     written = 0
-    for row in range(rows):
-        y0 = row * stride
-        top, bottom = max(y0, ay0), min(y0 + size, ay1)
-        if top >= bottom:
-            continue
-        band = reader.rgb((ax0, top, ax1, bottom))
-        for col in range(columns):
-            x0 = col * stride
-            left, right = max(x0, ax0), min(x0 + size, ax1)
-            if left >= right:
+    with patches.pool() as threads:
+        for row in range(rows):
+            y0 = row * stride
+            top, bottom = max(y0, ay0), min(y0 + size, ay1)
+            if top >= bottom:
                 continue
-            patch = np.full((size, size, 3), 255, dtype=np.uint8)
-            patch[top - y0:bottom - y0, left - x0:right - x0] = band[:, left - ax0:right - ax0]
-            patches.write_png(os.path.join(folder, f"{map_name}_{row}_{col}.png"), patch)
-            written += 1
+            band = reader.rgb((ax0, top, ax1, bottom))
+
+            def write(col, band=band, row=row, y0=y0, top=top, bottom=bottom):
+                x0 = col * stride
+                left, right = max(x0, ax0), min(x0 + size, ax1)
+                patch = np.full((size, size, 3), 255, dtype=np.uint8)
+                patch[top - y0:bottom - y0, left - x0:right - x0] = \
+                    band[:, left - ax0:right - ax0]
+                patches.write_png(os.path.join(folder, f"{map_name}_{row}_{col}.png"), patch)
+
+            # a patch row at a time, so only one band is held
+            inside = [col for col in range(columns)
+                      if col * stride < ax1 and col * stride + size > ax0]
+            list(threads.map(write, inside))
+            written += len(inside)
     return written
 
 

@@ -7,6 +7,7 @@ A patch folder is <map>_g<size>_s<stride>_wo_legend holding <map>_<row>_<col>.pn
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import common
 import numpy as np
@@ -15,6 +16,13 @@ from PIL import Image
 # Patches are intermediate files read once by the extractors: the fastest zlib level
 # writes them several times faster than the default for a few percent more bytes.
 PNG_LEVEL = 1
+# Pillow encodes and decodes PNGs without holding the GIL, so a few threads use the
+# machine's cores; more would only add memory.
+THREADS = min(4, os.cpu_count() or 1)
+
+
+def pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=THREADS)
 
 
 def patch_grid(folder: str):
@@ -50,7 +58,7 @@ def read_png(path: str) -> np.ndarray:
     """An (h, w, 3) uint8 array of any PNG Pillow reads."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except OSError as exc:
         raise common.ModuleFailed(f"unreadable PNG patch {path}: {exc}") from exc
 
@@ -58,14 +66,20 @@ def read_png(path: str) -> np.ndarray:
 def sample_patches(folder: str, step: int, limit=None):
     """Yield (gx0, gy0, samples) for each patch: samples is the patch read every step
     pixels on a grid aligned to the whole map, so overlapping patches agree, starting at
-    grid cell (gx0, gy0). limit (width, height) drops padding past the map's edge."""
+    grid cell (gx0, gy0). limit (width, height) drops padding past the map's edge.
+    Patches are decoded on a few threads; only their samples are kept."""
     _, stride = patch_grid(folder)
-    for row, col, path in list_patches(folder):
+
+    def load(entry):
+        row, col, path = entry
         patch = read_png(path)
         ox, oy = col * stride, row * stride
         height, width = patch.shape[:2]
         if limit is not None:
             width, height = min(width, limit[0] - ox), min(height, limit[1] - oy)
         start_x, start_y = (-ox) % step, (-oy) % step
-        yield ((ox + start_x) // step, (oy + start_y) // step,
-               patch[start_y:height:step, start_x:width:step])
+        samples = np.ascontiguousarray(patch[start_y:height:step, start_x:width:step])
+        return (ox + start_x) // step, (oy + start_y) // step, samples
+
+    with pool() as threads:
+        yield from threads.map(load, list_patches(folder))

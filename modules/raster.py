@@ -82,6 +82,12 @@ class MapReader:
         x0, y0, x1, y1 = window or (0, 0, self.width, self.height)
         win = Window(x0, y0, x1 - x0, y1 - y0)
         shape = out_shape or (y1 - y0, x1 - x0)
+        if self.kind == "rgb" and self.range is None and not self.alpha:
+            # GDAL writes straight into a pixel-interleaved array: no band-first copy
+            out = np.empty((*shape, 3), dtype=np.uint8)
+            self.dataset.read(list(self.bands), window=win, out=np.moveaxis(out, -1, 0),
+                              resampling=Resampling.nearest)
+            return out
         indexes = list(self.bands) + ([self.alpha] if self.alpha else [])
         raw = self.dataset.read(indexes, window=win, out_shape=(len(indexes), *shape),
                                 resampling=Resampling.nearest)
