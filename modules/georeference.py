@@ -30,6 +30,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+
+common.lighter_rasterio()
+
 import raster  # noqa: E402
 from rasterio.warp import transform  # noqa: E402
 
@@ -69,9 +72,10 @@ def gcp(n: int, row: float, column: float, latitude: float, longitude: float) ->
 
 
 def from_file_gcps(dataset) -> tuple:
-    """(crs, gcps) from GCPs stored in the file, or (None, None) if there are none."""
+    """(crs, gcps) from GCPs stored in the file, or (None, None) if there are none or
+    they have no CRS (their positions could not be put in degrees)."""
     points, crs = dataset.gcps
-    if not points:
+    if not points or crs is None:
         return None, None
     lons, lats = to_degrees(crs, [p.x for p in points], [p.y for p in points])
     return crs, [gcp(n, p.row, p.col, lat, lon)
@@ -116,6 +120,9 @@ def work(args, log) -> None:
             crs, gcps = dataset.crs, from_geotransform(dataset, area)
             log.info("georeferenced in %s, geotransform %s", crs, tuple(dataset.transform)[:6])
         else:
+            if not dataset.transform.is_identity or dataset.gcps[0]:
+                log.warning("the map has a geotransform or GCPs but no CRS: they cannot be "
+                            "put in degrees")
             gcps, estimated = placeholders(area), True
             log.warning("the map has no georeferencing GDAL can read (GeoTIFF tags, world "
                         "file, .aux.xml or GCPs): %d placeholder GCPs at the corners of the "

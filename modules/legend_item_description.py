@@ -21,6 +21,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+
+common.lighter_rasterio()
+
 import numpy as np  # noqa: E402
 import raster  # noqa: E402
 
@@ -60,7 +63,8 @@ def describe(reader, feature, right_edge: int, paper, threshold: int) -> tuple:
     xs = [int(p[0]) for p in ring]
     ys = [int(p[1]) for p in ring]
     bbox = [min(xs), min(ys), max(xs), max(ys)]
-    cx, cy = (bbox[0] + bbox[2]) // 2, (bbox[1] + bbox[3]) // 2
+    cx = min(max(0, (bbox[0] + bbox[2]) // 2), reader.width - 1)
+    cy = min(max(0, (bbox[1] + bbox[3]) // 2), reader.height - 1)
     seen = common.hex_colour(reader.rgb((cx, cy, cx + 1, cy + 1))[0, 0])
     label = label_extent(reader, bbox, right_edge, paper, threshold)
     text = f"{props['type']} unit {props['abbreviation']}, colour {seen}"

@@ -8,10 +8,11 @@ Run: python modules/legend_item_segment.py --input_image MAP.tif
 
 Reads only the legend areas that legend_segment reported (windows of the map, on a grid
 of 2 px, coarser on maps over 8,000 px), marks ink (pixels further from the paper than
-legend_segment's threshold), and groups it into 8-connected blobs. The blobs starting in
-the legend's leftmost column are the swatches (the blobs right of them are label text);
-each swatch's colour is read at its centre. Swatches in the polygon legend become polygon
-units; in the point/line legend a wide, thin swatch is a line and anything else a point.
+legend_segment's threshold), and groups it into 8-connected blobs (GDAL's polygonize).
+The blobs starting in the legend's leftmost column are the swatches (the blobs right of
+them are label text); each swatch's colour is read at its centre. Swatches in the
+polygon legend become polygon units; in the point/line legend a wide, thin swatch is a
+line and anything else a point.
 Writes, in pixel coordinates (x right, y down):
   OUT/<map>_PolygonType.geojson           one rectangle per polygon swatch
   OUT/<map>_PointLineType.geojson         one rectangle per point or line swatch
@@ -25,9 +26,13 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+
+common.lighter_rasterio()
+
 import numpy as np  # noqa: E402
 import raster  # noqa: E402
-from scipy import ndimage  # noqa: E402
+from rasterio import features as rio_features  # noqa: E402
+from shapely.geometry import shape  # noqa: E402
 
 NAME = "legend_item_segment"
 STEP = 2
@@ -64,11 +69,12 @@ def find_swatches(reader, box, paper, threshold: int) -> list:
     x0, y0, _, _ = box
     rgb, step = legend_grid(reader, box)
     ink = raster.ink_mask(rgb, paper, threshold)
-    labels, count = ndimage.label(ink, structure=np.ones((3, 3), dtype=bool))
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
-    blobs = [(s[1].start, s[0].start, s[1].stop, s[0].stop)
-             for n, s in enumerate(ndimage.find_objects(labels), start=1)
-             if s is not None and sizes[n] >= MIN_CELLS]
+    # GDAL polygonises the 8-connected ink blobs; a blob's bounds are in grid cells
+    blobs = []
+    for geometry, _ in rio_features.shapes(ink.astype(np.uint8), mask=ink, connectivity=8):
+        blob = shape(geometry)
+        if blob.area >= MIN_CELLS:
+            blobs.append(tuple(int(round(v)) for v in blob.bounds))
     if not blobs:
         return []
     left = min(b[0] for b in blobs)

@@ -23,6 +23,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+
+common.lighter_rasterio()
+
 import numpy as np  # noqa: E402
 import patches  # noqa: E402
 import raster  # noqa: E402

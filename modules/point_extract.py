@@ -10,7 +10,7 @@ The switches name no map, so the map name comes from PATCH_DIR
 map size (GDAL reads only its header). Reads the point legend items and colours from
 legend_item_description's <map>_point.json, samples the patches (one at a time, with
 Pillow) on a 3-pixel grid in whole-map coordinates, labels the samples near a point colour
-into 8-connected blobs (scipy.ndimage) and reports each blob's centre and bbox.
+into 8-connected blobs (GDAL's polygonize) and reports each blob's centre and bbox.
 Writes OUT/output-per-symbol/<map>_points.geojson (Points in pixel coordinates, x right,
 y down) and OUT/run.log. The model folders, symbol info and GPU are only logged.
 """
@@ -21,10 +21,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+
+common.lighter_rasterio()
+
 import numpy as np  # noqa: E402
 import patches  # noqa: E402
 import raster  # noqa: E402
-from scipy import ndimage  # noqa: E402
+from rasterio import features as rio_features  # noqa: E402
+from shapely.geometry import shape  # noqa: E402
 
 NAME = "point_extract"
 STEP = 3
@@ -61,19 +65,18 @@ def scan_patches(folder: str, size: tuple, colours: list) -> list:
 
 def symbols(grid: np.ndarray) -> list:
     """[(centre x, centre y, bbox)] in map pixels of each blob of at least MIN_CELLS."""
-    labels, count = ndimage.label(grid, structure=np.ones((3, 3), dtype=bool))
-    if not count:
-        return []
-    sizes = np.bincount(labels.ravel())
-    index = np.arange(1, count + 1)
-    centres = ndimage.center_of_mass(grid, labels, index)
     found = []
-    for n, where, (cy, cx) in zip(index, ndimage.find_objects(labels), centres, strict=True):
-        if sizes[n] < MIN_CELLS:
+    # GDAL polygonises the 8-connected blobs, in grid cells (cell i spans [i, i + 1))
+    for geometry, _ in rio_features.shapes(grid.astype(np.uint8), mask=grid, connectivity=8):
+        blob = shape(geometry)
+        if blob.area < MIN_CELLS:
             continue
-        bbox = [where[1].start * STEP, where[0].start * STEP,
-                where[1].stop * STEP, where[0].stop * STEP]
-        found.append((round(float(cx) * STEP, 1), round(float(cy) * STEP, 1), bbox))
+        x0, y0, x1, y1 = (int(round(v)) * STEP for v in blob.bounds)
+        centre = blob.centroid
+        # the centre of mass of the cells' own positions, as the samples were taken
+        found.append((round((centre.x - 0.5) * STEP, 1), round((centre.y - 0.5) * STEP, 1),
+                      [x0, y0, x1, y1]))
+    found.sort(key=lambda item: (item[1], item[0]))
     return found
 
 

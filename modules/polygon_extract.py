@@ -22,6 +22,9 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import common  # noqa: E402
+
+common.lighter_rasterio()
+
 import numpy as np  # noqa: E402
 import raster  # noqa: E402
 import shapely  # noqa: E402
@@ -100,6 +103,9 @@ def work(args, log) -> None:
                  args.path_to_legend_solution, len(solution["features"]), args.path_to_json)
         x0, y0 = max(0, x0), max(0, y0)
         x1, y1 = min(reader.width, x1), min(reader.height, y1)
+        if x1 <= x0 or y1 <= y0:
+            raise common.ModuleFailed(f"empty map area {internal['map_area']} in "
+                                      f"{args.path_to_json}")
         shape_cells = (-(-(y1 - y0) // cell), -(-(x1 - x0) // cell))
         # one pixel per cell, its centre pixel: the whole map area is never held
         rgb = reader.rgb((x0, y0, x1, y1), out_shape=shape_cells)

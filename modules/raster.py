@@ -31,6 +31,8 @@ GDAL_CACHE_MB = 96
 LAYOUT_SIDE = 2000
 # the longer side of the decimated read that fixes a non-8-bit file's range
 RANGE_SIDE = 512
+# pixels the paper estimate looks at (evenly spread): plenty for a histogram
+SAMPLE_PIXELS = 250_000
 
 CMYK = (ColorInterp.cyan, ColorInterp.magenta, ColorInterp.yellow, ColorInterp.black)
 RGB = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
@@ -182,8 +184,8 @@ def estimate_paper(rgb: np.ndarray) -> tuple:
     grows with the paper's own noise, so noisy scans do not turn into ink.
     """
     pixels = rgb.reshape(-1, 3)
-    if len(pixels) > 1_000_000:
-        pixels = pixels[::len(pixels) // 1_000_000]
+    if len(pixels) > SAMPLE_PIXELS:
+        pixels = pixels[::len(pixels) // SAMPLE_PIXELS]
     levels = (pixels >> 5).astype(np.int32)
     keys = levels[:, 0] * 64 + levels[:, 1] * 8 + levels[:, 2]
     counts = np.bincount(keys, minlength=512)

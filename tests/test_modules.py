@@ -20,6 +20,8 @@ import numpy as np
 import pyogrio
 import pytest
 import rasterio
+import rasterio.control
+import rasterio.crs
 import shapely
 import yaml
 from rasterio.errors import NotGeoreferencedWarning
@@ -115,6 +117,8 @@ def write_map(path: Path, bands: np.ndarray, georeferenced=True, crs="EPSG:4267"
                                                         north)
         options.update(crs=crs, transform=Affine((east - west) / width, 0, west,
                                                  0, -(north - south) / height, north))
+    elif "gcps" in profile:
+        options["crs"] = crs  # the CRS of the GCPs
     path.parent.mkdir(parents=True, exist_ok=True)
     colormap = options.pop("colormap", None)
     with warnings.catch_warnings():
@@ -550,6 +554,53 @@ def test_variant_gcps_are_wgs84_inside_the_map(variant):
         assert "WARNING" in done.stdout and "placeholder GCPs" in done.stdout
         corners = {(g["longitude"], g["latitude"]) for g in data["gcps"]}
         assert corners == {(0.0, 1.0), (1.0, 1.0), (0.0, 0.0), (1.0, 0.0)}
+
+
+def run_georeference(tif: Path, tmp_path: Path) -> tuple:
+    """(output JSON, stdout) of georeference alone on one map."""
+    out = tmp_path / "georeference" / "map.json"
+    done, _ = run([sys.executable, str(MODULES / "georeference.py"), "--input_path", str(tif),
+                   "--support_data_dir", str(tmp_path), "--output_path", str(out),
+                   "--temp_dir", str(tmp_path), "--gpu_id", "0"], dict(os.environ))
+    assert done.returncode == 0, done.stdout + done.stderr
+    return read_json(out), done.stdout
+
+
+def test_georeference_passes_on_gcps_stored_in_the_file(tmp_path, variant_pixels):
+    _, height, width = variant_pixels.shape
+    corners = [(0, 0), (0, width), (height, 0), (height, width)]
+    # the sample map's box in UTM zone 13N, corner by corner
+    west, south, east, north = transform_bounds("EPSG:4267", "EPSG:32613", WEST,
+                                                NORTH - SPAN_Y, WEST + SPAN_X, NORTH)
+    gcps = [rasterio.control.GroundControlPoint(row, col, west + (east - west) * col / width,
+                                                north - (north - south) * row / height)
+            for row, col in corners]
+    tif = write_map(tmp_path / "gcps.tif", variant_pixels, georeferenced=False,
+                    gcps=gcps, crs="EPSG:32613")
+    data, _ = run_georeference(tif, tmp_path)
+    assert data["crs"] == "EPSG:32613" and data["estimated"] is False
+    assert [(g["rows_from_top"], g["columns_from_left"]) for g in data["gcps"]] == corners
+    lons, lats = warp_transform("EPSG:32613", "EPSG:4326", [g.x for g in gcps],
+                                [g.y for g in gcps])
+    for gcp, lon, lat in zip(data["gcps"], lons, lats, strict=True):
+        assert gcp["crs"] == "EPSG:4326"
+        assert gcp["longitude"] == pytest.approx(lon) and gcp["latitude"] == pytest.approx(lat)
+        assert -106.6 < lon < -105.9 and 40.8 < lat < 41.3
+
+
+def test_georeference_reads_an_aux_xml_sidecar(tmp_path, variant_pixels):
+    _, height, width = variant_pixels.shape
+    tif = write_map(tmp_path / "sidecar.tif", variant_pixels, georeferenced=False)
+    wkt = rasterio.crs.CRS.from_epsg(4267).to_wkt()
+    geotransform = f"{WEST}, {SPAN_X / width}, 0, {NORTH}, 0, {-SPAN_Y / height}"
+    Path(str(tif) + ".aux.xml").write_text(
+        f"<PAMDataset><SRS>{wkt}</SRS><GeoTransform>{geotransform}</GeoTransform>"
+        "</PAMDataset>", encoding="utf-8")
+    data, _ = run_georeference(tif, tmp_path)
+    assert data["crs"] == "EPSG:4267" and data["estimated"] is False
+    for gcp in data["gcps"]:
+        assert WEST - 0.01 < gcp["longitude"] < WEST + SPAN_X + 0.01
+        assert NORTH - SPAN_Y - 0.01 < gcp["latitude"] < NORTH + 0.01
 
 
 # ---------------------------------------------------------------- sample map
