@@ -26,6 +26,8 @@ from rasterio.transform import Affine
 TOKEN = "cdr-token-for-tests"
 SECRET = "webhook-secret-for-tests"
 COG = "5a06544690b6d3f04fe7f4c8a7e3a1c2"
+# a whole graph, then publishing: generous, as tests share a loaded machine
+GRAPH_WAIT = 240
 
 
 @pytest.fixture
@@ -113,14 +115,14 @@ def test_map_process_downloads_runs_and_publishes(linked, cdr, cdr_env):
     resp = cdr.deliver("map.process", {"cog_id": COG, "cog_url": f"{cdr.url}/cogs/{COG}.cog.tif"},
                        content_type="")
     assert resp.status_code == 200 and resp.json() == {"ok": "success"}
-    wait_for(lambda: job_done(linked, COG))
+    wait_for(lambda: job_done(linked, COG), timeout=GRAPH_WAIT)
     job = linked.get(f"/jobs/{COG}").json()
     assert job["status"] == "passed" and job["modules"] == ["ALL"] and job["map"] == COG
     with open(f"{cdr_env['TA1_INPUTS_DIR']}/maps/{COG}/{COG}.tif", "rb") as f:
         assert f.read() == cdr.image
     status = wait_for(lambda: (linked.get(f"/jobs/{COG}").json()["cdr"] or {}).get("georef", {})
                       .get("status") in ("published", "failed") and linked.get(
-                          f"/jobs/{COG}").json()["cdr"])
+                          f"/jobs/{COG}").json()["cdr"], timeout=GRAPH_WAIT)
     assert status["features"]["status"] == "published"
     assert status["features"]["result_id"] == f"mip_test_0.1.0_{COG}"
     assert status["georef"]["status"] == "published" and status["georef"]["cdr_job_id"]
@@ -133,7 +135,7 @@ def test_map_process_downloads_runs_and_publishes(linked, cdr, cdr_env):
     # publishing again on request is safe
     again = linked.post(f"/jobs/{COG}/publish")
     assert again.status_code == 200
-    wait_for(lambda: len(published(cdr, "features")) == 2)
+    wait_for(lambda: len(published(cdr, "features")) == 2, timeout=GRAPH_WAIT)
 
 
 def test_bad_or_missing_signature_is_refused_and_nothing_recorded(linked, cdr):
@@ -154,7 +156,7 @@ def test_duplicate_deliveries_start_nothing(linked, cdr):
     assert cdr.deliver("map.process", body, event_id="ev-1").status_code == 200
     assert cdr.deliver("map.process", body, event_id="ev-1").status_code == 200
     assert cdr.deliver("map.process", body, event_id="ev-2").status_code == 200
-    wait_for(lambda: job_done(linked, COG))
+    wait_for(lambda: job_done(linked, COG), timeout=GRAPH_WAIT)
     assert cdr.deliver("map.process", body, event_id="ev-3").status_code == 200
     time.sleep(0.5)
     assert len(linked.get(f"/runs?job={COG}").json()) == 1
@@ -206,7 +208,7 @@ def test_event_accepted_before_a_kill_is_processed_after_restart(cdr_env, cdr):
         srv.stop()
         SlowOnce.release.set()
         srv.start()
-        wait_for(lambda: job_done(srv, COG))
+        wait_for(lambda: job_done(srv, COG), timeout=GRAPH_WAIT)
         assert srv.get(f"/jobs/{COG}").json()["status"] == "passed"
         assert SlowOnce.calls == 2
     finally:
@@ -221,9 +223,10 @@ def test_cdr_answering_500_twice_still_gets_the_results(linked, cdr):
     cdr.fail_next("/v1/maps/publish/georef", 2, 502)
     cdr.deliver("map.process", {"cog_id": COG, "cog_url": f"{cdr.url}/cogs/{COG}.cog.tif"})
     status = wait_for(lambda: (linked.get(f"/jobs/{COG}").json() if job_done(linked, COG)
-                               else {}).get("cdr") or None)
+                               else {}).get("cdr") or None, timeout=GRAPH_WAIT)
     status = wait_for(lambda: all(v["status"] != "pending" for v in linked.get(
-        f"/jobs/{COG}").json()["cdr"].values()) and linked.get(f"/jobs/{COG}").json()["cdr"])
+        f"/jobs/{COG}").json()["cdr"].values()) and linked.get(f"/jobs/{COG}").json()["cdr"],
+        timeout=GRAPH_WAIT)
     assert status["features"]["status"] == "published"
     assert status["georef"]["status"] == "published"
     calls = [p for m, p in cdr.requests if p == "/v1/maps/publish/features"]
@@ -243,18 +246,18 @@ def test_broken_download_is_reported_and_a_manual_trigger_retries(linked, cdr, c
     cdr.broken.discard(COG)
     resp = linked.post(f"/cdr/cogs/{COG}")
     assert resp.status_code == 200 and resp.json()["status"] == "received"
-    wait_for(lambda: job_done(linked, COG))
+    wait_for(lambda: job_done(linked, COG), timeout=GRAPH_WAIT)
     assert linked.get(f"/jobs/{COG}").json()["status"] == "passed"
     assert linked.post("/cdr/cogs/unknowncog").status_code == 404
 
 
 def test_publish_on_request_for_any_passed_job(linked, cdr):
     run_id = linked.post("/runs", json=payload("handmade", "ALL")).json()["run_id"]
-    assert linked.wait_run(run_id)["status"] == "passed"
+    assert linked.wait_run(run_id, timeout=GRAPH_WAIT)["status"] == "passed"
     assert linked.get("/jobs/handmade").json()["cdr"] is None  # not from the CDR
     resp = linked.post("/jobs/handmade/publish")
     assert resp.status_code == 200
-    wait_for(lambda: published(cdr, "georef"))
+    wait_for(lambda: published(cdr, "georef"), timeout=GRAPH_WAIT)
     assert published(cdr, "features")[0]["cog_id"] == "WY_CO_Peach"
 
 
@@ -278,12 +281,12 @@ def publication(srv, job):
         state = srv.get(f"/jobs/{job}").json()["cdr"]
         return state if state and all(p["status"] != "pending" for p in state.values()) \
             else None
-    return wait_for(settled)
+    return wait_for(settled, timeout=GRAPH_WAIT)
 
 
 def passed_job(srv, job):
     run_id = srv.post("/runs", json=payload(job, "ALL")).json()["run_id"]
-    assert srv.wait_run(run_id)["status"] == "passed"
+    assert srv.wait_run(run_id, timeout=GRAPH_WAIT)["status"] == "passed"
 
 
 def write_output(env, job, name, data):
@@ -359,7 +362,7 @@ def test_a_downloaded_map_gdal_cannot_read_is_refused_and_fetched_again(linked, 
 
     cdr.add_cog(COG, good)
     assert linked.post(f"/cdr/cogs/{COG}").json()["status"] == "received"
-    wait_for(lambda: job_done(linked, COG))
+    wait_for(lambda: job_done(linked, COG), timeout=GRAPH_WAIT)
     assert linked.get(f"/jobs/{COG}").json()["status"] == "passed"
 
 
@@ -391,7 +394,7 @@ def test_a_cog_from_the_cdr_runs_and_publishes(linked, cdr, cdr_env, sample_tif,
     image = cog_bytes(sample_tif, tmp_path, georeferenced)
     cdr.add_cog(COG, image)
     cdr.deliver("map.process", {"cog_id": COG, "cog_url": f"{cdr.url}/cogs/{COG}.cog.tif"})
-    wait_for(lambda: job_done(linked, COG), timeout=180)
+    wait_for(lambda: job_done(linked, COG), timeout=GRAPH_WAIT)
     job = linked.get(f"/jobs/{COG}").json()
     assert job["status"] == "passed", linked.get(f"/runs/{job['run_id']}/log").text[-3000:]
     # stored where mipper looks for a map, byte for byte, and listed as a map

@@ -269,7 +269,7 @@ def outputs(tmp_path_factory):
                    env=env, check=True, capture_output=True, timeout=60)
     done = subprocess.run([sys.executable, os.path.join(ROOT, "mipper.py"), "--job", JOB,
                            "--map", MAP, "--module", "ALL"],
-                          env=env, capture_output=True, text=True, timeout=120)
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
     return mipper.Settings.from_env(env)
 
