@@ -286,8 +286,10 @@ class Bench:
             os.makedirs(path)
         map_dir = os.path.join(self.dirs["inputs"], "maps", MAP)
         os.makedirs(map_dir)
-        with open(os.path.join(map_dir, f"{MAP}.tif"), "wb") as f:
-            f.write(b"II*\x00")  # the stand-ins never read it; the server checks it exists
+        # the stand-ins never read it, but POST /runs checks that GDAL can
+        sys.path.insert(0, os.path.join(ROOT, "modules"))
+        import sample_map
+        sample_map.write_sample_map(os.path.join(map_dir, f"{MAP}.tif"), 200, 160)
         self.catalogue = self.write_catalogue(os.path.join(scratch, "config.yml"))
         password = secrets.token_urlsafe(12)
         self.auth = basic("bench", password)
