@@ -180,31 +180,50 @@ def estimate_paper(rgb: np.ndarray) -> tuple:
     The paper is the whitest colour that covers a real share of the map: colours are
     binned 32 levels per channel, bins holding at least 2% of the pixels compete, and the
     one whose darkest channel is lightest wins (so a bright yellow unit loses to tinted
-    paper). The paper colour is the median of the pixels near that bin; the threshold
-    grows with the paper's own noise, so noisy scans do not turn into ink.
+    paper). The same contest, on bins of 8 levels inside that bin, then parts white paper
+    from a pale unit that shares its coarse bin (a grey scan's lightest unit); scanner noise
+    spreads paper over many fine bins, and then the coarse bin stands. The paper colour is
+    the median of the pixels near the winner; the threshold grows with the paper's own
+    noise, so noisy scans do not turn into ink.
     """
     pixels = rgb.reshape(-1, 3)
     if len(pixels) > SAMPLE_PIXELS:
         pixels = pixels[::len(pixels) // SAMPLE_PIXELS]
-    levels = (pixels >> 5).astype(np.int32)
-    keys = levels[:, 0] * 64 + levels[:, 1] * 8 + levels[:, 2]
-    counts = np.bincount(keys, minlength=512)
-    candidates = np.flatnonzero(counts >= max(1, 0.02 * len(pixels)))
-    if not candidates.size:
-        candidates = np.array([int(counts.argmax())])
-    bins = np.stack([candidates // 64, candidates // 8 % 8, candidates % 8], axis=1)
-    order = np.lexsort((counts[candidates], bins.sum(axis=1), bins.min(axis=1)))
-    centre = bins[order[-1]] * 32 + 16
+    share = max(1, 0.02 * len(pixels))
+    centre, radius = whitest_bin(pixels, 5, share), 32
+    if centre is None:
+        centre = whitest_bin(pixels, 5, 1)
     signed = pixels.astype(np.int16)
-    near = pixels[np.abs(signed - centre).max(axis=1) <= 32]
+    near = pixels[np.abs(signed - centre).max(axis=1) <= radius]
+    fine = whitest_bin(near, 3, share)
+    if fine is not None:
+        centre, radius = fine, 12
+        near = pixels[np.abs(signed - centre).max(axis=1) <= radius]
     paper = np.median(near, axis=0).round().astype(np.int16)
     distance = np.abs(signed - paper).max(axis=1)
-    # the median distance of near-paper pixels measures the paper's own noise, and stays
-    # put when pale units nearby fall in the window
-    close = distance[distance <= 48]
+    # the median distance of near-paper pixels measures the paper's own noise; a window
+    # tighter than the pale units keeps them out of it
+    close = distance[distance <= 24]
     noise = float(np.median(close)) if close.size else 0.0
     threshold = int(np.clip(3 * noise + 12, 24, 64))
     return tuple(int(v) for v in paper), threshold
+
+
+def whitest_bin(pixels: np.ndarray, shift: int, share: float):
+    """The centre of the bin (2**shift levels a channel) holding at least `share` pixels
+    whose darkest channel is lightest (ties: lightest in all, then fullest); None if no
+    bin holds that many."""
+    per = 256 >> shift
+    levels = (pixels >> shift).astype(np.int32)
+    keys = (levels[:, 0] * per + levels[:, 1]) * per + levels[:, 2]
+    counts = np.bincount(keys, minlength=per ** 3)
+    candidates = np.flatnonzero(counts >= share)
+    if not candidates.size:
+        return None
+    bins = np.stack([candidates // (per * per), candidates // per % per, candidates % per],
+                    axis=1)
+    order = np.lexsort((counts[candidates], bins.sum(axis=1), bins.min(axis=1)))
+    return (bins[order[-1]] << shift) + (1 << shift) // 2
 
 
 def ink_mask(rgb: np.ndarray, paper, threshold: int) -> np.ndarray:
