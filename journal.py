@@ -28,6 +28,8 @@ class Status(str, Enum):
 
 
 FINISHED = (Status.PASSED, Status.FAILED, Status.CANCELLED)
+# why a module execution is closed when its run ended first (its worker or mipper died)
+LOST_EXECUTION = "the run ended before this module recorded its end"
 
 # Legal moves; anything else (such as mipper marking a cancelled run failed) is refused.
 TRANSITIONS = {

@@ -499,8 +499,7 @@ class RunQueue:
             elif run["status"] == Status.CANCELLED:
                 self.db.end_running_executions(run_id, Status.CANCELLED, "run cancelled")
             else:
-                self.db.end_running_executions(run_id, Status.FAILED,
-                                               "the run ended before this module recorded its end")
+                self.db.end_running_executions(run_id, Status.FAILED, journal.LOST_EXECUTION)
             self.db.forget_run_key(run_id)
             return self.db.run(run_id)
 
@@ -510,7 +509,7 @@ class RunQueue:
         try:
             stopped = runners.stop_run(run_id, pid, self.runners,
                                        self.cfg.settings.runner_settings)
-        except runners.RunnerError as e:
+        except Exception as e:  # noqa: BLE001 - a docker or AWS failure must not keep the job busy
             log.error("run %s: its mipper died and what it started may still run: %s",
                       run_id, e)
             return

@@ -796,8 +796,7 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
         finally:
             RUN = None
         # a module whose end could not be recorded (its worker died) must not stay running
-        if db.end_running_executions(run_id, Status.FAILED,
-                                     "the run ended before this module recorded its end"):
+        if db.end_running_executions(run_id, Status.FAILED, journal.LOST_EXECUTION):
             status = Status.FAILED
         if not db.set_run_status(run_id, status):
             status = Status(db.run(run_id)["status"])

@@ -217,7 +217,7 @@ def run_ecs(launch: Launch, out, settings: RunnerSettings) -> int:
         "cluster": settings.ecs_cluster,
         "taskDefinition": launch.task_definition,
         "count": 1,
-        "startedBy": launch.run_id[:128],
+        "startedBy": launch.run_id,  # a run id (34 characters) fits ECS's 128
         "overrides": {"containerOverrides": [{
             "name": launch.container_name,
             "command": list(launch.switches),
@@ -392,7 +392,7 @@ def stop_tasks(run_id: str, settings: RunnerSettings) -> list:
         ecs = boto3.client("ecs")
         arns = []
         for page in ecs.get_paginator("list_tasks").paginate(
-                cluster=settings.ecs_cluster, startedBy=run_id[:128], desiredStatus="RUNNING"):
+                cluster=settings.ecs_cluster, startedBy=run_id, desiredStatus="RUNNING"):
             arns += page.get("taskArns", [])
         for arn in arns:
             ecs.stop_task(cluster=settings.ecs_cluster, task=arn,

@@ -11,7 +11,7 @@ import logging
 import re
 
 MAX_JSON_DEPTH = 64  # a RunPayload is 3 levels deep, a CDR event 4
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 class TooDeep(ValueError):
@@ -21,7 +21,7 @@ class TooDeep(ValueError):
 def escape(text: str) -> str:
     """`text` with control characters (C0, DEL, C1, Unicode line breaks) as `\\xNN` or
     `\\uNNNN`, so that it can never start a new log line."""
-    return _CONTROL.sub(_escaped, text)
+    return CONTROL.sub(_escaped, text)
 
 
 def _escaped(match) -> str:
