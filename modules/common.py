@@ -21,7 +21,6 @@ STARTED = time.monotonic()
 
 EXIT_OK = 0
 EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 
 # ---------------------------------------------------------------- errors

@@ -66,6 +66,8 @@ def scan_patches(folder: str, colours: list) -> np.ndarray:
 
 
 def near_colour(samples: np.ndarray, colour) -> np.ndarray:
+    # raster.colour_distance's sum, written here: importing raster would load GDAL, which
+    # this module (it reads PNG patches) never needs
     distance = np.abs(samples.astype(np.int16) - np.asarray(colour, dtype=np.int16)).sum(-1)
     return distance <= TOLERANCE
 
@@ -77,11 +79,11 @@ def polyline(ys: np.ndarray, xs: np.ndarray) -> list:
     keys = (major - major.min()) // BIN
     counts = np.bincount(keys)
     used = counts > 0
-    mean_major = (np.bincount(keys, weights=major)[used] / counts[used]) * STEP
-    mean_minor = (np.bincount(keys, weights=minor)[used] / counts[used]) * STEP
     if used.sum() == 1:
         return [[int(xs.min()) * STEP, int(ys.min()) * STEP],
                 [int(xs.max()) * STEP, int(ys.max()) * STEP]]
+    mean_major = (np.bincount(keys, weights=major)[used] / counts[used]) * STEP
+    mean_minor = (np.bincount(keys, weights=minor)[used] / counts[used]) * STEP
     pairs = zip(mean_major, mean_minor, strict=True)
     return [[round(float(a if along_x else b), 1), round(float(b if along_x else a), 1)]
             for a, b in pairs]
