@@ -9,6 +9,7 @@ value.
 """
 
 import os
+import tempfile
 
 from cryptography.fernet import Fernet
 from cryptography.fernet import InvalidToken
@@ -22,7 +23,6 @@ class KeyStore:
     """Seals and opens short secrets with the Fernet key kept in `path`."""
 
     def __init__(self, path: str):
-        self.path = path
         self._fernet = Fernet(read_or_make_key(path))
 
     def seal(self, secret: str) -> str:
@@ -44,11 +44,18 @@ def read_or_make_key(path: str) -> bytes:
     Raises KeyStoreError naming the file when it cannot be read or holds no valid key."""
     try:
         if not os.path.exists(path):
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-            # O_EXCL: two servers starting at once cannot both write a key
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as f:
-                f.write(Fernet.generate_key() + b"\n")
+            folder = os.path.dirname(os.path.abspath(path))
+            os.makedirs(folder, exist_ok=True)
+            # written whole under another name, then linked in place: a second server
+            # starting at once never reads a half-written key, and link() fails rather than
+            # replace a key that won the race
+            fd, temp = tempfile.mkstemp(dir=folder, prefix=".keystore-")
+            try:
+                with os.fdopen(fd, "wb") as f:  # mkstemp makes it owner-only (0600)
+                    f.write(Fernet.generate_key() + b"\n")
+                os.link(temp, path)
+            finally:
+                os.remove(temp)
         with open(path, "rb") as f:
             key = f.read().strip()
     except FileExistsError:
