@@ -12,7 +12,7 @@ GEO_MAP := WY_CO_Peach_geo
 run: $(VENV)/.runtime setup
 	source ./env.sh && exec $(PY) mip_server.py
 
-test: $(VENV)/.dev setup
+test: $(VENV)/.dev $(VENV)/.debian setup
 	source ./env.sh && $(PY) -m pytest -q
 
 bench: $(VENV)/.dev setup
@@ -45,6 +45,20 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt modules/requirements.txt | $
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt \
 	    -r modules/requirements.txt
 	touch $@ $(VENV)/.runtime
+
+# Debian packages the tests need, installed once through apt-get (as root, or with sudo):
+# chromium for the console's browser tests, systemd for `systemd-analyze verify` of the unit.
+# The stamp is redone when this Makefile changes; packages already present are not fetched.
+DEBIAN_PACKAGES := chromium systemd
+$(VENV)/.debian: Makefile | $(PY)
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "apt-get install $$missing"; \
+	  $$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq \
+	    --no-install-recommends $$missing >/dev/null; \
+	fi
+	touch $@
 
 clean:
 	rm -rf $(VENV) data .mip_password
