@@ -45,6 +45,8 @@ import runners
 import switches
 import untrusted
 from access import hash_password
+from errors import ApiError
+from errors import error_body
 from journal import FINISHED
 from journal import Status
 
@@ -161,18 +163,6 @@ def read_users_file(path: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- errors
-
-class ApiError(bottle.HTTPResponse):
-    """An answer with the one error shape; raise it anywhere in a request."""
-
-    def __init__(self, status: int, code: str, message: str, headers=None):
-        super().__init__(body=error_body(code, message), status=status, headers=headers)
-        self.content_type = "application/json"
-
-
-def error_body(code: str, message: str) -> str:
-    return json.dumps({"error": code, "message": message})
-
 
 def refused(status: int, e: access.Refused) -> ApiError:
     """A throttle's refusal (429, 503) with the seconds to wait in Retry-After."""
@@ -1206,7 +1196,38 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         """Names of the maps on the server."""
         return send(mipper.list_maps(settings))
 
+    # What a concern kept in its own file needs to add its routes and hooks: each such file
+    # has an add_routes(api), called below, so make_app stays the core API.
+    api = Api(app=app, route=route, send=send, read_body=read_body, read_json=read_json,
+              query_int=query_int, get_run=get_run, get_job=get_job, get_module=get_module,
+              submit=submit, cfg=cfg, db=db, queue=queue, link=link, catalogue=catalogue,
+              schemas=schemas, settled=settled, done_runs=done_runs)
+    del api  # no concern file yet
     return app
+
+
+@dataclass(frozen=True)
+class Api:
+    """The app and make_app's request helpers, for the files that add routes of their own.
+    Errors are answered by raising errors.ApiError (status, code, message)."""
+    app: bottle.Bottle
+    route: object
+    send: object
+    read_body: object
+    read_json: object
+    query_int: object
+    get_run: object
+    get_job: object
+    get_module: object
+    submit: object
+    cfg: "Config"
+    db: journal.Journal
+    queue: "RunQueue"
+    link: object
+    catalogue: dict
+    schemas: dict
+    settled: "AnswerCache"
+    done_runs: "AnswerCache"
 
 
 def cdr_submitter(queue: RunQueue):
