@@ -139,6 +139,10 @@ def test_sigterm_leaves_a_running_run_to_the_next_server(server_env):
         db = journal.Journal(os.path.join(env["TA1_RUNS_DIR"], "journal.db"))
         assert [e["status"] for e in db.executions(run["run_id"])] == ["passed"]
         db.close()
+        # the module ended under the new server, which read its end from the journal
+        metrics = srv.get("/metrics").text
+        assert re.search(r'^mip_module_duration_seconds_count\{module="georeference",'
+                         r'status="passed"\} 1\.0$', metrics, re.M), metrics
     finally:
         srv.stop()
         kill_leftover_runs(env)
