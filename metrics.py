@@ -23,6 +23,7 @@ from prometheus_client import disable_created_metrics
 from prometheus_client import generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+import journal
 from journal import FINISHED
 from journal import Status
 
@@ -106,8 +107,9 @@ class RequestMetrics:
 
 class JournalCollector:
     """What the journal and the disk say at scrape time. Module durations are observed
-    once each, incrementally: every execution below `low` has ended and been seen, so a
-    scrape reads only the executions from the oldest still running on."""
+    once each, incrementally: every execution below `low` has ended and been seen (or
+    ended before this server started), so a scrape reads only the executions from the
+    oldest still running on."""
 
     def __init__(self, db, queue, settings, catalogue: dict):
         self.db = db
@@ -118,30 +120,32 @@ class JournalCollector:
                                    "Module executions that ended since the server started, "
                                    "by module and final state", ("module", "status"),
                                    buckets=MODULE_BUCKETS, registry=None)
+        # ends recorded before this server started belong to a previous server's histogram
+        self.started = journal.utcnow()
         self.low = 0  # the oldest execution id that may still end
         self.seen = set()  # ids from `low` on whose end was observed
         # two scrapes at once must not observe one end twice
         self.lock = threading.Lock()
-        # ends recorded before this server started belong to a previous server's histogram
-        self.sync(observe=False)
 
-    def sync(self, observe: bool = True) -> dict:
+    def sync(self) -> dict:
         """Observe the executions that ended since the last sync; {module: running count}."""
-        rows = self.db.connect().execute(
+        db = self.db.connect()
+        # read first: an execution recorded after it has a higher id, and stays above `low`
+        top = db.execute("SELECT COALESCE(MAX(id), 0) FROM executions").fetchone()[0]
+        rows = db.execute(
             "SELECT id, module, status,"
             " (julianday(stop_time) - julianday(start_time)) * 86400.0"
-            " FROM executions WHERE id >= ? ORDER BY id", (self.low,)).fetchall()
-        running, low = {}, None
+            " FROM executions WHERE id >= ? AND (status = 'running' OR stop_time >= ?)"
+            " ORDER BY id", (self.low, self.started)).fetchall()
+        running, low = {}, top + 1
         for exec_id, module, status, seconds in rows:
             if status == Status.RUNNING:
                 running[module] = running.get(module, 0) + 1
-                low = exec_id if low is None else low
+                low = min(low, exec_id)
             elif status in ENDED and exec_id not in self.seen:
                 self.seen.add(exec_id)
-                if observe and seconds is not None:
+                if seconds is not None:
                     self.durations.labels(module, status).observe(max(seconds, 0.0))
-        if low is None:
-            low = rows[-1][0] + 1 if rows else self.low
         self.low = low
         self.seen = {i for i in self.seen if i >= low}
         return running

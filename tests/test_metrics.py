@@ -1,12 +1,18 @@
 """GET /metrics on the real server: Prometheus's text format, parsed with prometheus_client's
 own parser, after real runs."""
 
+import time
+
 import requests
+from conftest import MAP
 from conftest import Server
 from conftest import kill_leftover_runs
 from conftest import payload
 from conftest import wait_for
 from prometheus_client.parser import text_string_to_metric_families
+
+import journal
+import metrics
 
 
 def scrape(srv, **kw) -> dict:
@@ -145,3 +151,41 @@ def test_metrics_need_credentials_unless_open(server_env):
         assert "security" not in op
     finally:
         srv.stop()
+
+
+def test_module_ends_are_observed_once_in_any_order(tmp_path):
+    """The incremental read of the journal: ends recorded before the server started are not
+    counted, an execution that ends after a later one is still counted, none twice."""
+    db = journal.Journal(str(tmp_path / "journal.db"))
+    db.migrate()
+    try:
+        run_id = db.create_run("j", MAP, ["georeference"], False, {}, str(tmp_path))
+
+        def start(module):
+            return db.start_execution(run_id, "j", module, str(tmp_path / f"{module}.log"))
+
+        before = start("map_crop")
+        db.finish_execution(before, journal.Status.PASSED, 0, None)
+        time.sleep(0.01)  # the journal's clock counts milliseconds
+        collector = metrics.JournalCollector(db, None, None, {})
+
+        def counts():
+            return {(s.labels["module"], s.labels["status"]): s.value
+                    for m in collector.durations.collect() for s in m.samples
+                    if s.name.endswith("_count")}
+
+        slow, fast = start("georeference"), start("legend_segment")
+        assert collector.sync() == {"georeference": 1, "legend_segment": 1}
+        db.finish_execution(fast, journal.Status.FAILED, 1, "no")
+        assert collector.sync() == {"georeference": 1}
+        assert counts() == {("legend_segment", "failed"): 1}
+        db.finish_execution(slow, journal.Status.PASSED, 0, None)
+        later = start("point_extract")
+        db.end_running_executions(run_id, journal.Status.CANCELLED, "run cancelled")
+        for _ in range(3):
+            assert collector.sync() == {}
+        assert counts() == {("legend_segment", "failed"): 1, ("georeference", "passed"): 1,
+                            ("point_extract", "cancelled"): 1}
+        assert collector.low == later + 1 and not collector.seen - {later}
+    finally:
+        db.close()
