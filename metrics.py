@@ -24,6 +24,7 @@ from prometheus_client import generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 import journal
+import mipper
 from journal import FINISHED
 from journal import Status
 
@@ -43,20 +44,28 @@ def add_routes(api) -> None:
     # (process-wide in prometheus_client; this process serves one app)
     disable_created_metrics()
     registry = CollectorRegistry()
-    requests = RequestMetrics(registry)
+    counting = RequestMetrics(registry)
     # bottle has no middleware slot; Bottle.__call__ calls self.wsgi, so every request of
     # this app passes here, whichever server or test drives it
-    api.app.wsgi = requests.wrap(api.app.wsgi)
+    api.app.wsgi = counting.wrap(api.app.wsgi)
     registry.register(JournalCollector(api.db, api.queue, api.cfg.settings, api.catalogue))
 
     @api.route("GET", "/metrics", answer="text/plain", auth=not api.cfg.metrics_open)
-    def metrics():
+    def get_metrics():
         """Runs by state, the queue, running modules, module durations, requests by route
         and status, and free disk space, in Prometheus's text format."""
         body = generate_latest(registry)
         # the classic text format (0.0.4): every Prometheus version reads it
         bottle.response.content_type = CONTENT_TYPE_PLAIN_0_0_4
         return body
+
+
+def open_setting(env) -> bool:
+    """MIP_METRICS_OPEN: True for 1, False for 0 or unset; raises mipper.MipError else."""
+    value = env.get("MIP_METRICS_OPEN") or "0"
+    if value not in ("0", "1"):
+        raise mipper.MipError(f"MIP_METRICS_OPEN must be 0 or 1, not {value[:20]!r}")
+    return value == "1"
 
 
 def route_template(route) -> str:

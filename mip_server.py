@@ -108,7 +108,7 @@ class Config:
                    threads=threads, max_downloads=max_downloads,
                    auth_failures=mipper.int_setting(env, "MIP_AUTH_FAILURES", 10, 1, 10000),
                    users=users, auth=not no_auth, password_file=password_file,
-                   metrics_open=env.get("MIP_METRICS_OPEN", "0") == "1",
+                   metrics_open=metrics.open_setting(env),
                    cdr_settings=cdr.CdrSettings.from_env(env, VERSION))
 
 

@@ -3,6 +3,7 @@ own parser, after real runs."""
 
 import time
 
+import pytest
 import requests
 from conftest import MAP
 from conftest import Server
@@ -151,6 +152,11 @@ def test_metrics_need_credentials_unless_open(server_env):
         assert "security" not in op
     finally:
         srv.stop()
+    srv = Server(dict(server_env, MIP_METRICS_OPEN="yes"))
+    with pytest.raises(AssertionError):
+        srv.start()
+    assert srv.proc.wait(10) == 2
+    assert srv.lines == ["mip_server: error: MIP_METRICS_OPEN must be 0 or 1, not 'yes'"]
 
 
 def test_module_ends_are_observed_once_in_any_order(tmp_path):
