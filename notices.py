@@ -206,12 +206,13 @@ def check_payload(settings: NoticeSettings, payload: dict) -> None:
 # ---------------------------------------------------------------------------- journal
 
 def targets(settings: NoticeSettings, payload: dict) -> list:
-    """(url, source) of everyone to be told of a run's end."""
+    """(url, source) of everyone to be told of a run's end. MIP_NOTIFY_URL is kept by its
+    origin only (its path may hold a token) and read from the settings when sent."""
     out = []
     if payload.get("notify_url"):
         out.append((payload["notify_url"], "payload"))
     if settings.url:
-        out.append((settings.url, "server"))
+        out.append((origin(settings.url), "server"))
     return out
 
 
@@ -230,14 +231,12 @@ def record(db: journal.Journal, settings: NoticeSettings, run_id: str, payload: 
 
 
 def deliveries(db: journal.Journal, run_id: str) -> list:
-    """A run's notices as answered by the API: the server's URL shown by its origin only."""
+    """A run's notices as answered by the API (MIP_NOTIFY_URL by its origin only)."""
     rows = db.connect().execute(
         "SELECT * FROM deliveries WHERE run_id = ? ORDER BY created, source", (run_id,))
-    return [{"delivery_id": r["id"],
-             "url": r["url"] if r["source"] == "payload" else origin(r["url"]),
-             "source": r["source"], "state": r["state"], "attempts": r["attempts"],
-             "next_try": r["next_try"], "last_error": r["last_error"], "updated": r["updated"]}
-            for r in rows]
+    return [{"delivery_id": r["id"], "url": r["url"], "source": r["source"],
+             "state": r["state"], "attempts": r["attempts"], "next_try": r["next_try"],
+             "last_error": r["last_error"], "updated": r["updated"]} for r in rows]
 
 
 def later(seconds: float) -> str:
@@ -406,8 +405,12 @@ class Notifier:
         if self.settings.secret:
             headers["X-Mip-Signature-256"] = sign(self.settings.secret, body)
         shown = origin(row["url"])
+        url = row["url"] if row["source"] == "payload" else self.settings.url
+        if not url:
+            self.finish(row, "failed", "MIP_NOTIFY_URL is no longer set")
+            return
         try:
-            code = post(row["url"], body, headers, self.settings)
+            code = post(url, body, headers, self.settings)
             error = None if 200 <= code < 300 else (
                 f"answered {code} (a redirect is not followed)" if 300 <= code < 400
                 else f"answered {code}")

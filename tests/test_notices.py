@@ -107,16 +107,20 @@ def verified(hit) -> dict:
     return json.loads(body)
 
 
-def journal_bytes(env: dict) -> bytes:
-    return b"".join(open(p, "rb").read()
-                    for p in glob.glob(os.path.join(env["TA1_RUNS_DIR"], "journal.db*")))
+def file_bytes(pattern: str) -> bytes:
+    out = b""
+    for path in glob.glob(pattern, recursive=True):
+        with open(path, "rb") as f:
+            out += f.read()
+    return out
 
 
 def assert_never_shown(srv: Server, *texts: str) -> None:
     """None of `texts` is in the server's log, the journal or the run logs."""
-    stored = journal_bytes(srv.env) + b"".join(
-        open(p, "rb").read() for p in glob.glob(os.path.join(srv.env["TA1_RUNS_DIR"], "**",
-                                                             "*.log"), recursive=True))
+    runs = srv.env["TA1_RUNS_DIR"]
+    stored = (file_bytes(os.path.join(runs, "journal.db*"))
+              + file_bytes(os.path.join(runs, "**", "*.log")))
+    assert b"deliveries" in stored
     for text in texts:
         assert text not in srv.output()
         assert text.encode() not in stored
