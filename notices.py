@@ -24,6 +24,7 @@ import ssl
 import threading
 import urllib.parse
 from dataclasses import dataclass
+from dataclasses import field
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
@@ -64,7 +65,7 @@ class NoticeSettings:
     and how hard a delivery is tried."""
 
     url: str | None = None
-    secret: str | None = None
+    secret: str | None = field(default=None, repr=False)
     allow: tuple = ()  # ip_network objects MIP_NOTIFY_ALLOW lets through
     attempts: int = 8
     backoff: int = 60  # seconds before the second try; doubled for each one after
@@ -370,14 +371,19 @@ class Notifier:
             f" WHERE d.state = 'waiting' AND r.status IN ({marks})",
             [s.value for s in FINISHED])]
         ended = [run_id for run_id in dict.fromkeys(ended) if run_id not in self.running]
+        orphans = [r[0] for r in con.execute(
+            "SELECT id FROM deliveries WHERE state IN ('waiting', 'pending')"
+            " AND run_id NOT IN (SELECT run_id FROM runs)")]
+        if not ended and not orphans:
+            return  # no write lock taken for nothing, every POLL seconds
         now = journal.utcnow()
         with self.db.transaction() as tx:
             for run_id in ended:
                 tx.execute("UPDATE deliveries SET state = 'pending', next_try = ?, updated = ?"
                            " WHERE run_id = ? AND state = 'waiting'", (now, now, run_id))
-            tx.execute("UPDATE deliveries SET state = 'failed', last_error = 'the run was"
-                       " deleted', updated = ? WHERE state IN ('waiting', 'pending') AND run_id"
-                       " NOT IN (SELECT run_id FROM runs)", (now,))
+            for delivery_id in orphans:
+                tx.execute("UPDATE deliveries SET state = 'failed', last_error = 'the run was"
+                           " deleted', updated = ? WHERE id = ?", (now, delivery_id))
 
     def due(self) -> list:
         return [dict(r) for r in self.db.connect().execute(
@@ -420,7 +426,10 @@ class Notifier:
                         shown, e)
             self.finish(row, "failed", f"refused at delivery: {e}")
             return
-        except (OSError, http.client.HTTPException, ssl.SSLError) as e:
+        except http.client.HTTPException as e:
+            # its text may quote the receiver's answer, which is never kept
+            error = f"{type(e).__name__}: not a valid HTTP answer"
+        except OSError as e:  # ssl.SSLError and timeouts too
             error = f"{type(e).__name__}: {e}"[:300]
         if error is None:
             log.info("notice %s for run %s delivered to %s", row["id"], row["run_id"], shown)

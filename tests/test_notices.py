@@ -258,6 +258,7 @@ def test_a_redirect_is_not_followed_and_the_answer_never_kept(server_env, receiv
     "http://127.0.0.1:8080/hook", "http://169.254.169.254/latest/meta-data/",
     "http://10.0.0.1/", "http://[::1]:8080/", "http://localhost:8080/",
     "http://[::ffff:127.0.0.1]/", "http://192.168.1.1/", "http://0.0.0.0/",
+    "http://127.1/", "http://2130706433/", "http://[fe80::1%25eth0]/",
     "http://user:pw@93.184.215.14/", "http://no-such-host.invalid/"])
 def test_submit_refuses_the_servers_own_networks(server, url):
     resp = server.post("/runs", json=payload("refused", "georeference", notify_url=url))
