@@ -3,6 +3,7 @@ ends by the real server, signed; addresses on the server's own networks are refu
 submit and again at delivery; redirects are not followed; failed deliveries are retried,
 also across a restart; the secret never shows."""
 
+import contextlib
 import glob
 import hashlib
 import hmac
@@ -11,6 +12,7 @@ import ipaddress
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -24,6 +26,7 @@ from conftest import kill_leftover_runs
 from conftest import payload
 from conftest import wait_for
 
+import journal
 import notices
 from errors import ApiError
 
@@ -191,6 +194,54 @@ def test_a_cancelled_queued_run_is_noticed(notify_env, receiver):
     finally:
         srv.stop()
         kill_leftover_runs(srv.env)
+
+
+def test_a_lost_run_is_noticed_as_failed(notify_env, receiver):
+    """A run whose mipper is killed ends too: failed, and noticed."""
+    srv = start(notify_env)
+    db = journal.Journal(os.path.join(notify_env["TA1_RUNS_DIR"], "journal.db"))
+    try:
+        run = srv.post("/runs", json=payload("lost", "georeference", notify_url=receiver.url(),
+                                             extra_switches={"georeference": ["--sleep", "30"]}
+                                             )).json()
+        pid = wait_for(lambda: db.run(run["run_id"])["pid"])
+        os.kill(pid, signal.SIGKILL)
+        wait_notice(srv, run["run_id"], lambda n: n[0]["state"] == "delivered")
+        told = verified(receiver.hits[0])
+        assert told["status"] == "failed" and "before recording the end" in told["log"]
+    finally:
+        db.close()
+        srv.stop()
+        kill_leftover_runs(notify_env)
+
+
+def test_a_receiver_that_is_not_http_is_a_failed_try_never_quoted(notify_env):
+    """What a receiver answers never reaches the journal, even as an error's text."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(60)
+
+    def answer_garbage():
+        with contextlib.suppress(OSError):
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(f"HELLO {ANSWER}\r\n\r\n".encode())
+
+    thread = threading.Thread(target=answer_garbage, daemon=True)
+    thread.start()
+    env = dict(notify_env, MIP_NOTIFY_ATTEMPTS="1")
+    srv = start(env)
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/"
+        run = srv.post("/runs", json=payload("garbage", "georeference", notify_url=url)).json()
+        notice = wait_notice(srv, run["run_id"], lambda n: n[0]["state"] == "failed")[0]
+        assert "not a valid HTTP answer" in notice["last_error"]
+    finally:
+        srv.stop()
+        kill_leftover_runs(env)
+        listener.close()
+        thread.join(10)
+    assert_never_shown(srv, ANSWER, SECRET)
 
 
 def test_a_receiver_down_then_up_gets_the_notice_also_across_a_restart(notify_env):
