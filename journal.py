@@ -137,6 +137,24 @@ def _add_run_keys(db) -> None:
         sealed TEXT NOT NULL)""")
 
 
+def _add_deliveries(db) -> None:
+    """6: completion notices (notices.py): one row per run and URL, `waiting` until the run
+    ends, then `pending` until `delivered` or `failed`. The receiver's answer is never kept."""
+    db.execute("""CREATE TABLE deliveries (
+        id TEXT PRIMARY KEY,
+        run_id TEXT NOT NULL,
+        url TEXT NOT NULL,
+        source TEXT NOT NULL CHECK (source IN ('payload', 'server')),
+        state TEXT NOT NULL CHECK (state IN ('waiting', 'pending', 'delivered', 'failed')),
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_try TEXT,
+        last_error TEXT,
+        created TEXT NOT NULL,
+        updated TEXT NOT NULL)""")
+    db.execute("CREATE INDEX deliveries_state ON deliveries(state, next_try)")
+    db.execute("CREATE INDEX deliveries_run ON deliveries(run_id)")
+
+
 # Numbered migrations after the initial schema: (version, function(db)). Each runs in
 # one transaction with the bump of PRAGMA user_version that records it.
 MIGRATIONS: list = [
@@ -144,6 +162,7 @@ MIGRATIONS: list = [
     (2, _add_cdr_tables),
     (3, _allow_skipped_publications),
     (4, _add_run_keys),
+    (6, _add_deliveries),
 ]
 
 

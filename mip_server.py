@@ -41,6 +41,7 @@ import keystore
 import mapcheck
 import metrics
 import mipper
+import notices
 import openapi
 import runners
 import switches
@@ -91,6 +92,7 @@ class Config:
     max_downloads: int = 4  # zip downloads at once; below `threads`
     auth_failures: int = 10  # wrong credentials per minute from one address
     metrics_open: bool = False  # GET /metrics without credentials (MIP_METRICS_OPEN=1)
+    notify: notices.NoticeSettings = field(default_factory=notices.NoticeSettings)
 
     @classmethod
     def from_env(cls, env, host=None, port=None, no_auth=False) -> "Config":
@@ -109,7 +111,8 @@ class Config:
                    auth_failures=mipper.int_setting(env, "MIP_AUTH_FAILURES", 10, 1, 10000),
                    users=users, auth=not no_auth, password_file=password_file,
                    metrics_open=metrics.open_setting(env),
-                   cdr_settings=cdr.CdrSettings.from_env(env, VERSION))
+                   cdr_settings=cdr.CdrSettings.from_env(env, VERSION),
+                   notify=notices.NoticeSettings.from_env(env))
 
 
 def read_users(env) -> tuple:
@@ -294,6 +297,7 @@ class RunQueue:
                 if not disk_full(e):
                     raise
                 raise insufficient_storage("the journal's disk is full") from None
+            notices.record(self.db, self.cfg.notify, run_id, payload)
             log.info("run %s submitted: job %s, map %s, modules %s", run_id, payload["job"],
                      payload["map"], " ".join(payload["modules"]))
             self.dispatch()
@@ -330,6 +334,7 @@ class RunQueue:
         except mipper.UsageError as e:
             raise ApiError(404, "unknown_map", f"map: {e}") from None
         check_map_readable(settings, payload["map"])
+        notices.check_payload(self.cfg.notify, payload)
 
     def queued(self) -> int:
         """Runs recorded but not started yet (those being started do not count)."""
@@ -756,6 +761,12 @@ def run_status(db: journal.Journal, run: dict) -> dict:
         "log": log_tail(run["log_path"]) if finished else None,
         "module_status": {e["module"]: e["status"] for e in db.executions(run["run_id"])},
     }
+
+
+def notice_status(db: journal.Journal, run_id: str) -> dict | None:
+    """The RunStatus a completion notice carries; None once the run is deleted."""
+    run = db.run(run_id)
+    return run and run_status(db, run)
 
 
 def module_status(execution: dict) -> dict:
@@ -1206,6 +1217,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
               submit=submit, cfg=cfg, db=db, queue=queue, link=link, catalogue=catalogue,
               schemas=schemas, settled=settled, done_runs=done_runs)
     metrics.add_routes(api)
+    notices.add_routes(api)
     return app
 
 
@@ -1363,6 +1375,9 @@ def main(argv=None) -> int:
     if cfg.cdr_settings:
         link = cdr.CdrLink(cfg.cdr_settings, cfg.settings, db, cdr_submitter(queue))
         queue.finished.append(link.run_finished)
+    notifier = notices.Notifier(cfg.notify, db, lambda run_id: notice_status(db, run_id),
+                                queue.running)
+    queue.finished.append(notifier.run_ended)
     app = make_app(cfg, db, queue, link)
     # nothing is logged before the port line below, which must come first
     writer = setup_logging()
@@ -1389,6 +1404,7 @@ def main(argv=None) -> int:
     else:
         log.info("basic auth: %d user(s)", len(cfg.users))
     queue.recover()
+    notifier.start()
     if link:
         link.start()
 
@@ -1402,6 +1418,7 @@ def main(argv=None) -> int:
         pass
     finally:
         queue.stop()
+        notifier.stop()
         if link:
             link.stop()
         server.close()

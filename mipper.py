@@ -47,7 +47,8 @@ CHUNK_READ = 1024 * 1024
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 TOKENS = ("$INPUT_DIR", "$OUTPUT_DIR", "$TEMP_DIR", "$REPO_DIR", "$MAP_NAME")
 # Never handed to mipper by the server: the server's own secrets.
-SERVER_SECRETS = ("MIP_PASSWORD", "MIP_CLIENT_PASSWORD", "MIP_CDR_TOKEN", "MIP_CDR_SECRET")
+SERVER_SECRETS = ("MIP_PASSWORD", "MIP_CLIENT_PASSWORD", "MIP_CDR_TOKEN", "MIP_CDR_SECRET",
+                  "MIP_NOTIFY_SECRET")
 # Never handed to a module either: mipper's AWS credentials (for S3 and ECS) and the
 # OpenAI key, which reaches modules only as OPENAI_API_KEY.
 SECRET_VARS = (*SERVER_SECRETS, "MIP_OPENAI_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
