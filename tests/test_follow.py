@@ -1,14 +1,20 @@
 """Logs followed from an offset (GET /runs/{run_id}/log?offset=N and
 GET /modules/{job}/{module}/log?offset=N, with X-Log-Offset), against the real server and
-a real run whose module sleeps.
+a real run whose module sleeps; then `mip_client.py --follow`, as a user runs it.
 
 Run: .venv/bin/python -m pytest -q tests/test_follow.py
 """
 
 import os
+import subprocess
+import sys
 import time
 
+import pytest
+from conftest import ROOT
 from conftest import payload
+
+CLIENT = os.path.join(ROOT, "mip_client.py")
 
 
 def follow(server, path: str, until, timeout: float = 120) -> tuple:
@@ -151,3 +157,80 @@ def test_both_routes_are_declared_with_offset_and_header(server):
         assert {"400", "404"} <= set(op["responses"])
 
 
+# ---------------------------------------------------------------- mip_client.py --follow
+
+def client_env(server) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MIP_") and "proxy" not in k.lower()}
+    env.update(MIP_CLIENT_USER=server.user, MIP_CLIENT_PASSWORD=server.password)
+    return env
+
+
+def client(server, *args, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, CLIENT, *args], env=client_env(server),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_follow_prints_the_log_as_it_grows_and_exits_0_when_passed(server):
+    data = ('{"map": "WY_CO_Peach", "job": "tail", "modules": ["map_crop"], '
+            '"extra_switches": {"map_crop": ["--sleep", "6"]}}')
+    proc = subprocess.Popen([sys.executable, CLIENT, "--post", "--url", f"{server.url}/runs",
+                             "--data", data, "--follow"], env=client_env(server),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()  # bounded: the client ends when the run does
+        # the first lines are out while the run still goes
+        assert server.get("/runs?job=tail&status=running").json(), first
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    out = first + out
+    assert proc.returncode == 0, err
+    run_id = server.get("/runs?job=tail").json()[-1]
+    whole = server.get(f"/runs/{run_id}/log").text
+    assert server.get(f"/runs/{run_id}").json()["status"] == "passed"
+    # every line of the log, in order, once
+    assert whole and out == whole
+    assert out.count("map_crop passed") == 1
+    assert f"run {run_id}: passed" in err
+
+
+def test_follow_of_a_failing_run_exits_1(server):
+    run = server.post("/runs", json=payload(
+        "tailfail", "map_crop", extra_switches={"map_crop": ["--sleep", "3", "--fail"]})).json()
+    done = client(server, "--get", "--url", f"{server.url}/runs/{run['run_id']}", "--follow")
+    assert done.returncode == 1, done.stderr
+    whole = server.get(f"/runs/{run['run_id']}/log").text
+    assert done.stdout == whole and "map_crop failed" in whole
+    assert f"run {run['run_id']} failed" in done.stderr
+
+
+def test_follow_needs_a_run_url(server):
+    done = client(server, "--get", "--url", f"{server.url}/jobs/x", "--follow")
+    assert done.returncode == 2 and "--follow" in done.stderr
+
+
+@pytest.mark.parametrize("other", [["--wait"], ["--output", "x.json"]])
+def test_follow_goes_alone(server, other):
+    done = client(server, "--get", "--url", f"{server.url}/runs/x", "--follow", *other)
+    assert done.returncode == 2 and "--follow" in done.stderr
+
+
+def test_follow_gives_up_after_wait_timeout_and_the_run_goes_on(server):
+    run = server.post("/runs", json=payload(
+        "tailslow", "map_crop", extra_switches={"map_crop": ["--sleep", "60"]})).json()
+    try:
+        done = client(server, "--get", "--url", f"{server.url}/runs/{run['run_id']}",
+                      "--follow", "--wait-timeout", "3")
+        assert done.returncode == 1, done.stderr
+        assert "--wait-timeout" in done.stderr and "goes on" in done.stderr
+        assert server.get(f"/runs/{run['run_id']}").json()["status"] in ("running",
+                                                                        "not_started")
+        assert done.stdout == server.get(f"/runs/{run['run_id']}/log").text[:len(done.stdout)]
+    finally:
+        server.post(f"/runs/{run['run_id']}/cancel")
+        server.wait_run(run["run_id"])
