@@ -36,6 +36,7 @@ import waitress
 
 import access
 import cdr
+import docs_ui
 import journal
 import keystore
 import logs
@@ -1194,6 +1195,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
               submit=submit, cfg=cfg, db=db, queue=queue, link=link, catalogue=catalogue,
               schemas=schemas, settled=settled, done_runs=done_runs)
     logs.add_routes(api)
+    docs_ui.add_routes(api)
     return app
 
 

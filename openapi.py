@@ -124,11 +124,14 @@ def path_schema(name: str, schemas: dict) -> dict:
 
 
 def answer(kind) -> dict:
-    """The 200 response of a route whose answer is a media type, a schema or a schema name."""
+    """The 200 response of a route whose answer is a media type (or a tuple of those it
+    may be), a schema or a schema name."""
     if isinstance(kind, str) and "/" in kind:
-        schema = {"type": "string"} if kind.startswith("text/") else {
-            "type": "string", "format": "binary"}
-        return {"description": "success", "content": {kind: {"schema": schema}}}
+        kind = (kind,)
+    if isinstance(kind, tuple):
+        return {"description": "success", "content": {
+            media: {"schema": {"type": "string"} if media.startswith("text/") else {
+                "type": "string", "format": "binary"}} for media in kind}}
     schema = ref(kind) if isinstance(kind, str) else dict(kind or {"type": "object"})
     if isinstance(schema.get("items"), str):
         schema["items"] = ref(schema["items"])
