@@ -28,6 +28,7 @@ def follow(server, path: str, until, timeout: float = 120) -> tuple:
         resp = server.get(f"{path}?offset={offset}")
         assert resp.status_code == 200, resp.text
         assert resp.headers["Content-Type"] == "text/plain; charset=utf-8"
+        assert resp.headers["Cache-Control"] == "no-store"
         next_offset = int(resp.headers["X-Log-Offset"])
         assert next_offset == offset + len(resp.content)
         if resp.content:
