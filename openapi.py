@@ -49,6 +49,7 @@ class Route(NamedTuple):
     auth: bool = True
     errors: tuple = ()  # statuses this route answers beyond those every route has
     query: dict | None = None  # query parameter name -> schema
+    headers: dict | None = None  # headers of the 200 answer: name -> OpenAPI header object
 
 
 def statuses(route: Route) -> list:
@@ -90,6 +91,8 @@ def document(routes: list, schemas: dict, version: str, modules=()) -> dict:
 
 def operation(route: Route, schemas: dict) -> dict:
     op = {"summary": route.summary, "responses": {"200": answer(route.answer)}}
+    if route.headers:
+        op["responses"]["200"]["headers"] = route.headers
     params = [{"name": p, "in": "path", "required": True, "schema": path_schema(p, schemas)}
               for p in re.findall(r"{(\w+)}", route.path)]
     params += [{"name": name, "in": "query", "required": False, "schema": schema}
@@ -121,11 +124,14 @@ def path_schema(name: str, schemas: dict) -> dict:
 
 
 def answer(kind) -> dict:
-    """The 200 response of a route whose answer is a media type, a schema or a schema name."""
+    """The 200 response of a route whose answer is a media type (or a tuple of those it
+    may be), a schema or a schema name."""
     if isinstance(kind, str) and "/" in kind:
-        schema = {"type": "string"} if kind.startswith("text/") else {
-            "type": "string", "format": "binary"}
-        return {"description": "success", "content": {kind: {"schema": schema}}}
+        kind = (kind,)
+    if isinstance(kind, tuple):
+        return {"description": "success", "content": {
+            media: {"schema": {"type": "string"} if media.startswith("text/") else {
+                "type": "string", "format": "binary"}} for media in kind}}
     schema = ref(kind) if isinstance(kind, str) else dict(kind or {"type": "object"})
     if isinstance(schema.get("items"), str):
         schema["items"] = ref(schema["items"])
