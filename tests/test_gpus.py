@@ -22,6 +22,8 @@ from conftest import mipper
 from conftest import payload
 from conftest import read
 from conftest import wait_for
+from test_client import client
+from test_client import client_env
 from test_dead_runs import mipper_pid
 from test_dead_runs import processes_naming
 from test_ecs import Cluster
@@ -178,6 +180,14 @@ def test_resources_of_an_inline_module(server_env):
         assert used["gpu_memory_peak_bytes"] is None and used["gpu_util_mean"] is None
         assert "--hold-mb 200: holding 200 MB for 2 s" in read(
             os.path.join(env["TA1_OUTPUTS_DIR"], "mem", "georeference.log"))
+        # the client shows them with the module's status
+        shown = client("--get", "--url", "/modules/mem/georeference",
+                       env=client_env(srv, MIP_CLIENT_URL=srv.url))
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["resources"] == used
+        line = re.search(r"georeference passed: CPU [0-9.]+ s, peak memory (\d+) MB, GPU 0 "
+                         r"\(waited 0\.0 s, peak \?, mean use \?\)", shown.stderr)
+        assert line and int(line.group(1)) >= 200, shown.stderr
         # a module without --hold-mb stays far below: the figure is the module's own
         body = payload("mem", "map_crop")
         run_id = srv.post("/runs", json=body).json()["run_id"]
