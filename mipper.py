@@ -721,7 +721,6 @@ class Run:
         if self.settings.s3_bucket:
             record_upload(self.settings, self.db, self.db.latest_execution(self.job, name))
 
-
     def take_gpu(self, module: Module, exec_id: int) -> gpus.Slot | None:
         """A GPU slot for a GPU module run on this host, waiting (as `running`, with the
         message gpus.WAITING) while every device is held; None when the module needs
