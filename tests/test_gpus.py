@@ -71,7 +71,7 @@ def test_settings():
     with pytest.raises(ValueError, match="MIP_REQUIRE_GPU"):
         gpus.GpuSettings.from_env({"MIP_GPUS": "none", "MIP_REQUIRE_GPU": "yes"})
     # this host has no driver: NVML raises, nvidia-smi is absent, so the default is none
-    assert gpus.nvml_count() is None
+    assert gpus.nvml_count() is None and not os.path.exists(gpus.DRIVER)
     assert gpus.GpuSettings.from_env({}).devices == ()
 
 
