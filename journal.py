@@ -155,6 +155,11 @@ def _add_deliveries(db) -> None:
     db.execute("CREATE INDEX deliveries_run ON deliveries(run_id)")
 
 
+def _add_resources(db) -> None:
+    """7: what each module execution used of the host (gpus.RESOURCE_KEYS), as JSON."""
+    db.execute("ALTER TABLE executions ADD COLUMN resources TEXT")
+
+
 # Numbered migrations after the initial schema: (version, function(db)). Each runs in
 # one transaction with the bump of PRAGMA user_version that records it.
 MIGRATIONS: list = [
@@ -163,6 +168,7 @@ MIGRATIONS: list = [
     (3, _allow_skipped_publications),
     (4, _add_run_keys),
     (6, _add_deliveries),
+    (7, _add_resources),
 ]
 
 
@@ -397,14 +403,26 @@ class Journal:
             return cur.lastrowid
 
     def finish_execution(self, exec_id: int, status: Status, exit_code: int | None,
-                         message: str | None) -> bool:
-        """Record how a module execution ended; False if it had already ended (cancelled)."""
+                         message: str | None, resources: dict | None = None) -> bool:
+        """Record how a module execution ended (and what it used of the host); False if
+        it had already ended (cancelled)."""
         with self.transaction() as db:
             cur = db.execute(
-                "UPDATE executions SET status = ?, stop_time = ?, exit_code = ?, message = ?"
-                " WHERE id = ? AND status = 'running'",
-                (Status(status).value, utcnow(), exit_code, message, exec_id))
+                "UPDATE executions SET status = ?, stop_time = ?, exit_code = ?, message = ?,"
+                " resources = COALESCE(?, resources) WHERE id = ? AND status = 'running'",
+                (Status(status).value, utcnow(), exit_code, message,
+                 None if resources is None else json.dumps(resources), exec_id))
             return cur.rowcount == 1
+
+    def set_execution_progress(self, exec_id: int, message: str | None,
+                               resources: dict | None = None) -> None:
+        """A running execution's message (such as "waiting for a GPU") and, when given, what
+        it uses so far; no change once it has ended."""
+        with self.transaction() as db:
+            db.execute("UPDATE executions SET message = ?, resources = COALESCE(?, resources)"
+                       " WHERE id = ? AND status = 'running'",
+                       (message, None if resources is None else json.dumps(resources),
+                        exec_id))
 
     def set_upload(self, exec_id: int, status: str, uri: str, message: str | None) -> None:
         """Record the outcome of copying an execution's data to S3."""

@@ -596,6 +596,24 @@ def report_changes(run_id: str, status: dict, seen: dict) -> None:
         note(f"run {run_id}: {status.get('status')}")
 
 
+def show_resources(data) -> None:
+    """Under a ModuleStatus, one stderr line of what the module used (its `resources`)."""
+    if not isinstance(data, dict) or not isinstance(data.get("resources"), dict):
+        return
+    used = data["resources"]
+
+    def known(key, unit, scale=1.0, digits=1):
+        value = used.get(key)
+        return "?" if not isinstance(value, (int, float)) else f"{value / scale:.{digits}f}{unit}"
+
+    gpu = used.get("gpu_device")
+    note(f"{data.get('module')} {data.get('status')}: CPU {known('cpu_seconds', ' s')}, "
+         f"peak memory {known('peak_rss_bytes', ' MB', 1e6, 0)}, "
+         + (f"GPU {gpu} (waited {known('waited_for_gpu_seconds', ' s')}, peak "
+            f"{known('gpu_memory_peak_bytes', ' MB', 1e6, 0)}, "
+            f"mean use {known('gpu_util_mean', '%')})" if gpu is not None else "no GPU"))
+
+
 def note(text: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
 
@@ -684,7 +702,7 @@ def run(args: argparse.Namespace, env) -> int:
     with make_session(auth) as session:
         with send(session, method, args.url, body, args.timeout) as resp:
             if not (args.wait or args.follow):
-                show_answer(resp, args.url, args.output)
+                show_resources(show_answer(resp, args.url, args.output))
                 return EXIT_OK
             try:
                 first = resp.json()

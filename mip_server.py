@@ -37,6 +37,7 @@ import waitress
 import access
 import cdr
 import docs_ui
+import gpus
 import journal
 import keystore
 import logs
@@ -316,9 +317,12 @@ class RunQueue:
             except mipper.UsageError as e:
                 raise ApiError(422, "invalid_payload", f"{kind}: {e}") from None
         try:
-            mipper.expand_modules(catalogue, payload["modules"])
+            targets = mipper.expand_modules(catalogue, payload["modules"])
         except mipper.UsageError as e:
             raise ApiError(422, "unknown_module", f"modules: {e}") from None
+        refusal = mipper.gpu_refusal(settings, catalogue, targets)
+        if refusal:
+            raise ApiError(422, "gpu_required", f"modules: {refusal}")
         extra = payload.get("extra_switches") or {}
         for name in extra:
             if name not in catalogue:
@@ -787,6 +791,7 @@ def module_status(execution: dict) -> dict:
         "s3_uri": execution["upload_uri"] if execution["upload_status"] == "uploaded" else None,
         "upload_status": execution["upload_status"],
         "upload_message": execution["upload_message"],
+        "resources": gpus.resources(**json.loads(execution.get("resources") or "{}")),
     }
 
 
@@ -956,7 +961,8 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
            errors=(404, 409, 422, 503, 507))
     def post_run():
         """Submit a run; answers at once with its RunStatus. 404 unknown map, 409 job bound
-        to another map, 422 invalid payload or a map GDAL cannot read (unreadable_map)."""
+        to another map, 422 invalid payload, a map GDAL cannot read (unreadable_map) or
+        GPU modules on a host without a GPU under MIP_REQUIRE_GPU=1 (gpu_required)."""
         payload = read_json()
         validate(schemas, "RunPayload", payload)
         key = payload.pop("openai_key", None)

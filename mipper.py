@@ -12,6 +12,7 @@ run as `python mipper.py --run-id ID ...` in a process group of its own.
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -29,6 +30,7 @@ import jsonschema
 import luigi
 import yaml
 
+import gpus
 import journal
 import runners
 import switches
@@ -45,7 +47,7 @@ ALL = "ALL"
 CHUNK_READ = 1024 * 1024
 # used with fullmatch: `$` would let a name end in a newline
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
-TOKENS = ("$INPUT_DIR", "$OUTPUT_DIR", "$TEMP_DIR", "$REPO_DIR", "$MAP_NAME")
+TOKENS = ("$INPUT_DIR", "$OUTPUT_DIR", "$TEMP_DIR", "$REPO_DIR", "$MAP_NAME", "$GPU_ID")
 # Never handed to mipper by the server: the server's own secrets.
 SERVER_SECRETS = ("MIP_PASSWORD", "MIP_CLIENT_PASSWORD", "MIP_CDR_TOKEN", "MIP_CDR_SECRET",
                   "MIP_NOTIFY_SECRET")
@@ -96,6 +98,7 @@ class Settings:
     luigi_scheduler_url: str | None = None
     min_free_mb: int = 1024  # below this, in the runs, outputs or temps folder, no new run
     key_file: str | None = None  # the keystore's Fernet key (default: in the runs folder)
+    gpu_settings: gpus.GpuSettings = field(default_factory=gpus.GpuSettings)
 
     @classmethod
     def from_env(cls, env) -> "Settings":
@@ -123,6 +126,7 @@ class Settings:
             min_free_mb=int_setting(env, "MIP_MIN_FREE_MB", 1024, 0, 10**9),
             key_file=os.path.abspath(env.get("MIP_KEY_FILE") or os.path.join(
                 dirs["TA1_RUNS_DIR"], "keystore.key")),
+            gpu_settings=gpu_settings(env),
         )
 
     @property
@@ -134,6 +138,13 @@ class Settings:
                      self.temps_dir, self.runs_dir, os.path.join(self.runs_dir, "logs"),
                      self.repos_dir):
             os.makedirs(path, exist_ok=True)
+
+
+def gpu_settings(env) -> gpus.GpuSettings:
+    try:
+        return gpus.GpuSettings.from_env(env)
+    except ValueError as e:
+        raise MipError(str(e)) from None
 
 
 def runner_settings(env) -> runners.RunnerSettings:
@@ -324,6 +335,7 @@ def token_values(settings: Settings, job: str, map_name: str, container=None) ->
         "$TEMP_DIR": os.path.join(where.get("temp_dir", settings.temps_dir), job),
         "$REPO_DIR": where.get("repo_dir", settings.repos_dir),
         "$MAP_NAME": map_name,
+        "$GPU_ID": gpus.DEVICE_SEEN,
     }
 
 
@@ -386,6 +398,26 @@ def launch(settings: Settings, module: Module, job: str, map_name: str, run_id: 
         task_definition=module.task_definition or f"ta1_{module.name}",
         container_name=module.container_name or module.name,
     )
+
+
+def local_gpu_modules(settings: Settings, catalogue: dict, names) -> list:
+    """The modules among `names` that want a GPU of this host (an ECS task gets its GPU
+    from ECS)."""
+    return [n for n in gpus.needing_gpu(catalogue, names)
+            if module_runner(settings, catalogue[n]) != "ecs"]
+
+
+def gpu_refusal(settings: Settings, catalogue: dict, targets) -> str | None:
+    """Why a run of `targets` (with what they need) may not start here, under
+    MIP_REQUIRE_GPU=1 on a host without a GPU; None when it may."""
+    gpu = settings.gpu_settings
+    if not gpu.require or gpu.devices:
+        return None
+    needing = local_gpu_modules(settings, catalogue, ancestors(catalogue, targets))
+    if not needing:
+        return None
+    return (f"MIP_REQUIRE_GPU=1 and this host has no GPU (MIP_GPUS=none, or none found): "
+            f"{', '.join(needing)} need{'s' if len(needing) == 1 else ''} one")
 
 
 def check_extra(settings: Settings, catalogue: dict, job: str, extra: dict) -> None:
@@ -612,21 +644,28 @@ class Run:
         return (last is not None and last["status"] == "passed"
                 and last["id"] > self.passed_before.get(name, 0))
 
-    def run_module(self, module: Module, how: runners.Launch, log_path: str) -> tuple:
-        """Run the module with its log open; (exit code, message when it failed)."""
+    def run_module(self, module: Module, how: runners.Launch, log_path: str,
+                   used: dict) -> tuple:
+        """Run the module with its log open; (exit code, message when it failed). `used`
+        gets what it used of the host (gpus.RESOURCE_KEYS)."""
         name = module.name
         job_out = os.path.join(self.settings.outputs_dir, self.job)
         with open(log_path, "wb") as out:
             out.write(f"# {name} {module.version}: {journal.utcnow()}\n"
                       f"# switches: {shlex.join(how.switches)}\n".encode())
+            if how.gpu_device is not None:
+                out.write(f"# GPU: device {how.gpu_device}, after "
+                          f"{used['waited_for_gpu_seconds']} s waiting for it\n".encode())
             out.flush()
             try:
                 # again at the last moment: a module run since the run was checked may have
                 # made a symlink that now leads a path out of the job
                 check_extra(self.settings, self.catalogue, self.job,
                             {name: self.extra.get(name, ())})
-                code, message = runners.run(module_runner(self.settings, module), how, out,
-                                            self.settings.runner_settings)
+                with gpus.GpuSampler(how.gpu_device) as sampler:
+                    code, message = runners.run(module_runner(self.settings, module), how,
+                                                out, self.settings.runner_settings, used)
+                used.update(sampler.figures())
             except runners.RunnerError as e:
                 code, message = None, str(e)
             except switches.Refused as e:
@@ -657,13 +696,24 @@ class Run:
         exec_id = self.db.start_execution(self.run_id, self.job, name, log_path)
         log.info("module %s started", name)
         started = time.monotonic()
+        used = gpus.resources()
+        slot = None
         try:
-            code, message = self.run_module(module, how, log_path)
+            slot = self.take_gpu(module, exec_id)
+            if slot is not None:
+                how = dataclasses.replace(how, gpu_device=slot.device, gpu_fd=slot.fd)
+                used.update(gpu_device=slot.device, waited_for_gpu_seconds=slot.waited)
+                self.db.set_execution_progress(exec_id, None, used)
+            code, message = self.run_module(module, how, log_path, used)
+        except gpus.NoGpu as e:
+            code, message = None, str(e)
         except Exception as e:  # noqa: BLE001 - the execution must not stay `running`
             # a full outputs disk: the module's log cannot be written, or it fails oddly
             code, message = None, f"mipper could not run the module or keep its log: {e}"
+        finally:
+            gpus.release(slot)
         self.db.finish_execution(exec_id, Status.FAILED if message else Status.PASSED, code,
-                                 message)
+                                 message, used)
         took = time.monotonic() - started
         if message:
             log.info("module %s failed after %.1f s: %s", name, took, message)
@@ -671,6 +721,21 @@ class Run:
         log.info("module %s passed in %.1f s", name, took)
         if self.settings.s3_bucket:
             record_upload(self.settings, self.db, self.db.latest_execution(self.job, name))
+
+    def take_gpu(self, module: Module, exec_id: int) -> gpus.Slot | None:
+        """A GPU slot for a GPU module run on this host, waiting (as `running`, with the
+        message gpus.WAITING) while every device is held; None when the module needs
+        none, runs on ECS, or the host has no GPU. Raises gpus.NoGpu."""
+        devices = self.settings.gpu_settings.devices
+        if not devices or not local_gpu_modules(self.settings, self.catalogue, [module.name]):
+            return None
+
+        def waiting():
+            self.db.set_execution_progress(exec_id, gpus.WAITING)
+            log.info("module %s is waiting for a GPU", module.name)
+
+        return gpus.take(self.settings.runs_dir, devices,
+                         f"run {self.run_id} job {self.job} module {module.name}", waiting)
 
 
 # The run of this process. luigi tasks reach it here, since luigi tasks carry only
@@ -759,6 +824,9 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
     extra = extra or {}
     check_extra(settings, catalogue, job, extra)
     check_map(settings, map_name)
+    refusal = gpu_refusal(settings, catalogue, targets)
+    if refusal:
+        raise UsageError(refusal)
     settings.make_dirs()
     db = journal.Journal(settings.journal_path)
     db.migrate()
@@ -781,6 +849,10 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
         graph, to_run = plan(catalogue, db, job, targets, force_rerun)
         log.info("run %s: job %s, map %s, modules %s; to execute: %s", run_id, job, map_name,
                  " ".join(targets), " ".join(n for n in graph if n in to_run) or "nothing")
+        without = local_gpu_modules(settings, catalogue, [n for n in graph if n in to_run])
+        if without and not settings.gpu_settings.devices:
+            log.warning("this host has no GPU (MIP_GPUS=none, or none found): %s run without "
+                        "one", " ".join(without))
         RUN = Run(settings, catalogue, db, run_id, job, map_name, graph, to_run, extra,
                   module_env(settings, env, env.get("MIP_OPENAI_KEY")),
                   {n: db.last_pass(job, n) for n in to_run})

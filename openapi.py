@@ -26,7 +26,8 @@ STATUSES = {
     409: "conflict with the job's state (bound to another map, or not passed)",
     413: "the body is over the size limit",
     422: "the body is valid JSON but refused: schema, unknown module, switch not allowed, "
-         "path outside the job, or an unreadable map",
+         "path outside the job, an unreadable map, or GPU modules on a host without a GPU "
+         "under MIP_REQUIRE_GPU=1",
     429: "too many failed logins from this address (see Retry-After)",
     502: "a store or service the server depends on could not be reached",
     503: "at capacity: run queue full, or too many downloads at once (see Retry-After)",

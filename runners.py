@@ -12,10 +12,13 @@ MIP_RUN_ID, the containers' label, the tasks' startedBy) and stops it.
 """
 
 import contextlib
+import json
 import logging
 import os
+import re
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import dataclass
 from dataclasses import field
@@ -99,6 +102,8 @@ class Launch:
     task_definition: str | None = None
     container_name: str | None = None
     run_id: str = ""  # the container's label, the ECS task's startedBy
+    gpu_device: str | None = None  # the host device of the module's GPU slot (gpus.py)
+    gpu_fd: int | None = None  # the slot's lock, handed on to what runs the module
 
 
 # ---------------------------------------------------------------------------- cancelling
@@ -121,16 +126,19 @@ def terminate() -> None:
             log.warning("stopping a module failed: %s", e)
 
 
-def run(runner: str, launch: Launch, out, settings: RunnerSettings) -> tuple:
-    """Run the module to its end: (exit code, message when it failed). Raises RunnerError."""
+def run(runner: str, launch: Launch, out, settings: RunnerSettings,
+        usage: dict | None = None) -> tuple:
+    """Run the module to its end: (exit code, message when it failed). Raises RunnerError.
+    `usage` gets `cpu_seconds` and `peak_rss_bytes` when the runner can tell them."""
+    usage = {} if usage is None else usage
     try:
         if runner == "docker":
-            code = run_docker(launch, out, settings)
+            code = run_docker(launch, out, settings, usage)
             return code, DOCKER_EXIT.get(code) or exit_message(code)
         if runner == "ecs":
             code = run_ecs(launch, out, settings)
         else:
-            code = run_inline(launch, out)
+            code = run_inline(launch, out, usage)
         return code, exit_message(code)
     finally:
         _cleanups.clear()
@@ -146,17 +154,38 @@ def exit_message(code: int) -> str | None:
 
 # ---------------------------------------------------------------------------- inline
 
-def run_inline(launch: Launch, out) -> int:
-    """A local process; its output goes to the module's log."""
+def run_inline(launch: Launch, out, usage: dict | None = None) -> int:
+    """A local process; its output goes to the module's log. With a GPU slot, it sees only
+    that device (as index 0) and inherits the slot's lock, which it then holds as long as
+    it lives."""
     argv = [*launch.command, *launch.switches]
+    env = {**launch.env, **launch.secrets}
+    if launch.gpu_device is not None:
+        # PCI order: CUDA's own default order may number the devices unlike NVML
+        env.update(CUDA_VISIBLE_DEVICES=launch.gpu_device, CUDA_DEVICE_ORDER="PCI_BUS_ID")
     try:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env={**launch.env, **launch.secrets},
-                                cwd=launch.cwd)
+                                stdin=subprocess.DEVNULL, env=env, cwd=launch.cwd,
+                                pass_fds=slot_fds(launch))
     except OSError as e:
         raise RunnerError(f"could not start {argv[0]}: {e.strerror}") from None
     on_terminate(proc.kill)
-    return proc.wait()
+    return wait_accounted(proc, {} if usage is None else usage)
+
+
+def slot_fds(launch: Launch) -> tuple:
+    return () if launch.gpu_fd is None else (launch.gpu_fd,)
+
+
+def wait_accounted(proc: subprocess.Popen, usage: dict) -> int:
+    """Reap the process with wait4, whose resource usage is the process's own accounting
+    (with its reaped children), exact even for a process of a few milliseconds; Popen.wait
+    would reap it and lose that. ru_maxrss is in KiB on Linux."""
+    _, status, rusage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    usage["cpu_seconds"] = round(rusage.ru_utime + rusage.ru_stime, 3)
+    usage["peak_rss_bytes"] = rusage.ru_maxrss * 1024
+    return proc.returncode
 
 
 # ---------------------------------------------------------------------------- docker
@@ -171,8 +200,9 @@ def docker_argv(launch: Launch, settings: RunnerSettings) -> list:
         argv += ["--label", f"{RUN_LABEL}={launch.run_id}"]
     for host, container, read_only in launch.mounts:
         argv += ["-v", f"{host}:{container}{':ro' if read_only else ''}"]
-    if launch.gpu:
-        argv += ["--gpus", "all"]
+    if launch.gpu_device is not None:
+        # the container sees this one device, as index 0
+        argv += ["--gpus", f"device={launch.gpu_device}"]
     if launch.user:
         argv += ["--user", launch.user]
     for name in sorted(launch.secrets):
@@ -180,13 +210,16 @@ def docker_argv(launch: Launch, settings: RunnerSettings) -> list:
     return [*argv, launch.image, *launch.switches]
 
 
-def run_docker(launch: Launch, out, settings: RunnerSettings) -> int:
-    """A local container, its output captured into the module's log as it runs."""
+def run_docker(launch: Launch, out, settings: RunnerSettings, usage: dict | None = None) -> int:
+    """A local container, its output captured into the module's log as it runs. The docker
+    client inherits the GPU slot's lock: it lives as long as the container (until `docker
+    kill`, which stop_run does before killing the client)."""
     argv = docker_argv(launch, settings)
     log.info("module %s: %s", launch.module, " ".join(argv))
     try:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, env={**launch.env, **launch.secrets})
+                                stdin=subprocess.DEVNULL, env={**launch.env, **launch.secrets},
+                                pass_fds=slot_fds(launch))
     except OSError as e:
         raise RunnerError(f"the docker runner needs the {settings.docker!r} program: "
                           f"{e.strerror}") from None
@@ -198,7 +231,80 @@ def run_docker(launch: Launch, out, settings: RunnerSettings) -> int:
         proc.kill()
 
     on_terminate(stop)
-    return proc.wait()
+    with ContainerStats(settings.docker, launch.name) as stats:
+        code = proc.wait()
+    if usage is not None:
+        usage.update(stats.figures())
+    return code
+
+
+class ContainerStats:
+    """Samples `docker stats --no-stream` about once a second while a container runs: the
+    peak of its memory use, and its CPU seconds as the sum of each sample's CPU share times
+    the time since the one before (an estimate; a container that ends before the first
+    answer leaves both unknown)."""
+
+    def __init__(self, docker: str, name: str, every: float = 1.0):
+        self.argv = [docker, "stats", "--no-stream", "--format", "{{json .}}", name]
+        self.every = every
+        self.peak = None
+        self.cpu = None
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True, name=f"stats-{name}")
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.thread.join(15)
+
+    def loop(self) -> None:
+        last = time.monotonic()
+        while not self.stopping.wait(self.every):
+            try:
+                answer = subprocess.run(self.argv, capture_output=True, text=True, timeout=10,
+                                        check=False)
+                sample = json.loads(answer.stdout.splitlines()[0]) if answer.returncode == 0 \
+                    else None
+            except (OSError, subprocess.TimeoutExpired, ValueError, IndexError):
+                sample = None
+            now = time.monotonic()
+            if isinstance(sample, dict):
+                memory = docker_bytes(str(sample.get("MemUsage", "")).split("/")[0])
+                share = docker_percent(sample.get("CPUPerc"))
+                if memory is not None:
+                    self.peak = max(self.peak or 0, memory)
+                if share is not None:
+                    self.cpu = (self.cpu or 0.0) + share / 100 * (now - last)
+            last = now
+
+    def figures(self) -> dict:
+        return {"cpu_seconds": None if self.cpu is None else round(self.cpu, 3),
+                "peak_rss_bytes": self.peak}
+
+
+UNITS = {"b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3, "tb": 1000**4,
+         "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
+
+
+def docker_bytes(text: str) -> int | None:
+    """`12.5MiB` (docker stats' MemUsage, before the slash) as bytes; None if unreadable."""
+    found = re.fullmatch(r"\s*([0-9.]+)\s*([A-Za-z]+)\s*", text or "")
+    if not found or found.group(2).lower() not in UNITS:
+        return None
+    try:
+        return int(float(found.group(1)) * UNITS[found.group(2).lower()])
+    except ValueError:
+        return None
+
+
+def docker_percent(text) -> float | None:
+    try:
+        return float(str(text).strip().rstrip("%"))
+    except ValueError:
+        return None
 
 
 # ---------------------------------------------------------------------------- ecs
@@ -224,6 +330,10 @@ def run_ecs(launch: Launch, out, settings: RunnerSettings) -> int:
             "environment": [{"name": k, "value": v} for k, v in sorted(launch.secrets.items())],
         }]},
     }
+    if launch.gpu:
+        # ECS places GPUs itself: the task asks for one, and no local slot is held
+        request["overrides"]["containerOverrides"][0]["resourceRequirements"] = [
+            {"type": "GPU", "value": "1"}]
     if settings.ecs_capacity_provider:
         request["capacityProviderStrategy"] = [{"capacityProvider":
                                                 settings.ecs_capacity_provider}]
@@ -311,18 +421,29 @@ def stop_run(run_id: str, pgid: int | None, used: set, settings: RunnerSettings)
     group `pgid` and any process carrying its MIP_RUN_ID), the containers labelled with
     its id when `used` has docker, the ECS tasks it started when `used` has ecs. Returns
     what was stopped, as text; raises RunnerError when docker or ECS could not be asked
-    (the processes are stopped first, whatever happens after)."""
-    stopped = [f"process {pid}" for pid in stop_processes(run_id, pgid)]
-    errors = []
+    (the processes are stopped whatever happens). Containers go before the processes,
+    since a docker client holds its container's GPU slot (gpus.py)."""
+    stopped, errors = [], []
+    if "docker" in used:
+        # containers first: their docker clients hold their GPU slots, which must not be
+        # freed while a container still uses the device
+        stopped += _stopping(stop_containers, run_id, settings, errors)
+    stopped += [f"process {pid}" for pid in stop_processes(run_id, pgid)]
     for runner, stop in (("docker", stop_containers), ("ecs", stop_tasks)):
         if runner in used:
-            try:
-                stopped += stop(run_id, settings)
-            except RunnerError as e:
-                errors.append(str(e))
+            # again for docker: a container a worker started while the first pass ran
+            stopped += _stopping(stop, run_id, settings, errors)
     if errors:
-        raise RunnerError("; ".join(errors))
+        raise RunnerError("; ".join(dict.fromkeys(errors)))
     return stopped
+
+
+def _stopping(stop, run_id: str, settings: RunnerSettings, errors: list) -> list:
+    try:
+        return stop(run_id, settings)
+    except RunnerError as e:
+        errors.append(str(e))
+        return []
 
 
 def run_processes(run_id: str) -> list:

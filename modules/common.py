@@ -1,7 +1,7 @@
 """Shared helpers for the stand-in TA1 modules in this folder.
 
 Not run on its own: each `modules/<name>.py` imports it (after putting this folder on
-sys.path) for argument parsing, the three test switches, logging, and file and JSON
+sys.path) for argument parsing, the four test switches, logging, and file and JSON
 helpers. Standard library only; reading maps is raster.py's, PNG patches patches.py's.
 
 Sections: errors, arguments, running, files.
@@ -50,7 +50,13 @@ def make_parser(name: str, description: str) -> argparse.ArgumentParser:
     tests.add_argument("--fail", action="store_true", help="log why, then exit 1")
     tests.add_argument("--fail-unless-exists", metavar="PATH",
                        help="log and exit 1 unless PATH exists")
+    tests.add_argument("--hold-mb", type=int, default=0, metavar="MB",
+                       help=f"hold this many MB of memory (resident) for {HOLD_SECONDS:g} s")
     return parser
+
+
+HOLD_SECONDS = 2.0
+PAGE = 4096
 
 
 def parse_bool(text: str) -> bool:
@@ -76,6 +82,10 @@ def run(name: str, args: argparse.Namespace, output_dir: str, log_path: str, wor
     log = open_log(name, log_path)
     started = time.monotonic()
     log.info("%s stand-in started; output folder %s", name, output_dir)
+    # the GPU the module was given, and when it ran (epoch seconds), as tests read them
+    log.info("gpu: CUDA_VISIBLE_DEVICES=%s NVIDIA_VISIBLE_DEVICES=%s start=%.3f",
+             os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
+             os.environ.get("NVIDIA_VISIBLE_DEVICES", "unset"), time.time())
     try:
         honour_test_switches(args, log)
         work(args, log)
@@ -91,6 +101,7 @@ def run(name: str, args: argparse.Namespace, output_dir: str, log_path: str, wor
         remaining = args.sleep - (time.monotonic() - STARTED)
         if remaining > 0:
             time.sleep(remaining)
+        log.info("gpu: stop=%.3f", time.time())
     log.info("%s done in %.3f s", name, time.monotonic() - started)
     return EXIT_OK
 
@@ -113,12 +124,24 @@ def honour_test_switches(args: argparse.Namespace, log: logging.Logger) -> None:
     """Raises ModuleFailed for --fail, and for --fail-unless-exists with a missing path."""
     if args.sleep > 0:
         log.info("--sleep %.3f: this run takes at least that long", args.sleep)
+    if args.hold_mb > 0:
+        hold_memory(args.hold_mb, log)
     if args.fail:
         raise ModuleFailed("asked to fail by --fail")
     if args.fail_unless_exists is not None:
         if not os.path.exists(args.fail_unless_exists):
             raise ModuleFailed(f"--fail-unless-exists: {args.fail_unless_exists} does not exist")
         log.info("--fail-unless-exists: %s exists", args.fail_unless_exists)
+
+
+def hold_memory(mb: int, log: logging.Logger) -> None:
+    """Make `mb` MB resident (every page written: a fresh zeroed block is not) for
+    HOLD_SECONDS, then let it go."""
+    block = bytearray(mb * 1024 * 1024)
+    block[::PAGE] = b"\1" * len(range(0, len(block), PAGE))
+    log.info("--hold-mb %d: holding %d MB for %g s", mb, mb, HOLD_SECONDS)
+    time.sleep(HOLD_SECONDS)
+    del block
 
 
 # ---------------------------------------------------------------- files

@@ -1,14 +1,19 @@
 """A stand-in `docker` program for tests (no Docker engine runs here).
 
-It accepts the `docker run`, `docker kill` and `docker ps --quiet --filter label=K=V`
-command lines mip gives, checks them as a real
-docker would need them, records each call as a JSON line in $DOCKER_STANDIN_LOG, and runs
-the stand-in module of the image (`inferlink/ta1_<module>` -> modules/<module>.py) with
-the container paths of its switches mapped back to the mounted host folders.
+It accepts the `docker run`, `docker kill`, `docker ps --quiet --filter label=K=V` and
+`docker stats --no-stream --format {{json .}} NAME` command lines mip gives, checks them as
+a real docker would need them, records each call as a JSON line in $DOCKER_STANDIN_LOG
+(`argv`: the whole command line), and runs the stand-in module of the image
+(`inferlink/ta1_<module>` -> modules/<module>.py) with the container paths of its switches
+mapped back to the mounted host folders. `--gpus device=N` shows in the module as
+NVIDIA_VISIBLE_DEVICES=N, as the NVIDIA container toolkit sets it. `docker stats` answers
+with the played module process's own figures (resident memory from /proc, CPU share as
+its CPU time over its lifetime so far).
 
     $DOCKER_STANDIN_STATE        folder for the pids and labels of running "containers"
     $DOCKER_STANDIN_MISSING      space-separated images that do not exist
     $DOCKER_STANDIN_NO_ENGINE=1  behave as a client whose engine is not running
+    $DOCKER_STANDIN_NO_STATS=1   answer `docker stats` as an engine that cannot tell
 """
 
 import json
@@ -16,6 +21,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,7 +81,7 @@ def docker_run(args: list) -> int:
         run = parse_run(args)
     except ValueError as e:
         return fail(str(e))
-    record({"cmd": "run", **run})
+    record({"cmd": "run", **run, "argv": ["docker", "run", *args]})
     if os.environ.get("DOCKER_STANDIN_NO_ENGINE") == "1":
         return fail("Cannot connect to the Docker daemon at unix:///var/run/docker.sock. "
                     "Is the docker daemon running?")
@@ -103,7 +109,9 @@ def docker_run(args: list) -> int:
     # nor does it inherit the client's environment: only the variables named with -e (and
     # what the interpreter needs here to start)
     env = {k: v for k, v in os.environ.items()
-           if k in run["env"] or not k.startswith(("MIP_", "TA1_", "DOCKER_STANDIN"))}
+           if k in run["env"] or not k.startswith(("MIP_", "TA1_", "DOCKER_STANDIN", "CUDA_"))}
+    if run["gpus"] and run["gpus"].startswith("device="):
+        env["NVIDIA_VISIBLE_DEVICES"] = run["gpus"].removeprefix("device=")
     proc = subprocess.Popen([sys.executable, program, *command], start_new_session=True,
                             env=env)
     state = os.environ["DOCKER_STANDIN_STATE"]
@@ -142,6 +150,37 @@ def docker_ps(args: list) -> int:
     return 0
 
 
+def docker_stats(args: list) -> int:
+    """`docker stats --no-stream --format {{json .}} NAME`: one JSON line of the played
+    module's memory and CPU share."""
+    record({"cmd": "stats", "args": args})
+    if args[:3] != ["--no-stream", "--format", "{{json .}}"] or len(args) != 4:
+        return fail(f"stats: this stand-in knows only --no-stream --format {{{{json .}}}} "
+                    f"NAME, not {args}")
+    if os.environ.get("DOCKER_STANDIN_NO_STATS") == "1":
+        return fail("Error response from daemon: stats are not available", 1)
+    name = args[3]
+    try:
+        with open(os.path.join(os.environ["DOCKER_STANDIN_STATE"], f"{name}.pid")) as f:
+            pid = int(f.read())
+        with open(f"/proc/{pid}/status") as f:
+            rss_kb = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, StopIteration):
+        return fail(f"Error response from daemon: No such container: {name}", 1)
+    tick = os.sysconf("SC_CLK_TCK")
+    cpu = (int(fields[11]) + int(fields[12])) / tick  # utime + stime
+    age = max(uptime - int(fields[19]) / tick, 1e-3)  # since the process started
+    print(json.dumps({"Name": name, "ID": name, "CPUPerc": f"{100 * cpu / age:.2f}%",
+                      "MemUsage": f"{rss_kb / 1024:.2f}MiB / 7.6GiB", "MemPerc": "0.00%",
+                      "NetIO": "0B / 0B", "BlockIO": "0B / 0B", "PIDs": "1",
+                      "Read": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+    return 0
+
+
 def docker_kill(args: list) -> int:
     record({"cmd": "kill", "names": args})
     for name in args:
@@ -162,6 +201,8 @@ def main(argv: list) -> int:
         return docker_kill(argv[1:])
     if argv[:1] == ["ps"]:
         return docker_ps(argv[1:])
+    if argv[:1] == ["stats"]:
+        return docker_stats(argv[1:])
     return fail(f"'{' '.join(argv[:1])}' is not a docker command this stand-in knows")
 
 
