@@ -163,6 +163,10 @@ def make_parser() -> argparse.ArgumentParser:
                         help="with --post: the Idempotency-Key to send (default: a new random "
                              "one); the same KEY and body again answer the run the first "
                              "made instead of a second run")
+    parser.add_argument("--tries", type=int, default=TRIES, metavar="N",
+                        help="send a request at most N times, trying again after a "
+                             "connection error, 429 or 503 (honouring Retry-After, at most "
+                             f"{RETRY_AFTER_MAX:g} s; default {TRIES}; 1: never again)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"network timeout of each request (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--version", action="version", version=f"mip_client {VERSION}")
@@ -178,6 +182,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, env) -
                      "spaces")
     if args.get and (args.input is not None or args.data is not None):
         parser.error("--input and --data go with --post, not --get")
+    if args.tries < 1:
+        parser.error("--tries must be 1 or more")
     if args.timeout <= 0:
         parser.error("--timeout must be a positive number of seconds")
     if args.wait_timeout is not None and args.wait_timeout <= 0:
@@ -657,8 +663,8 @@ def run(args: argparse.Namespace, env) -> int:
     if args.post:
         headers["Idempotency-Key"] = args.idempotency_key or str(uuid.uuid4())
     with make_session(auth) as session:
-        with send_with_retries(session, method, args.url, body, args.timeout,
-                               headers) as resp:
+        with send_with_retries(session, method, args.url, body, args.timeout, headers,
+                               args.tries) as resp:
             if not args.wait:
                 show_answer(resp, args.url, args.output)
                 return EXIT_OK
