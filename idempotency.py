@@ -13,11 +13,13 @@ journal (table idempotency_keys), so they survive a restart; each user has their
 This file owns that table; it never starts a run itself, nor logs a key or a payload.
 """
 
+import contextlib
 import hashlib
 import hmac
 import json
 import logging
 import re
+import sqlite3
 import time
 from datetime import UTC
 from datetime import datetime
@@ -65,7 +67,8 @@ class Keys:
         request = bottle.request
         user = (request.auth or ("",))[0]  # the auth plugin has checked it
         digest = self.digest(f"{request.method} {request.path}", payload, openai_key)
-        run_id = self.claim(user, key, digest)
+        with full_is_507():
+            run_id = self.claim(user, key, digest)
         if run_id is not None:
             log.info("run %s: the same submission again, with its Idempotency-Key", run_id)
             bottle.response.set_header("Idempotent-Replayed", "true")
@@ -75,9 +78,13 @@ class Keys:
         except BaseException:
             self.forget(user, key)  # nothing was made: a retry may try again
             raise
-        with self.db.transaction() as tx:
-            tx.execute("UPDATE idempotency_keys SET run_id = ? WHERE user = ? AND key = ?",
-                       (run_id, user, key))
+        try:
+            with self.db.transaction() as tx:
+                tx.execute("UPDATE idempotency_keys SET run_id = ? WHERE user = ? AND key = ?",
+                           (run_id, user, key))
+        except sqlite3.Error as e:
+            # the run is made and is the answer; a repeat will find the key still claimed
+            log.warning("run %s: its Idempotency-Key could not be recorded: %s", run_id, e)
         return run_id
 
     def digest(self, route: str, payload: dict, openai_key: str | None) -> str:
@@ -121,9 +128,24 @@ class Keys:
             time.sleep(POLL)
 
     def forget(self, user: str, key: str) -> None:
-        with self.db.transaction() as tx:
-            tx.execute("DELETE FROM idempotency_keys WHERE user = ? AND key = ? AND"
-                       " run_id IS NULL", (user, key))
+        try:
+            with self.db.transaction() as tx:
+                tx.execute("DELETE FROM idempotency_keys WHERE user = ? AND key = ? AND"
+                           " run_id IS NULL", (user, key))
+        except sqlite3.Error as e:
+            # the refusal being answered says more; the claim goes at the next start
+            log.warning("could not free an Idempotency-Key: %s", e)
+
+
+@contextlib.contextmanager
+def full_is_507():
+    """A journal on a full disk answers 507, as a submission does, not 500."""
+    try:
+        yield
+    except sqlite3.Error as e:
+        if getattr(e, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_FULL:
+            raise
+        raise ApiError(507, "insufficient_storage", "the journal's disk is full") from None
 
 
 def header_key() -> str | None:
