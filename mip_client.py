@@ -117,6 +117,14 @@ daily use:
       --data '{"map": "WY_CO_Peach", "job": "beta", "modules": ["georeference"]}'
   # save a zip under the server's name (here beta_georeference_outputs.zip)
   python mip_client.py --get --url http://127.0.0.1:8080/jobs/beta/georeference/outputs
+  # rerun a run (what failed runs again) and follow it; cancel one: neither needs a body
+  python mip_client.py --post --url http://127.0.0.1:8080/runs/$RUN_ID/rerun --wait
+  python mip_client.py --post --url http://127.0.0.1:8080/runs/$RUN_ID/cancel
+
+retries: every POST carries an Idempotency-Key (a new UUID, or --idempotency-key KEY). A
+request that meets a connection error, 429 or 503 is sent again with the same key, at most
+--tries times in all, after the server's Retry-After (at most 30 s) or 1, 2, 4, 8 s: an
+answer lost on the way never makes a second run.
 
 exit codes: 0 success; 1 an error answer, an unreachable server, or (--wait) a run that
 failed or was cancelled; 2 a usage error.

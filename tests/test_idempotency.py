@@ -326,3 +326,13 @@ def test_client_key_survives_a_server_restart(server):
     assert json.loads(fresh.stdout)["run_id"] != run_id
     server.wait_run(json.loads(fresh.stdout)["run_id"])
     assert len(server.get("/runs").json()) == 2
+
+
+def test_retry_pause_honours_retry_after_within_a_cap():
+    import mip_client
+
+    assert mip_client.retry_pause("5", 1) == 5
+    assert mip_client.retry_pause("3600", 1) == mip_client.RETRY_AFTER_MAX
+    assert mip_client.retry_pause("Wed, 21 Oct 2015 07:28:00 GMT", 2) == 0
+    assert [mip_client.retry_pause(None, n) for n in (1, 2, 3, 4)] == [1, 2, 4, 8]
+    assert mip_client.retry_pause("soon", 2) == 2
