@@ -336,3 +336,18 @@ def test_retry_pause_honours_retry_after_within_a_cap():
     assert mip_client.retry_pause("Wed, 21 Oct 2015 07:28:00 GMT", 2) == 0
     assert [mip_client.retry_pause(None, n) for n in (1, 2, 3, 4)] == [1, 2, 4, 8]
     assert mip_client.retry_pause("soon", 2) == 2
+
+
+def test_the_hmac_key_is_derived_from_the_key_file(tmp_path):
+    """Stable for one key file (keys survive a restart), another for another file, and
+    neither the Fernet key itself nor the key of another purpose."""
+    import keystore
+
+    one = keystore.KeyStore(str(tmp_path / "one.key"))
+    again = keystore.KeyStore(str(tmp_path / "one.key"))
+    other = keystore.KeyStore(str(tmp_path / "other.key"))
+    derived = one.derived_key("idempotency")
+    assert derived == again.derived_key("idempotency") and len(derived) == 32
+    assert derived != other.derived_key("idempotency")
+    assert derived != one.derived_key("notices")
+    assert derived not in (tmp_path / "one.key").read_bytes()
