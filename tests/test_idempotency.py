@@ -203,8 +203,9 @@ def test_openapi_declares_the_header_and_409(server):
 
 class LossyProxy:
     """A loopback TCP proxy to the server whose first connections go wrong as `plan` says:
-    "503" answers 503 with Retry-After: 1 itself, "drop" passes the request on and closes
-    the connection once the server answers (the answer is lost); later ones are relayed."""
+    "503" (or "429") answers that status with Retry-After: 1 itself, "drop" passes the
+    request on and closes the connection once the server answers (the answer is lost);
+    later ones are relayed."""
 
     def __init__(self, target_url: str, plan: list):
         host, port = target_url.rsplit("/", 1)[-1].split(":")
@@ -232,11 +233,11 @@ class LossyProxy:
     def handle(self, conn, mode):
         with conn:
             request = read_request(conn)
-            if mode == "503":
+            if mode in ("503", "429"):
                 body = b'{"error": "queue_full", "message": "busy; try again in 1 s"}'
-                conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
+                conn.sendall(b"HTTP/1.1 %s Busy\r\nRetry-After: 1\r\n"
                              b"Content-Type: application/json\r\nConnection: close\r\n"
-                             b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                             b"Content-Length: %d\r\n\r\n%s" % (mode.encode(), len(body), body))
                 return
             with socket.create_connection(self.target, timeout=30) as up:
                 up.sendall(request)
@@ -282,7 +283,7 @@ def copy(src, dst):
         pass
 
 
-@pytest.mark.parametrize("plan", [["503"], ["drop"], ["503", "drop"]])
+@pytest.mark.parametrize("plan", [["503"], ["drop"], ["503", "drop"], ["429"]])
 def test_client_retries_with_its_key_and_makes_one_run(server, plan):
     """The first tries fail (a 503, an answer lost after the run was made): the client tries
     again with the same key, and the server answers the run the first try made."""
@@ -295,8 +296,8 @@ def test_client_retries_with_its_key_and_makes_one_run(server, plan):
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stderr.count("; trying again in ") == len(plan), proc.stderr
-    if "503" in plan:
-        assert "(HTTP 503 queue_full); trying again in 1 s (try 2 of 5)" in proc.stderr
+    if plan[0] != "drop":
+        assert f"(HTTP {plan[0]} queue_full); trying again in 1 s (try 2 of 5)" in proc.stderr
     run_id = json.loads(proc.stdout)["run_id"]
     assert server.get("/runs").json() == [run_id]
     assert proxy.connections == len(plan) + 1
