@@ -5,6 +5,15 @@
 MIP_HOME=$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")" && pwd)
 export MIP_HOME
 
+# The venv `make` builds goes first on PATH (once), so that `python mipper.py ...` and the
+# README's other commands run with the requirements installed.
+if [ -d "$MIP_HOME/.venv/bin" ]; then
+    case ":$PATH:" in
+        *":$MIP_HOME/.venv/bin:"*) ;;
+        *) export PATH="$MIP_HOME/.venv/bin:$PATH" ;;
+    esac
+fi
+
 # Folders, as the original TA1 system's envvars.sh names them.
 export TA1_INPUTS_DIR=${TA1_INPUTS_DIR:-$MIP_HOME/data/inputs}     # maps: inputs/maps/<map>/<map>.tif
 export TA1_OUTPUTS_DIR=${TA1_OUTPUTS_DIR:-$MIP_HOME/data/outputs}  # outputs/<job>/<module>/

@@ -137,6 +137,21 @@ def _add_run_keys(db) -> None:
         sealed TEXT NOT NULL)""")
 
 
+def _add_idempotency_keys(db) -> None:
+    """5: the Idempotency-Key of each submission (idempotency.py), kept 24 hours: the HMAC
+    of what was submitted, never the payload or its key, and the run it made (NULL while
+    the first request is still being answered). No foreign key: deleting a run may leave
+    its key behind, which is then forgotten."""
+    db.execute("""CREATE TABLE idempotency_keys (
+        user TEXT NOT NULL,
+        key TEXT NOT NULL,
+        hmac TEXT NOT NULL,
+        run_id TEXT,
+        created TEXT NOT NULL,
+        PRIMARY KEY (user, key))""")
+    db.execute("CREATE INDEX idempotency_keys_created ON idempotency_keys(created)")
+
+
 def _add_deliveries(db) -> None:
     """6: completion notices (notices.py): one row per run and URL, `waiting` until the run
     ends, then `pending` until `delivered` or `failed`. The receiver's answer is never kept."""
@@ -167,6 +182,7 @@ MIGRATIONS: list = [
     (2, _add_cdr_tables),
     (3, _allow_skipped_publications),
     (4, _add_run_keys),
+    (5, _add_idempotency_keys),
     (6, _add_deliveries),
     (7, _add_resources),
 ]

@@ -8,6 +8,8 @@ This file owns the key file and the sealing; it never writes a journal row or lo
 value.
 """
 
+import hashlib
+import hmac
 import os
 import tempfile
 
@@ -23,7 +25,14 @@ class KeyStore:
     """Seals and opens short secrets with the Fernet key kept in `path`."""
 
     def __init__(self, path: str):
-        self._fernet = Fernet(read_or_make_key(path))
+        key = read_or_make_key(path)
+        self._fernet = Fernet(key)
+        self._key = key
+
+    def derived_key(self, purpose: str) -> bytes:
+        """A key of its own for `purpose` (e.g. an HMAC), made from the key file: one file to
+        keep, and a value that leaks under one purpose says nothing of the others."""
+        return hmac.new(self._key, purpose.encode(), hashlib.sha256).digest()
 
     def seal(self, secret: str) -> str:
         """The secret encrypted and authenticated, as ASCII text for the journal."""

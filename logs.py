@@ -27,7 +27,7 @@ def add_routes(api) -> None:
     settings = api.cfg.settings
 
     @api.route("GET", "/runs/{run_id}/log", answer="text/plain", query=OFFSET_QUERY,
-               headers=OFFSET_HEADER)
+               answer_headers=OFFSET_HEADER)
     def run_log(run_id):
         """The run log, whole or from ?offset= (bytes); X-Log-Offset says where to go on.
         Raises 404 if the run is unknown, 400 for a bad offset."""
@@ -36,7 +36,7 @@ def add_routes(api) -> None:
         return answer(run["log_path"], folder, api.query_int("offset", 0, MAX_OFFSET))
 
     @api.route("GET", "/modules/{job}/{module}/log", answer="text/plain", query=OFFSET_QUERY,
-               headers=OFFSET_HEADER)
+               answer_headers=OFFSET_HEADER)
     def module_log(job, module):
         """The module's own log in its latest execution, while it runs and after, whole or
         from ?offset= (bytes). Raises 404 if the module has not run in the job."""

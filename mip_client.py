@@ -1,5 +1,6 @@
+#!/usr/bin/env python3
 """mip_client: the command-line client of the mip server, in one file that needs only
-`requests` (pip install requests).
+Python 3.8+ and `requests` (pip install requests).
 
     export MIP_CLIENT_USER=mip MIP_CLIENT_PASSWORD=...
     python mip_client.py --post --url http://127.0.0.1:8080/runs --input a.json --output b.json
@@ -8,13 +9,16 @@
     python mip_client.py --help        # every option, with the walk-through as examples
 
 JSON answers are pretty-printed to stdout (and written to --output); zip answers are saved
-to --output or under the file name the server gives. Exit codes: 0 success, 1 failure (an
+to --output or under the file name the server gives. Every POST carries an Idempotency-Key
+of its own, and a request is tried again (with the same key) after a connection error, 429
+or 503: a retried submission never makes a second run. Exit codes: 0 success, 1 failure (an
 error answer, an unreachable server, a run that did not pass under --wait or --follow),
 2 usage.
 """
 
 import argparse
 import email.message
+import email.utils
 import getpass
 import json
 import os
@@ -23,6 +27,9 @@ import sys
 import tempfile
 import time
 import urllib.parse
+import uuid
+from typing import Optional
+from typing import Union
 
 import requests
 
@@ -43,6 +50,10 @@ FOLLOW_FIRST = 0.5  # --follow polls the log after 0.5 s, then slower while it i
 FOLLOW_MAX = 2.0
 FOLLOW_SETTLE = 1.0  # a run's last log lines may be written just after its end is recorded
 FOLLOW_LAST_READS = 5  # reads after the end, until one brings nothing new
+TRIES = 5  # tries of one request in all, after a connection error, 429 or 503
+RETRY_FIRST = 1.0  # seconds before the second try when the server names none; doubled each time
+RETRY_AFTER_MAX = 30.0  # the longest wait a Retry-After may ask for
+KEY_RE = re.compile(r"[!-~]{1,255}")  # what the server takes as an Idempotency-Key
 
 
 # ---------------------------------------------------------------------------- errors
@@ -59,15 +70,22 @@ class UsageError(MipClientError):
     exit_code = EXIT_USAGE
 
 
-class ClientError(MipClientError):
-    """A non-2xx answer, with its HTTP status and the server's `error` code and `message`."""
+class Unreachable(MipClientError):
+    """No answer at all: the connection was refused, broke off or could not be made."""
 
-    def __init__(self, status: int, error: str, message: str, url: str = ""):
+
+class ClientError(MipClientError):
+    """A non-2xx answer, with its HTTP status, the server's `error` code and `message`, and
+    its Retry-After header (None without one)."""
+
+    def __init__(self, status: int, error: str, message: str, url: str = "",
+                 retry_after: Optional[str] = None):
         super().__init__(message)
         self.status = status
         self.error = error
         self.message = message
         self.url = url
+        self.retry_after = retry_after
 
     def __str__(self) -> str:
         return f"{self.message} (HTTP {self.status} {self.error})"
@@ -107,6 +125,14 @@ daily use:
       --data '{"map": "WY_CO_Peach", "job": "beta", "modules": ["georeference"]}'
   # save a zip under the server's name (here beta_georeference_outputs.zip)
   python mip_client.py --get --url http://127.0.0.1:8080/jobs/beta/georeference/outputs
+  # rerun a run (what failed runs again) and follow it; cancel one: neither needs a body
+  python mip_client.py --post --url http://127.0.0.1:8080/runs/$RUN_ID/rerun --wait
+  python mip_client.py --post --url http://127.0.0.1:8080/runs/$RUN_ID/cancel
+
+retries: every POST carries an Idempotency-Key (a new UUID, or --idempotency-key KEY). A
+request that meets a connection error, 429 or 503 is sent again with the same key, at most
+--tries times in all, after the server's Retry-After (at most 30 s) or 1, 2, 4, 8 s: an
+answer lost on the way never makes a second run.
 
 exit codes: 0 success; 1 an error answer, an unreachable server, or (--wait, --follow) a
 run that failed or was cancelled; 2 a usage error.
@@ -129,7 +155,8 @@ def make_parser() -> argparse.ArgumentParser:
     method = parser.add_mutually_exclusive_group(required=True)
     method.add_argument("--get", action="store_true", help="send a GET request")
     method.add_argument("--post", action="store_true",
-                        help="send a POST request (needs --input or --data)")
+                        help="send a POST request, with --input or --data as its body, or "
+                             "an empty one (cancel, rerun)")
     parser.add_argument("--url", required=True,
                         help="URL of the request, e.g. http://127.0.0.1:8080/runs")
     body = parser.add_mutually_exclusive_group()
@@ -153,6 +180,14 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--wait-timeout", type=float, metavar="SECONDS",
                         help="with --wait or --follow: give up after SECONDS (exit 1; the "
                              "run goes on)")
+    parser.add_argument("--idempotency-key", metavar="KEY",
+                        help="with --post: the Idempotency-Key to send (default: a new random "
+                             "one); the same KEY and body again answer the run the first "
+                             "made instead of a second run")
+    parser.add_argument("--tries", type=int, default=TRIES, metavar="N",
+                        help="send a request at most N times, trying again after a "
+                             "connection error, 429 or 503 (honouring Retry-After, at most "
+                             f"{RETRY_AFTER_MAX:g} s; default {TRIES}; 1: never again)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"network timeout of each request (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--version", action="version", version=f"mip_client {VERSION}")
@@ -161,10 +196,15 @@ def make_parser() -> argparse.ArgumentParser:
 
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, env) -> None:
     """Refuse what argparse cannot express; fills args.url with an absolute URL."""
-    if args.post and args.input is None and args.data is None:
-        parser.error("--post needs the body: --input FILE or --data JSON")
+    if args.idempotency_key is not None and not args.post:
+        parser.error("--idempotency-key goes with --post")
+    if args.idempotency_key is not None and not KEY_RE.fullmatch(args.idempotency_key):
+        parser.error("--idempotency-key must be 1 to 255 printable ASCII characters without "
+                     "spaces")
     if args.get and (args.input is not None or args.data is not None):
         parser.error("--input and --data go with --post, not --get")
+    if args.tries < 1:
+        parser.error("--tries must be 1 or more")
     if args.timeout <= 0:
         parser.error("--timeout must be a positive number of seconds")
     if args.wait_timeout is not None and args.wait_timeout <= 0:
@@ -196,7 +236,7 @@ def check_follow(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
                      "of --output")
 
 
-def absolute_url(url: str, base: str | None) -> str:
+def absolute_url(url: str, base: Optional[str]) -> str:
     """`url` checked; a path is joined to $MIP_CLIENT_URL. Raises UsageError."""
     if url.startswith("/"):
         if not base:
@@ -210,7 +250,7 @@ def absolute_url(url: str, base: str | None) -> str:
     return url
 
 
-def run_base(url: str, post: bool) -> str | None:
+def run_base(url: str, post: bool) -> Optional[str]:
     """For --wait: the URL up to the `/runs` of a run URL, or None if `url` is not one."""
     path = urllib.parse.urlsplit(url).path.rstrip("/")
     pattern = r"(.*)/runs(/[^/]+/rerun)?" if post else r"(.*)/runs/[^/]+"
@@ -229,7 +269,7 @@ def shown(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
 
 
-def credentials(user_arg: str | None, env, stdin=None) -> tuple | None:
+def credentials(user_arg: Optional[str], env, stdin=None) -> Optional[tuple]:
     """(user, password) from --user and the environment; None when no user is given (the
     server may run without auth). Raises UsageError when a password cannot be found."""
     stdin = stdin or sys.stdin
@@ -252,7 +292,7 @@ def credentials(user_arg: str | None, env, stdin=None) -> tuple | None:
     return user, password
 
 
-def read_body(args: argparse.Namespace, env) -> dict | list | str | None:
+def read_body(args: argparse.Namespace, env) -> Union[dict, list, str, None]:
     """The POST body from --input or --data, plus MIP_OPENAI_KEY when it applies.
     Raises UsageError for a missing file or invalid JSON."""
     if args.input is None and args.data is None:
@@ -275,7 +315,7 @@ def read_body(args: argparse.Namespace, env) -> dict | list | str | None:
     return with_openai_key(body, env.get("MIP_OPENAI_KEY"))
 
 
-def with_openai_key(body, key: str | None):
+def with_openai_key(body, key: Optional[str]):
     """`body` with "openai_key" added when `key` is set and the body is an object without one."""
     if key and isinstance(body, dict) and "openai_key" not in body:
         return dict(body, openai_key=key)
@@ -284,34 +324,79 @@ def with_openai_key(body, key: str | None):
 
 # ---------------------------------------------------------------------------- requests
 
-def make_session(auth: tuple | None) -> requests.Session:
+def make_session(auth: Optional[tuple]) -> requests.Session:
     session = requests.Session()
     session.auth = auth
     session.headers["User-Agent"] = f"mip_client/{VERSION}"
     return session
 
 
-def send(session: requests.Session, method: str, url: str, body, timeout: float
-         ) -> requests.Response:
-    """The streamed answer to one request; the caller closes it. Raises ClientError for a
-    non-2xx answer and MipClientError when the server cannot be reached."""
-    kwargs = {"timeout": timeout, "stream": True}
+def send(session: requests.Session, method: str, url: str, body, timeout: float,
+         headers: Optional[dict] = None) -> requests.Response:
+    """The streamed answer to one request (a POST without `body` sends an empty one); the
+    caller closes it. Raises ClientError for a non-2xx answer, Unreachable when the server
+    cannot be reached and MipClientError when it does not answer in time."""
+    kwargs = {"timeout": timeout, "stream": True, "headers": dict(headers or {})}
     if body is not None:
         kwargs["data"] = json.dumps(body).encode()
-        kwargs["headers"] = {"Content-Type": "application/json"}
+        kwargs["headers"]["Content-Type"] = "application/json"
     try:
         resp = session.request(method, url, **kwargs)
+    except requests.ConnectTimeout:
+        raise Unreachable(f"cannot reach {shown(url)} within {timeout:g} s "
+                          "(--timeout)") from None
     except requests.Timeout:
         raise MipClientError(f"no answer from {shown(url)} within {timeout:g} s "
                              "(--timeout)") from None
     except requests.ConnectionError as e:
-        raise MipClientError(f"cannot reach {shown(url)}: {reason(e)}") from None
+        raise Unreachable(f"cannot reach {shown(url)}: {reason(e)}") from None
     except requests.RequestException as e:
         raise MipClientError(f"{method} {shown(url)} failed: {reason(e)}") from None
     if not 200 <= resp.status_code < 300:
         with resp:
             raise answer_error(resp, url)
     return resp
+
+
+def send_with_retries(session: requests.Session, method: str, url: str, body,
+                      timeout: float, headers: Optional[dict] = None, tries: int = TRIES,
+                      sleep=time.sleep) -> requests.Response:
+    """send(), tried again after a connection error, 429 or 503, at most `tries` times in
+    all, each time with the same headers (so a POST keeps its Idempotency-Key) and after
+    the wait the server's Retry-After asks (at most RETRY_AFTER_MAX s), else after
+    RETRY_FIRST s doubled each time; a note on stderr says so. Raises what send() raises."""
+    for attempt in range(1, tries + 1):
+        try:
+            return send(session, method, url, body, timeout, headers)
+        except ClientError as e:
+            if e.status not in (429, 503) or attempt == tries:
+                raise
+            pause = retry_pause(e.retry_after, attempt)
+            why = str(e)
+        except Unreachable as e:
+            if attempt == tries:
+                raise
+            pause = retry_pause(None, attempt)
+            why = str(e)
+        note(f"{why}; trying again in {pause:g} s (try {attempt + 1} of {tries})")
+        sleep(pause)
+    raise MipClientError("no try was made (tries < 1)")
+
+
+def retry_pause(retry_after: Optional[str], attempt: int) -> float:
+    """Seconds to wait after try `attempt`: the Retry-After header's (seconds or an HTTP
+    date), at most RETRY_AFTER_MAX, else RETRY_FIRST doubled per try before."""
+    fallback = min(RETRY_FIRST * 2 ** (attempt - 1), RETRY_AFTER_MAX)
+    if not retry_after:
+        return fallback
+    text = retry_after.strip()
+    if text.isascii() and text.isdigit():
+        return min(float(text), RETRY_AFTER_MAX)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+        return max(0.0, min(when.timestamp() - time.time(), RETRY_AFTER_MAX))
+    except (TypeError, ValueError, OverflowError):
+        return fallback
 
 
 def reason(exc: BaseException) -> str:
@@ -353,7 +438,8 @@ def answer_error(resp: requests.Response, url: str) -> ClientError:
             text = ""
         message = text or resp.reason or "error"
     error = error or (resp.reason or "error").lower().replace(" ", "_")
-    return ClientError(resp.status_code, error, one_line(message), url)
+    return ClientError(resp.status_code, error, one_line(message), url,
+                       resp.headers.get("Retry-After"))
 
 
 def one_line(text: str) -> str:
@@ -373,7 +459,7 @@ def is_download(resp: requests.Response) -> bool:
                                                         or kind == "")
 
 
-def disposition_name(header: str | None) -> str:
+def disposition_name(header: Optional[str]) -> str:
     """The file name of a Content-Disposition header, reduced to a plain name in the
     current folder. Raises MipClientError when there is no usable one."""
     name = None
@@ -395,7 +481,7 @@ class Progress:
     """A one-line progress display on a terminal's stderr, shown once a download has taken
     more than PROGRESS_DELAY seconds; silent when the stream is not a terminal."""
 
-    def __init__(self, name: str, total: int | None, stream=None, clock=time.monotonic):
+    def __init__(self, name: str, total: Optional[int], stream=None, clock=time.monotonic):
         self.name = name
         self.total = total
         self.stream = stream or sys.stderr
@@ -428,7 +514,7 @@ class Progress:
         self.stream.flush()
         self.shown = True
 
-    def finish(self, done: int | None = None) -> None:
+    def finish(self, done: Optional[int] = None) -> None:
         """End the line (after a last update when `done` is given), if one was shown."""
         if self.shown:
             if done is not None:
@@ -446,7 +532,7 @@ def size(n: float) -> str:
     return f"{n:.1f} GB"
 
 
-def atomic_write(path: str, chunks, progress: Progress | None = None) -> int:
+def atomic_write(path: str, chunks, progress: Optional[Progress] = None) -> int:
     """Write `chunks` to a temporary file next to `path`, then rename it to `path`: no
     partial file is left on failure. The byte count. Raises MipClientError."""
     folder = os.path.dirname(os.path.abspath(path))
@@ -490,7 +576,7 @@ def body_chunks(resp: requests.Response, url: str):
         raise MipClientError(f"the download from {shown(url)} broke off: {reason(e)}") from None
 
 
-def save_download(resp: requests.Response, url: str, output: str | None) -> None:
+def save_download(resp: requests.Response, url: str, output: Optional[str]) -> None:
     """Save a file answer to `output` (a file, or a folder to keep the server's name), or
     under the server's name in the current folder; says where and how big on stderr."""
     if output == "-":
@@ -512,7 +598,7 @@ def save_download(resp: requests.Response, url: str, output: str | None) -> None
     print(f"wrote {path} ({done:,} bytes)", file=sys.stderr)
 
 
-def show_json(data, output: str | None) -> None:
+def show_json(data, output: Optional[str]) -> None:
     """Pretty-print `data` to stdout, and write the same text to `output` when given."""
     text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
     sys.stdout.write(text)
@@ -521,7 +607,7 @@ def show_json(data, output: str | None) -> None:
         atomic_write(output, [text.encode()])
 
 
-def show_answer(resp: requests.Response, url: str, output: str | None):
+def show_answer(resp: requests.Response, url: str, output: Optional[str]):
     """Show or save a 2xx answer; the decoded JSON, or None for other answers."""
     if is_download(resp):
         save_download(resp, url, output)
@@ -545,7 +631,7 @@ def show_answer(resp: requests.Response, url: str, output: str | None):
 # ---------------------------------------------------------------------------- --wait
 
 def wait_for_run(session: requests.Session, status_url: str, first: dict, timeout: float,
-                 wait_timeout: float | None, sleep=time.sleep) -> dict:
+                 wait_timeout: Optional[float], sleep=time.sleep) -> dict:
     """Poll a run until it ends, printing its status changes (and its modules') on stderr;
     its last RunStatus. Raises MipClientError when it cannot be followed."""
     run_id = first.get("run_id", "?")
@@ -621,7 +707,7 @@ def note(text: str) -> None:
 # ---------------------------------------------------------------------------- --follow
 
 def follow_run(session: requests.Session, status_url: str, first: dict, timeout: float,
-               wait_timeout: float | None, out=None, sleep=time.sleep) -> dict:
+               wait_timeout: Optional[float], out=None, sleep=time.sleep) -> dict:
     """Write the run's log to `out` (stdout's bytes) as it grows, reading it from where the
     last read ended (?offset=, X-Log-Offset), until the run ends and its log is read to the
     end; its last RunStatus. Raises MipClientError when it cannot be followed."""
@@ -699,8 +785,12 @@ def run(args: argparse.Namespace, env) -> int:
     auth = credentials(args.user, env)
     body = read_body(args, env)
     method = "POST" if args.post else "GET"
+    headers = {}
+    if args.post:
+        headers["Idempotency-Key"] = args.idempotency_key or str(uuid.uuid4())
     with make_session(auth) as session:
-        with send(session, method, args.url, body, args.timeout) as resp:
+        with send_with_retries(session, method, args.url, body, args.timeout, headers,
+                               args.tries) as resp:
             if not (args.wait or args.follow):
                 show_resources(show_answer(resp, args.url, args.output))
                 return EXIT_OK

@@ -38,6 +38,7 @@ import access
 import cdr
 import docs_ui
 import gpus
+import idempotency
 import journal
 import keystore
 import logs
@@ -55,7 +56,7 @@ from errors import error_body
 from journal import FINISHED
 from journal import Status
 
-VERSION = "0.1.0"
+VERSION = mipper.VERSION
 MAX_BODY = 1024 * 1024
 LOG_TAIL = 8192
 CANCEL_GRACE = 30  # seconds for a cancelled run to stop its containers or tasks
@@ -850,13 +851,16 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         return wrapper
 
     def route(method, path, summary="", body=None, answer=None, auth=True, errors=(),
-              query=None, headers=None):
+              query=None, headers=None, answer_headers=None):
         """Register a route, and its row of the table the OpenAPI document is built from.
         `errors`: the statuses it can answer beyond those openapi.statuses() adds to every
-        route (400, 405, 413; 401 and 429 with auth; 404 with a path parameter)."""
+        route (400, 405, 413; 401 and 429 with auth; 404 with a path parameter).
+        `headers`: the request headers it reads (name -> OpenAPI parameter fields);
+        `answer_headers`: those of its 200 answer (name -> OpenAPI header object)."""
         def register(fn):
             routes.append(openapi.Route(method, path, summary or fn.__doc__.split("\n")[0],
-                                        body, answer, auth, errors, query, headers))
+                                        body, answer, auth, errors, query, headers,
+                                        answer_headers))
             app.route(path.replace("{", "<").replace("}", ">"), method, fn,
                       apply=[auth_plugin] if auth else [])
             return fn
@@ -916,8 +920,10 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
                            f"no module {module!r}; GET /modules lists them")
         raise ApiError(404, "module_not_run", f"module {module!r} has not run in job {job!r}")
 
+    keys = idempotency.Keys(db, queue.keystore.derived_key("idempotency"))
+
     def submit(payload, key):
-        run_id = queue.submit(payload, key)
+        run_id = keys.submit(payload, key, lambda: queue.submit(payload, key))
         settled.drop_job(payload["job"])
         bottle.response.set_header("Location", f"/runs/{run_id}")
         return send(run_status(db, db.run(run_id)))
@@ -958,7 +964,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         return send(schemas[name][0])
 
     @route("POST", "/runs", body="RunPayload", answer="RunStatus",
-           errors=(404, 409, 422, 503, 507))
+           errors=(404, 409, 422, 503, 507), headers=idempotency.HEADERS)
     def post_run():
         """Submit a run; answers at once with its RunStatus. 404 unknown map, 409 job bound
         to another map, 422 invalid payload, a map GDAL cannot read (unreadable_map) or
@@ -1008,7 +1014,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         return send(run_status(db, db.run(run["run_id"])))
 
     @route("POST", "/runs/{run_id}/rerun", body=openapi.RERUN_BODY, answer="RunStatus",
-           errors=(409, 422, 503, 507))
+           errors=(409, 422, 503, 507), headers=idempotency.HEADERS)
     def rerun(run_id):
         """Submit a new run with the same payload: what failed or was cancelled runs again,
         what passed is skipped. Optional body: {"openai_key": ...}."""
@@ -1348,6 +1354,7 @@ def main(argv=None) -> int:
                         help="serve WITHOUT authentication (only on a trusted host)")
     parser.add_argument("--hash-password", action="store_true",
                         help="read a password and print its hash for MIP_USERS_FILE")
+    parser.add_argument("--version", action="version", version=f"mip_server {VERSION}")
     args = parser.parse_args(argv)
     if args.hash_password:
         password = (getpass.getpass("password: ") if sys.stdin.isatty()

@@ -37,6 +37,9 @@ import switches
 import untrusted
 from journal import Status
 
+# one version for mipper, the server and the client (mip_client.py keeps a copy: it stands
+# alone; tests/test_papercuts.py checks they agree)
+VERSION = "0.1.0"
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -1000,6 +1003,7 @@ def main(argv=None) -> int:
     parser.add_argument("--list-modules", action="store_true", help="print the catalogue")
     parser.add_argument("--list-deps", metavar="MODULE",
                         help="print what MODULE needs, predecessors first")
+    parser.add_argument("--version", action="version", version=f"mipper {VERSION}")
     args = parser.parse_args(argv)
     setup_logging()
     signal.signal(signal.SIGTERM, stop_on_sigterm)

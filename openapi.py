@@ -23,7 +23,9 @@ STATUSES = {
     403: "missing or wrong signature",
     404: "no such run, job, module, map, schema or result, or the CDR link is off",
     405: "the path exists, not with this method (Allow lists those it has)",
-    409: "conflict with the job's state (bound to another map, or not passed)",
+    409: "conflict with the job's state (bound to another map, or not passed), or an "
+         "Idempotency-Key sent before with another submission (idempotency_key_reused) or "
+         "still being answered (idempotency_key_in_use)",
     413: "the body is over the size limit",
     422: "the body is valid JSON but refused: schema, unknown module, switch not allowed, "
          "path outside the job, an unreadable map, or GPU modules on a host without a GPU "
@@ -50,7 +52,8 @@ class Route(NamedTuple):
     auth: bool = True
     errors: tuple = ()  # statuses this route answers beyond those every route has
     query: dict | None = None  # query parameter name -> schema
-    headers: dict | None = None  # headers of the 200 answer: name -> OpenAPI header object
+    headers: dict | None = None  # request header name -> {"description", "schema"}
+    answer_headers: dict | None = None  # headers of the 200 answer: name -> header object
 
 
 def statuses(route: Route) -> list:
@@ -92,12 +95,14 @@ def document(routes: list, schemas: dict, version: str, modules=()) -> dict:
 
 def operation(route: Route, schemas: dict) -> dict:
     op = {"summary": route.summary, "responses": {"200": answer(route.answer)}}
-    if route.headers:
-        op["responses"]["200"]["headers"] = route.headers
+    if route.answer_headers:
+        op["responses"]["200"]["headers"] = route.answer_headers
     params = [{"name": p, "in": "path", "required": True, "schema": path_schema(p, schemas)}
               for p in re.findall(r"{(\w+)}", route.path)]
     params += [{"name": name, "in": "query", "required": False, "schema": schema}
                for name, schema in (route.query or {}).items()]
+    params += [{"name": name, "in": "header", "required": False, **fields}
+               for name, fields in (route.headers or {}).items()]
     if params:
         op["parameters"] = params
     if isinstance(route.body, str):

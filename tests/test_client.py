@@ -320,10 +320,11 @@ def test_credentials(server):
 
 def test_unreachable_server():
     url = f"http://127.0.0.1:{free_port()}/runs"
-    proc = client("--get", "--url", url, "--timeout", "5")
+    proc = client("--get", "--url", url, "--timeout", "5", "--tries", "2")
     assert proc.returncode == 1
     line = error_line(proc)
     assert f"cannot reach {url}" in line and "refused" in line.lower()
+    assert "trying again in 1 s (try 2 of 2)" in proc.stderr
 
 
 def test_silent_server_times_out():
@@ -345,7 +346,10 @@ URL = "http://127.0.0.1:9/runs"
     (("--url", URL), "one of the arguments --get --post is required"),
     (("--get", "--post", "--url", URL), "not allowed with argument"),
     (("--get",), "the following arguments are required: --url"),
-    (("--post", "--url", URL), "--post needs the body"),
+    (("--get", "--url", URL, "--idempotency-key", "k1"), "--idempotency-key goes with --post"),
+    (("--post", "--url", URL, "--idempotency-key", "a b"), "printable ASCII characters"),
+    (("--post", "--url", URL, "--idempotency-key", ""), "printable ASCII characters"),
+    (("--get", "--url", URL, "--tries", "0"), "--tries must be 1 or more"),
     (("--get", "--url", URL, "--input", "a.json"), "go with --post, not --get"),
     (("--get", "--url", URL, "--data", "{}"), "go with --post, not --get"),
     (("--post", "--url", URL, "--input", "a.json", "--data", "{}"), "not allowed with argument"),
