@@ -47,9 +47,10 @@ $(VENV)/.dev: requirements.txt requirements-dev.txt modules/requirements.txt | $
 	touch $@ $(VENV)/.runtime
 
 # Debian packages the tests need, installed once through apt-get (as root, or with sudo):
-# chromium for the console's browser tests, systemd for `systemd-analyze verify` of the unit.
+# chromium for the console's browser tests, systemd for `systemd-analyze verify` of the unit,
+# caddy for the TLS front the tests put before the server.
 # The stamp is redone when this Makefile changes; packages already present are not fetched.
-DEBIAN_PACKAGES := chromium systemd
+DEBIAN_PACKAGES := chromium systemd caddy
 $(VENV)/.debian: Makefile | $(PY)
 	@missing=$$(for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
