@@ -41,6 +41,7 @@ import keystore
 import mapcheck
 import mipper
 import openapi
+import retention
 import runners
 import switches
 import untrusted
@@ -49,6 +50,7 @@ from errors import ApiError
 from errors import error_body
 from journal import FINISHED
 from journal import Status
+from retention import free_mb
 
 VERSION = "0.1.0"
 MAX_BODY = 1024 * 1024
@@ -89,6 +91,8 @@ class Config:
     cdr_settings: cdr.CdrSettings | None = None
     max_downloads: int = 4  # zip downloads at once; below `threads`
     auth_failures: int = 10  # wrong credentials per minute from one address
+    retention_settings: retention.RetentionSettings = field(
+        default_factory=retention.RetentionSettings)
 
     @classmethod
     def from_env(cls, env, host=None, port=None, no_auth=False) -> "Config":
@@ -106,7 +110,9 @@ class Config:
                    threads=threads, max_downloads=max_downloads,
                    auth_failures=mipper.int_setting(env, "MIP_AUTH_FAILURES", 10, 1, 10000),
                    users=users, auth=not no_auth, password_file=password_file,
-                   cdr_settings=cdr.CdrSettings.from_env(env, VERSION))
+                   cdr_settings=cdr.CdrSettings.from_env(env, VERSION),
+                   retention_settings=retention.RetentionSettings.from_env(
+                       env, settings.min_free_mb))
 
 
 def read_users(env) -> tuple:
@@ -577,15 +583,6 @@ def insufficient_storage(why: str) -> ApiError:
                     f"{why}; no run can start until space is freed on the server")
 
 
-def free_mb(path: str) -> int | None:
-    """Free space for this user under `path`, in MB; None if it cannot be told."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize // (1024 * 1024)
-
-
 def disk_full(e: Exception) -> bool:
     """True for the errors a full disk gives SQLite and the file system."""
     if isinstance(e, sqlite3.Error):
@@ -919,6 +916,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
                      "runs": {"running": len(db.run_ids(status=Status.RUNNING.value)),
                               "queued": len(db.waiting_runs())},
                      "cdr": link.status() if link else None,
+                     "free_mb": retention.free_space(settings),
                      "openapi": "/openapi.json"})
 
     @route("GET", "/openapi.json", answer={"type": "object"})
@@ -1202,7 +1200,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
               query_int=query_int, get_run=get_run, get_job=get_job, get_module=get_module,
               submit=submit, cfg=cfg, db=db, queue=queue, link=link, catalogue=catalogue,
               schemas=schemas, settled=settled, done_runs=done_runs)
-    del api  # no concern file yet
+    retention.add_routes(api)
     return app
 
 
@@ -1388,6 +1386,8 @@ def main(argv=None) -> int:
     queue.recover()
     if link:
         link.start()
+    sweeper = app.config["retention.sweeper"]
+    sweeper.start()
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -1399,6 +1399,7 @@ def main(argv=None) -> int:
         pass
     finally:
         queue.stop()
+        sweeper.stop()
         if link:
             link.stop()
         server.close()
