@@ -99,6 +99,10 @@ daily use:
       --data '{"map": "WY_CO_Peach", "job": "beta", "modules": ["georeference"]}'
   # save a zip under the server's name (here beta_georeference_outputs.zip)
   python mip_client.py --get --url http://127.0.0.1:8080/jobs/beta/georeference/outputs
+  # delete a module's files (it runs again next time), a whole job, or a finished run;
+  # ?s3=1 deletes the S3 copies too
+  python mip_client.py --delete --url http://127.0.0.1:8080/jobs/beta/georeference
+  python mip_client.py --delete --url 'http://127.0.0.1:8080/jobs/beta?s3=1'
 
 exit codes: 0 success; 1 an error answer, an unreachable server, or (--wait) a run that
 failed or was cancelled; 2 a usage error.
@@ -122,6 +126,7 @@ def make_parser() -> argparse.ArgumentParser:
     method.add_argument("--get", action="store_true", help="send a GET request")
     method.add_argument("--post", action="store_true",
                         help="send a POST request (needs --input or --data)")
+    add_delete(method)
     parser.add_argument("--url", required=True,
                         help="URL of the request, e.g. http://127.0.0.1:8080/runs")
     body = parser.add_mutually_exclusive_group()
@@ -146,12 +151,23 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_delete(method) -> None:
+    """--delete: a job, a module's files or a run, e.g. --delete --url .../jobs/JOB?s3=1."""
+    method.add_argument("--delete", action="store_true",
+                        help="send a DELETE request: .../jobs/JOB, .../jobs/JOB/MODULE (its "
+                             "files) or .../runs/ID; add ?s3=1 to delete the S3 copies too")
+
+
+def method_flag(args: argparse.Namespace) -> str:
+    return "--delete" if args.delete else "--get"
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, env) -> None:
     """Refuse what argparse cannot express; fills args.url with an absolute URL."""
     if args.post and args.input is None and args.data is None:
         parser.error("--post needs the body: --input FILE or --data JSON")
-    if args.get and (args.input is not None or args.data is not None):
-        parser.error("--input and --data go with --post, not --get")
+    if not args.post and (args.input is not None or args.data is not None):
+        parser.error(f"--input and --data go with --post, not {method_flag(args)}")
     if args.timeout <= 0:
         parser.error("--timeout must be a positive number of seconds")
     if args.wait_timeout is not None and args.wait_timeout <= 0:
@@ -162,7 +178,7 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, env) -
         args.url = absolute_url(args.url, env.get("MIP_CLIENT_URL"))
     except UsageError as e:
         parser.error(str(e))
-    if args.wait and run_base(args.url, args.post) is None:
+    if args.wait and (args.delete or run_base(args.url, args.post) is None):
         parser.error("--wait follows a run: use it with --post --url .../runs (or "
                      ".../runs/ID/rerun) or --get --url .../runs/ID")
     if args.output == "":
@@ -580,7 +596,7 @@ def run(args: argparse.Namespace, env) -> int:
     Raises MipClientError."""
     auth = credentials(args.user, env)
     body = read_body(args, env)
-    method = "POST" if args.post else "GET"
+    method = "POST" if args.post else "DELETE" if args.delete else "GET"
     with make_session(auth) as session:
         with send(session, method, args.url, body, args.timeout) as resp:
             if not args.wait:

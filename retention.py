@@ -30,6 +30,8 @@ from journal import Status
 log = logging.getLogger("mip.retention")
 
 DAY = 86400
+DONE_BY_MIPPER = (Status.PASSED, Status.FAILED)
+SETTLE = 10  # seconds a delete waits for a run that just ended to be let go
 S3_BATCH = 1000  # the most keys one DeleteObjects call takes
 
 # the answer of the DELETE routes
@@ -149,10 +151,18 @@ class Remover:
         self.caches = caches  # mip_server.AnswerCache objects holding job and run answers
 
     def busy(self, job: str) -> bool:
-        """True while a run of the job is queued, running, or its end not yet recorded.
-        Call it under self.queue.lock."""
+        """True while a run of the job is queued or running, or its end is not yet
+        recorded by the server. Call it under self.queue.lock."""
         return (self.db.job_busy(job)
                 or any(j == job for j, _ in self.queue.running.values()))
+
+    def settle(self, job: str, timeout: float = SETTLE) -> None:
+        """Wait a little for the job's runs whose mipper has recorded their end (and only
+        exits now) to be let go by the run queue, so that a delete right after a run's end
+        is not refused for it."""
+        for run_id, (j, _) in list(self.queue.running.items()):
+            if j == job and (self.db.run(run_id) or {}).get("status") in DONE_BY_MIPPER:
+                self.queue.wait_gone(run_id, timeout)
 
     def forget(self, job: str, run_ids=()) -> None:
         """Drop the cached answers about the job and its runs."""
@@ -263,6 +273,7 @@ def add_routes(api) -> None:
         s3 = want_s3()
         execution = api.get_module(job, module)
         job, module = execution["job"], execution["module"]
+        remover.settle(job)
         with queue.lock:
             refuse_busy(job)
             count = remover.s3(job, module) if s3 else 0
@@ -279,6 +290,7 @@ def add_routes(api) -> None:
         running, 502 if S3 cannot be reached."""
         s3 = want_s3()
         job = api.get_job(job)
+        remover.settle(job)
         with queue.lock:
             refuse_busy(job)
             count = remover.s3(job) if s3 else 0
@@ -293,6 +305,7 @@ def add_routes(api) -> None:
         of its job is queued or running, or if the run holds its job's state (its latest
         run, or a module's latest execution): DELETE the job or the module instead."""
         run = api.get_run(run_id)
+        remover.settle(run["job"])
         with queue.lock:
             refuse_busy(run["job"])
             if db.holds_job_state(run["run_id"]):
