@@ -292,6 +292,7 @@ def add_routes(api) -> None:
         job = api.get_job(job)
         remover.settle(job)
         with queue.lock:
+            api.get_job(job)  # again: another delete may have taken it meanwhile
             refuse_busy(job)
             count = remover.s3(job) if s3 else 0
             removed, runs = remover.job(job)
@@ -307,6 +308,7 @@ def add_routes(api) -> None:
         run = api.get_run(run_id)
         remover.settle(run["job"])
         with queue.lock:
+            run = api.get_run(run_id)  # again: another delete may have taken it meanwhile
             refuse_busy(run["job"])
             if db.holds_job_state(run["run_id"]):
                 raise ApiError(409, "run_holds_job_state",
@@ -416,21 +418,25 @@ class Sweeper:
         with self.remover.queue.lock:
             if self.remover.queue.running or self.remover.db.runs_with_status(Status.RUNNING):
                 return
+            dropped = 0
             try:
                 with open(path, "rb") as f:
-                    lines = f.readlines()
-            except OSError:
+                    # lines start with logging's local time stamp, oldest first
+                    for line in iter(f.readline, b""):
+                        if line[:19].decode("ascii", "replace") >= stamp:
+                            f.seek(-len(line), os.SEEK_CUR)
+                            break
+                        dropped += 1
+                    if dropped == 0:
+                        return
+                    with open(path + ".new", "wb") as new:
+                        shutil.copyfileobj(f, new)
+                os.replace(path + ".new", path)
+            except OSError as e:
+                log.warning("sweep: cannot trim %s: %s", path, e)
                 return
-            # lines start with logging's local time stamp, oldest first
-            keep = next((i for i, line in enumerate(lines)
-                         if line[:19].decode("ascii", "replace") >= stamp), len(lines))
-            if keep == 0:
-                return
-            with open(path + ".new", "wb") as f:
-                f.writelines(lines[keep:])
-            os.replace(path + ".new", path)
         log.info("sweep: removed %d lines of runners.log older than %s "
-                 "(MIP_RETAIN_RUNS_DAYS)", keep, stamp)
+                 "(MIP_RETAIN_RUNS_DAYS)", dropped, stamp)
 
     def floor(self) -> None:
         """Below MIP_SWEEP_FREE_MB: the temps of the jobs that ended longest ago, then

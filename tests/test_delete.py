@@ -15,6 +15,8 @@ from test_server import error
 from test_server import ok
 from test_server import slow
 
+import journal
+
 
 def delete(srv: Server, path: str, **kw) -> requests.Response:
     kw.setdefault("auth", srv.auth)
@@ -224,3 +226,30 @@ def test_client_deletes(server):
     assert done.returncode == 0, done.stderr
     assert server.get("/jobs/cli").status_code == 404
 
+
+
+def test_rows_other_tables_keep_of_a_run_go_with_it(tmp_path):
+    """Tables that later migrations add (idempotency keys, notices, ...) may refer to runs
+    and executions by foreign key: a delete takes their rows too, instead of failing."""
+    db = journal.Journal(str(tmp_path / "j.db"))
+    db.migrate()
+    with db.transaction() as c:
+        c.execute("CREATE TABLE keyed (k TEXT, run_id TEXT NOT NULL REFERENCES runs(run_id))")
+        c.execute("CREATE TABLE used (eid INTEGER NOT NULL REFERENCES executions)")
+    runs = [db.create_run("fk", "m", ["a"], False, {}, str(tmp_path)) for _ in range(2)]
+    for run_id in runs:
+        exec_id = db.start_execution(run_id, "fk", "a", "x.log")
+        db.finish_execution(exec_id, journal.Status.PASSED, 0, None)
+        with db.transaction() as c:
+            c.execute("INSERT INTO keyed VALUES ('k', ?)", (run_id,))
+            c.execute("INSERT INTO used VALUES (?)", (exec_id,))
+    db.delete_run(runs[0])
+    assert db.run(runs[0]) is None and db.run(runs[1]) is not None
+    c = db.connect()
+    assert c.execute("SELECT COUNT(*) FROM keyed").fetchone()[0] == 1
+    assert c.execute("SELECT COUNT(*) FROM used").fetchone()[0] == 1
+    assert db.delete_job("fk") == [str(tmp_path / f"{runs[1]}.log")]
+    assert db.jobs() == [] and db.run_ids() == []
+    assert c.execute("SELECT COUNT(*) FROM keyed").fetchone()[0] == 0
+    assert c.execute("SELECT COUNT(*) FROM used").fetchone()[0] == 0
+    db.close()
