@@ -39,6 +39,7 @@ import cdr
 import journal
 import keystore
 import mapcheck
+import metrics
 import mipper
 import openapi
 import retention
@@ -91,6 +92,7 @@ class Config:
     cdr_settings: cdr.CdrSettings | None = None
     max_downloads: int = 4  # zip downloads at once; below `threads`
     auth_failures: int = 10  # wrong credentials per minute from one address
+    metrics_open: bool = False  # GET /metrics without credentials (MIP_METRICS_OPEN=1)
     retention_settings: retention.RetentionSettings = field(
         default_factory=retention.RetentionSettings)
 
@@ -110,6 +112,7 @@ class Config:
                    threads=threads, max_downloads=max_downloads,
                    auth_failures=mipper.int_setting(env, "MIP_AUTH_FAILURES", 10, 1, 10000),
                    users=users, auth=not no_auth, password_file=password_file,
+                   metrics_open=metrics.open_setting(env),
                    cdr_settings=cdr.CdrSettings.from_env(env, VERSION),
                    retention_settings=retention.RetentionSettings.from_env(
                        env, settings.min_free_mb))
@@ -1200,6 +1203,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
               query_int=query_int, get_run=get_run, get_job=get_job, get_module=get_module,
               submit=submit, cfg=cfg, db=db, queue=queue, link=link, catalogue=catalogue,
               schemas=schemas, settled=settled, done_runs=done_runs)
+    metrics.add_routes(api)
     retention.add_routes(api)
     return app
 

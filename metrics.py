@@ -1,0 +1,190 @@
+"""metrics: GET /metrics, the server's health in Prometheus's text format (prometheus_client).
+
+    curl -u mip:$(cat .mip_password) http://127.0.0.1:8080/metrics
+
+Runs by state, the queue, running modules and free disk space are read when scraped.
+Module durations are observed from the journal: mipper, not the server, records a module's
+end, so each scrape reads the executions that ended since the last one. Requests are
+counted by a wrapper around the app's WSGI callable, labelled by route template (never the
+raw path). Each app has a registry of its own, so that several apps can live in one process.
+This file only reads: it never changes runs, files or the journal.
+"""
+
+import os
+import re
+import threading
+import time
+
+import bottle
+from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client import CollectorRegistry
+from prometheus_client import Histogram
+from prometheus_client import disable_created_metrics
+from prometheus_client import generate_latest
+from prometheus_client.core import GaugeMetricFamily
+
+import journal
+import mipper
+from journal import FINISHED
+from journal import Status
+
+# a request's method as a label; anything else a client sends counts as "other"
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+UNMATCHED = "unmatched"  # the route of a request no route matched (404, 405, bad path)
+# a status read takes a millisecond or two; a zip download or a submission, seconds
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+# stand-in modules take a second; real ones minutes to hours
+MODULE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800)
+ENDED = tuple(s.value for s in FINISHED)
+
+
+def add_routes(api) -> None:
+    """GET /metrics, and the request counting around api.app."""
+    # a `_created` series per labelled histogram doubles the series and says little here
+    # (process-wide in prometheus_client; this process serves one app)
+    disable_created_metrics()
+    registry = CollectorRegistry()
+    counting = RequestMetrics(registry)
+    # bottle has no middleware slot; Bottle.__call__ calls self.wsgi, so every request of
+    # this app passes here, whichever server or test drives it
+    api.app.wsgi = counting.wrap(api.app.wsgi)
+    registry.register(JournalCollector(api.db, api.queue, api.cfg.settings, api.catalogue))
+
+    @api.route("GET", "/metrics", answer="text/plain", auth=not api.cfg.metrics_open)
+    def get_metrics():
+        """Runs by state, the queue, running modules, module durations, requests by route
+        and status, and free disk space, in Prometheus's text format."""
+        body = generate_latest(registry)
+        # the classic text format (0.0.4): every Prometheus version reads it
+        bottle.response.content_type = CONTENT_TYPE_PLAIN_0_0_4
+        return body
+
+
+def open_setting(env) -> bool:
+    """MIP_METRICS_OPEN: True for 1, False for 0 or unset; raises mipper.MipError else."""
+    value = env.get("MIP_METRICS_OPEN") or "0"
+    if value not in ("0", "1"):
+        raise mipper.MipError(f"MIP_METRICS_OPEN must be 0 or 1, not {value[:20]!r}")
+    return value == "1"
+
+
+def route_template(route) -> str:
+    """`/runs/{run_id}` for bottle's `/runs/<run_id>` (the paths /openapi.json names)."""
+    if route is None:
+        return UNMATCHED
+    return re.sub(r"<(\w+)(?::[^>]*)?>", r"{\1}", route.rule)
+
+
+class RequestMetrics:
+    """A latency histogram per (method, route template, status); its _count is the number
+    of requests. Labels come from the app's own route table and status codes, so a client
+    cannot make new series by inventing paths or methods."""
+
+    def __init__(self, registry: CollectorRegistry):
+        self.latency = Histogram("mip_http_request_duration_seconds",
+                                 "Time to the answer's status line, by method, route "
+                                 "template and status",
+                                 ("method", "route", "status"), buckets=LATENCY_BUCKETS,
+                                 registry=registry)
+        # the labelled children, found again without prometheus_client's lock and label
+        # checks: a dict read is all a request pays besides the observation itself
+        self.children = {}
+
+    def wrap(self, wsgi):
+        def instrumented(environ, start_response):
+            started = time.perf_counter()
+
+            def start(status, headers, exc_info=None):
+                self.observe(environ, status[:3], time.perf_counter() - started)
+                return start_response(status, headers, exc_info)
+
+            return wsgi(environ, start)
+        return instrumented
+
+    def observe(self, environ: dict, status: str, seconds: float) -> None:
+        method = environ.get("REQUEST_METHOD", "")
+        if method not in METHODS:
+            method = "other"
+        route = environ.get("bottle.route")  # set by bottle once a route matched
+        key = (method, route, status)
+        child = self.children.get(key)
+        if child is None:
+            child = self.children[key] = self.latency.labels(method, route_template(route),
+                                                             status)
+        child.observe(seconds)
+
+
+class JournalCollector:
+    """What the journal and the disk say at scrape time. Module durations are observed
+    once each, incrementally: every execution below `low` has ended and been seen (or
+    ended before this server started), so a scrape reads only the executions from the
+    oldest still running on."""
+
+    def __init__(self, db, queue, settings, catalogue: dict):
+        self.db = db
+        self.queue = queue
+        self.settings = settings
+        self.catalogue = catalogue
+        self.durations = Histogram("mip_module_duration_seconds",
+                                   "Module executions that ended since the server started, "
+                                   "by module and final state", ("module", "status"),
+                                   buckets=MODULE_BUCKETS, registry=None)
+        # ends recorded before this server started belong to a previous server's histogram
+        self.started = journal.utcnow()
+        self.low = 0  # the oldest execution id that may still end
+        self.seen = set()  # ids from `low` on whose end was observed
+        # two scrapes at once must not observe one end twice
+        self.lock = threading.Lock()
+
+    def sync(self) -> dict:
+        """Observe the executions that ended since the last sync; {module: running count}."""
+        db = self.db.connect()
+        # read first: an execution recorded after it has a higher id, and stays above `low`
+        top = db.execute("SELECT COALESCE(MAX(id), 0) FROM executions").fetchone()[0]
+        rows = db.execute(
+            "SELECT id, module, status,"
+            " (julianday(stop_time) - julianday(start_time)) * 86400.0"
+            " FROM executions WHERE id >= ? AND (status = 'running' OR stop_time >= ?)"
+            " ORDER BY id", (self.low, self.started)).fetchall()
+        running, low = {}, top + 1
+        for exec_id, module, status, seconds in rows:
+            if status == Status.RUNNING:
+                running[module] = running.get(module, 0) + 1
+                low = min(low, exec_id)
+            elif status in ENDED and exec_id not in self.seen:
+                self.seen.add(exec_id)
+                if seconds is not None:
+                    self.durations.labels(module, status).observe(max(seconds, 0.0))
+        self.low = low
+        self.seen = {i for i in self.seen if i >= low}
+        return running
+
+    def collect(self):
+        with self.lock:
+            running = self.sync()
+        counts = dict(self.db.connect().execute(
+            "SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
+        runs = GaugeMetricFamily("mip_runs", "Runs in the journal, by state", labels=("state",))
+        for status in Status:
+            runs.add_metric((status.value,), counts.get(status.value, 0))
+        yield runs
+        yield GaugeMetricFamily("mip_queue_length", "Runs waiting to start",
+                                value=self.queue.queued())
+        modules = GaugeMetricFamily("mip_modules_running", "Module executions running now",
+                                    labels=("module",))
+        for module in {**dict.fromkeys(self.catalogue, 0), **running}:
+            modules.add_metric((module,), running.get(module, 0))
+        yield modules
+        yield from self.durations.collect()
+        disk = GaugeMetricFamily("mip_disk_free_bytes",
+                                 "Free space for the server's user in each data folder",
+                                 labels=("folder",))
+        settings = self.settings
+        for folder, path in (("inputs", settings.inputs_dir), ("outputs", settings.outputs_dir),
+                             ("temps", settings.temps_dir), ("runs", settings.runs_dir)):
+            try:
+                st = os.statvfs(path)
+            except OSError:
+                continue
+            disk.add_metric((folder,), st.f_bavail * st.f_frsize)
+        yield disk
