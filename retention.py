@@ -29,6 +29,11 @@ from journal import Status
 
 log = logging.getLogger("mip.retention")
 
+
+class S3Refused(Exception):
+    """The store refused to delete some of the keys it was sent."""
+
+
 DAY = 86400
 DONE_BY_MIPPER = (Status.PASSED, Status.FAILED)
 SETTLE = 10  # seconds a delete waits for a run that just ended to be let go
@@ -231,10 +236,16 @@ class Remover:
             client = mipper.s3_client()
             keys = [{"Key": o["Key"]} for o in mipper.list_objects(client, s.s3_bucket, prefix)]
             for start in range(0, len(keys), S3_BATCH):
-                client.delete_objects(Bucket=s.s3_bucket, Delete={
-                    "Objects": keys[start:start + S3_BATCH], "Quiet": True})
-                count += len(keys[start:start + S3_BATCH])
-        except (BotoCoreError, ClientError) as e:
+                batch = keys[start:start + S3_BATCH]
+                done = client.delete_objects(Bucket=s.s3_bucket,
+                                             Delete={"Objects": batch, "Quiet": True})
+                # a refused key is reported in the answer, not raised
+                failed = done.get("Errors") or []
+                count += len(batch) - len(failed)
+                if failed:
+                    raise S3Refused(f"{failed[0].get('Key')}: {failed[0].get('Code')} "
+                                    f"{failed[0].get('Message')}")
+        except (BotoCoreError, ClientError, S3Refused) as e:
             log.warning("S3 deletion under %s failed after %d objects: %s", prefix, count, e)
             raise ApiError(502, "storage_unavailable",
                            f"S3 objects under {prefix} could not be deleted ({count} were): "

@@ -253,3 +253,22 @@ def test_rows_other_tables_keep_of_a_run_go_with_it(tmp_path):
     assert c.execute("SELECT COUNT(*) FROM keyed").fetchone()[0] == 0
     assert c.execute("SELECT COUNT(*) FROM used").fetchone()[0] == 0
     db.close()
+
+
+def test_s3_that_cannot_be_read_removes_nothing(s3_env):
+    """The bucket does not exist: ?s3=1 answers 502 and nothing local goes."""
+    srv = Server(s3_env).start()
+    try:
+        run = ok(srv.post("/runs", json=payload("nob", "georeference")))
+        assert srv.wait_run(run["run_id"])["status"] == "failed"  # its upload failed
+        where = paths(s3_env, "nob", "georeference")
+        for path in ("/jobs/nob/georeference?s3=1", "/jobs/nob?s3=1"):
+            body = error(delete(srv, path), 502, "storage_unavailable")
+            assert "nothing on the server was removed" in body["message"]
+            assert all(os.path.exists(p) for p in where.values())
+        assert ok(srv.get("/modules/nob/georeference"))["status"] == "passed"
+        ok(delete(srv, "/jobs/nob"))
+        assert not os.path.exists(where["outputs"])
+    finally:
+        srv.stop()
+        kill_leftover_runs(s3_env)
