@@ -47,6 +47,7 @@ import metrics
 import mipper
 import notices
 import openapi
+import retention
 import runners
 import switches
 import untrusted
@@ -55,6 +56,7 @@ from errors import ApiError
 from errors import error_body
 from journal import FINISHED
 from journal import Status
+from retention import free_mb
 
 VERSION = mipper.VERSION
 MAX_BODY = 1024 * 1024
@@ -97,6 +99,8 @@ class Config:
     auth_failures: int = 10  # wrong credentials per minute from one address
     metrics_open: bool = False  # GET /metrics without credentials (MIP_METRICS_OPEN=1)
     notify: notices.NoticeSettings = field(default_factory=notices.NoticeSettings)
+    retention_settings: retention.RetentionSettings = field(
+        default_factory=retention.RetentionSettings)
 
     @classmethod
     def from_env(cls, env, host=None, port=None, no_auth=False) -> "Config":
@@ -116,7 +120,9 @@ class Config:
                    users=users, auth=not no_auth, password_file=password_file,
                    metrics_open=metrics.open_setting(env),
                    cdr_settings=cdr.CdrSettings.from_env(env, VERSION),
-                   notify=notices.NoticeSettings.from_env(env))
+                   notify=notices.NoticeSettings.from_env(env),
+                   retention_settings=retention.RetentionSettings.from_env(
+                       env, settings.min_free_mb))
 
 
 def read_users(env) -> tuple:
@@ -592,15 +598,6 @@ def insufficient_storage(why: str) -> ApiError:
                     f"{why}; no run can start until space is freed on the server")
 
 
-def free_mb(path: str) -> int | None:
-    """Free space for this user under `path`, in MB; None if it cannot be told."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize // (1024 * 1024)
-
-
 def disk_full(e: Exception) -> bool:
     """True for the errors a full disk gives SQLite and the file system."""
     if isinstance(e, sqlite3.Error):
@@ -946,6 +943,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
                      "runs": {"running": len(db.run_ids(status=Status.RUNNING.value)),
                               "queued": len(db.waiting_runs())},
                      "cdr": link.status() if link else None,
+                     "free_mb": retention.free_space(settings),
                      "openapi": "/openapi.json"})
 
     @route("GET", "/openapi.json", answer={"type": "object"})
@@ -1223,6 +1221,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     logs.add_routes(api)
     docs_ui.add_routes(api)
     notices.add_routes(api)
+    retention.add_routes(api)
     metrics.add_routes(api)  # last: it wraps the app as a whole
     return app
 
@@ -1414,6 +1413,8 @@ def main(argv=None) -> int:
     notifier.start()
     if link:
         link.start()
+    sweeper = app.config["retention.sweeper"]
+    sweeper.start()
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -1426,6 +1427,7 @@ def main(argv=None) -> int:
     finally:
         queue.stop()
         notifier.stop()
+        sweeper.stop()
         if link:
             link.stop()
         server.close()
