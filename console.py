@@ -44,7 +44,7 @@ OPTIONAL_NAME = {"type": "string", "pattern": "^$|^[A-Za-z0-9_][A-Za-z0-9_.-]{0,
 PAGE = openapi.whole(10**6)
 SECRET_KEY = re.compile(r"key|secret|token|password|credential", re.I)
 # the graph: one row per dependency level, at most this many boxes a row
-BOX_W, BOX_H, GAP_X, GAP_Y = 170, 78, 16, 34
+BOX_W, BOX_H, GAP_X, GAP_Y = 186, 78, 14, 40
 
 
 def add_routes(api) -> None:
@@ -270,7 +270,7 @@ def module_row(name: str, execution: dict | None, run_status: str) -> dict:
 
 def graph(catalogue: dict, modules: list) -> dict:
     """The module graph laid out in rows by dependency level: boxes (module rows with x, y)
-    and edges (x1, y1, x2, y2), and the drawing's size."""
+    and edges (SVG path data), and the drawing's size."""
     shown_names = {m["name"] for m in modules}
     level = {}
     for m in modules:  # catalogue order: every module comes after what it requires
@@ -291,13 +291,26 @@ def graph(catalogue: dict, modules: list) -> dict:
             boxes.append(dict(m, x=x, y=y))
     edges = []
     for m in modules:
-        for r in requires_of(catalogue, m["name"]):
-            if r in where:
-                (x1, y1), (x2, y2) = where[r], where[m["name"]]
-                edges.append((x1 + BOX_W / 2, y1 + BOX_H, x2 + BOX_W / 2, y2 - 3))
+        for r in direct_requires(catalogue, m["name"], shown_names):
+            (x1, y1), (x2, y2) = where[r], where[m["name"]]
+            x1, y1, x2, y2 = x1 + BOX_W / 2, y1 + BOX_H, x2 + BOX_W / 2, y2 - 3
+            # a curve leaves and enters vertically, so that edges into one box fan out
+            middle = (y1 + y2) / 2
+            edges.append(f"M {x1:g} {y1:g} C {x1:g} {middle:g}, {x2:g} {middle:g}, "
+                         f"{x2:g} {y2:g}")
     height = GAP_Y + len(rows) * BOX_H + (len(rows) - 1) * GAP_Y
     return {"boxes": boxes, "edges": edges, "width": width, "height": height,
             "box_w": BOX_W, "box_h": BOX_H}
+
+
+def direct_requires(catalogue: dict, name: str, shown_names: set) -> list:
+    """What a module requires, less what it also needs through another of those (geopackage
+    needs legend_segment through point_extract too): the drawing keeps one path each."""
+    requires = [r for r in requires_of(catalogue, name) if r in shown_names]
+    through = set()
+    for r in requires:
+        through |= set(mipper.ancestors(catalogue, requires_of(catalogue, r)))
+    return [r for r in requires if r not in through]
 
 
 def requires_of(catalogue: dict, name: str) -> tuple:

@@ -1,7 +1,7 @@
 <svg class="graph" id="module-graph" role="img" aria-label="module graph" viewBox="0 0 {{g['width']}} {{g['height']}}" width="{{g['width']}}" height="{{g['height']}}" xmlns="http://www.w3.org/2000/svg">
 <defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" class="arrowhead"/></marker></defs>
-% for x1, y1, x2, y2 in g['edges']:
-<line class="edge" x1="{{x1}}" y1="{{y1}}" x2="{{x2}}" y2="{{y2}}" marker-end="url(#arrow)"/>
+% for d in g['edges']:
+<path class="edge" d="{{d}}" marker-end="url(#arrow)"/>
 % end
 % for b in g['boxes']:
 <g class="node st-{{b['state']}}" data-module="{{b['name']}}" data-state="{{b['state']}}" transform="translate({{b['x']}} {{b['y']}})">
@@ -10,7 +10,7 @@
 <text x="8" y="20" class="name">{{b['name']}}</text>
 <text x="8" y="38" class="what">{{b['state'].replace('_', ' ')}}{{' · ' + b['duration'] if b['duration'] else ''}}{{'' if b['exit_code'] is None else ' · exit %s' % b['exit_code']}}</text>
 <text x="8" y="55" class="when">{{b['ended'][11:] if b['ended'] else b['started'][11:]}}</text>
-<text x="8" y="71" class="msg">{{b['message'] if len(b['message']) <= 26 else b['message'][:25] + '…'}}</text>
+<text x="8" y="71" class="msg">{{b['message'] if len(b['message']) <= 28 else b['message'][:27] + '…'}}</text>
 </g>
 % end
 </svg>
