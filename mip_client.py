@@ -4,11 +4,13 @@
     export MIP_CLIENT_USER=mip MIP_CLIENT_PASSWORD=...
     python mip_client.py --post --url http://127.0.0.1:8080/runs --input a.json --output b.json
     python mip_client.py --get --url http://127.0.0.1:8080/runs/$RUN_ID --wait
+    python mip_client.py --get --url http://127.0.0.1:8080/runs/$RUN_ID --follow
     python mip_client.py --help        # every option, with the walk-through as examples
 
 JSON answers are pretty-printed to stdout (and written to --output); zip answers are saved
 to --output or under the file name the server gives. Exit codes: 0 success, 1 failure (an
-error answer, an unreachable server, a run that did not pass under --wait), 2 usage.
+error answer, an unreachable server, a run that did not pass under --wait or --follow),
+2 usage.
 """
 
 import argparse
@@ -37,6 +39,10 @@ POLL_MAX = 5.0
 POLL_RETRIES = 5  # consecutive unreachable polls before --wait gives up
 PROGRESS_DELAY = 0.5  # a download shows a progress line once it has taken this long
 FINISHED = ("passed", "failed", "cancelled")
+FOLLOW_FIRST = 0.5  # --follow polls the log after 0.5 s, then slower while it is quiet
+FOLLOW_MAX = 2.0
+FOLLOW_SETTLE = 0.5  # a run's last log lines may be written just after its end is recorded
+FOLLOW_LAST_READS = 5  # reads after the end, until one brings nothing new
 
 
 # ---------------------------------------------------------------------------- errors
@@ -87,6 +93,8 @@ examples (a.json holds {"map": "WY_CO_Peach", "job": "alpha", "modules": ["map_c
   python mip_client.py --get --url http://127.0.0.1:8080/jobs/alpha --output d.json
   # wait until the run ends (exit 0 if it passed, 1 if not)
   python mip_client.py --get --url http://127.0.0.1:8080/runs/$RUN_ID --wait
+  # print the run's log as it grows, until the run ends (exit 0 if it passed, 1 if not)
+  python mip_client.py --get --url http://127.0.0.1:8080/runs/$RUN_ID --follow
   # the logs, and the outputs
   python mip_client.py --get \\
       --url http://127.0.0.1:8080/modules/alpha/map_crop/logs --output d.zip
@@ -100,8 +108,8 @@ daily use:
   # save a zip under the server's name (here beta_georeference_outputs.zip)
   python mip_client.py --get --url http://127.0.0.1:8080/jobs/beta/georeference/outputs
 
-exit codes: 0 success; 1 an error answer, an unreachable server, or (--wait) a run that
-failed or was cancelled; 2 a usage error.
+exit codes: 0 success; 1 an error answer, an unreachable server, or (--wait, --follow) a
+run that failed or was cancelled; 2 a usage error.
 """
 
 
@@ -138,8 +146,13 @@ def make_parser() -> argparse.ArgumentParser:
                         help="after POST /runs (or GET /runs/ID), follow the run until it ends, "
                              "showing its status changes on stderr; prints the final "
                              "RunStatus and exits 0 only if the run passed")
+    parser.add_argument("--follow", action="store_true",
+                        help="after POST /runs (or GET /runs/ID), print the run's log to "
+                             "stdout as it grows, until the run ends; exits 0 only if the "
+                             "run passed")
     parser.add_argument("--wait-timeout", type=float, metavar="SECONDS",
-                        help="with --wait: give up after SECONDS (exit 1; the run goes on)")
+                        help="with --wait or --follow: give up after SECONDS (exit 1; the "
+                             "run goes on)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, metavar="SECONDS",
                         help=f"network timeout of each request (default {DEFAULT_TIMEOUT:g})")
     parser.add_argument("--version", action="version", version=f"mip_client {VERSION}")
@@ -156,17 +169,31 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, env) -
         parser.error("--timeout must be a positive number of seconds")
     if args.wait_timeout is not None and args.wait_timeout <= 0:
         parser.error("--wait-timeout must be a positive number of seconds")
-    if args.wait_timeout is not None and not args.wait:
-        parser.error("--wait-timeout goes with --wait")
+    if args.wait_timeout is not None and not (args.wait or args.follow):
+        parser.error("--wait-timeout goes with --wait or --follow")
+    check_follow(parser, args)
     try:
         args.url = absolute_url(args.url, env.get("MIP_CLIENT_URL"))
     except UsageError as e:
         parser.error(str(e))
+    if args.follow and run_base(args.url, args.post) is None:
+        parser.error("--follow follows a run: use it with --post --url .../runs (or "
+                     ".../runs/ID/rerun) or --get --url .../runs/ID")
     if args.wait and run_base(args.url, args.post) is None:
         parser.error("--wait follows a run: use it with --post --url .../runs (or "
                      ".../runs/ID/rerun) or --get --url .../runs/ID")
     if args.output == "":
         parser.error("--output needs a file name")
+
+
+def check_follow(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--follow prints the log to stdout: it goes without --wait and --output."""
+    if args.follow and args.wait:
+        parser.error("--follow and --wait go apart: --follow prints the log, --wait the "
+                     "status changes")
+    if args.follow and args.output is not None:
+        parser.error("--follow prints the log to stdout; redirect it to keep it, instead "
+                     "of --output")
 
 
 def absolute_url(url: str, base: str | None) -> str:
@@ -573,26 +600,103 @@ def note(text: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {text}", file=sys.stderr, flush=True)
 
 
+# ---------------------------------------------------------------------------- --follow
+
+def follow_run(session: requests.Session, status_url: str, first: dict, timeout: float,
+               wait_timeout: float | None, out=None, sleep=time.sleep) -> dict:
+    """Write the run's log to `out` (stdout's bytes) as it grows, reading it from where the
+    last read ended (?offset=, X-Log-Offset), until the run ends and its log is read to the
+    end; its last RunStatus. Raises MipClientError when it cannot be followed."""
+    out = out or sys.stdout.buffer
+    run_id = first.get("run_id", "?")
+    started = time.monotonic()
+    status, offset = first, 0
+    interval = FOLLOW_FIRST
+
+    def again(call, *args):
+        """call(*args), tried again after a pause when the server cannot be reached for a while;
+        an error answer (ClientError) is final."""
+        for tries in range(1, POLL_RETRIES + 1):
+            try:
+                return call(*args)
+            except ClientError:
+                raise
+            except (MipClientError, ValueError) as e:
+                if tries == POLL_RETRIES:
+                    raise
+                note(f"{e}; trying again")
+                sleep(interval)
+
+    note(f"run {run_id}: {status.get('status')}; its log follows")
+    while status.get("status") not in FINISHED:
+        if wait_timeout is not None and time.monotonic() - started >= wait_timeout:
+            raise MipClientError(f"run {run_id} still {status.get('status')} after "
+                                 f"{wait_timeout:g} s (--wait-timeout); it goes on on the "
+                                 "server")
+        offset, got = again(read_log, session, status_url, offset, timeout, out)
+        interval = FOLLOW_FIRST if got else min(interval * 1.5, FOLLOW_MAX)
+        sleep(interval)
+        data = again(get_json, session, status_url, timeout)
+        if isinstance(data, dict) and "status" in data:
+            status = data
+    sleep(FOLLOW_SETTLE)
+    for _ in range(FOLLOW_LAST_READS):
+        offset, got = again(read_log, session, status_url, offset, timeout, out)
+        if not got:
+            break
+    return status
+
+
+def get_json(session: requests.Session, url: str, timeout: float):
+    """The decoded JSON answer of a GET. Raises ValueError when it is not JSON."""
+    with send(session, "GET", url, None, timeout) as resp:
+        return resp.json()
+
+
+def read_log(session: requests.Session, status_url: str, offset: int, timeout: float,
+             out) -> tuple:
+    """Write the run's log from `offset` to `out`; (the next offset, bytes written)."""
+    with send(session, "GET", f"{status_url}/log?offset={offset}", None, timeout) as resp:
+        data = b"".join(body_chunks(resp, status_url))
+        header = resp.headers.get("X-Log-Offset", "")
+    if not header.isdigit():
+        raise MipClientError(f"{shown(status_url)}/log gave no X-Log-Offset: the server is "
+                             "too old for --follow")
+    following = int(header)
+    if following < offset:
+        # a log only shrinks when it is deleted; what comes now is a new one
+        note("the run's log was replaced; reading it from the start")
+        return 0, 0
+    out.write(data)
+    out.flush()
+    return following, len(data)
+
+
 # ---------------------------------------------------------------------------- main
 
 def run(args: argparse.Namespace, env) -> int:
-    """Send the request, show the answer, and follow the run with --wait; an exit code.
+    """Send the request, show the answer, and follow the run with --wait or --follow; an
+    exit code.
     Raises MipClientError."""
     auth = credentials(args.user, env)
     body = read_body(args, env)
     method = "POST" if args.post else "GET"
     with make_session(auth) as session:
         with send(session, method, args.url, body, args.timeout) as resp:
-            if not args.wait:
+            if not (args.wait or args.follow):
                 show_answer(resp, args.url, args.output)
                 return EXIT_OK
             try:
                 first = resp.json()
             except ValueError:
                 first = None
+        option = "--follow" if args.follow else "--wait"
         if not isinstance(first, dict) or not first.get("run_id") or "status" not in first:
-            raise MipClientError(f"--wait: the answer of {shown(args.url)} is not a RunStatus")
+            raise MipClientError(f"{option}: the answer of {shown(args.url)} is not a "
+                                 "RunStatus")
         status_url = f"{run_base(args.url, args.post)}/{urllib.parse.quote(first['run_id'])}"
+        if args.follow:
+            return follow(session, status_url, first, args)
         try:
             final = wait_for_run(session, status_url, first, args.timeout, args.wait_timeout)
         except KeyboardInterrupt:
@@ -603,6 +707,23 @@ def run(args: argparse.Namespace, env) -> int:
     if final.get("status") != "passed":
         print(f"mip_client: error: run {final.get('run_id')} {final.get('status')}; its log: "
               f"GET {status_url}/log", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def follow(session: requests.Session, status_url: str, first: dict,
+           args: argparse.Namespace) -> int:
+    """--follow: the run's log to stdout, its end on stderr; an exit code."""
+    try:
+        final = follow_run(session, status_url, first, args.timeout, args.wait_timeout)
+    except KeyboardInterrupt:
+        print(f"\nmip_client: stopped following; run {first['run_id']} goes on on the server",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED
+    note(f"run {final.get('run_id')}: {final.get('status')}")
+    if final.get("status") != "passed":
+        print(f"mip_client: error: run {final.get('run_id')} {final.get('status')}",
+              file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 

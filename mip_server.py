@@ -37,8 +37,10 @@ import waitress
 import access
 import cdr
 import console
+import docs_ui
 import journal
 import keystore
+import logs
 import mapcheck
 import mipper
 import openapi
@@ -830,13 +832,13 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         return wrapper
 
     def route(method, path, summary="", body=None, answer=None, auth=True, errors=(),
-              query=None):
+              query=None, headers=None):
         """Register a route, and its row of the table the OpenAPI document is built from.
         `errors`: the statuses it can answer beyond those openapi.statuses() adds to every
         route (400, 405, 413; 401 and 429 with auth; 404 with a path parameter)."""
         def register(fn):
             routes.append(openapi.Route(method, path, summary or fn.__doc__.split("\n")[0],
-                                        body, answer, auth, errors, query))
+                                        body, answer, auth, errors, query, headers))
             app.route(path.replace("{", "<").replace("}", ">"), method, fn,
                       apply=[auth_plugin] if auth else [])
             return fn
@@ -977,16 +979,6 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
                     and all(s in FINISHED for s in status["module_status"].values())):
                 done_runs.put(("run", run_id), body)
         return body
-
-    @route("GET", "/runs/{run_id}/log", answer="text/plain")
-    def get_run_log(run_id):
-        """The whole run log, as text. Raises 404 if unknown."""
-        run = get_run(run_id)
-        bottle.response.content_type = "text/plain; charset=utf-8"
-        try:
-            return open(run["log_path"], "rb")
-        except OSError:
-            return b""
 
     @route("POST", "/runs/{run_id}/cancel", answer="RunStatus")
     def cancel_run(run_id):
@@ -1204,6 +1196,8 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
               submit=submit, cfg=cfg, db=db, queue=queue, link=link, catalogue=catalogue,
               schemas=schemas, settled=settled, done_runs=done_runs)
     console.add_routes(api)
+    logs.add_routes(api)
+    docs_ui.add_routes(api)
     return app
 
 

@@ -50,6 +50,7 @@ class Route(NamedTuple):
     auth: bool = True
     errors: tuple = ()  # statuses this route answers beyond those every route has
     query: dict | None = None  # query parameter name -> schema
+    headers: dict | None = None  # headers of the 200 answer: name -> OpenAPI header object
 
 
 def statuses(route: Route) -> list:
@@ -94,6 +95,8 @@ def document(routes: list, schemas: dict, version: str, modules=()) -> dict:
 
 def operation(route: Route, schemas: dict) -> dict:
     op = {"summary": route.summary, "responses": {"200": answer(route.answer)}}
+    if route.headers:
+        op["responses"]["200"]["headers"] = route.headers
     params = [{"name": p, "in": "path", "required": True, "schema": path_schema(p, schemas)}
               for p in re.findall(r"{(\w+)}", route.path)]
     params += [{"name": name, "in": "query", "required": False, "schema": schema}

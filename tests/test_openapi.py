@@ -80,7 +80,7 @@ def test_path_parameters_carry_the_server_patterns(server):
     spec = server.get("/openapi.json").json()
     params = {p["name"]: p["schema"] for ops in spec["paths"].values() for op in ops.values()
               for p in op.get("parameters", []) if p["in"] == "path"}
-    assert set(params) == {"run_id", "job", "module", "cog_id", "name"}
+    assert set(params) == {"run_id", "job", "module", "cog_id", "name", "file"}
     samples = ["a", "A_b.c-d", "_x", "9" * 64, "9" * 65, ".x", "-x", "a/b", "é", "a b", "",
                "..", "a%2e"]
     for name in ("job", "module", "cog_id"):

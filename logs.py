@@ -1,0 +1,91 @@
+"""logs: a run's log and a module's own log, read from a byte offset so that a client can
+follow them as they grow (GET /runs/{run_id}/log?offset=N, GET /modules/{job}/{module}/log).
+
+Added to the app by mip_server.make_app (`logs.add_routes(api)`). The answer is the bytes
+from N to the log's size when the request came, and `X-Log-Offset` is where the next
+request starts. It serves only the paths the journal records for a run or an execution,
+and only inside their own folders: never runners.log, nor a file a module linked there.
+"""
+
+import os
+
+import bottle
+
+import openapi
+
+MAX_OFFSET = 10**12  # far past any log; larger offsets are refused as nonsense
+CHUNK = 64 * 1024
+OFFSET_QUERY = {"offset": openapi.whole(MAX_OFFSET)}
+OFFSET_HEADER = {"X-Log-Offset": {
+    "description": "the byte offset to ask for next (?offset=); below the offset asked "
+                   "for when the log was replaced (a module run again): start again from 0",
+    "required": True, "schema": {"type": "integer", "minimum": 0}}}
+
+
+def add_routes(api) -> None:
+    """GET /runs/{run_id}/log and GET /modules/{job}/{module}/log."""
+    settings = api.cfg.settings
+
+    @api.route("GET", "/runs/{run_id}/log", answer="text/plain", query=OFFSET_QUERY,
+               headers=OFFSET_HEADER)
+    def run_log(run_id):
+        """The run log, whole or from ?offset= (bytes); X-Log-Offset says where to go on.
+        Raises 404 if the run is unknown, 400 for a bad offset."""
+        run = api.get_run(run_id)
+        folder = os.path.join(settings.runs_dir, "logs")
+        return answer(run["log_path"], folder, api.query_int("offset", 0, MAX_OFFSET))
+
+    @api.route("GET", "/modules/{job}/{module}/log", answer="text/plain", query=OFFSET_QUERY,
+               headers=OFFSET_HEADER)
+    def module_log(job, module):
+        """The module's own log in its latest execution, while it runs and after, whole or
+        from ?offset= (bytes). Raises 404 if the module has not run in the job."""
+        execution = api.get_module(job, module)
+        folder = os.path.join(settings.outputs_dir, execution["job"])
+        return answer(execution["log_path"], folder, api.query_int("offset", 0, MAX_OFFSET))
+
+
+def answer(path: str | None, folder: str, offset: int):
+    """Set the headers and return the body of a log answer."""
+    body, next_offset = read_from(path, folder, offset)
+    bottle.response.content_type = "text/plain; charset=utf-8"
+    bottle.response.set_header("X-Log-Offset", str(next_offset))
+    return body
+
+
+def read_from(path: str | None, folder: str, offset: int) -> tuple:
+    """(the bytes of the log from `offset` to its present end, as an iterable, the offset
+    after them). A log not written yet, or deleted, reads as empty at 0; an offset past the
+    end gives nothing and the present size."""
+    if not path or not inside(path, folder):
+        return b"", 0
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return b"", 0
+    size = os.fstat(f.fileno()).st_size
+    if offset >= size:
+        f.close()
+        return b"", size
+    f.seek(offset)
+    # up to the size measured now: X-Log-Offset must match what is sent, while the log grows
+    return chunks(f, size - offset), size
+
+
+def chunks(f, left: int):
+    """`left` bytes of the open file f, in pieces; closes f, also when the client goes."""
+    try:
+        while left > 0:
+            data = f.read(min(CHUNK, left))
+            if not data:
+                return
+            left -= len(data)
+            yield data
+    finally:
+        f.close()
+
+
+def inside(path: str, folder: str) -> bool:
+    """True when `path`, symlinks followed, is a file directly inside `folder`'s tree."""
+    real, base = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([real, base]) == base and real != base

@@ -1,0 +1,236 @@
+"""Logs followed from an offset (GET /runs/{run_id}/log?offset=N and
+GET /modules/{job}/{module}/log?offset=N, with X-Log-Offset), against the real server and
+a real run whose module sleeps; then `mip_client.py --follow`, as a user runs it.
+
+Run: .venv/bin/python -m pytest -q tests/test_follow.py
+"""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT
+from conftest import payload
+
+CLIENT = os.path.join(ROOT, "mip_client.py")
+
+
+def follow(server, path: str, until, timeout: float = 120) -> tuple:
+    """Read `path` from offset 0 on, as a follower does, until `until()` is true and one more
+    read found nothing new; (the bytes read in order, how many reads brought something)."""
+    got, offset, pieces = b"", 0, 0
+    deadline = time.monotonic() + timeout
+    done = False
+    while time.monotonic() < deadline:
+        finished = done
+        resp = server.get(f"{path}?offset={offset}")
+        assert resp.status_code == 200, resp.text
+        assert resp.headers["Content-Type"] == "text/plain; charset=utf-8"
+        next_offset = int(resp.headers["X-Log-Offset"])
+        assert next_offset == offset + len(resp.content)
+        if resp.content:
+            pieces += 1
+        got += resp.content
+        offset = next_offset
+        if finished and not resp.content:
+            return got, pieces
+        done = bool(until())
+        time.sleep(0.2)
+    raise AssertionError(f"{path} still growing after {timeout} s")
+
+
+def sleeping_run(server, job: str, seconds: int = 6, module: str = "map_crop") -> str:
+    extra = {module: ["--sleep", str(seconds)]}
+    resp = server.post("/runs", json=payload(job, module, extra_switches=extra))
+    assert resp.status_code == 200, resp.text
+    return resp.json()["run_id"]
+
+
+def test_run_log_followed_from_offsets_is_the_whole_log(server):
+    run_id = sleeping_run(server, "followed")
+    ended = lambda: server.get(f"/runs/{run_id}").json()["status"] in ("passed", "failed")  # noqa: E731
+    got, pieces = follow(server, f"/runs/{run_id}/log", ended)
+    assert server.get(f"/runs/{run_id}").json()["status"] == "passed"
+    whole = server.get(f"/runs/{run_id}/log")
+    assert whole.status_code == 200
+    assert got == whole.content and b"map_crop passed" in got
+    # without ?offset: the whole log, and where a follower would go on from
+    assert int(whole.headers["X-Log-Offset"]) == len(whole.content)
+    assert pieces >= 2, "the log was read in one piece: it did not grow while followed"
+
+
+def test_module_log_is_reachable_while_the_module_runs(server):
+    run_id = sleeping_run(server, "watched", seconds=8)
+    path = "/modules/watched/map_crop/log"
+
+    def running_with_log():
+        if server.get("/modules/watched/map_crop").status_code != 200:
+            return None
+        if server.get("/modules/watched/map_crop").json()["status"] != "running":
+            return None
+        resp = server.get(path)
+        return resp if b"--sleep" in resp.content else None
+
+    deadline = time.monotonic() + 60
+    early = None
+    while early is None and time.monotonic() < deadline:
+        early = running_with_log()
+        time.sleep(0.2)
+    assert early is not None, "the module's log never showed while it ran"
+    status = server.get("/modules/watched/map_crop").json()
+    assert status["status"] == "running"
+    offset = int(early.headers["X-Log-Offset"])
+    assert offset == len(early.content) > 0
+    server.wait_run(run_id)
+    rest = server.get(f"{path}?offset={offset}")
+    assert int(rest.headers["X-Log-Offset"]) == offset + len(rest.content)
+    whole = server.get(path).content
+    assert early.content + rest.content == whole
+    assert b"# map_crop passed" in rest.content
+
+
+def test_offsets_past_the_end_and_bad_offsets(server):
+    run_id = sleeping_run(server, "edges", seconds=0)
+    server.wait_run(run_id)
+    for path in (f"/runs/{run_id}/log", "/modules/edges/map_crop/log"):
+        size = len(server.get(path).content)
+        assert size > 0
+        for offset in (size, size + 1, 10**12):
+            resp = server.get(f"{path}?offset={offset}")
+            assert resp.status_code == 200 and resp.content == b""
+            assert resp.headers["X-Log-Offset"] == str(size)
+        tail = server.get(f"{path}?offset={size - 5}")
+        assert len(tail.content) == 5 and tail.headers["X-Log-Offset"] == str(size)
+        for bad in ("-1", "abc", "", "1e3", "1.5", "0x10", "%C2%B2", str(10**12 + 1), "9" * 40):
+            resp = server.get(f"{path}?offset={bad}")
+            assert resp.status_code == 400, (path, bad, resp.text)
+            assert resp.headers["Content-Type"] == "application/json"
+            assert resp.json()["error"] == "bad_query" and "offset" in resp.json()["message"]
+            assert "X-Log-Offset" not in resp.headers
+
+
+def test_unknown_runs_and_modules_get_404(server):
+    run_id = sleeping_run(server, "known", seconds=0)
+    server.wait_run(run_id)
+    for path, code in (("/runs/20260101-000000-000000-abcd/log", "unknown_run"),
+                       ("/modules/nojob/map_crop/log", "unknown_job"),
+                       ("/modules/known/nomodule/log", "unknown_module"),
+                       ("/modules/known/georeference/log", "module_not_run")):
+        resp = server.get(f"{path}?offset=0")
+        assert resp.status_code == 404, resp.text
+        assert resp.json()["error"] == code
+    for path in ("/modules/known/%2e%2e/log", "/modules/%2e%2e/map_crop/log",
+                 "/runs/..%2fjournal.db/log"):
+        assert server.get(path).status_code in (400, 404)
+
+
+def test_a_log_linked_elsewhere_is_not_served(server):
+    """A module's log replaced by a link to runners.log (how modules were run, kept on the
+    host) or to the journal reads as empty, never as the file it leads to."""
+    run_id = sleeping_run(server, "linked", seconds=0)
+    server.wait_run(run_id)
+    runs = server.env["TA1_RUNS_DIR"]
+    with open(os.path.join(runs, "runners.log"), "a", encoding="utf-8") as f:
+        f.write("RUNNERS-SECRET-LINE\n")
+    log_path = os.path.join(server.env["TA1_OUTPUTS_DIR"], "linked", "map_crop.log")
+    for target in (os.path.join(runs, "runners.log"), os.path.join(runs, "journal.db")):
+        os.remove(log_path)
+        os.symlink(target, log_path)
+        resp = server.get("/modules/linked/map_crop/log")
+        assert resp.status_code == 200
+        assert resp.content == b"" and resp.headers["X-Log-Offset"] == "0"
+    assert b"RUNNERS-SECRET" not in server.get(f"/runs/{run_id}/log").content
+
+
+def test_both_routes_are_declared_with_offset_and_header(server):
+    spec = server.get("/openapi.json").json()
+    for path in ("/runs/{run_id}/log", "/modules/{job}/{module}/log"):
+        op = spec["paths"][path]["get"]
+        query = {p["name"]: p for p in op["parameters"] if p["in"] == "query"}
+        assert query["offset"]["schema"] == {"type": "integer", "minimum": 0,
+                                             "maximum": 10**12}
+        ok = op["responses"]["200"]
+        assert "text/plain" in ok["content"]
+        assert ok["headers"]["X-Log-Offset"]["required"] is True
+        assert {"400", "404"} <= set(op["responses"])
+
+
+# ---------------------------------------------------------------- mip_client.py --follow
+
+def client_env(server) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("MIP_") and "proxy" not in k.lower()}
+    env.update(MIP_CLIENT_USER=server.user, MIP_CLIENT_PASSWORD=server.password)
+    return env
+
+
+def client(server, *args, timeout: float = 180) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, CLIENT, *args], env=client_env(server),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_follow_prints_the_log_as_it_grows_and_exits_0_when_passed(server):
+    data = ('{"map": "WY_CO_Peach", "job": "tail", "modules": ["map_crop"], '
+            '"extra_switches": {"map_crop": ["--sleep", "6"]}}')
+    proc = subprocess.Popen([sys.executable, CLIENT, "--post", "--url", f"{server.url}/runs",
+                             "--data", data, "--follow"], env=client_env(server),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()  # bounded: the client ends when the run does
+        # the first lines are out while the run still goes
+        assert server.get("/runs?job=tail&status=running").json(), first
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=10)
+    out = first + out
+    assert proc.returncode == 0, err
+    run_id = server.get("/runs?job=tail").json()[-1]
+    whole = server.get(f"/runs/{run_id}/log").text
+    assert server.get(f"/runs/{run_id}").json()["status"] == "passed"
+    # every line of the log, in order, once
+    assert whole and out == whole
+    assert out.count("map_crop passed") == 1
+    assert f"run {run_id}: passed" in err
+
+
+def test_follow_of_a_failing_run_exits_1(server):
+    run = server.post("/runs", json=payload(
+        "tailfail", "map_crop", extra_switches={"map_crop": ["--sleep", "3", "--fail"]})).json()
+    done = client(server, "--get", "--url", f"{server.url}/runs/{run['run_id']}", "--follow")
+    assert done.returncode == 1, done.stderr
+    whole = server.get(f"/runs/{run['run_id']}/log").text
+    assert done.stdout == whole and "map_crop failed" in whole
+    assert f"run {run['run_id']} failed" in done.stderr
+
+
+def test_follow_needs_a_run_url(server):
+    done = client(server, "--get", "--url", f"{server.url}/jobs/x", "--follow")
+    assert done.returncode == 2 and "--follow" in done.stderr
+
+
+@pytest.mark.parametrize("other", [["--wait"], ["--output", "x.json"]])
+def test_follow_goes_alone(server, other):
+    done = client(server, "--get", "--url", f"{server.url}/runs/x", "--follow", *other)
+    assert done.returncode == 2 and "--follow" in done.stderr
+
+
+def test_follow_gives_up_after_wait_timeout_and_the_run_goes_on(server):
+    run = server.post("/runs", json=payload(
+        "tailslow", "map_crop", extra_switches={"map_crop": ["--sleep", "60"]})).json()
+    try:
+        done = client(server, "--get", "--url", f"{server.url}/runs/{run['run_id']}",
+                      "--follow", "--wait-timeout", "3")
+        assert done.returncode == 1, done.stderr
+        assert "--wait-timeout" in done.stderr and "goes on" in done.stderr
+        assert server.get(f"/runs/{run['run_id']}").json()["status"] in ("running",
+                                                                        "not_started")
+        assert done.stdout == server.get(f"/runs/{run['run_id']}/log").text[:len(done.stdout)]
+    finally:
+        server.post(f"/runs/{run['run_id']}/cancel")
+        server.wait_run(run["run_id"])
