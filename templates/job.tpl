@@ -17,6 +17,7 @@
 <td data-label="Exit code">{{'' if m['exit_code'] is None else m['exit_code']}}</td>
 <td data-label="Message" class="message">{{m['message']}}</td>
 <td data-label="Downloads">
+<a href="/modules/{{job}}/{{m['name']}}/log">log</a>
 <a href="/modules/{{job}}/{{m['name']}}/logs" download>logs</a>
 <a href="/modules/{{job}}/{{m['name']}}/outputs" download>outputs</a>
 <a href="/modules/{{job}}/{{m['name']}}/temps" download>temps</a>

@@ -34,6 +34,7 @@
 <td data-label="Message" class="message">{{m['message']}}</td>
 <td data-label="Downloads">
 % if m['ran']:
+<a href="/modules/{{run['job']}}/{{m['name']}}/log">log</a>
 <a href="/modules/{{run['job']}}/{{m['name']}}/logs" download>logs</a>
 <a href="/modules/{{run['job']}}/{{m['name']}}/outputs" download>outputs</a>
 <a href="/modules/{{run['job']}}/{{m['name']}}/temps" download>temps</a>

@@ -186,6 +186,8 @@ def test_the_log_panel_grows_while_a_module_sleeps(tab, server):
     run_id = submit(server, payload("logs", "georeference", "legend_item_segment",
                                     extra_switches=dict(slow("georeference", 25),
                                                         **slow("legend_item_segment", 6))))
+    asked = []
+    tab.page.on("request", lambda r: "/log?offset=" in r.url and asked.append(r.url))
     tab.open(f"/ui/runs/{run_id}")
     wait_state(tab, "georeference", "running")
     # functions, not expressions: the page's CSP forbids the eval() a polled expression needs
@@ -200,6 +202,9 @@ def test_the_log_panel_grows_while_a_module_sleeps(tab, server):
     tab.page.wait_for_selector("#run-status.st-passed")
     full = server.get(f"/runs/{run_id}/log").text
     wait_for(lambda: tab.page.evaluate(f"() => {log}") == full, timeout=30)
+    # it asked only for what it had not seen yet
+    offsets = [int(url.rsplit("=", 1)[1]) for url in asked]
+    assert offsets[0] == 0 and max(offsets) > 0 and offsets == sorted(offsets)
     assert tab.not_reloaded()
     assert tab.errors == []
 
