@@ -31,7 +31,7 @@
     const resp = await fetch(location.href, {credentials: "same-origin", cache: "no-store",
                                              headers: {Accept: "text/html"}});
     if (!resp.ok) {
-      return;
+      return false;
     }
     const doc = new DOMParser().parseFromString(await resp.text(), "text/html");
     for (const region of document.querySelectorAll("[data-live]")) {
@@ -44,20 +44,23 @@
     if (freshMain) {
       main.dataset.watch = freshMain.dataset.watch || "";
     }
+    return true;
   }
 
   let seen = null;
   let seenWatch = null;
   async function watch() {
-    const urls = (main.dataset.watch || "").split(" ").filter(Boolean);
+    const watched = main.dataset.watch || "";
+    const urls = watched.split(" ").filter(Boolean);
     if (urls.length) {
       try {
         const now = (await Promise.all(urls.map(getText))).join("\n");
-        if (seen !== null && seenWatch === main.dataset.watch && now !== seen) {
-          await refresh();
+        // a first look (or at other answers) is no baseline: what changed between the
+        // page's rendering and this look would be missed, so the page is fetched again
+        if ((watched !== seenWatch || now !== seen) && await refresh()) {
+          seen = now;
+          seenWatch = watched;
         }
-        seen = now;
-        seenWatch = main.dataset.watch;
       } catch (e) {
         // the server is restarting or away: the next poll tries again
       }
@@ -134,7 +137,7 @@
     }
   });
 
-  setTimeout(watch, pollMs);
+  watch();
   if (logBox) {
     followLog();
   }
