@@ -50,6 +50,8 @@ def answer(path: str | None, folder: str, offset: int):
     body, next_offset = read_from(path, folder, offset)
     bottle.response.content_type = "text/plain; charset=utf-8"
     bottle.response.set_header("X-Log-Offset", str(next_offset))
+    # a poll at an offset that brought nothing must not be answered from a cache next time
+    bottle.response.set_header("Cache-Control", "no-store")
     return body
 
 
@@ -86,6 +88,6 @@ def chunks(f, left: int):
 
 
 def inside(path: str, folder: str) -> bool:
-    """True when `path`, symlinks followed, is a file directly inside `folder`'s tree."""
+    """True when `path`, symlinks followed, lies inside `folder` (at any depth)."""
     real, base = os.path.realpath(path), os.path.realpath(folder)
     return os.path.commonpath([real, base]) == base and real != base

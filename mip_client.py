@@ -41,7 +41,7 @@ PROGRESS_DELAY = 0.5  # a download shows a progress line once it has taken this 
 FINISHED = ("passed", "failed", "cancelled")
 FOLLOW_FIRST = 0.5  # --follow polls the log after 0.5 s, then slower while it is quiet
 FOLLOW_MAX = 2.0
-FOLLOW_SETTLE = 0.5  # a run's last log lines may be written just after its end is recorded
+FOLLOW_SETTLE = 1.0  # a run's last log lines may be written just after its end is recorded
 FOLLOW_LAST_READS = 5  # reads after the end, until one brings nothing new
 
 

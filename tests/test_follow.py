@@ -28,6 +28,7 @@ def follow(server, path: str, until, timeout: float = 120) -> tuple:
         resp = server.get(f"{path}?offset={offset}")
         assert resp.status_code == 200, resp.text
         assert resp.headers["Content-Type"] == "text/plain; charset=utf-8"
+        assert resp.headers["Cache-Control"] == "no-store"
         next_offset = int(resp.headers["X-Log-Offset"])
         assert next_offset == offset + len(resp.content)
         if resp.content:
@@ -37,7 +38,8 @@ def follow(server, path: str, until, timeout: float = 120) -> tuple:
         if finished and not resp.content:
             return got, pieces
         done = bool(until())
-        time.sleep(0.2)
+        # mipper records a run's end just before its last log line
+        time.sleep(1.0 if done else 0.2)
     raise AssertionError(f"{path} still growing after {timeout} s")
 
 
