@@ -49,6 +49,7 @@
 
   let seen = null;
   let seenWatch = null;
+  let refreshed = Date.now();
   async function watch() {
     const watched = main.dataset.watch || "";
     const urls = watched.split(" ").filter(Boolean);
@@ -56,10 +57,13 @@
       try {
         const now = (await Promise.all(urls.map(getText))).join("\n");
         // a first look (or at other answers) is no baseline: what changed between the
-        // page's rendering and this look would be missed, so the page is fetched again
-        if ((watched !== seenWatch || now !== seen) && await refresh()) {
+        // page's rendering and this look would be missed, so the page is fetched again;
+        // while something runs, its duration is brought up to date every 10 s
+        const ticking = document.querySelector(".st-running") && Date.now() - refreshed > 10000;
+        if ((watched !== seenWatch || now !== seen || ticking) && await refresh()) {
           seen = now;
           seenWatch = watched;
+          refreshed = Date.now();
         }
       } catch (e) {
         // the server is restarting or away: the next poll tries again
