@@ -17,6 +17,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import shutil
 import subprocess
 import threading
@@ -56,12 +57,15 @@ class GpuSettings:
         elif raw.lower() == "none":
             devices = ()
         else:
-            devices = tuple(d.strip() for d in raw.split(",") if d.strip())
-            if not devices or any(not d.isdigit() or int(d) >= MAX_DEVICES for d in devices) \
-                    or len(set(devices)) != len(devices):
-                raise ValueError(f"MIP_GPUS={raw!r}: expected device ids such as 0,1,2,3 "
+            parts = [d.strip() for d in raw.split(",") if d.strip()]
+            # ASCII digits only: str.isdigit() takes "²" (int() refuses it) and "٣" (int()
+            # reads 3); compared as numbers, so that 0 and 00 are one device
+            ids = [int(d) for d in parts if re.fullmatch(r"[0-9]{1,2}", d)]
+            if not parts or len(ids) != len(parts) or max(ids) >= MAX_DEVICES \
+                    or len(set(ids)) != len(ids):
+                raise ValueError(f"MIP_GPUS={raw[:40]!r}: expected device ids such as 0,1,2,3 "
                                  "(each once, below 64), or none")
-            devices = tuple(str(int(d)) for d in devices)
+            devices = tuple(str(i) for i in ids)
         require = env.get("MIP_REQUIRE_GPU", "0")
         if require not in ("0", "1"):
             raise ValueError(f"MIP_REQUIRE_GPU={require!r}: expected 0 or 1")

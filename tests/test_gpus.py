@@ -65,7 +65,8 @@ def resources(srv: Server, job: str, module: str) -> dict:
 def test_settings():
     assert gpus.GpuSettings.from_env({"MIP_GPUS": "none"}).devices == ()
     assert gpus.GpuSettings.from_env({"MIP_GPUS": " 1, 0 "}).devices == ("1", "0")
-    for bad in ("0,x", "0,0", "-1", "64", "0;1", "../0"):
+    # "²" and "٣" are digits to str.isdigit(); "0,00" names device 0 twice
+    for bad in ("0,x", "0,0", "-1", "64", "0;1", "../0", "²", "٣", "0,00", "0" * 5000):
         with pytest.raises(ValueError, match="MIP_GPUS"):
             gpus.GpuSettings.from_env({"MIP_GPUS": bad})
     with pytest.raises(ValueError, match="MIP_REQUIRE_GPU"):
