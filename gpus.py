@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -140,10 +141,16 @@ def lock_path(runs_dir: str, device: str) -> str:
 
 def try_take(runs_dir: str, devices, holder: str) -> Slot | None:
     """One free device of `devices`, locked, or None when all are held."""
-    os.makedirs(os.path.join(runs_dir, "gpus"), exist_ok=True)
+    # the folder is mipper's alone: whoever can write in it can hold every device, or
+    # plant a lock file that is a link to a file of ours
+    os.makedirs(os.path.join(runs_dir, "gpus"), mode=0o700, exist_ok=True)
     for device in devices:
-        fd = os.open(lock_path(runs_dir, device), os.O_RDWR | os.O_CREAT, 0o600)
+        # never through a link: the holder's line below truncates the file it opens
+        fd = os.open(lock_path(runs_dir, device), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                     0o600)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{lock_path(runs_dir, device)} is not a regular file")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
@@ -191,7 +198,7 @@ def release(slot: Slot | None) -> None:
 def held(runs_dir: str, device: str) -> bool:
     """True while some process holds the device's lock (for tests and operators)."""
     try:
-        fd = os.open(lock_path(runs_dir, device), os.O_RDONLY)
+        fd = os.open(lock_path(runs_dir, device), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return False
     try:

@@ -313,3 +313,27 @@ def test_journal_migration_7_adds_resources(tmp_path):
     assert "resources" in columns
     assert db.connect().execute("PRAGMA user_version").fetchone()[0] >= 7
     db.close()
+
+
+def test_lock_files_are_never_followed(tmp_path):
+    """Whoever can write in the lock folder could plant `0.lock` as a link to a file of
+    mipper's user: taking the slot must not open it (the holder's line truncates it)."""
+    runs = str(tmp_path / "runs")
+    victim = tmp_path / "journal.db"
+    victim.write_text("precious")
+    os.makedirs(os.path.join(runs, "gpus"))
+    os.symlink(victim, gpus.lock_path(runs, "0"))
+    with pytest.raises(OSError):
+        gpus.try_take(runs, ["0"], "test")
+    assert victim.read_text() == "precious"
+    # nor a FIFO or another non-file; a device with a sound lock file is still taken
+    os.mkfifo(gpus.lock_path(runs, "1"))
+    with pytest.raises(OSError, match="not a regular file"):
+        gpus.try_take(runs, ["1"], "test")
+    slot = gpus.try_take(runs, ["2"], "test")
+    assert slot is not None and slot.device == "2"
+    gpus.release(slot)
+    # a folder it makes is its own
+    fresh = str(tmp_path / "fresh")
+    gpus.release(gpus.try_take(fresh, ["0"], "test"))
+    assert os.stat(os.path.join(fresh, "gpus")).st_mode & 0o077 == 0
