@@ -34,6 +34,7 @@ from test_server import module_processes
 
 import gpus
 import journal
+import runners
 
 MODULES = ["legend_segment", "georeference", "legend_item_segment", "map_crop",
            "legend_item_description", "polygon_extract", "line_extract", "point_extract",
@@ -337,3 +338,13 @@ def test_lock_files_are_never_followed(tmp_path):
     fresh = str(tmp_path / "fresh")
     gpus.release(gpus.try_take(fresh, ["0"], "test"))
     assert os.stat(os.path.join(fresh, "gpus")).st_mode & 0o077 == 0
+
+
+def test_docker_stats_figures_are_finite():
+    """What `docker stats` prints becomes JSON in the journal and the API: no NaN or
+    infinity (not JSON), no negative share, and no crash of the sampler."""
+    assert runners.docker_bytes("12.5MiB") == int(12.5 * MB)
+    assert runners.docker_percent("3.25%") == 3.25
+    assert runners.docker_bytes("9" * 400 + "GiB") is None  # float() reads it as infinity
+    for bad in ("nan%", "NaN", "inf%", "-inf%", "-3%", "--"):
+        assert runners.docker_percent(bad) is None, bad
