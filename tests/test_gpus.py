@@ -348,3 +348,36 @@ def test_docker_stats_figures_are_finite():
     assert runners.docker_bytes("9" * 400 + "GiB") is None  # float() reads it as infinity
     for bad in ("nan%", "NaN", "inf%", "-inf%", "-3%", "--"):
         assert runners.docker_percent(bad) is None, bad
+
+
+def test_cancel_stops_a_module_waiting_for_a_gpu(server_env):
+    """A run cancelled while its modules wait for a device ends at SIGTERM (not after
+    the grace before SIGKILL), and nothing of it takes the device afterwards."""
+    env = gpu_env(server_env, "0", MIP_WORKERS="4")
+    path = gpus.lock_path(env["TA1_RUNS_DIR"], "0")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    srv = Server(env).start()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        body = payload("cw", "georeference", "legend_segment")
+        run_id = srv.post("/runs", json=body).json()["run_id"]
+        for module in ("georeference", "legend_segment"):
+            wait_for(lambda m=module: waiting(srv, "cw", m), timeout=60)
+        started = time.monotonic()
+        answer = srv.post(f"/runs/{run_id}/cancel")
+        took = time.monotonic() - started
+        assert answer.status_code == 200 and answer.json()["status"] == "cancelled"
+        assert took < 20, f"the cancel took {took:.1f} s: the waiting workers needed SIGKILL"
+        wait_for(lambda: not processes_naming(run_id), timeout=10)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        time.sleep(1.5)
+        assert not gpus.held(env["TA1_RUNS_DIR"], "0")
+        for module in ("georeference", "legend_segment"):
+            status = srv.get(f"/modules/cw/{module}").json()
+            assert status["status"] == "cancelled", status
+            assert status["resources"] == gpus.resources(), status
+    finally:
+        os.close(fd)
+        srv.stop()
+        kill_leftover_runs(env)
