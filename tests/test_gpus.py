@@ -10,6 +10,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -381,3 +383,15 @@ def test_cancel_stops_a_module_waiting_for_a_gpu(server_env):
         os.close(fd)
         srv.stop()
         kill_leftover_runs(env)
+
+
+def test_hold_mb_is_bounded():
+    """--hold-mb is an extra switch any API user may give a stand-in: a size beyond the
+    bound is refused before anything is allocated."""
+    module = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "modules", "georeference.py")
+    for bad in ("100000", "-5"):
+        result = subprocess.run([sys.executable, module, "--hold-mb", bad],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2
+        assert "--hold-mb: expected 0 to 1024 MB" in result.stderr, result.stderr
