@@ -874,10 +874,28 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
         # a module whose end could not be recorded (its worker died) must not stay running
         if db.end_running_executions(run_id, Status.FAILED, journal.LOST_EXECUTION):
             status = Status.FAILED
+            stop_lost(settings, catalogue, run_id, graph)
         if not db.set_run_status(run_id, status):
             status = Status(db.run(run_id)["status"])
         log.info("run %s %s (luigi: %s)", run_id, status.value, result.status.name)
         return EXIT_OK if status == Status.PASSED else EXIT_FAILED
+
+
+def stop_lost(settings: Settings, catalogue: dict, run_id: str, graph: list) -> None:
+    """Stop what the modules of a luigi worker that died left running: their processes
+    (found by the run id the server puts in their environment), containers and tasks.
+    Left alone, such a module would hold its GPU slot, unseen, for a run that has ended;
+    the server stops leftovers only when mipper itself dies."""
+    used = {module_runner(settings, catalogue[n]) for n in graph}
+    try:
+        stopped = runners.stop_run(run_id, None, used, settings.runner_settings)
+    except runners.RunnerError as e:
+        log.warning("what the run's lost modules started may still run: %s", e)
+        return
+    if stopped:
+        # which containers and tasks stays in runners.log, on the host
+        log.info("stopped %d processes, containers or tasks left by lost modules", len(stopped))
+        runners.log.info("run %s: stopped %s", run_id, ", ".join(stopped))
 
 
 def judge(run: Run) -> bool:

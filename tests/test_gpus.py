@@ -395,3 +395,30 @@ def test_hold_mb_is_bounded():
                                 capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 2
         assert "--hold-mb: expected 0 to 1024 MB" in result.stderr, result.stderr
+
+
+def test_a_dead_workers_module_is_stopped_and_frees_its_gpu(server_env):
+    """A luigi worker dies (the OOM killer) while its module runs: mipper records the run
+    failed, and must not leave the module running on the device, where it would hold
+    the GPU for a run that has ended, unseen."""
+    env = gpu_env(server_env, "0", MIP_WORKERS="2")
+    srv = Server(env).start()
+    try:
+        body = payload("lost", "georeference",
+                       extra_switches={"georeference": ["--sleep", "90"]})
+        run_id = srv.post("/runs", json=body).json()["run_id"]
+        marker = os.path.join(env["TA1_OUTPUTS_DIR"], "lost", "georeference")
+        orphans = wait_for(lambda: module_processes(marker), timeout=60)
+        main = mipper_pid(env, run_id)
+        workers = [p for p in processes_naming(run_id) if p != main]
+        assert workers, "no luigi worker process"
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        final = srv.wait_run(run_id, timeout=60)
+        assert final["status"] == "failed", final
+        wait_for(lambda: not [p for p in orphans if alive(p)], timeout=30)
+        assert "left by lost modules" in final["log"], final["log"]
+        wait_for(lambda: not gpus.held(env["TA1_RUNS_DIR"], "0"), timeout=10)
+    finally:
+        srv.stop()
+        kill_leftover_runs(env)
