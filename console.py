@@ -259,13 +259,41 @@ def module_row(name: str, execution: dict | None, run_status: str) -> dict:
     if execution is None:
         state = "not_run" if run_status in FINISHED else "waiting"
         return {"name": name, "state": state, "started": "", "ended": "", "duration": "",
-                "exit_code": None, "message": "", "ran": False}
+                "exit_code": None, "message": "", "resources": "", "ran": False}
     return {"name": name, "state": execution["status"],
             "started": short_time(execution["start_time"]),
             "ended": short_time(execution["stop_time"]),
             "duration": duration(execution["start_time"], execution["stop_time"]),
             "exit_code": execution["exit_code"], "message": execution["message"] or "",
-            "ran": True}
+            "resources": usage(execution.get("resources")), "ran": True}
+
+
+def usage(recorded: str | None) -> str:
+    """An execution's `resources` (ModuleStatus) in one line, `CPU 1.2 s · RSS 84 MB ·
+    GPU 0 ...`; what is unknown (null, not yet measured) is left out."""
+    try:
+        used = json.loads(recorded or "{}")
+    except ValueError:
+        return ""
+    if not isinstance(used, dict):
+        return ""
+
+    def figures(*wanted) -> list:
+        found = []
+        for key, text, scale in wanted:
+            value = used.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and math.isfinite(value):
+                found.append(text.format(value / scale))
+        return found
+
+    parts = figures(("cpu_seconds", "CPU {:.1f} s", 1), ("peak_rss_bytes", "RSS {:.0f} MB", 1e6))
+    if used.get("gpu_device") is not None:
+        parts += [f"GPU {used['gpu_device']}"] + figures(
+            ("gpu_memory_peak_bytes", "GPU memory {:.0f} MB", 1e6),
+            ("gpu_util_mean", "GPU use {:.0f}%", 1),
+            ("waited_for_gpu_seconds", "waited {:.1f} s", 1))
+    return " · ".join(parts)
 
 
 def graph(catalogue: dict, modules: list) -> dict:

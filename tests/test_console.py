@@ -244,3 +244,37 @@ def test_the_run_list_page_watches_cheap_json_answers(server):
     # what the page polls changes when a run appears, so the page knows to refresh
     wait_for(lambda: server.get(watch[2]).json() == [run_id])
     server.wait_run(run_id)
+
+
+def test_module_tables_show_what_each_module_used(server):
+    run_id = server.post("/runs", json=payload("use", "georeference")).json()["run_id"]
+    server.wait_run(run_id)
+    used = server.get("/modules/use/georeference").json()["resources"]
+    assert used["cpu_seconds"] is not None and used["peak_rss_bytes"] is not None
+    line = f"CPU {used['cpu_seconds']:.1f} s · RSS {used['peak_rss_bytes'] / 1e6:.0f} MB"
+    for path in (f"/ui/runs/{run_id}", "/ui/jobs/use"):
+        row = re.search(r'<tr data-module="georeference">.*?</tr>', page(server, path).text,
+                        re.S).group(0)
+        assert f'<td data-label="Resources" class="resources">{line}</td>' in row, path
+    # a GPU module's figures (no GPU here: as NVML would have recorded them), and a value
+    # that is not what the schema says is shown escaped, never as markup
+    db = journal.Journal(server.env["TA1_RUNS_DIR"] + "/journal.db")
+    with db.transaction() as conn:
+        conn.execute("UPDATE executions SET resources = ? WHERE job = 'use'", (json.dumps(
+            {"cpu_seconds": 12.345, "peak_rss_bytes": 84_000_000, "gpu_device": "<b>1</b>",
+             "gpu_memory_peak_bytes": 2_100_000_000, "gpu_util_mean": 43.4,
+             "waited_for_gpu_seconds": 3}),))
+    db.close()
+    text = page(server, "/ui/jobs/use").text
+    assert ("CPU 12.3 s · RSS 84 MB · GPU &lt;b&gt;1&lt;/b&gt; · GPU memory 2100 MB · "
+            "GPU use 43% · waited 3.0 s") in text
+
+
+def test_usage_leaves_out_what_is_unknown():
+    assert console.usage(None) == ""
+    assert console.usage(json.dumps({"cpu_seconds": None, "peak_rss_bytes": 5e6,
+                                     "gpu_device": None, "waited_for_gpu_seconds": 2})) == \
+        "RSS 5 MB"
+    assert console.usage(json.dumps({"cpu_seconds": True, "gpu_device": "0",
+                                     "gpu_util_mean": "x"})) == "GPU 0"
+    assert console.usage("not json") == console.usage("[1]") == ""
