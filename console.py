@@ -193,16 +193,20 @@ def static(name: str, media: str) -> bytes:
 # ---------------------------------------------------------------------------- views
 
 def shown(value):
-    """A payload as the console shows it: no key, secret, token or password, and no
-    credentials or query in a URL (a webhook's token may ride in either)."""
+    """A payload as the console shows it: no key, secret, token or password, and a URL by
+    its origin only (a webhook's token may ride in its credentials, its query or its path,
+    as Slack's and Discord's do)."""
     if isinstance(value, dict):
         return {k: ("(hidden)" if SECRET_KEY.search(str(k)) else shown(v))
                 for k, v in value.items()}
     if isinstance(value, list):
         return [shown(v) for v in value]
     if isinstance(value, str) and re.match(r"(?i)https?://", value):
-        value = re.sub(r"(?i)^(https?://)[^/@]*@", r"\1(hidden)@", value)
-        return re.sub(r"[?#].*", "?(hidden)", value, flags=re.S)
+        scheme, _, rest = value.partition("://")
+        authority, path = re.match(r"([^/?#]*)(.*)", rest, re.S).groups()
+        if "@" in authority:
+            authority = "(hidden)@" + authority.rpartition("@")[2]
+        return f"{scheme}://{authority}" + ("/(hidden)" if path.strip("/") else "")
     return value
 
 

@@ -89,7 +89,12 @@ def test_shown_payload_hides_keys_tokens_and_url_credentials():
     text = json.dumps(shown)
     for secret in ("sk-1", "pw", "abc", '"t"', "k=v"):
         assert secret not in text
-    assert shown["job"] == "j" and shown["notify_url"].startswith("https://(hidden)@hooks")
+    assert shown["job"] == "j" and shown["notify_url"] == "https://(hidden)@hooks.example/(hidden)"
+    # Slack's and Discord's webhooks carry their token in the path
+    for url in ("https://hooks.slack.com/services/T0/B0/SeCrEt", "http://h.example:81/a/SeCrEt#x",
+                "https://discord.com/api/webhooks/1/SeCrEt", "https://a@b@h.example/SeCrEt"):
+        assert "SeCrEt" not in console.shown(url) and console.shown(url).endswith("/(hidden)")
+    assert console.shown("http://h.example:81/") == "http://h.example:81"
 
 
 def test_hostile_values_are_escaped(server):
