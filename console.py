@@ -64,8 +64,11 @@ def add_routes(api) -> None:
         rows = [run_row(r) for r in db.runs_page(job, status, PAGE_SIZE,
                                                  (number - 1) * PAGE_SIZE)]
         args = "".join(f"&{k}={v}" for k, v in (("job", job), ("status", status)) if v)
-        watch = [f"/runs?status=not_started{args}", f"/runs?status=running{args}",
-                 f"/runs?offset={total}{args}"]
+        # the status filter stays out of what is polled: every change of state passes
+        # through these lists, and /runs?status=passed would be every passed run, each poll
+        of_job = f"&job={job}" if job else ""
+        watch = [f"/runs?status=not_started{of_job}", f"/runs?status=running{of_job}",
+                 f"/runs?offset={db.count_runs(job) if status else total}{of_job}"]
         return render("runs", "Runs", watch, rows=rows, total=total, page=number, pages=pages,
                       job=job or "", status=status or "", statuses=[s.value for s in Status],
                       link_args=args)

@@ -249,6 +249,12 @@ def test_the_run_list_page_watches_cheap_json_answers(server):
     # what the page polls changes when a run appears, so the page knows to refresh
     wait_for(lambda: server.get(watch[2]).json() == [run_id])
     server.wait_run(run_id)
+    # filtered by a status, it still polls the short lists, never every run of that status
+    for status in ("passed", "failed"):
+        text = page(server, f"/ui/runs?status={status}&job=w").text
+        watch = html.unescape(re.search(r'data-watch="([^"]*)"', text).group(1)).split()
+        assert watch == ["/runs?status=not_started&job=w", "/runs?status=running&job=w",
+                         "/runs?offset=1&job=w"], status
 
 
 def test_module_tables_show_what_each_module_used(server):
