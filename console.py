@@ -88,7 +88,9 @@ def add_routes(api) -> None:
         names = drawn_modules(catalogue, run["modules"], executions)
         modules = [module_row(name, executions.get(name), run["status"]) for name in names]
         finished = run["status"] in FINISHED
-        return render("run", f"Run {run['run_id']}", [f"/runs/{run['run_id']}"],
+        # an ended run changes no more: its open page stops polling
+        watch = [] if finished else [f"/runs/{run['run_id']}"]
+        return render("run", f"Run {run['run_id']}", watch,
                       run=run_row(run), finished=finished, modules=modules,
                       graph=graph(catalogue, modules),
                       payload=json.dumps(shown(run["payload"]), indent=2, sort_keys=True))

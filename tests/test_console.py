@@ -73,12 +73,15 @@ def test_run_page_shows_the_graph_the_modules_and_no_secret(server):
     assert 'href="/modules/graph/map_crop/logs"' in text
     assert 'data-post="/runs/' + run_id + '/rerun"' in text
     assert 'id="cancel"' not in text  # the run is over
+    assert 'data-watch=""' in text  # and its page polls no more
     assert "sk-secret-value-123" not in text and "openai_key" not in text
     # ALL draws the whole catalogue; what never started in a finished run is `not_run`
     run_id = server.post("/runs", json=payload("graph", "ALL")).json()["run_id"]
     text = page(server, f"/ui/runs/{run_id}").text
     drawn = re.findall(r'<g class="node[^"]*" data-module="(\w+)"', text)
     assert len(drawn) == 9 and "geopackage" in drawn
+    if 'id="cancel"' in text:  # still going: its page polls it
+        assert f'data-watch="/runs/{run_id}"' in text
     server.wait_run(run_id)
 
 
