@@ -631,7 +631,8 @@ def log_tail(path: str | None, size: int = LOG_TAIL) -> str | None:
     if not path:
         return None
     try:
-        with open(path, "rb") as f:
+        # not through a link: a module (a container) may have put one in its log's place
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
             f.seek(0, os.SEEK_END)
             end = f.tell()
             f.seek(max(0, end - size))

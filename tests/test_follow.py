@@ -5,11 +5,13 @@ a real run whose module sleeps; then `mip_client.py --follow`, as a user runs it
 Run: .venv/bin/python -m pytest -q tests/test_follow.py
 """
 
+import io
 import os
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 
 import pytest
 from conftest import ROOT
@@ -144,6 +146,15 @@ def test_a_log_linked_elsewhere_is_not_served(server):
         resp = server.get("/modules/linked/map_crop/log")
         assert resp.status_code == 200
         assert resp.content == b"" and resp.headers["X-Log-Offset"] == "0"
+        # nor as the tail in its ModuleStatus, nor in its logs zip
+        assert server.get("/modules/linked/map_crop").json()["log"] is None
+        logs = server.get("/modules/linked/map_crop/logs")
+        if logs.status_code == 200:
+            archive = zipfile.ZipFile(io.BytesIO(logs.content))
+            assert "linked_map_crop_logs/map_crop.log" not in archive.namelist()
+            assert all(b"RUNNERS-SECRET" not in archive.read(n) for n in archive.namelist())
+        else:
+            assert logs.status_code == 404, logs.text
     assert b"RUNNERS-SECRET" not in server.get(f"/runs/{run_id}/log").content
 
 
