@@ -20,6 +20,7 @@ import re
 import secrets
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -631,8 +632,11 @@ def log_tail(path: str | None, size: int = LOG_TAIL) -> str | None:
     if not path:
         return None
     try:
-        # not through a link: a module (a container) may have put one in its log's place
-        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW), "rb") as f:
+        # not through a link, nor waiting on a FIFO: a module (a container) may have put
+        # either in its log's place
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
             f.seek(0, os.SEEK_END)
             end = f.tell()
             f.seek(max(0, end - size))

@@ -158,6 +158,27 @@ def test_a_log_linked_elsewhere_is_not_served(server):
     assert b"RUNNERS-SECRET" not in server.get(f"/runs/{run_id}/log").content
 
 
+def test_a_fifo_in_a_logs_place_holds_no_request(server):
+    """A module (a container) that puts a FIFO where its log was: opening it to read would
+    wait for a writer, holding one of the server's few threads at each poll."""
+    run_id = sleeping_run(server, "fifo", seconds=0)
+    server.wait_run(run_id)
+    log_path = os.path.join(server.env["TA1_OUTPUTS_DIR"], "fifo", "map_crop.log")
+    os.remove(log_path)
+    os.mkfifo(log_path)
+    try:
+        resp = server.get("/modules/fifo/map_crop/log", timeout=20)
+        assert resp.status_code == 200 and resp.content == b""
+        assert server.get("/modules/fifo/map_crop", timeout=20).json()["log"] is None
+    finally:
+        # a reader stuck on it (the test failing) gets its end of file
+        for _ in range(3):
+            try:
+                os.close(os.open(log_path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                break
+
+
 def test_both_routes_are_declared_with_offset_and_header(server):
     spec = server.get("/openapi.json").json()
     for path in ("/runs/{run_id}/log", "/modules/{job}/{module}/log"):
