@@ -111,6 +111,8 @@ def add_routes(api) -> None:
         Raises 404 if unknown."""
         api.get_job(job)
         latest = db.latest_run(job)
+        if latest is None:  # the job was deleted since the line above
+            raise ApiError(404, "unknown_job", f"no job {job!r}; GET /jobs lists them")
         statuses = db.job_module_status(job)
         modules = [module_row(name, db.latest_execution(job, name), latest["status"])
                    for name in statuses]

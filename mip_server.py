@@ -1050,6 +1050,8 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         run = db.latest_run(checked_name("job", job))
         if run is None:
             get_job(job)  # raises the 404
+            # the job was being deleted: its record outlived its runs for a moment
+            raise ApiError(404, "unknown_job", f"no job {job!r}; GET /jobs lists them")
         finished = run["status"] in FINISHED
         answer = {
             "status": run["status"], "job": job, "modules": run["modules"],

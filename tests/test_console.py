@@ -178,6 +178,20 @@ def test_jobs_maps_and_modules_pages(server):
     assert 'href="#module-legend_segment"' in modules
 
 
+def test_a_job_caught_mid_deletion_is_a_404(server):
+    """DELETE /jobs/{job} removes the job's runs and its record in one transaction, but a
+    page reads the record and then the runs: a job found without runs is gone."""
+    db = journal.Journal(server.env["TA1_RUNS_DIR"] + "/journal.db")
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO jobs (job, map, created) VALUES ('going', ?, ?)",
+                     (payload("x")["map"], journal.utcnow()))
+    db.close()
+    for path, headers in (("/ui/jobs/going", HTML), ("/jobs/going", {})):
+        resp = server.get(path, headers=headers)
+        assert resp.status_code == 404, (path, resp.text)
+        assert resp.json()["error"] == "unknown_job"
+
+
 # ---------------------------------------------------------------------------- origin
 
 @pytest.mark.parametrize("headers", [
