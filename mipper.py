@@ -489,7 +489,9 @@ def kind_files(settings: Settings, job: str, module: str, kind: str):
     out_dir = os.path.join(settings.outputs_dir, job, module)
     if kind == "logs":
         own_log = os.path.join(settings.outputs_dir, job, f"{module}.log")
-        files = [(f"{module}.log", own_log)] if os.path.isfile(own_log) else []
+        # not a link: a module (a container) may have put one in its log's place
+        own = os.path.isfile(own_log) and not os.path.islink(own_log)
+        files = [(f"{module}.log", own_log)] if own else []
         files += [(name, path) for name, path in walk_files(out_dir) if name.endswith(".log")]
         return files or None
     folder = out_dir if kind == "outputs" else os.path.join(settings.temps_dir, job, module)
