@@ -49,7 +49,10 @@ log = logging.getLogger("mip.notices")
 REFUSED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
     "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
-    "::/128", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8"))
+    "::/128", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8",
+    # IPv4-compatible (::a.b.c.d), IPv4-translated (::ffff:0:a.b.c.d) and local-use NAT64:
+    # forms that may reach an IPv4 address ipaddress does not unwrap, none of them public
+    "::/96", "::ffff:0:0:0/96", "64:ff9b:1::/48"))
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 

@@ -384,6 +384,8 @@ def test_bad_settings_stop_the_server_at_start(server_env, env, word):
     ("fd00::1", "", True), ("ff02::1", "", True), ("::ffff:127.0.0.1", "", True),
     ("::ffff:169.254.169.254", "", True), ("::ffff:127.0.0.1", "127.0.0.1", False),
     ("64:ff9b::a9fe:a9fe", "", True), ("2002:7f00:1::", "", True),
+    ("::127.0.0.1", "", True), ("::169.254.169.254", "", True), ("::8.8.8.8", "", True),
+    ("::ffff:0:7f00:1", "", True), ("64:ff9b:1::a00:1", "", True),
     ("10.1.2.3", "10.1.0.0/16", False), ("10.2.0.1", "10.1.0.0/16", True)])
 def test_address_rule(address, allow, refused):
     nets = tuple(ipaddress.ip_network(a, strict=False) for a in allow.split(",") if a)
