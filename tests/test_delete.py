@@ -272,3 +272,29 @@ def test_s3_that_cannot_be_read_removes_nothing(s3_env):
     finally:
         srv.stop()
         kill_leftover_runs(s3_env)
+
+
+def test_a_deleted_runs_notices_and_idempotency_keys_go_with_it(tmp_path):
+    """Notices and Idempotency-Keys name their run without a foreign key: they are deleted
+    with it, so that a notice's URL (and the token its query may hold) does not stay."""
+    db = journal.Journal(str(tmp_path / "j.db"))
+    db.migrate()
+    runs = [db.create_run("dn", "m", ["a"], False, {}, str(tmp_path)) for _ in range(3)]
+    now = journal.utcnow()
+    with db.transaction() as c:
+        for i, run_id in enumerate(runs):
+            c.execute("INSERT INTO deliveries (id, run_id, url, source, state, attempts,"
+                      " created, updated) VALUES (?, ?, 'https://hooks.example/?token=t',"
+                      " 'payload', 'delivered', 1, ?, ?)", (f"d{i}", run_id, now, now))
+            c.execute("INSERT INTO idempotency_keys (user, key, hmac, run_id, created)"
+                      " VALUES ('u', ?, 'h', ?, ?)", (f"k{i}", run_id, now))
+    c = db.connect()
+
+    def left(table):
+        return [r[0] for r in c.execute(f"SELECT run_id FROM {table} ORDER BY run_id")]
+
+    db.delete_run(runs[0])
+    assert left("deliveries") == left("idempotency_keys") == runs[1:]
+    db.delete_job("dn")
+    assert left("deliveries") == left("idempotency_keys") == []
+    db.close()
