@@ -298,3 +298,24 @@ def test_a_deleted_runs_notices_and_idempotency_keys_go_with_it(tmp_path):
     db.delete_job("dn")
     assert left("deliveries") == left("idempotency_keys") == []
     db.close()
+
+
+def test_a_job_named_like_the_servers_own_files_never_removes_them(server_env):
+    """With the outputs in the runs folder (an operator's choice), jobs named `logs` and
+    `journal.db` name the run logs and the journal: deleting them leaves those alone."""
+    env = dict(server_env, TA1_OUTPUTS_DIR=server_env["TA1_RUNS_DIR"])
+    srv = Server(env).start()
+    try:
+        other = passed_run(srv, "other", "georeference")["run_id"]
+        other_log = os.path.join(env["TA1_RUNS_DIR"], "logs", f"{other}.log")
+        for job in ("logs", "journal.db"):
+            srv.wait_run(ok(srv.post("/runs", json=payload(job, "georeference")))["run_id"])
+            body = ok(delete(srv, f"/jobs/{job}"))
+            assert f"outputs/{job}" not in body["removed"], body
+        assert os.path.exists(other_log)
+        assert os.path.exists(os.path.join(env["TA1_RUNS_DIR"], "journal.db"))
+        assert ok(srv.get(f"/runs/{other}"))["status"] == "passed"
+        assert "which the server needs" in srv.output()
+    finally:
+        srv.stop()
+        kill_leftover_runs(env)
