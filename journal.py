@@ -571,10 +571,13 @@ class Journal:
 
     def old_runs(self, before: str) -> list:
         """Rows of the finished runs that stopped before `before` (utcnow() text), oldest
-        first, except those holding their job's state (holds_job_state)."""
+        first, except those holding their job's state (holds_job_state) and those whose
+        completion notice is still to be sent (a receiver down for hours must still get it)."""
         rows = self.connect().execute(
             "SELECT * FROM runs r WHERE status IN ('passed', 'failed', 'cancelled')"
             " AND stop_time < ? AND r.seq < (SELECT MAX(seq) FROM runs WHERE job = r.job)"
+            " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.run_id = r.run_id"
+            " AND d.state IN ('waiting', 'pending'))"
             " AND NOT EXISTS (SELECT 1 FROM executions e WHERE e.run_id = r.run_id AND e.id ="
             " (SELECT MAX(id) FROM executions WHERE job = e.job AND module = e.module))"
             " ORDER BY seq", (before,))

@@ -220,3 +220,29 @@ def test_floor_removes_outputs_only_when_allowed_and_in_s3(s3_env):
         finally:
             srv.stop()
             kill_leftover_runs(env)
+
+
+def test_a_run_whose_notice_is_still_to_send_is_not_swept(tmp_path):
+    """MIP_RETAIN_RUNS_DAYS does not take a run whose completion notice is still waiting
+    or being retried: the receiver would never get it."""
+    db = journal.Journal(str(tmp_path / "j.db"))
+    db.migrate()
+    runs = [db.create_run("nt", "m", ["a"], False, {}, str(tmp_path)) for _ in range(3)]
+    for run_id in runs:
+        assert db.set_run_status(run_id, journal.Status.RUNNING, pid=1)
+        assert db.set_run_status(run_id, journal.Status.PASSED)
+    now = journal.utcnow()
+    with db.transaction() as c:
+        for i, state in enumerate(("pending", "delivered")):
+            c.execute("INSERT INTO deliveries (id, run_id, url, source, state, attempts,"
+                      " created, updated) VALUES (?, ?, 'https://hooks.example/', 'payload',"
+                      " ?, 1, ?, ?)", (f"d{i}", runs[i], state, now, now))
+
+    def old():
+        return [r["run_id"] for r in db.old_runs("9999-01-01T00:00:00.000Z")]
+
+    assert old() == [runs[1]]  # runs[2] is the job's latest: it holds its state
+    with db.transaction() as c:
+        c.execute("UPDATE deliveries SET state = 'failed' WHERE id = 'd0'")
+    assert old() == runs[:2]
+    db.close()
