@@ -583,6 +583,13 @@ class Journal:
             " ORDER BY seq", (before,))
         return [_run_dict(r) for r in rows]
 
+    def job_ended(self, job: str) -> str | None:
+        """The stop time of the job's latest run if that run has ended, else None."""
+        row = self.connect().execute(
+            "SELECT status, stop_time FROM runs WHERE job = ? ORDER BY seq DESC LIMIT 1",
+            (job,)).fetchone()
+        return row["stop_time"] if row and row["status"] in FINISHED else None
+
     def finished_jobs(self) -> list:
         """(job, stop time of its latest run) of the jobs whose latest run has ended,
         the longest ended first."""

@@ -395,14 +395,17 @@ class Sweeper:
         now = time.time() if now is None else now
         rs, r = self.rs, self.remover
         if rs.temps_days is not None:
-            for job in self.ended_before(iso_ago(now, rs.temps_days)):
+            cutoff = iso_ago(now, rs.temps_days)
+            for job in self.ended_before(cutoff):
                 self.locked(job, lambda j: self.log_temps(j, f"ended over {rs.temps_days} days "
-                                                             "ago (MIP_RETAIN_TEMPS_DAYS)"))
+                                                             "ago (MIP_RETAIN_TEMPS_DAYS)"),
+                            cutoff)
         if rs.outputs_days is not None:
             why = f"ended over {rs.outputs_days} days ago (MIP_RETAIN_OUTPUTS_DAYS)"
-            for job in self.ended_before(iso_ago(now, rs.outputs_days)):
+            cutoff = iso_ago(now, rs.outputs_days)
+            for job in self.ended_before(cutoff):
                 for module in r.db.job_modules(job):
-                    self.locked(job, lambda j, m=module: self.log_outputs(j, m, why))
+                    self.locked(job, lambda j, m=module: self.log_outputs(j, m, why), cutoff)
         if rs.runs_days is not None:
             cutoff = iso_ago(now, rs.runs_days)
             for run in r.db.old_runs(cutoff):
@@ -414,13 +417,20 @@ class Sweeper:
     def ended_before(self, cutoff: str) -> list:
         return [job for job, stop in self.remover.db.finished_jobs() if stop and stop < cutoff]
 
-    def locked(self, job: str, action) -> None:
-        """Run action(job) under the queue's lock, unless the job is busy."""
+    def locked(self, job: str, action, ended_before: str | None = None) -> None:
+        """Run action(job) under the queue's lock, unless the job is busy or, with
+        `ended_before`, its latest run no longer ended before then: a long sweep works from
+        a list read at its start, and a job run again since is not old any more."""
         if self.stopping.is_set():
             return
         with self.remover.queue.lock:
-            if not self.remover.busy(job):
-                action(job)
+            if self.remover.busy(job):
+                return
+            if ended_before is not None:
+                stop = self.remover.db.job_ended(job)
+                if not (stop and stop < ended_before):
+                    return
+            action(job)
 
     def log_temps(self, job: str, why: str) -> None:
         removed = self.remover.temps(job)
