@@ -928,8 +928,10 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     def submit(payload, key):
         run_id = keys.submit(payload, key, lambda: queue.submit(payload, key))
         settled.drop_job(payload["job"])
+        # a replayed key's run may have been deleted since: a 404 says so
+        run = get_run(run_id)
         bottle.response.set_header("Location", f"/runs/{run_id}")
-        return send(run_status(db, db.run(run_id)))
+        return send(run_status(db, run))
 
     # ------------------------------------------------------------------ routes
 
