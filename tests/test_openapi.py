@@ -65,9 +65,9 @@ def test_document_is_valid_and_declares_every_route(server, tmp_path):
     ("post", "/cdr", {400, 403, 404, 405, 413, 422}),
     ("post", "/jobs/{job}/publish", {400, 401, 403, 404, 405, 409, 413, 429}),
     ("get", "/health", {400, 405, 413}),
-    ("delete", "/jobs/{job}", {400, 401, 404, 405, 409, 413, 429, 502}),
-    ("delete", "/jobs/{job}/{module}", {400, 401, 404, 405, 409, 413, 429, 502}),
-    ("delete", "/runs/{run_id}", {400, 401, 404, 405, 409, 413, 429}),
+    ("delete", "/jobs/{job}", {400, 401, 403, 404, 405, 409, 413, 429, 502}),
+    ("delete", "/jobs/{job}/{module}", {400, 401, 403, 404, 405, 409, 413, 429, 502}),
+    ("delete", "/runs/{run_id}", {400, 401, 403, 404, 405, 409, 413, 429}),
 ])
 def test_statuses_declared_per_route(server, method, path, codes):
     op = server.get("/openapi.json").json()["paths"][path][method]
