@@ -37,6 +37,7 @@ import waitress
 import access
 import cdr
 import docs_ui
+import front
 import gpus
 import idempotency
 import journal
@@ -97,6 +98,7 @@ class Config:
     auth_failures: int = 10  # wrong credentials per minute from one address
     metrics_open: bool = False  # GET /metrics without credentials (MIP_METRICS_OPEN=1)
     notify: notices.NoticeSettings = field(default_factory=notices.NoticeSettings)
+    trusted_proxy: str | None = None  # the TLS proxy's address (MIP_TRUSTED_PROXY), or "*"
 
     @classmethod
     def from_env(cls, env, host=None, port=None, no_auth=False) -> "Config":
@@ -116,7 +118,8 @@ class Config:
                    users=users, auth=not no_auth, password_file=password_file,
                    metrics_open=metrics.open_setting(env),
                    cdr_settings=cdr.CdrSettings.from_env(env, VERSION),
-                   notify=notices.NoticeSettings.from_env(env))
+                   notify=notices.NoticeSettings.from_env(env),
+                   trusted_proxy=front.trusted_proxy_setting(env))
 
 
 def read_users(env) -> tuple:
@@ -946,6 +949,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
                      "runs": {"running": len(db.run_ids(status=Status.RUNNING.value)),
                               "queued": len(db.waiting_runs())},
                      "cdr": link.status() if link else None,
+                     "tls": front.over_tls(bottle.request.environ),
                      "openapi": "/openapi.json"})
 
     @route("GET", "/openapi.json", answer={"type": "object"})
@@ -1275,9 +1279,10 @@ def read_json_bytes(raw: bytes):
 # ---------------------------------------------------------------------------- main
 
 class RequestLog:
-    """WSGI middleware: one log line per request (method, path, status, milliseconds),
-    handed straight to the LineWriter: a logging record per request cost a tenth of the
-    request rate."""
+    """WSGI middleware: one log line per request (client address, method, path, status,
+    milliseconds), handed straight to the LineWriter: a logging record per request cost a
+    tenth of the request rate. Behind the trusted proxy, waitress has already put the
+    client's address the proxy passed on in REMOTE_ADDR."""
 
     def __init__(self, app, writer: "LineWriter"):
         self.app = app
@@ -1287,8 +1292,10 @@ class RequestLog:
         started = time.monotonic()
 
         def start(status, headers, exc_info=None):
-            # both come from the client: escaped, so they cannot forge a line
-            self.writer.line(f"{untrusted.escape(environ.get('REQUEST_METHOD', ''))} "
+            # all three may come from a client (the address through X-Forwarded-For):
+            # escaped, so they cannot forge a line
+            self.writer.line(f"{untrusted.escape(environ.get('REMOTE_ADDR', ''))} "
+                             f"{untrusted.escape(environ.get('REQUEST_METHOD', ''))} "
                              f"{untrusted.escape(environ.get('PATH_INFO', ''))} "
                              f"{status[:3]} {(time.monotonic() - started) * 1000:.1f} ms")
             return start_response(status, headers, exc_info)
@@ -1396,13 +1403,19 @@ def main(argv=None) -> int:
             # itself (plain text) before it buffers them
             max_request_body_size=16 * MAX_BODY,
             # keep streamed zips in memory (bounded by the high watermark), never in temp files
-            outbuf_high_watermark=8 * 1024 * 1024, outbuf_overflow=64 * 1024 * 1024)
+            outbuf_high_watermark=8 * 1024 * 1024, outbuf_overflow=64 * 1024 * 1024,
+            **front.waitress_settings(cfg.trusted_proxy))
     except OSError as e:
         print(f"mip_server: error: cannot listen on {cfg.host}:{cfg.port}: {e.strerror} "
               "(set MIP_PORT or --port)", file=sys.stderr)
         writer.stop()
         return mipper.EXIT_USAGE
     print(f"mip: serving on http://{cfg.host}:{server.effective_port}", flush=True)
+    for warning in front.start_warnings(cfg.host, cfg.trusted_proxy):
+        log.warning("%s", warning)
+    if cfg.trusted_proxy:
+        log.info("behind a TLS proxy: X-Forwarded-For, -Proto and -Host believed from %s only",
+                 cfg.trusted_proxy)
     if not cfg.auth:
         log.warning("!!! AUTHENTICATION IS OFF (--no-auth): anyone who reaches this port can "
                     "run modules and read results !!!")
