@@ -938,7 +938,9 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         """Liveness: 200 when the server answers (no auth)."""
         return send({"status": "ok"})
 
-    @route("GET", "/", answer={"type": "object"})
+    @route("GET", "/", answer={"type": "object", "required": ["tls"], "properties": {
+        "tls": {"type": "boolean", "description": "this request came over HTTPS (at the "
+                "proxy named by MIP_TRUSTED_PROXY, if any)"}}})
     def info():
         """Service info: version, modules, limits, queue."""
         return send({"name": "mip", "version": VERSION, "modules": list(catalogue),

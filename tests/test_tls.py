@@ -22,6 +22,7 @@ import subprocess
 import time
 import zipfile
 
+import jsonschema
 import pytest
 import requests
 from conftest import ROOT
@@ -300,6 +301,12 @@ def test_location_stays_relative_and_info_says_tls(behind_caddy):
         assert resp.headers["Strict-Transport-Security"] == "max-age=31536000"
         info = session.get(behind_caddy.caddy.url + "/", auth=srv.auth, timeout=10).json()
         assert info["tls"] is True
+        spec = session.get(behind_caddy.caddy.url + "/openapi.json", auth=srv.auth,
+                           timeout=10).json()
+        declared = spec["paths"]["/"]["get"]["responses"]["200"]["content"][
+            "application/json"]["schema"]
+        jsonschema.validate(info, declared)
+        assert declared["properties"]["tls"]["type"] == "boolean"
         srv.wait_run(resp.json()["run_id"])
     assert srv.get("/").json()["tls"] is False
     # a client claiming HTTPS straight to the server is not believed
