@@ -490,6 +490,71 @@ class Journal:
             (job,))
         return [r[0] for r in rows]
 
+    # ---------------------------------------------------------------- deleting (retention.py)
+
+    def job_busy(self, job: str) -> bool:
+        """True while a run of the job is queued or running."""
+        row = self.connect().execute(
+            "SELECT 1 FROM runs WHERE job = ? AND status IN ('not_started', 'running') LIMIT 1",
+            (job,)).fetchone()
+        return row is not None
+
+    def reset_module(self, job: str, module: str, why: str, forget_upload: bool) -> int:
+        """The module's outputs are gone: its latest execution, and every one that passed,
+        become `not_started` (with `why` as message), so that no record says it passed and
+        the next run executes it. `forget_upload`: its S3 copies are gone too. Returns how
+        many executions changed."""
+        upload = (", upload_status = NULL, upload_uri = NULL, upload_message = NULL"
+                  if forget_upload else "")
+        with self.transaction() as db:
+            cur = db.execute(
+                f"UPDATE executions SET status = 'not_started', message = ?{upload}"
+                " WHERE job = ? AND module = ? AND (status = 'passed' OR id = (SELECT MAX(id)"
+                " FROM executions WHERE job = ? AND module = ?))",
+                (why, job, module, job, module))
+            return cur.rowcount
+
+    def delete_job(self, job: str) -> list:
+        """Delete the job, its runs and every row that refers to them; the runs' log paths."""
+        with self.transaction() as db:
+            logs = [r[0] for r in db.execute("SELECT log_path FROM runs WHERE job = ?", (job,))]
+            _delete_rows(db, "jobs", "job", [job])
+        return logs
+
+    def holds_job_state(self, run_id: str) -> bool:
+        """True if the run is its job's latest, or one of its executions is the latest of
+        its module: deleting it would change what the job's status says."""
+        return bool(self.connect().execute(
+            "SELECT r.seq = (SELECT MAX(seq) FROM runs WHERE job = r.job) OR EXISTS ("
+            " SELECT 1 FROM executions e WHERE e.run_id = r.run_id AND e.id = (SELECT MAX(id)"
+            " FROM executions WHERE job = e.job AND module = e.module))"
+            " FROM runs r WHERE r.run_id = ?", (run_id,)).fetchone()[0])
+
+    def delete_run(self, run_id: str) -> None:
+        """Delete a run and every row that refers to it (its executions, its key)."""
+        with self.transaction() as db:
+            _delete_rows(db, "runs", "run_id", [run_id])
+
+    def old_runs(self, before: str) -> list:
+        """Rows of the finished runs that stopped before `before` (utcnow() text), oldest
+        first, except those holding their job's state (holds_job_state)."""
+        rows = self.connect().execute(
+            "SELECT * FROM runs r WHERE status IN ('passed', 'failed', 'cancelled')"
+            " AND stop_time < ? AND r.seq < (SELECT MAX(seq) FROM runs WHERE job = r.job)"
+            " AND NOT EXISTS (SELECT 1 FROM executions e WHERE e.run_id = r.run_id AND e.id ="
+            " (SELECT MAX(id) FROM executions WHERE job = e.job AND module = e.module))"
+            " ORDER BY seq", (before,))
+        return [_run_dict(r) for r in rows]
+
+    def finished_jobs(self) -> list:
+        """(job, stop time of its latest run) of the jobs whose latest run has ended,
+        the longest ended first."""
+        rows = self.connect().execute(
+            "SELECT r.job, r.stop_time FROM runs r JOIN (SELECT job, MAX(seq) AS last FROM runs"
+            " GROUP BY job) l ON r.seq = l.last"
+            " WHERE r.status IN ('passed', 'failed', 'cancelled') ORDER BY r.stop_time, r.job")
+        return [tuple(r) for r in rows]
+
 
     # ---------------------------------------------------------------- CDR events
 
@@ -556,3 +621,22 @@ def _run_dict(row) -> dict | None:
     run["payload"] = json.loads(run["payload"])
     run["force_rerun"] = bool(run["force_rerun"])
     return run
+
+
+def _delete_rows(db, table: str, column: str, values: list) -> None:
+    """Delete the rows of `table` whose `column` is in `values`, after every row that
+    refers to them by a foreign key, in whatever table a migration added."""
+    if not values:
+        return
+    marks = ",".join("?" * len(values))
+    tables = [r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+    for child in tables:
+        for fk in db.execute(f'PRAGMA foreign_key_list("{child}")').fetchall():
+            if fk["table"] != table or child == table:
+                continue
+            key = fk["to"] or next(c["name"] for c in db.execute(
+                f'PRAGMA table_info("{table}")') if c["pk"] == 1)
+            referred = [r[0] for r in db.execute(
+                f'SELECT "{key}" FROM "{table}" WHERE "{column}" IN ({marks})', values)]
+            _delete_rows(db, child, fk["from"], referred)
+    db.execute(f'DELETE FROM "{table}" WHERE "{column}" IN ({marks})', values)

@@ -128,6 +128,10 @@ daily use:
   # rerun a run (what failed runs again) and follow it; cancel one: neither needs a body
   python mip_client.py --post --url http://127.0.0.1:8080/runs/$RUN_ID/rerun --wait
   python mip_client.py --post --url http://127.0.0.1:8080/runs/$RUN_ID/cancel
+  # delete a module's files (it runs again next time), a whole job, or a finished run;
+  # ?s3=1 deletes the S3 copies too
+  python mip_client.py --delete --url http://127.0.0.1:8080/jobs/beta/georeference
+  python mip_client.py --delete --url 'http://127.0.0.1:8080/jobs/beta?s3=1'
 
 retries: every POST carries an Idempotency-Key (a new UUID, or --idempotency-key KEY). A
 request that meets a connection error, 429 or 503 is sent again with the same key, at most
@@ -157,6 +161,7 @@ def make_parser() -> argparse.ArgumentParser:
     method.add_argument("--post", action="store_true",
                         help="send a POST request, with --input or --data as its body, or "
                              "an empty one (cancel, rerun)")
+    add_delete(method)
     parser.add_argument("--url", required=True,
                         help="URL of the request, e.g. http://127.0.0.1:8080/runs")
     body = parser.add_mutually_exclusive_group()
@@ -194,6 +199,17 @@ def make_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_delete(method) -> None:
+    """--delete: a job, a module's files or a run, e.g. --delete --url .../jobs/JOB?s3=1."""
+    method.add_argument("--delete", action="store_true",
+                        help="send a DELETE request: .../jobs/JOB, .../jobs/JOB/MODULE (its "
+                             "files) or .../runs/ID; add ?s3=1 to delete the S3 copies too")
+
+
+def method_flag(args: argparse.Namespace) -> str:
+    return "--delete" if args.delete else "--get"
+
+
 def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, env) -> None:
     """Refuse what argparse cannot express; fills args.url with an absolute URL."""
     if args.idempotency_key is not None and not args.post:
@@ -201,8 +217,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, env) -
     if args.idempotency_key is not None and not KEY_RE.fullmatch(args.idempotency_key):
         parser.error("--idempotency-key must be 1 to 255 printable ASCII characters without "
                      "spaces")
-    if args.get and (args.input is not None or args.data is not None):
-        parser.error("--input and --data go with --post, not --get")
+    if not args.post and (args.input is not None or args.data is not None):
+        parser.error(f"--input and --data go with --post, not {method_flag(args)}")
     if args.tries < 1:
         parser.error("--tries must be 1 or more")
     if args.timeout <= 0:
@@ -216,10 +232,10 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace, env) -
         args.url = absolute_url(args.url, env.get("MIP_CLIENT_URL"))
     except UsageError as e:
         parser.error(str(e))
-    if args.follow and run_base(args.url, args.post) is None:
+    if args.follow and (args.delete or run_base(args.url, args.post) is None):
         parser.error("--follow follows a run: use it with --post --url .../runs (or "
                      ".../runs/ID/rerun) or --get --url .../runs/ID")
-    if args.wait and run_base(args.url, args.post) is None:
+    if args.wait and (args.delete or run_base(args.url, args.post) is None):
         parser.error("--wait follows a run: use it with --post --url .../runs (or "
                      ".../runs/ID/rerun) or --get --url .../runs/ID")
     if args.output == "":
@@ -784,7 +800,7 @@ def run(args: argparse.Namespace, env) -> int:
     Raises MipClientError."""
     auth = credentials(args.user, env)
     body = read_body(args, env)
-    method = "POST" if args.post else "GET"
+    method = "POST" if args.post else "DELETE" if args.delete else "GET"
     headers = {}
     if args.post:
         headers["Idempotency-Key"] = args.idempotency_key or str(uuid.uuid4())

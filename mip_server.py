@@ -48,6 +48,7 @@ import metrics
 import mipper
 import notices
 import openapi
+import retention
 import runners
 import switches
 import untrusted
@@ -56,6 +57,7 @@ from errors import ApiError
 from errors import error_body
 from journal import FINISHED
 from journal import Status
+from retention import free_mb
 
 VERSION = mipper.VERSION
 MAX_BODY = 1024 * 1024
@@ -98,6 +100,8 @@ class Config:
     auth_failures: int = 10  # wrong credentials per minute from one address
     metrics_open: bool = False  # GET /metrics without credentials (MIP_METRICS_OPEN=1)
     notify: notices.NoticeSettings = field(default_factory=notices.NoticeSettings)
+    retention_settings: retention.RetentionSettings = field(
+        default_factory=retention.RetentionSettings)
     trusted_proxy: str | None = None  # the TLS proxy's address (MIP_TRUSTED_PROXY), or "*"
 
     @classmethod
@@ -119,6 +123,8 @@ class Config:
                    metrics_open=metrics.open_setting(env),
                    cdr_settings=cdr.CdrSettings.from_env(env, VERSION),
                    notify=notices.NoticeSettings.from_env(env),
+                   retention_settings=retention.RetentionSettings.from_env(
+                       env, settings.min_free_mb),
                    trusted_proxy=front.trusted_proxy_setting(env))
 
 
@@ -595,15 +601,6 @@ def insufficient_storage(why: str) -> ApiError:
                     f"{why}; no run can start until space is freed on the server")
 
 
-def free_mb(path: str) -> int | None:
-    """Free space for this user under `path`, in MB; None if it cannot be told."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize // (1024 * 1024)
-
-
 def disk_full(e: Exception) -> bool:
     """True for the errors a full disk gives SQLite and the file system."""
     if isinstance(e, sqlite3.Error):
@@ -952,6 +949,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
                               "queued": len(db.waiting_runs())},
                      "cdr": link.status() if link else None,
                      "tls": front.over_tls(bottle.request.environ),
+                     "free_mb": retention.free_space(settings),
                      "openapi": "/openapi.json"})
 
     @route("GET", "/openapi.json", answer={"type": "object"})
@@ -1229,6 +1227,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     logs.add_routes(api)
     docs_ui.add_routes(api)
     notices.add_routes(api)
+    retention.add_routes(api)
     metrics.add_routes(api)  # last: it wraps the app as a whole
     return app
 
@@ -1429,6 +1428,8 @@ def main(argv=None) -> int:
     notifier.start()
     if link:
         link.start()
+    sweeper = app.config["retention.sweeper"]
+    sweeper.start()
 
     def stop(signum, frame):
         raise KeyboardInterrupt
@@ -1441,6 +1442,7 @@ def main(argv=None) -> int:
     finally:
         queue.stop()
         notifier.stop()
+        sweeper.stop()
         if link:
             link.stop()
         server.close()

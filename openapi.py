@@ -23,9 +23,9 @@ STATUSES = {
     403: "missing or wrong signature",
     404: "no such run, job, module, map, schema or result, or the CDR link is off",
     405: "the path exists, not with this method (Allow lists those it has)",
-    409: "conflict with the job's state (bound to another map, or not passed), or an "
-         "Idempotency-Key sent before with another submission (idempotency_key_reused) or "
-         "still being answered (idempotency_key_in_use)",
+    409: "conflict with the job's state (bound to another map, not passed, or a run of it "
+         "queued or running), or an Idempotency-Key sent before with another submission "
+         "(idempotency_key_reused) or still being answered (idempotency_key_in_use)",
     413: "the body is over the size limit",
     422: "the body is valid JSON but refused: schema, unknown module, switch not allowed, "
          "path outside the job, an unreadable map, or GPU modules on a host without a GPU "

@@ -343,7 +343,7 @@ URL = "http://127.0.0.1:9/runs"
 
 @pytest.mark.parametrize("args, message", [
     ((), "the following arguments are required: --url"),
-    (("--url", URL), "one of the arguments --get --post is required"),
+    (("--url", URL), "one of the arguments --get --post --delete is required"),
     (("--get", "--post", "--url", URL), "not allowed with argument"),
     (("--get",), "the following arguments are required: --url"),
     (("--get", "--url", URL, "--idempotency-key", "k1"), "--idempotency-key goes with --post"),

@@ -65,6 +65,9 @@ def test_document_is_valid_and_declares_every_route(server, tmp_path):
     ("post", "/cdr", {400, 403, 404, 405, 413, 422}),
     ("post", "/jobs/{job}/publish", {400, 401, 404, 405, 409, 413, 429}),
     ("get", "/health", {400, 405, 413}),
+    ("delete", "/jobs/{job}", {400, 401, 404, 405, 409, 413, 429, 502}),
+    ("delete", "/jobs/{job}/{module}", {400, 401, 404, 405, 409, 413, 429, 502}),
+    ("delete", "/runs/{run_id}", {400, 401, 404, 405, 409, 413, 429}),
 ])
 def test_statuses_declared_per_route(server, method, path, codes):
     op = server.get("/openapi.json").json()["paths"][path][method]
@@ -131,11 +134,14 @@ def test_fuzz_the_live_server(fuzz_server, tmp_path):
     srv = fuzz_server
     run = srv.post("/runs", json=payload("fuzzed", "georeference")).json()
     assert srv.wait_run(run["run_id"])["status"] == "passed"
+    doomed = srv.post("/runs", json=payload("doomed", "georeference")).json()
+    assert srv.wait_run(doomed["run_id"])["status"] == "passed"
     shutil.rmtree(os.path.join(srv.env["TA1_INPUTS_DIR"], "maps", MAP))
     with open(FUZZ_CONFIG, encoding="utf-8") as f:
         config = f.read()
     for name, value in (("FUZZ_JOB", "fuzzed"), ("FUZZ_RUN", run["run_id"]),
-                        ("FUZZ_MODULE", "georeference"), ("FUZZ_USER", srv.user),
+                        ("FUZZ_MODULE", "georeference"), ("FUZZ_DOOMED_JOB", "doomed"),
+                        ("FUZZ_DOOMED_RUN", doomed["run_id"]), ("FUZZ_USER", srv.user),
                         ("FUZZ_PASSWORD", srv.password)):
         config = config.replace("${" + name + "}", value)
     (tmp_path / "schemathesis.toml").write_text(config)

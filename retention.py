@@ -1,0 +1,493 @@
+"""retention: deleting jobs, modules' files and runs, and the sweeper that keeps the disk.
+
+Not run directly: mip_server.make_app calls add_routes(api), which adds
+DELETE /jobs/{job}, DELETE /jobs/{job}/{module} and DELETE /runs/{run_id} and makes the
+Sweeper that mip_server.main() starts. The sweeper removes what MIP_RETAIN_*_DAYS say is
+old, and temps (then, with MIP_SWEEP_OUTPUTS=1, outputs already in S3) when free space
+falls below MIP_SWEEP_FREE_MB.
+
+It never touches a job with a run queued or running: every removal happens under the run
+queue's lock, after that check, so a run submitted meanwhile waits and then finds the job
+whole or gone, never half-deleted. Paths are made from checked names only, and a symlink
+is removed, never followed.
+"""
+
+import logging
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC
+from datetime import datetime
+
+import bottle
+
+import mipper
+from errors import ApiError
+from journal import Status
+
+log = logging.getLogger("mip.retention")
+
+
+class S3Refused(Exception):
+    """The store refused to delete some of the keys it was sent."""
+
+
+DAY = 86400
+DONE_BY_MIPPER = (Status.PASSED, Status.FAILED)
+SETTLE = 10  # seconds a delete waits for a run that just ended to be let go
+S3_BATCH = 1000  # the most keys one DeleteObjects call takes
+
+# the answer of the DELETE routes
+REMOVED = {
+    "type": "object",
+    "required": ["deleted", "removed", "runs", "s3_objects"],
+    "properties": {
+        "deleted": {"enum": ["job", "module", "run"]},
+        "removed": {"type": "array", "items": {"type": "string"},
+                    "description": "files and folders removed, relative to the data folders"},
+        "runs": {"type": "array", "items": {"type": "string"},
+                 "description": "run records removed"},
+        "s3_objects": {"type": "integer", "minimum": 0,
+                       "description": "S3 objects removed (only with ?s3=1)"},
+    },
+}
+S3_QUERY = {"s3": {"type": "integer", "enum": [0, 1]}}
+
+
+# ---------------------------------------------------------------------------- settings
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """How long files and records are kept, and the free-space floor of the sweeper."""
+
+    temps_days: int | None = None  # None: kept for good
+    outputs_days: int | None = None
+    runs_days: int | None = None
+    sweep_free_mb: int = 0  # 0: no floor
+    sweep_outputs: bool = False  # may the floor remove outputs already in S3
+    interval: int = 600  # seconds between two sweeps
+
+    @classmethod
+    def from_env(cls, env, min_free_mb: int) -> "RetentionSettings":
+        """Raises mipper.MipError naming a bad variable."""
+        def days(name):
+            raw = env.get(name, "")
+            return None if raw == "" else mipper.int_setting(env, name, 0, 0, 100_000)
+
+        floor = mipper.int_setting(env, "MIP_SWEEP_FREE_MB", 0, 0, 10**9)
+        if floor and floor <= min_free_mb:
+            raise mipper.MipError(
+                f"MIP_SWEEP_FREE_MB={floor} must be above MIP_MIN_FREE_MB={min_free_mb}: the "
+                "sweeper must free space before runs are refused for the lack of it")
+        outputs = env.get("MIP_SWEEP_OUTPUTS", "0")
+        if outputs not in ("0", "1"):
+            raise mipper.MipError(f"MIP_SWEEP_OUTPUTS={outputs!r}: expected 0 or 1")
+        return cls(temps_days=days("MIP_RETAIN_TEMPS_DAYS"),
+                   outputs_days=days("MIP_RETAIN_OUTPUTS_DAYS"),
+                   runs_days=days("MIP_RETAIN_RUNS_DAYS"), sweep_free_mb=floor,
+                   sweep_outputs=outputs == "1",
+                   interval=mipper.int_setting(env, "MIP_SWEEP_SECONDS", 600, 1, DAY))
+
+    @property
+    def active(self) -> bool:
+        return (self.sweep_free_mb > 0
+                or any(d is not None for d in (self.temps_days, self.outputs_days,
+                                               self.runs_days)))
+
+
+def free_mb(path: str) -> int | None:
+    """Free space for this user under `path`, in MB; None if it cannot be told."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize // (1024 * 1024)
+
+
+def free_space(settings: mipper.Settings) -> dict:
+    """{folder: free MB} of the runs, outputs and temps folders, for GET /."""
+    return {name: free_mb(path) for name, path in (
+        ("runs", settings.runs_dir), ("outputs", settings.outputs_dir),
+        ("temps", settings.temps_dir))}
+
+
+def iso_ago(now: float, days: int) -> str:
+    """journal.utcnow()'s text of `days` before `now`, to compare with recorded times."""
+    then = datetime.fromtimestamp(now - days * DAY, UTC)
+    return then.strftime("%Y-%m-%dT%H:%M:%S.") + f"{then.microsecond // 1000:03d}Z"
+
+
+# ---------------------------------------------------------------------------- removing
+
+def remove(root: str, *parts: str) -> str | None:
+    """Remove `root/parts...` (a folder, a file, or a symlink itself, never what it points
+    to); its name relative to root's parent when something was there, else None. Refused
+    (None, with a warning) when a folder on the way is a symlink, which could lead out of
+    the data folders."""
+    path = os.path.join(root, *parts)
+    if os.path.realpath(os.path.dirname(path)) != os.path.join(os.path.realpath(root),
+                                                               *parts[:-1]):
+        log.warning("not removing %s: a folder on its way is a symlink", path)
+        return None
+    if not os.path.lexists(path):
+        return None
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+        if os.path.lexists(path):
+            log.warning("cannot remove all of %s", path)
+    else:
+        try:
+            os.unlink(path)
+        except OSError as e:
+            log.warning("cannot remove %s: %s", path, e)
+    return "/".join((os.path.basename(root), *parts))
+
+
+class Remover:
+    """What the routes and the sweeper share: the busy check and each kind of removal,
+    with the journal and the answer caches kept in step."""
+
+    def __init__(self, cfg, db, queue, caches=()):
+        self.settings = cfg.settings
+        self.db = db
+        self.queue = queue
+        self.caches = caches  # mip_server.AnswerCache objects holding job and run answers
+
+    def busy(self, job: str) -> bool:
+        """True while a run of the job is queued or running, or its end is not yet
+        recorded by the server. Call it under self.queue.lock."""
+        return (self.db.job_busy(job)
+                or any(j == job for j, _ in self.queue.running.values()))
+
+    def settle(self, job: str, timeout: float = SETTLE) -> None:
+        """Wait a little for the job's runs whose mipper has recorded their end (and only
+        exits now) to be let go by the run queue, so that a delete right after a run's end
+        is not refused for it."""
+        for run_id, (j, _) in list(self.queue.running.items()):
+            if j == job and (self.db.run(run_id) or {}).get("status") in DONE_BY_MIPPER:
+                self.queue.wait_gone(run_id, timeout)
+
+    def forget(self, job: str, run_ids=()) -> None:
+        """Drop the cached answers about the job and its runs."""
+        for cache in self.caches:
+            cache.drop_job(job)
+            for run_id in run_ids:
+                cache.items.pop(("run", run_id), None)
+
+    def module(self, job: str, module: str, why: str, forget_upload: bool = False) -> list:
+        """Remove a module's outputs, temps and log, and set it back to not_started."""
+        s = self.settings
+        self.db.reset_module(job, module, why, forget_upload)
+        removed = [remove(s.outputs_dir, job, module), remove(s.outputs_dir, job, f"{module}.log"),
+                   remove(s.temps_dir, job, module)]
+        self.forget(job, self.db.run_ids(job))
+        return [r for r in removed if r]
+
+    def outputs(self, job: str, module: str, why: str) -> list:
+        """Remove a module's outputs and its log (its temps stay); back to not_started."""
+        s = self.settings
+        self.db.reset_module(job, module, why, False)
+        removed = [remove(s.outputs_dir, job, module), remove(s.outputs_dir, job, f"{module}.log")]
+        self.forget(job, self.db.run_ids(job))
+        return [r for r in removed if r]
+
+    def temps(self, job: str) -> str | None:
+        """Remove the job's temps folder; module states do not change."""
+        return remove(self.settings.temps_dir, job)
+
+    def job(self, job: str) -> tuple:
+        """Remove the job's folders, records and run logs; (removed, run ids)."""
+        run_ids = self.db.run_ids(job)
+        logs = self.db.delete_job(job)
+        removed = [remove(self.settings.outputs_dir, job), remove(self.settings.temps_dir, job)]
+        removed += [self.run_log(path) for path in logs]
+        self.forget(job, run_ids)
+        return [r for r in removed if r], run_ids
+
+    def run(self, run: dict) -> list:
+        """Remove a finished run's record and log."""
+        self.db.delete_run(run["run_id"])
+        removed = self.run_log(run["log_path"])
+        self.forget(run["job"], [run["run_id"]])
+        return [removed] if removed else []
+
+    def run_log(self, path: str) -> str | None:
+        """Remove a run's log, if it is in the runs' log folder (where the server puts it)."""
+        folder = os.path.join(self.settings.runs_dir, "logs")
+        if os.path.dirname(path) != folder:
+            return None
+        return remove(self.settings.runs_dir, "logs", os.path.basename(path))
+
+    def s3(self, job: str, module: str | None = None) -> int:
+        """Delete the S3 objects under the job's (or the module's) prefix; how many.
+        Raises ApiError 502 when the store cannot be reached."""
+        from botocore.exceptions import BotoCoreError
+        from botocore.exceptions import ClientError
+
+        s = self.settings
+        if not s.s3_bucket:
+            return 0
+        prefix = (mipper.s3_key_prefix(s, job, module) if module
+                  else "/".join(p for p in (s.s3_prefix, job) if p)) + "/"
+        count = 0
+        try:
+            client = mipper.s3_client()
+            keys = [{"Key": o["Key"]} for o in mipper.list_objects(client, s.s3_bucket, prefix)]
+            for start in range(0, len(keys), S3_BATCH):
+                batch = keys[start:start + S3_BATCH]
+                done = client.delete_objects(Bucket=s.s3_bucket,
+                                             Delete={"Objects": batch, "Quiet": True})
+                # a refused key is reported in the answer, not raised
+                failed = done.get("Errors") or []
+                count += len(batch) - len(failed)
+                if failed:
+                    raise S3Refused(f"{failed[0].get('Key')}: {failed[0].get('Code')} "
+                                    f"{failed[0].get('Message')}")
+        except (BotoCoreError, ClientError, S3Refused) as e:
+            log.warning("S3 deletion under %s failed after %d objects: %s", prefix, count, e)
+            raise ApiError(502, "storage_unavailable",
+                           f"S3 objects under {prefix} could not be deleted ({count} were): "
+                           f"{e}; nothing on the server was removed") from None
+        return count
+
+
+# ---------------------------------------------------------------------------- routes
+
+def add_routes(api) -> None:
+    """The DELETE routes, and the sweeper (app.config["retention.sweeper"]) for main()."""
+    remover = Remover(api.cfg, api.db, api.queue, (api.settled, api.done_runs))
+    api.app.config["retention.sweeper"] = Sweeper(api.cfg.retention_settings, remover)
+    route, send, db, queue = api.route, api.send, api.db, api.queue
+
+    def want_s3() -> bool:
+        raw = bottle.request.query.get("s3", "0")
+        if raw not in ("0", "1"):
+            raise ApiError(400, "bad_query", "?s3= must be 0 (keep S3 copies) or 1 (delete them)")
+        return raw == "1"
+
+    def refuse_busy(job: str) -> None:
+        if remover.busy(job):
+            raise ApiError(409, "job_busy", f"job {job!r} has a run queued or running; cancel "
+                                            "it or wait for its end, then delete")
+
+    def answer(kind: str, removed: list, runs=(), s3_objects: int = 0) -> str:
+        return send({"deleted": kind, "removed": removed, "runs": list(runs),
+                     "s3_objects": s3_objects})
+
+    @route("DELETE", "/jobs/{job}/{module}", answer=REMOVED, errors=(409, 502), query=S3_QUERY)
+    def delete_module(job, module):
+        """Remove a module's outputs, temps and log; it reads not_started and runs again
+        next time. ?s3=1 deletes its S3 copies too. Raises 404 if it has not run in the
+        job, 409 while a run of the job is queued or running, 502 if S3 cannot be reached."""
+        s3 = want_s3()
+        execution = api.get_module(job, module)
+        job, module = execution["job"], execution["module"]
+        remover.settle(job)
+        with queue.lock:
+            refuse_busy(job)
+            count = remover.s3(job, module) if s3 else 0
+            removed = remover.module(job, module, f"deleted on request at {now_text()}",
+                                     forget_upload=s3)
+        log.info("deleted module %s of job %s: %s; %d S3 objects", module, job,
+                 " ".join(removed) or "no files", count)
+        return answer("module", removed, s3_objects=count)
+
+    @route("DELETE", "/jobs/{job}", answer=REMOVED, errors=(409, 502), query=S3_QUERY)
+    def delete_job(job):
+        """Remove a whole job: its outputs, temps, runs' records and logs. ?s3=1 deletes
+        its S3 copies too. Raises 404 if unknown, 409 while a run of it is queued or
+        running, 502 if S3 cannot be reached."""
+        s3 = want_s3()
+        job = api.get_job(job)
+        remover.settle(job)
+        with queue.lock:
+            api.get_job(job)  # again: another delete may have taken it meanwhile
+            refuse_busy(job)
+            count = remover.s3(job) if s3 else 0
+            removed, runs = remover.job(job)
+        log.info("deleted job %s: %s; %d run records; %d S3 objects", job,
+                 " ".join(removed) or "no files", len(runs), count)
+        return answer("job", removed, runs, count)
+
+    @route("DELETE", "/runs/{run_id}", answer=REMOVED, errors=(409,))
+    def delete_run(run_id):
+        """Remove a finished run's record and log. Raises 404 if unknown, 409 while a run
+        of its job is queued or running, or if the run holds its job's state (its latest
+        run, or a module's latest execution): DELETE the job or the module instead."""
+        run = api.get_run(run_id)
+        remover.settle(run["job"])
+        with queue.lock:
+            run = api.get_run(run_id)  # again: another delete may have taken it meanwhile
+            refuse_busy(run["job"])
+            if db.holds_job_state(run["run_id"]):
+                raise ApiError(409, "run_holds_job_state",
+                               f"run {run_id!r} is job {run['job']!r}'s latest run or holds "
+                               "the latest state of one of its modules; DELETE "
+                               f"/jobs/{run['job']} (or /jobs/{run['job']}/MODULE) instead")
+            removed = remover.run(run)
+        log.info("deleted run %s of job %s", run["run_id"], run["job"])
+        return answer("run", removed, [run["run_id"]])
+
+
+def now_text() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# ---------------------------------------------------------------------------- sweeper
+
+class Sweeper:
+    """A thread that, every `interval` seconds, removes what the retention settings say
+    is old and frees space below the floor; one log line per removal. Never raises."""
+
+    def __init__(self, rs: RetentionSettings, remover: Remover):
+        self.rs = rs
+        self.remover = remover
+        self.stopping = threading.Event()
+        self.thread = None
+
+    def start(self) -> None:
+        """Start sweeping, if any retention setting or the floor is set."""
+        if self.rs.active and self.thread is None:
+            log.info("%s", describe(self.rs))
+            self.thread = threading.Thread(target=self.loop, daemon=True, name="sweeper")
+            self.thread.start()
+
+    def stop(self, timeout: float = 10) -> None:
+        self.stopping.set()
+        if self.thread is not None:
+            self.thread.join(timeout)
+
+    def loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.sweep()
+            except Exception:
+                log.exception("the sweep failed; trying again in %d s", self.rs.interval)
+            self.stopping.wait(self.rs.interval)
+
+    def sweep(self, now: float | None = None) -> None:
+        """One pass: old temps, outputs and runs, runners.log, then the floor."""
+        now = time.time() if now is None else now
+        rs, r = self.rs, self.remover
+        if rs.temps_days is not None:
+            for job in self.ended_before(iso_ago(now, rs.temps_days)):
+                self.locked(job, lambda j: self.log_temps(j, f"ended over {rs.temps_days} days "
+                                                             "ago (MIP_RETAIN_TEMPS_DAYS)"))
+        if rs.outputs_days is not None:
+            why = f"ended over {rs.outputs_days} days ago (MIP_RETAIN_OUTPUTS_DAYS)"
+            for job in self.ended_before(iso_ago(now, rs.outputs_days)):
+                for module in r.db.job_modules(job):
+                    self.locked(job, lambda j, m=module: self.log_outputs(j, m, why))
+        if rs.runs_days is not None:
+            cutoff = iso_ago(now, rs.runs_days)
+            for run in r.db.old_runs(cutoff):
+                self.locked(run["job"], lambda j, run=run: self.log_run(run))
+            self.trim_runners_log(now - rs.runs_days * DAY)
+        if rs.sweep_free_mb:
+            self.floor()
+
+    def ended_before(self, cutoff: str) -> list:
+        return [job for job, stop in self.remover.db.finished_jobs() if stop and stop < cutoff]
+
+    def locked(self, job: str, action) -> None:
+        """Run action(job) under the queue's lock, unless the job is busy."""
+        if self.stopping.is_set():
+            return
+        with self.remover.queue.lock:
+            if not self.remover.busy(job):
+                action(job)
+
+    def log_temps(self, job: str, why: str) -> None:
+        removed = self.remover.temps(job)
+        if removed:
+            log.info("sweep: removed %s: job %s %s", removed, job, why)
+
+    def log_outputs(self, job: str, module: str, why: str) -> None:
+        s = self.remover.settings
+        if not (os.path.lexists(os.path.join(s.outputs_dir, job, module))
+                or os.path.lexists(os.path.join(s.outputs_dir, job, f"{module}.log"))):
+            return
+        removed = self.remover.outputs(job, module, f"outputs removed by the sweeper at "
+                                                    f"{now_text()}: job {why}")
+        log.info("sweep: removed %s: job %s %s; module %s now not_started",
+                 " ".join(removed), job, why, module)
+
+    def log_run(self, run: dict) -> None:
+        if self.remover.db.run(run["run_id"]) is None:
+            return
+        self.remover.run(run)
+        log.info("sweep: removed run %s of job %s: ended %s (MIP_RETAIN_RUNS_DAYS)",
+                 run["run_id"], run["job"], run["stop_time"])
+
+    def trim_runners_log(self, cutoff: float) -> None:
+        """Drop the lines of runners.log older than `cutoff`, while no run writes to it
+        (a running mipper holds it open and would go on writing to the old file)."""
+        path = os.path.join(self.remover.settings.runs_dir, "runners.log")
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cutoff))
+        with self.remover.queue.lock:
+            if self.remover.queue.running or self.remover.db.runs_with_status(Status.RUNNING):
+                return
+            dropped = 0
+            try:
+                with open(path, "rb") as f:
+                    # lines start with logging's local time stamp, oldest first
+                    for line in iter(f.readline, b""):
+                        if line[:19].decode("ascii", "replace") >= stamp:
+                            f.seek(-len(line), os.SEEK_CUR)
+                            break
+                        dropped += 1
+                    if dropped == 0:
+                        return
+                    with open(path + ".new", "wb") as new:
+                        shutil.copyfileobj(f, new)
+                os.replace(path + ".new", path)
+            except OSError as e:
+                log.warning("sweep: cannot trim %s: %s", path, e)
+                return
+        log.info("sweep: removed %d lines of runners.log older than %s "
+                 "(MIP_RETAIN_RUNS_DAYS)", dropped, stamp)
+
+    def floor(self) -> None:
+        """Below MIP_SWEEP_FREE_MB: the temps of the jobs that ended longest ago, then
+        (with MIP_SWEEP_OUTPUTS=1) their modules' outputs already in S3, until above."""
+        s, rs = self.remover.settings, self.rs
+
+        def low(path):
+            free = free_mb(path)
+            return free is not None and free < rs.sweep_free_mb
+
+        jobs = [job for job, _ in self.remover.db.finished_jobs()]
+        why = f"free space below MIP_SWEEP_FREE_MB={rs.sweep_free_mb}"
+        for job in jobs:
+            if not low(s.temps_dir):
+                break
+            self.locked(job, lambda j: self.log_temps(j, f"ended; {why}"))
+        if not (rs.sweep_outputs and s.s3_bucket):
+            if low(s.outputs_dir) or low(s.temps_dir):
+                log.warning("sweep: %s and no temps left to remove%s", why,
+                            "" if rs.sweep_outputs else " (outputs stay: MIP_SWEEP_OUTPUTS=0)")
+            return
+        for job in jobs:
+            for module in self.remover.db.job_modules(job):
+                if not low(s.outputs_dir):
+                    return
+                self.locked(job, lambda j, m=module: self.in_s3(j, m) and self.log_outputs(
+                    j, m, f"ended, outputs in S3; {why}"))
+
+    def in_s3(self, job: str, module: str) -> bool:
+        last = self.remover.db.latest_execution(job, module)
+        return bool(last and last["status"] == Status.PASSED
+                    and last["upload_status"] == "uploaded")
+
+
+def describe(rs: RetentionSettings) -> str:
+    """One line of what the sweeper keeps, for the start-up log."""
+    def days(d):
+        return "forever" if d is None else f"{d} days"
+    return (f"retention: temps {days(rs.temps_days)}, outputs {days(rs.outputs_days)}, runs "
+            f"{days(rs.runs_days)}; floor {rs.sweep_free_mb or 'off'} MB"
+            f"{', outputs in S3 too' if rs.sweep_outputs else ''}; sweep every "
+            f"{rs.interval} s")
+
