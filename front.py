@@ -85,6 +85,12 @@ def start_warnings(host: str, trusted_proxy: str | None) -> list:
         return [f"!!! MIP_TRUSTED_PROXY=* on {host}, beyond loopback: any client that reaches "
                 "this port can claim any address in X-Forwarded-For and so escape the "
                 "wrong-password throttle. Name the proxy's address instead !!!"]
+    if loopback_address(trusted_proxy):
+        # the proxy is on this host, so nothing but a clear-text client needs this address
+        return [f"!!! CREDENTIALS MAY TRAVEL UNENCRYPTED: the TLS proxy is on this host "
+                f"(MIP_TRUSTED_PROXY={trusted_proxy}), yet the server also listens on {host}, "
+                "where clients can skip it and send basic auth over plain HTTP. Set "
+                "MIP_HOST=127.0.0.1 !!!"]
     return []
 
 

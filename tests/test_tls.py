@@ -413,8 +413,11 @@ def test_clear_text_warning_beyond_loopback(host):
     assert len(warnings) == 1
     assert "UNENCRYPTED" in warnings[0] and host in warnings[0]
     assert "MIP_TRUSTED_PROXY=127.0.0.1" in warnings[0] and "deploy/Caddyfile" in warnings[0]
-    assert front.start_warnings(host, "10.1.2.4") == []
+    assert front.start_warnings(host, "10.1.2.4") == []  # a proxy on another host
     assert "any client" in front.start_warnings(host, "*")[0]
+    # the proxy on this host, but the server reachable beside it
+    beside = front.start_warnings(host, "127.0.0.1")
+    assert len(beside) == 1 and "MIP_HOST=127.0.0.1" in beside[0]
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.9", "::1", "[::1]", "localhost",
@@ -422,6 +425,7 @@ def test_clear_text_warning_beyond_loopback(host):
 def test_no_warning_on_loopback(host):
     assert front.start_warnings(host, None) == []
     assert front.start_warnings(host, "*") == []
+    assert front.start_warnings(host, "127.0.0.1") == []
 
 
 def test_the_server_warns_at_start_only_beyond_loopback(server_env):
