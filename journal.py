@@ -377,6 +377,21 @@ class Journal:
         sql = f"SELECT json_group_array(run_id) FROM ({sql})"
         return self.connect().execute(sql, args).fetchone()[0]
 
+    def runs_page(self, job: str | None = None, status: str | None = None, limit: int = 50,
+                  offset: int = 0) -> list:
+        """Rows of runs newest first, optionally of one job and/or one status, paged; without
+        payloads (up to a MiB each), so that a page costs the same with any history."""
+        where, args = _run_filter(job, status)
+        rows = self.connect().execute(
+            "SELECT run_id, job, map, modules, status, submit_time, start_time, stop_time"
+            f" FROM runs{where} ORDER BY seq DESC LIMIT ? OFFSET ?", [*args, limit, offset])
+        return [dict(r, modules=json.loads(r["modules"])) for r in rows]
+
+    def count_runs(self, job: str | None = None, status: str | None = None) -> int:
+        """How many runs there are, optionally of one job and/or one status."""
+        where, args = _run_filter(job, status)
+        return self.connect().execute(f"SELECT COUNT(*) FROM runs{where}", args).fetchone()[0]
+
     def waiting_runs(self) -> list:
         """(run_id, job) of every `not_started` run, oldest first: what the dispatcher
         needs, without the payloads (up to a MiB each), whose decoding made every
@@ -401,6 +416,23 @@ class Journal:
     def jobs(self) -> list:
         """Job names, in the order they were first run."""
         rows = self.connect().execute("SELECT job FROM jobs ORDER BY created, job")
+        return [r[0] for r in rows]
+
+    def jobs_page(self, limit: int = 50, offset: int = 0) -> list:
+        """Jobs newest first, paged: job, map, and the id, status and times of its latest run."""
+        rows = self.connect().execute(
+            "SELECT j.job, j.map, r.run_id, r.status, r.submit_time, r.stop_time FROM jobs j"
+            " LEFT JOIN runs r ON r.seq = (SELECT MAX(seq) FROM runs WHERE job = j.job)"
+            " ORDER BY j.created DESC, j.job LIMIT ? OFFSET ?", (limit, offset))
+        return [dict(r) for r in rows]
+
+    def count_jobs(self) -> int:
+        return self.connect().execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
+
+    def jobs_of_map(self, map_name: str) -> list:
+        """Names of the jobs bound to a map, in the order they were first run."""
+        rows = self.connect().execute(
+            "SELECT job FROM jobs WHERE map = ? ORDER BY created, job", (map_name,))
         return [r[0] for r in rows]
 
     def job_map(self, job: str) -> str | None:
@@ -611,6 +643,18 @@ class Journal:
         """{kind: row} of what was published to the CDR for a job."""
         rows = self.connect().execute("SELECT * FROM cdr_publications WHERE job = ?", (job,))
         return {r["kind"]: dict(r) for r in rows}
+
+
+def _run_filter(job: str | None, status: str | None) -> tuple:
+    """(" WHERE ...", arguments) of a runs query of one job and/or one status."""
+    where, args = [], []
+    if job is not None:
+        where.append("job = ?")
+        args.append(job)
+    if status is not None:
+        where.append("status = ?")
+        args.append(status)
+    return (" WHERE " + " AND ".join(where) if where else ""), args
 
 
 def _run_dict(row) -> dict | None:

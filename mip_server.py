@@ -36,6 +36,7 @@ import waitress
 
 import access
 import cdr
+import console
 import docs_ui
 import front
 import gpus
@@ -935,11 +936,11 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         """Liveness: 200 when the server answers (no auth)."""
         return send({"status": "ok"})
 
-    @route("GET", "/", answer={"type": "object", "required": ["tls"], "properties": {
+    @route("GET", "/", answer=({"type": "object", "required": ["tls"], "properties": {
         "tls": {"type": "boolean", "description": "this request came over HTTPS (at the "
-                "proxy named by MIP_TRUSTED_PROXY, if any)"}}})
+                "proxy named by MIP_TRUSTED_PROXY, if any)"}}}, "text/html"))
     def info():
-        """Service info: version, modules, limits, queue."""
+        """Service info: version, modules, limits, queue (a browser gets the console)."""
         return send({"name": "mip", "version": VERSION, "modules": list(catalogue),
                      "limits": {"max_runs": cfg.max_runs, "max_queued": cfg.max_queued,
                                 "workers": settings.workers,
@@ -1224,6 +1225,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
               query_int=query_int, get_run=get_run, get_job=get_job, get_module=get_module,
               submit=submit, cfg=cfg, db=db, queue=queue, link=link, catalogue=catalogue,
               schemas=schemas, settled=settled, done_runs=done_runs)
+    console.add_routes(api)
     logs.add_routes(api)
     docs_ui.add_routes(api)
     notices.add_routes(api)

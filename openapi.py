@@ -20,7 +20,8 @@ STATUSES = {
     400: "bad request: undecodable path, bad name in the path or query, bad Content-Length, "
          "or a body that is empty, not JSON or nested too deep",
     401: "no or wrong credentials (basic auth)",
-    403: "missing or wrong signature",
+    403: "missing or wrong signature (the CDR webhook), or cross_origin: a POST or DELETE "
+         "whose Origin (or Referer) is another site's",
     404: "no such run, job, module, map, schema or result, or the CDR link is off",
     405: "the path exists, not with this method (Allow lists those it has)",
     409: "conflict with the job's state (bound to another map, not passed, or a run of it "
@@ -60,8 +61,11 @@ def statuses(route: Route) -> list:
     """Every status a route can answer besides 200, sorted. The before_request hook answers
     400 and 413 on any route (bad path, bad or too large Content-Length) and bottle answers
     405 to another method on any path; authentication adds 401 and 429; a path parameter
-    adds 400 (bad name) and 404."""
+    adds 400 (bad name) and 404; origin.py answers 403 to a POST or DELETE from another
+    site's page."""
     codes = {400, 405, 413, *route.errors}
+    if route.method in ("POST", "DELETE"):
+        codes.add(403)
     if route.auth:
         codes |= {401, 429}
     if "{" in route.path:
@@ -130,14 +134,16 @@ def path_schema(name: str, schemas: dict) -> dict:
 
 
 def answer(kind) -> dict:
-    """The 200 response of a route whose answer is a media type (or a tuple of those it
-    may be), a schema or a schema name."""
-    if isinstance(kind, str) and "/" in kind:
-        kind = (kind,)
+    """The 200 response of a route whose answer is a media type, a schema or a schema name,
+    or a tuple of those for a route that answers in several (by the request's Accept)."""
     if isinstance(kind, tuple):
-        return {"description": "success", "content": {
-            media: {"schema": {"type": "string"} if media.startswith("text/") else {
-                "type": "string", "format": "binary"}} for media in kind}}
+        parts = [answer(k) for k in kind]
+        return {"description": "success",
+                "content": {t: c for p in parts for t, c in p["content"].items()}}
+    if isinstance(kind, str) and "/" in kind:
+        schema = {"type": "string"} if kind.startswith("text/") else {
+            "type": "string", "format": "binary"}
+        return {"description": "success", "content": {kind: {"schema": schema}}}
     schema = ref(kind) if isinstance(kind, str) else dict(kind or {"type": "object"})
     if isinstance(schema.get("items"), str):
         schema["items"] = ref(schema["items"])

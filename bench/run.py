@@ -1,4 +1,4 @@
-"""bench: the figures of issues 8, 11 and 12, on loopback, each against a baseline of the same run.
+"""bench: the figures of issues 8, 11-13, on loopback, each against a baseline of the same run.
 
     make bench                                  # = source env.sh && .venv/bin/python bench/run.py
     .venv/bin/python bench/run.py --only 1,4    # some figures only
@@ -12,7 +12,7 @@ Prints the machine, then one line per figure: value, baseline, ratio, goal, met.
 A benchmark, not a test: it exits 0 whether or not the goals are met.
 
 Sections: tools (processes, HTTP, load), fixtures, figures 1-6, figure 7 (a big map),
-figures 8-9 (attacks), main.
+figures 8-9 (attacks), figure 10 (the console), main.
 """
 
 import argparse
@@ -1102,8 +1102,28 @@ def figure_9(b: Bench, seconds: float = 8) -> None:
     shutil.rmtree(root)
 
 
+# ---------------------------------------------------------------------------- figure 10
+
+def figure_10(b: Bench, total: int = 10_000) -> None:
+    """The console's runs page, rendered by the server, with 10,000 runs in the journal (or
+    the more figure 2 left): its first page, its last, and a filtered one."""
+    fill_runs(b.journal_path, total)
+    count = len(b.client.json("GET", "/runs"))
+    last = -(-count // 50)
+    for label, path in (("first page", "/ui/runs"),
+                        ("last page", f"/ui/runs?page={last}"),
+                        ("filtered", "/ui/runs?status=passed&job=list-job&page=2")):
+        status, raw, _ = b.client.send("GET", path)
+        if status != 200 or b"<tr data-run=" not in raw:
+            raise BenchError(f"GET {path}: {status} {raw[:300]!r}")
+        times = b.client.timings("GET", path, 50)
+        b.row(f"10 GET /ui/runs {label}, {count // 1000}k runs ms", f"{median_ms(times):.1f}",
+              goal="< 200 ms", met=median_ms(times) < 200)
+        b.details.append(f"10: {path} p95 {pct_ms(times, 0.95):.1f} ms, {len(raw)} bytes")
+
+
 FIGURES = {1: figure_1, 2: figure_2, 3: figure_3, 4: figure_4, 5: figure_5, 6: figure_6,
-           7: figure_7, 8: figure_8, 9: figure_9}
+           7: figure_7, 8: figure_8, 9: figure_9, 10: figure_10}
 
 
 # ---------------------------------------------------------------------------- main
@@ -1129,7 +1149,7 @@ def table(rows: list) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="", help="comma-separated figure numbers (1-9)")
+    parser.add_argument("--only", default="", help="comma-separated figure numbers (1-10)")
     parser.add_argument("--python-load", action="store_true",
                         help="use the Python load generator even when wrk is installed")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")

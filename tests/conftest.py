@@ -291,3 +291,12 @@ def s3_client(env: dict):
 
     return boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1",
                         aws_access_key_id="testing", aws_secret_access_key="testing")
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item, call):
+    """Keep each phase's report on its test (`item.rep_call`), so that a fixture can act on
+    a failure: the browser tests save a screenshot."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report

@@ -8,6 +8,7 @@ Run: .venv/bin/python -m pytest -q tests/test_follow.py
 import os
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -174,23 +175,32 @@ def client(server, *args, timeout: float = 180) -> subprocess.CompletedProcess:
                           timeout=timeout)
 
 
-def test_follow_prints_the_log_as_it_grows_and_exits_0_when_passed(server):
+def test_follow_prints_the_log_as_it_grows_and_exits_0_when_passed(server, tmp_path):
     data = ('{"map": "WY_CO_Peach", "job": "tail", "modules": ["map_crop"], '
             '"extra_switches": {"map_crop": ["--sleep", "6"]}}')
-    proc = subprocess.Popen([sys.executable, CLIENT, "--post", "--url", f"{server.url}/runs",
-                             "--data", data, "--follow"], env=client_env(server),
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    err_file = tmp_path / "stderr"
+    with open(err_file, "w") as err_out:
+        proc = subprocess.Popen([sys.executable, CLIENT, "--post", "--url", f"{server.url}/runs",
+                                 "--data", data, "--follow"], env=client_env(server),
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=err_out, text=True)
+    # communicate() would read the pipe past what readline() buffered: read it all here,
+    # bounded by a timer that kills a client that never ends
+    killer = threading.Timer(180, proc.kill)
+    killer.start()
     try:
-        first = proc.stdout.readline()  # bounded: the client ends when the run does
+        first = proc.stdout.readline()
         # the first lines are out while the run still goes
         assert server.get("/runs?job=tail&status=running").json(), first
-        out, err = proc.communicate(timeout=180)
+        out = first + proc.stdout.read()
+        proc.wait(timeout=10)
     finally:
+        killer.cancel()
         if proc.poll() is None:
             proc.kill()
-            proc.communicate(timeout=10)
-    out = first + out
+            proc.wait(timeout=10)
+        proc.stdout.close()
+    err = err_file.read_text()
     assert proc.returncode == 0, err
     run_id = server.get("/runs?job=tail").json()[-1]
     whole = server.get(f"/runs/{run_id}/log").text

@@ -58,12 +58,12 @@ def test_document_is_valid_and_declares_every_route(server, tmp_path):
 
 
 @pytest.mark.parametrize("method, path, codes", [
-    ("post", "/runs", {400, 401, 404, 405, 409, 413, 422, 429, 503, 507}),
-    ("post", "/runs/{run_id}/rerun", {400, 401, 404, 405, 409, 413, 422, 429, 503, 507}),
+    ("post", "/runs", {400, 401, 403, 404, 405, 409, 413, 422, 429, 503, 507}),
+    ("post", "/runs/{run_id}/rerun", {400, 401, 403, 404, 405, 409, 413, 422, 429, 503, 507}),
     ("get", "/modules/{job}/{module}/outputs", {400, 401, 404, 405, 413, 429, 502, 503}),
     ("get", "/jobs/{job}/{module}/logs", {400, 401, 404, 405, 413, 429, 502, 503}),
     ("post", "/cdr", {400, 403, 404, 405, 413, 422}),
-    ("post", "/jobs/{job}/publish", {400, 401, 404, 405, 409, 413, 429}),
+    ("post", "/jobs/{job}/publish", {400, 401, 403, 404, 405, 409, 413, 429}),
     ("get", "/health", {400, 405, 413}),
     ("delete", "/jobs/{job}", {400, 401, 404, 405, 409, 413, 429, 502}),
     ("delete", "/jobs/{job}/{module}", {400, 401, 404, 405, 409, 413, 429, 502}),

@@ -1,0 +1,318 @@
+"""console: the browser's pages under /ui: runs, a run with its module graph and live log,
+jobs, maps and the module catalogue.
+
+Not run directly: mip_server.make_app calls add_routes(api). Pages are rendered by the server
+with bottle's SimpleTemplate (templates/, which escapes every {{value}}); static/ holds the
+one script and style sheet, served from here (nothing from the internet, no build step). The
+script polls the JSON API and, when an answer changes, swaps in the page's fresh regions; it
+never writes except through the API's own POST routes (cancel, rerun), which origin.py
+guards. A browser asking for `/` (Accept: text/html) gets the console's home; API clients
+keep their JSON. Pages never show a secret: a payload is shown without its keys and tokens.
+"""
+
+import json
+import math
+import os
+import re
+from datetime import datetime
+
+import bottle
+
+import mipper
+import openapi
+import origin
+from errors import ApiError
+from journal import FINISHED
+from journal import Status
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TEMPLATES = os.path.join(HERE, "templates")
+# one list for good: bottle caches compiled templates by the id of their lookup list
+LOOKUP = [TEMPLATES]
+STATIC = os.path.join(HERE, "static")
+PAGE_SIZE = 50
+POLL_MS = 1500
+# no inline script or style, nothing from another origin, never framed: a value that slipped
+# through escaping could still not run
+CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+       "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+STATIC_FILES = {"console.js": "text/javascript; charset=utf-8",
+                "console.css": "text/css; charset=utf-8",
+                "favicon.svg": "image/svg+xml"}
+# a filter left empty in the page's form arrives as ?job=&status=, meaning no filter
+OPTIONAL_NAME = {"type": "string", "pattern": "^$|^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"}
+PAGE = openapi.whole(10**6)
+SECRET_KEY = re.compile(r"key|secret|token|password|credential", re.I)
+# the graph: one row per dependency level, at most this many boxes a row
+BOX_W, BOX_H, GAP_X, GAP_Y = 186, 78, 14, 40
+
+
+def add_routes(api) -> None:
+    """Register the console's pages and static files, the browser's `/`, and origin.py's
+    guard of every POST and DELETE."""
+    app, route, db, catalogue = api.app, api.route, api.db, api.catalogue
+    settings = api.cfg.settings
+    app.add_hook("before_request", origin.check)
+    app.add_hook("before_request", browser_home)
+
+    def runs_page():
+        """The runs, newest first; ?status= ?job= ?page=."""
+        status = query_status()
+        job = query_job()
+        total = db.count_runs(job, status)
+        pages, number = paging(total, api.query_int("page", 1, 10**6))
+        rows = [run_row(r) for r in db.runs_page(job, status, PAGE_SIZE,
+                                                 (number - 1) * PAGE_SIZE)]
+        args = "".join(f"&{k}={v}" for k, v in (("job", job), ("status", status)) if v)
+        watch = [f"/runs?status=not_started{args}", f"/runs?status=running{args}",
+                 f"/runs?offset={total}{args}"]
+        return render("runs", "Runs", watch, rows=rows, total=total, page=number, pages=pages,
+                      job=job or "", status=status or "", statuses=[s.value for s in Status],
+                      link_args=args)
+
+    for path in ("/ui", "/ui/runs"):
+        route("GET", path, answer="text/html",
+              query={"status": {"enum": ["", *(s.value for s in Status)]}, "job": OPTIONAL_NAME,
+                     "page": PAGE},
+              summary="Console: the runs, newest first, filtered by ?status= and ?job=, "
+                      "paged by ?page=")(runs_page)
+
+    @route("GET", "/ui/runs/{run_id}", answer="text/html")
+    def run_page(run_id):
+        """Console: one run, its module graph, downloads and live log. Raises 404 if unknown."""
+        run = api.get_run(run_id)
+        executions = {e["module"]: e for e in db.executions(run["run_id"])}
+        names = drawn_modules(catalogue, run["modules"], executions)
+        modules = [module_row(name, executions.get(name), run["status"]) for name in names]
+        finished = run["status"] in FINISHED
+        return render("run", f"Run {run['run_id']}", [f"/runs/{run['run_id']}"],
+                      run=run_row(run), finished=finished, modules=modules,
+                      graph=graph(catalogue, modules),
+                      payload=json.dumps(shown(run["payload"]), indent=2, sort_keys=True))
+
+    @route("GET", "/ui/jobs", answer="text/html", query={"page": PAGE})
+    def jobs_page():
+        """Console: the jobs, newest first, with their latest run; ?page=."""
+        total = db.count_jobs()
+        pages, number = paging(total, api.query_int("page", 1, 10**6))
+        jobs = db.jobs_page(PAGE_SIZE, (number - 1) * PAGE_SIZE)
+        return render("jobs", "Jobs", ["/runs?status=not_started", "/runs?status=running",
+                                       f"/jobs?offset={total}"],
+                      jobs=jobs, total=total, page=number, pages=pages)
+
+    @route("GET", "/ui/jobs/{job}", answer="text/html")
+    def job_page(job):
+        """Console: a job's modules (the latest state of each, downloads) and its latest runs.
+        Raises 404 if unknown."""
+        api.get_job(job)
+        latest = db.latest_run(job)
+        statuses = db.job_module_status(job)
+        modules = [module_row(name, db.latest_execution(job, name), latest["status"])
+                   for name in statuses]
+        runs = [run_row(r) for r in db.runs_page(job, None, 10, 0)]
+        return render("job", f"Job {job}", [f"/jobs/{job}"], job=job, map=db.job_map(job),
+                      modules=modules, runs=runs, total=db.count_runs(job))
+
+    @route("GET", "/ui/maps", answer="text/html")
+    def maps_page():
+        """Console: the maps on the server and the jobs bound to each."""
+        maps = [(name, db.jobs_of_map(name)) for name in mipper.list_maps(settings)]
+        return render("maps", "Maps", ["/maps"], maps=maps)
+
+    @route("GET", "/ui/modules", answer="text/html")
+    def modules_page():
+        """Console: the module catalogue, with what each module requires and is required by."""
+        needed_by = {name: [m.name for m in catalogue.values() if name in m.requires]
+                     for name in catalogue}
+        return render("modules", "Modules", [], modules=list(catalogue.values()),
+                      needed_by=needed_by)
+
+    for name, media in STATIC_FILES.items():
+        route("GET", f"/ui/{name}", answer=media.split(";")[0], auth=False,
+              summary=f"Console: its {name} (no auth: public code)")(
+            lambda name=name, media=media: static(name, media))
+
+
+# ---------------------------------------------------------------------------- requests
+
+def browser_home() -> None:
+    """A browser asking for `/` gets the console's home instead of the service info."""
+    env = bottle.request.environ
+    if (env.get("REQUEST_METHOD") == "GET" and env.get("PATH_INFO") == "/"
+            and "text/html" in env.get("HTTP_ACCEPT", "")):
+        env["PATH_INFO"] = "/ui"
+
+
+def query_status() -> str | None:
+    """?status=, None when absent or empty. Raises 400 for one that is not a status."""
+    status = bottle.request.query.get("status") or None
+    if status is not None and status not in {s.value for s in Status}:
+        raise ApiError(400, "bad_query",
+                       f"?status= must be one of {', '.join(s.value for s in Status)}")
+    return status
+
+
+def query_job() -> str | None:
+    """?job=, None when absent or empty. Raises 400 for one that is not a name."""
+    job = bottle.request.query.get("job") or None
+    if job is not None:
+        try:
+            mipper.check_name("job", job)
+        except mipper.UsageError as e:
+            raise ApiError(400, "bad_query", f"?job=: {e}") from None
+    return job
+
+
+def paging(total: int, page: int) -> tuple:
+    """(number of pages, the asked page number kept within them)."""
+    pages = max(1, math.ceil(total / PAGE_SIZE))
+    return pages, min(max(page, 1), pages)
+
+
+def render(name: str, title: str, watch: list, **values) -> str:
+    """A page in the base layout, with the headers every page carries."""
+    response = bottle.response
+    response.content_type = "text/html; charset=utf-8"
+    response.set_header("Content-Security-Policy", CSP)
+    response.set_header("X-Content-Type-Options", "nosniff")
+    response.set_header("Referrer-Policy", "same-origin")
+    response.set_header("Cache-Control", "no-store")
+    return bottle.template(name, template_lookup=LOOKUP, title=title,
+                           watch=" ".join(watch), poll_ms=POLL_MS, **values)
+
+
+def static(name: str, media: str) -> bytes:
+    with open(os.path.join(STATIC, name), "rb") as f:
+        body = f.read()
+    bottle.response.content_type = media
+    bottle.response.set_header("X-Content-Type-Options", "nosniff")
+    bottle.response.set_header("Cache-Control", "max-age=60")
+    return body
+
+
+# ---------------------------------------------------------------------------- views
+
+def shown(value):
+    """A payload as the console shows it: no key, secret, token or password, and no
+    credentials or query in a URL (a webhook's token may ride in either)."""
+    if isinstance(value, dict):
+        return {k: ("(hidden)" if SECRET_KEY.search(str(k)) else shown(v))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [shown(v) for v in value]
+    if isinstance(value, str) and re.match(r"(?i)https?://", value):
+        value = re.sub(r"(?i)^(https?://)[^/@]*@", r"\1(hidden)@", value)
+        return re.sub(r"[?#].*", "?(hidden)", value, flags=re.S)
+    return value
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        return datetime.fromisoformat(text)
+    except ValueError:
+        return None
+
+
+def duration(start: str | None, stop: str | None) -> str:
+    """How long from start to stop (or to now, while it goes), as 1h 02m, 3m 05s or 4.2 s."""
+    began = parse_time(start)
+    if began is None:
+        return ""
+    ended = parse_time(stop) or datetime.now(began.tzinfo)
+    seconds = max(0.0, (ended - began).total_seconds())
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m {secs:02d}s"
+    return f"{minutes // 60}h {minutes % 60:02d}m"
+
+
+def short_time(text: str | None) -> str:
+    """ISO UTC time as `YYYY-MM-DD HH:MM:SS`."""
+    return text[:19].replace("T", " ") if text else ""
+
+
+def run_row(run: dict) -> dict:
+    return {"run_id": run["run_id"], "status": run["status"], "job": run["job"],
+            "map": run["map"], "modules": ", ".join(run["modules"]),
+            "submitted": short_time(run["submit_time"]), "started": short_time(run["start_time"]),
+            "ended": short_time(run["stop_time"]),
+            "duration": duration(run["start_time"], run["stop_time"])}
+
+
+def drawn_modules(catalogue: dict, asked: list, executions: dict) -> list:
+    """The modules a run's graph shows: those asked for, what they need, and anything that
+    ran; in catalogue order."""
+    names = [n for n in asked if n in catalogue]
+    if mipper.ALL in asked:
+        names = list(catalogue)
+    wanted = set(mipper.ancestors(catalogue, names)) | set(executions)
+    return [n for n in catalogue if n in wanted] + sorted(set(executions) - set(catalogue))
+
+
+def module_row(name: str, execution: dict | None, run_status: str) -> dict:
+    """A module of a run or job: its state (`not_run` when it never started in a run that
+    is over, `waiting` while its run may still start it), times, exit code and message."""
+    if execution is None:
+        state = "not_run" if run_status in FINISHED else "waiting"
+        return {"name": name, "state": state, "started": "", "ended": "", "duration": "",
+                "exit_code": None, "message": "", "ran": False}
+    return {"name": name, "state": execution["status"],
+            "started": short_time(execution["start_time"]),
+            "ended": short_time(execution["stop_time"]),
+            "duration": duration(execution["start_time"], execution["stop_time"]),
+            "exit_code": execution["exit_code"], "message": execution["message"] or "",
+            "ran": True}
+
+
+def graph(catalogue: dict, modules: list) -> dict:
+    """The module graph laid out in rows by dependency level: boxes (module rows with x, y)
+    and edges (SVG path data), and the drawing's size."""
+    shown_names = {m["name"] for m in modules}
+    level = {}
+    for m in modules:  # catalogue order: every module comes after what it requires
+        requires = [r for r in requires_of(catalogue, m["name"]) if r in shown_names]
+        level[m["name"]] = 1 + max((level.get(r, 0) for r in requires), default=-1)
+    rows = {}
+    for m in modules:
+        rows.setdefault(level[m["name"]], []).append(m)
+    per_row = max((len(r) for r in rows.values()), default=1)
+    width = per_row * BOX_W + (per_row + 1) * GAP_X
+    boxes, where = [], {}
+    for number in sorted(rows):
+        row = rows[number]
+        left = (width - len(row) * BOX_W - (len(row) - 1) * GAP_X) / 2
+        for i, m in enumerate(row):
+            x, y = left + i * (BOX_W + GAP_X), GAP_Y / 2 + number * (BOX_H + GAP_Y)
+            where[m["name"]] = (x, y)
+            boxes.append(dict(m, x=x, y=y))
+    edges = []
+    for m in modules:
+        for r in direct_requires(catalogue, m["name"], shown_names):
+            (x1, y1), (x2, y2) = where[r], where[m["name"]]
+            x1, y1, x2, y2 = x1 + BOX_W / 2, y1 + BOX_H, x2 + BOX_W / 2, y2 - 3
+            # a curve leaves and enters vertically, so that edges into one box fan out
+            middle = (y1 + y2) / 2
+            edges.append(f"M {x1:g} {y1:g} C {x1:g} {middle:g}, {x2:g} {middle:g}, "
+                         f"{x2:g} {y2:g}")
+    height = GAP_Y + len(rows) * BOX_H + (len(rows) - 1) * GAP_Y
+    return {"boxes": boxes, "edges": edges, "width": width, "height": height,
+            "box_w": BOX_W, "box_h": BOX_H}
+
+
+def direct_requires(catalogue: dict, name: str, shown_names: set) -> list:
+    """What a module requires, less what it also needs through another of those (geopackage
+    needs legend_segment through point_extract too): the drawing keeps one path each."""
+    requires = [r for r in requires_of(catalogue, name) if r in shown_names]
+    through = set()
+    for r in requires:
+        through |= set(mipper.ancestors(catalogue, requires_of(catalogue, r)))
+    return [r for r in requires if r not in through]
+
+
+def requires_of(catalogue: dict, name: str) -> tuple:
+    module = catalogue.get(name)
+    return module.requires if module else ()

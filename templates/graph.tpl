@@ -1,0 +1,16 @@
+<svg class="graph" id="module-graph" role="img" aria-label="module graph" viewBox="0 0 {{g['width']}} {{g['height']}}" width="{{g['width']}}" height="{{g['height']}}" xmlns="http://www.w3.org/2000/svg">
+<defs><marker id="arrow" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto-start-reverse"><path d="M 0 0 L 10 5 L 0 10 z" class="arrowhead"/></marker></defs>
+% for d in g['edges']:
+<path class="edge" d="{{d}}" marker-end="url(#arrow)"/>
+% end
+% for b in g['boxes']:
+<g class="node st-{{b['state']}}" data-module="{{b['name']}}" data-state="{{b['state']}}" transform="translate({{b['x']}} {{b['y']}})">
+<title>{{b['name']}}: {{b['state'].replace('_', ' ')}}{{'; started ' + b['started'] if b['started'] else ''}}{{'; ended ' + b['ended'] if b['ended'] else ''}}{{'' if b['exit_code'] is None else '; exit code %s' % b['exit_code']}}{{'; ' + b['message'] if b['message'] else ''}}</title>
+<rect width="{{g['box_w']}}" height="{{g['box_h']}}" rx="6"/>
+<text x="8" y="20" class="name">{{b['name']}}</text>
+<text x="8" y="38" class="what">{{b['state'].replace('_', ' ')}}{{' · ' + b['duration'] if b['duration'] else ''}}{{'' if b['exit_code'] is None else ' · exit %s' % b['exit_code']}}</text>
+<text x="8" y="55" class="when">{{b['ended'][11:] if b['ended'] else b['started'][11:]}}</text>
+<text x="8" y="71" class="msg">{{b['message'] if len(b['message']) <= 28 else b['message'][:27] + '…'}}</text>
+</g>
+% end
+</svg>

@@ -1,0 +1,351 @@
+"""The console in a real browser: Playwright driving Debian's chromium (its executable_path;
+Playwright's own browser download is never used) against the real server.
+
+A failing test saves a screenshot in test-results/ (git-ignored); the run page's screenshot
+of the README, docs/console-run.png, is made here too.
+"""
+
+import os
+import re
+import shutil
+import threading
+from http.server import BaseHTTPRequestHandler
+from http.server import ThreadingHTTPServer
+
+import pytest
+from conftest import ROOT
+from conftest import payload
+from conftest import wait_for
+
+os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
+sync_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+RESULTS = os.path.join(ROOT, "test-results")
+SCREENSHOT = os.path.join(ROOT, "docs", "console-run.png")
+# the README's screenshot is taken on every run, but only replaces the committed one when it
+# is missing or asked for (UPDATE_SCREENSHOTS=1 make test): a test run leaves the tree clean
+UPDATE_SCREENSHOT = os.environ.get("UPDATE_SCREENSHOTS") == "1" or not os.path.exists(SCREENSHOT)
+WAIT_MS = 90_000  # generous: the machine is shared and busy
+HOSTILE = "<script>alert(1)</script>"
+HOSTILE_IMG = "<img src=x onerror=alert(2)>"
+
+
+def slow(module: str, seconds: float) -> dict:
+    return {module: ["--sleep", str(seconds)]}
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("Debian's chromium is not installed (make setup installs it)")
+    with sync_api.sync_playwright() as p:
+        args = ["--no-sandbox"] if os.geteuid() == 0 else []
+        b = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        yield b
+        b.close()
+
+
+class Tab:
+    """A browser page logged in to the server, with what it logged and the dialogs it
+    opened."""
+
+    def __init__(self, browser, server, width: int = 1100):
+        self.server = server
+        self.context = browser.new_context(
+            viewport={"width": width, "height": 900},
+            http_credentials={"username": server.user, "password": server.password,
+                              "send": "always"})
+        self.context.set_default_timeout(WAIT_MS)
+        self.page = self.context.new_page()
+        self.errors = []
+        self.dialogs = []
+        self.page.on("console", lambda m: m.type == "error" and self.errors.append(m.text))
+        self.page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        self.page.on("dialog", self.answer)
+
+    def answer(self, dialog) -> None:
+        self.dialogs.append((dialog.type, dialog.message))
+        if dialog.type == "confirm":
+            dialog.accept()
+        else:
+            dialog.dismiss()
+
+    def open(self, path: str):
+        resp = self.page.goto(self.server.url + path)
+        assert resp.status == 200, (path, resp.status)
+        # a mark that a reload would wipe: what follows happens without one
+        self.page.evaluate("window.__same_page = true")
+        return resp
+
+    def not_reloaded(self) -> bool:
+        return self.page.evaluate("window.__same_page === true")
+
+    def close(self) -> None:
+        self.context.close()
+
+
+@pytest.fixture
+def tab(browser, server, request):
+    """A logged-in page on the server; a screenshot in test-results/ when the test fails.
+    Closed before the server stops, so that its polling never meets a dead server."""
+    t = Tab(browser, server)
+    yield t
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        os.makedirs(RESULTS, exist_ok=True)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.nodeid.split("::")[-1])
+        t.page.screenshot(path=os.path.join(RESULTS, f"{name}.png"), full_page=True)
+    t.close()
+
+
+def submit(server, body: dict) -> str:
+    resp = server.post("/runs", json=body)
+    assert resp.status_code == 200, resp.text
+    return resp.json()["run_id"]
+
+
+def node_state(tab: Tab, module: str) -> str | None:
+    return tab.page.get_attribute(f'svg.graph g[data-module="{module}"]', "data-state")
+
+
+def wait_state(tab: Tab, module: str, state: str) -> None:
+    tab.page.wait_for_selector(f'svg.graph g[data-module="{module}"][data-state="{state}"]')
+
+
+# ---------------------------------------------------------------------------- tests
+
+def test_a_submitted_run_appears_and_passes_without_a_reload(tab, server):
+    tab.open("/ui/runs")
+    assert "No runs" in tab.page.inner_text("#runs")
+    run_id = submit(server, payload("shown", "ALL", extra_switches=slow("georeference", 3)))
+    row = f'tr[data-run="{run_id}"]'
+    tab.page.wait_for_selector(row)
+    tab.page.wait_for_selector(f"{row} .st-passed")
+    assert tab.page.inner_text(f"{row} td[data-label=Job]") == "shown"
+    assert tab.page.inner_text(f"{row} td[data-label=Ended]").strip()
+    assert tab.not_reloaded()
+    assert server.get(f"/runs/{run_id}").json()["status"] == "passed"
+
+    # the run page, all green, is the README's screenshot
+    tab.open(f"/ui/runs/{run_id}")
+    for module in ("legend_segment", "map_crop", "geopackage"):
+        assert node_state(tab, module) == "passed"
+    tab.page.wait_for_function("() => document.getElementById('log').textContent.length > 200")
+    os.makedirs(RESULTS, exist_ok=True)
+    shot = os.path.join(RESULTS, "console-run.png")
+    tab.page.screenshot(path=shot, full_page=True)
+    assert os.path.getsize(shot) > 10_000
+    if UPDATE_SCREENSHOT:
+        os.makedirs(os.path.dirname(SCREENSHOT), exist_ok=True)
+        shutil.copyfile(shot, SCREENSHOT)
+    assert tab.errors == []
+
+
+def test_a_failed_module_and_its_dependents_in_the_graph(tab, server):
+    run_id = submit(server, payload("fails", "ALL", extra_switches={
+        "map_crop": ["--fail"], "legend_segment": ["--sleep", "2"]}))
+    tab.open(f"/ui/runs/{run_id}")
+    wait_state(tab, "map_crop", "failed")
+    tab.page.wait_for_selector("#run-status.st-failed")
+    assert tab.not_reloaded()
+    for module in ("line_extract", "point_extract", "geopackage"):
+        assert node_state(tab, module) == "not_run", module
+    for module in ("legend_segment", "legend_item_segment", "georeference"):
+        assert node_state(tab, module) == "passed", module
+    row = 'tr[data-module="map_crop"]'
+    assert tab.page.inner_text(f"{row} td[data-label='Exit code']") == "1"
+    assert tab.page.inner_text(f"{row} td[data-label=Message]").strip()
+    # its downloads are linked
+    href = tab.page.get_attribute(f"{row} a:text('logs')", "href")
+    assert href == "/modules/fails/map_crop/logs"
+    assert server.get(href).headers["Content-Type"] == "application/zip"
+    assert tab.errors == []
+
+
+def test_the_cancel_button_stops_a_running_run(tab, server):
+    run_id = submit(server, payload("stopme", "georeference",
+                                    extra_switches=slow("georeference", 120)))
+    tab.open(f"/ui/runs/{run_id}")
+    wait_state(tab, "georeference", "running")
+    tab.page.click("#cancel")
+    tab.page.wait_for_selector("#run-status.st-cancelled")
+    wait_state(tab, "georeference", "cancelled")
+    assert tab.dialogs and tab.dialogs[0][0] == "confirm" and run_id in tab.dialogs[0][1]
+    assert server.get(f"/runs/{run_id}").json()["status"] == "cancelled"
+    assert tab.page.locator("#cancel").count() == 0
+    assert tab.not_reloaded()
+    assert tab.errors == []
+
+
+def test_the_rerun_button_asks_then_opens_the_new_run(tab, server):
+    run_id = submit(server, payload("again", "georeference"))
+    server.wait_run(run_id)
+    tab.open(f"/ui/runs/{run_id}")
+    tab.page.click("#rerun")
+    tab.page.wait_for_url(re.compile(r"/ui/runs/(?!" + run_id + ")"))
+    new_id = tab.page.url.rsplit("/", 1)[1]
+    assert server.get("/runs").json() == [run_id, new_id]
+    assert tab.dialogs[0][0] == "confirm"
+    assert tab.errors == []
+
+
+def test_the_log_panel_grows_while_a_module_sleeps(tab, server):
+    run_id = submit(server, payload("logs", "georeference", "legend_item_segment",
+                                    extra_switches=dict(slow("georeference", 25),
+                                                        **slow("legend_item_segment", 6))))
+    asked = []
+    tab.page.on("request", lambda r: "/log?offset=" in r.url and asked.append(r.url))
+    tab.open(f"/ui/runs/{run_id}")
+    wait_state(tab, "georeference", "running")
+    # functions, not expressions: the page's CSP forbids the eval() a polled expression needs
+    log = "document.getElementById('log').textContent"
+    tab.page.wait_for_function(f"() => {log}.includes('legend_segment')")
+    first = tab.page.evaluate(f"() => {log}.length")
+    # legend_item_segment starts and ends while georeference still sleeps
+    tab.page.wait_for_function(f"() => {log}.length > {first}")
+    assert server.get(f"/runs/{run_id}").json()["status"] == "running"
+    assert node_state(tab, "georeference") == "running"
+    wait_state(tab, "georeference", "passed")
+    tab.page.wait_for_selector("#run-status.st-passed")
+    full = server.get(f"/runs/{run_id}/log").text
+    wait_for(lambda: tab.page.evaluate(f"() => {log}") == full, timeout=30)
+    # it asked only for what it had not seen yet
+    offsets = [int(url.rsplit("=", 1)[1]) for url in asked]
+    assert offsets[0] == 0 and max(offsets) > 0 and offsets == sorted(offsets)
+    assert tab.not_reloaded()
+    assert tab.errors == []
+
+
+def test_hostile_text_is_shown_as_text(tab, server):
+    refused = server.post("/runs", json=payload(HOSTILE, "map_crop"))
+    assert refused.status_code == 422 and refused.json()["error"] == "invalid_payload"
+    run_id = submit(server, payload("hostile", "map_crop",
+                                    extra_switches={"map_crop": [HOSTILE, HOSTILE_IMG]}))
+    server.wait_run(run_id)
+    for path in (f"/ui/runs/{run_id}", "/ui/runs", "/ui/jobs/hostile"):
+        tab.open(path)
+        tab.page.wait_for_timeout(500)
+    tab.open(f"/ui/runs/{run_id}")
+    shown = tab.page.inner_text("pre.payload")
+    assert HOSTILE in shown and HOSTILE_IMG in shown
+    tab.page.wait_for_function("() => document.getElementById('log').textContent.length > 0")
+    tab.page.wait_for_timeout(1000)
+    assert tab.page.locator("img").count() == 0
+    assert tab.page.locator("script:not([src])").count() == 0
+    assert tab.dialogs == []
+    assert tab.errors == []
+
+
+class Attacker:
+    """Another site (another loopback origin) whose page posts to the API with the
+    credentials the browser holds, by fetch and by a form."""
+
+    def __init__(self, api: str):
+        body = payload("csrf", "georeference")
+        # a text/plain form sends name=value: this name and value make valid JSON
+        form_name = ('{"job":"csrf-form","modules":["georeference"],"map":"' + body["map"]
+                     + '","extra_switches":{"georeference":["')
+        page = f"""<!doctype html><title>attacker</title>
+<form id="f" method="post" action="{api}/runs" enctype="text/plain" target="sink">
+<input type="hidden" name='{form_name}' value='"]}}}}'></form>
+<iframe name="sink"></iframe>
+<script>
+fetch("{api}/runs", {{method: "POST", mode: "no-cors", credentials: "include",
+  body: JSON.stringify({{"job": "csrf", "modules": ["georeference"], "map": "{body['map']}"}})}})
+  .finally(() => document.getElementById("f").submit());
+</script>""".encode()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html")
+                self.send_header("Content-Length", str(len(page)))
+                self.end_headers()
+                self.wfile.write(page)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
+
+
+def test_a_cross_site_post_is_refused(tab, server):
+    attacker = Attacker(server.url)
+    answers = []
+    tab.page.on("response", lambda r: r.request.method == "POST" and answers.append(
+        (r.url, r.status, r.request.headers.get("origin"))))
+    try:
+        tab.page.goto(attacker.url)
+        # sync Playwright hands over events only inside its own calls: wait in the page
+        wait_for(lambda: tab.page.wait_for_timeout(100) or len(answers) >= 2, timeout=60)
+    finally:
+        attacker.stop()
+    assert [(url, status) for url, status, _ in answers] == [(server.url + "/runs", 403)] * 2
+    assert all(origin == attacker.url.rstrip("/") for _, _, origin in answers)
+    assert server.get("/runs").json() == []
+    assert server.get("/jobs").json() == []
+    # the same request from the console's own pages, with the same stored credentials, works
+    tab.open("/ui/runs")
+    status = tab.page.evaluate("""body => fetch("/runs", {method: "POST", body: body})
+        .then(r => r.status)""", '{"job": "own", "modules": ["georeference"], '
+                                 f'"map": "{payload("x")["map"]}"}}')
+    assert status == 200
+    assert len(server.get("/runs").json()) == 1
+
+
+def pages(server, run_id: str) -> list:
+    return ["/", "/ui", "/ui/runs", "/ui/runs?status=passed&job=every", f"/ui/runs/{run_id}",
+            "/ui/jobs", "/ui/jobs/every", "/ui/maps", "/ui/modules"]
+
+
+def test_no_page_logs_a_javascript_error(tab, server):
+    run_id = submit(server, payload("every", "map_crop",
+                                    extra_switches=slow("legend_segment", 2)))
+    for path in pages(server, run_id):
+        tab.open(path)
+        assert tab.page.locator("main h1").count() == 1, path
+        tab.page.wait_for_timeout(2000)  # a poll or two
+    server.wait_run(run_id)
+    tab.open(f"/ui/runs/{run_id}")
+    tab.page.wait_for_timeout(3000)
+    assert tab.errors == []
+
+
+def test_swagger_ui_shows_the_api_under_its_policy(tab, server):
+    tab.open("/docs")
+    assert "script-src 'self'" in tab.page.evaluate(
+        "fetch('/docs').then(r => r.headers.get('content-security-policy'))")
+    tab.page.wait_for_selector("#operations-default-post_runs, .opblock-summary-path")
+    paths = tab.page.locator(".opblock-summary-path").all_inner_texts()
+    assert any(p.replace("\u200b", "") == "/runs" for p in paths), paths[:5]
+    assert tab.errors == []
+
+
+def test_every_page_fits_375_px(browser, server):
+    run_id = submit(server, payload("every", "ALL", extra_switches={"map_crop": ["--fail"]}))
+    server.wait_run(run_id)
+    narrow = Tab(browser, server, width=375)
+    try:
+        for path in pages(server, run_id):
+            narrow.open(path)
+            width = narrow.page.evaluate("document.scrollingElement.scrollWidth")
+            assert width <= 375, (path, width)
+            box = narrow.page.locator("main h1").bounding_box()
+            assert box and box["x"] >= 0 and box["x"] + box["width"] <= 375, path
+        narrow.open(f"/ui/runs/{run_id}")
+        # read at once: the page may swap the graph for a fresh one at any moment
+        graph = narrow.page.evaluate(
+            "() => document.querySelector('svg.graph').getBoundingClientRect().right")
+        assert 0 < graph <= 375
+        assert narrow.errors == []
+    finally:
+        narrow.close()
