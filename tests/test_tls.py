@@ -315,6 +315,48 @@ def test_location_stays_relative_and_info_says_tls(behind_caddy):
     assert status == 200 and json.loads(body)["tls"] is False
 
 
+def test_origin_check_and_console_see_the_public_origin(behind_caddy):
+    """origin.py compares a POST's Origin with the request's own origin, which through Caddy
+    is the public https one (waitress applied X-Forwarded-Proto and -Host); straight to the
+    server, forged forwarded headers do not change it. A POST that passes the check is
+    answered 422 here (an empty payload), a refused one 403."""
+    srv = behind_caddy.server
+    public = behind_caddy.caddy.url
+    inner = srv.url  # http://127.0.0.1:<server port>: what the server is without the proxy
+    with behind_caddy.session("127.0.0.2") as session:
+        def post(origin):
+            return session.post(public + "/runs", json={}, auth=srv.auth, timeout=10,
+                                headers={"Origin": origin})
+        assert post(public).status_code == 422
+        for foreign in (inner, public.replace("https:", "http:"), "https://evil.example"):
+            resp = post(foreign)
+            assert resp.status_code == 403 and resp.json()["error"] == "cross_origin", foreign
+        # the console through Caddy: its links are relative, never the inner address
+        page = session.get(public + "/", auth=srv.auth, timeout=10,
+                           headers={"Accept": "text/html"})
+        assert page.status_code == 200 and page.headers["Content-Type"].startswith("text/html")
+        assert "Content-Security-Policy" in page.headers
+        assert inner not in page.text
+        assert not re.search(r'(href|src|action)="https?:', page.text)
+
+    def direct_post(origin, forged):
+        host, port = inner.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10,
+                                          source_address=("127.0.0.3", 0))
+        try:
+            conn.request("POST", "/runs", body=b"{}", headers=dict(
+                basic(*srv.auth), Origin=origin, **forged))
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    claims = {"X-Forwarded-Proto": "https",
+              "X-Forwarded-Host": public.removeprefix("https://")}
+    assert direct_post(inner, {}) == 422
+    assert direct_post(public, claims) == 403  # the claims were dropped: not this origin
+    assert direct_post(inner, claims) == 422
+
+
 def test_a_flood_through_caddy_throttles_its_sender_only(behind_caddy):
     """Wrong passwords through Caddy from 127.0.0.2: that address gets 429, 127.0.0.3 does
     not; the request log names each address, not Caddy's."""
