@@ -378,6 +378,7 @@ def test_a_flood_through_caddy_throttles_its_sender_only(behind_caddy):
     assert wait_for(lambda: len(behind_caddy.log_lines("127.0.0.2", "GET", "/jobs")) == 5)
     assert wait_for(lambda: len(behind_caddy.log_lines("127.0.0.3", "GET", "/jobs")) == 2)
     assert not behind_caddy.log_lines("127.0.0.1", "GET", "/jobs")
+    assert any("believed from 127.0.0.1 only" in line for line in srv.lines)
 
 
 def test_forwarded_headers_straight_to_the_server_are_ignored(behind_caddy):
