@@ -64,8 +64,11 @@ def add_routes(api) -> None:
         rows = [run_row(r) for r in db.runs_page(job, status, PAGE_SIZE,
                                                  (number - 1) * PAGE_SIZE)]
         args = "".join(f"&{k}={v}" for k, v in (("job", job), ("status", status)) if v)
-        watch = [f"/runs?status=not_started{args}", f"/runs?status=running{args}",
-                 f"/runs?offset={total}{args}"]
+        # the status filter stays out of what is polled: every change of state passes
+        # through these lists, and /runs?status=passed would be every passed run, each poll
+        of_job = f"&job={job}" if job else ""
+        watch = [f"/runs?status=not_started{of_job}", f"/runs?status=running{of_job}",
+                 f"/runs?offset={db.count_runs(job) if status else total}{of_job}"]
         return render("runs", "Runs", watch, rows=rows, total=total, page=number, pages=pages,
                       job=job or "", status=status or "", statuses=[s.value for s in Status],
                       link_args=args)
@@ -85,7 +88,9 @@ def add_routes(api) -> None:
         names = drawn_modules(catalogue, run["modules"], executions)
         modules = [module_row(name, executions.get(name), run["status"]) for name in names]
         finished = run["status"] in FINISHED
-        return render("run", f"Run {run['run_id']}", [f"/runs/{run['run_id']}"],
+        # an ended run changes no more: its open page stops polling
+        watch = [] if finished else [f"/runs/{run['run_id']}"]
+        return render("run", f"Run {run['run_id']}", watch,
                       run=run_row(run), finished=finished, modules=modules,
                       graph=graph(catalogue, modules),
                       payload=json.dumps(shown(run["payload"]), indent=2, sort_keys=True))
@@ -106,6 +111,8 @@ def add_routes(api) -> None:
         Raises 404 if unknown."""
         api.get_job(job)
         latest = db.latest_run(job)
+        if latest is None:  # the job was deleted since the line above
+            raise ApiError(404, "unknown_job", f"no job {job!r}; GET /jobs lists them")
         statuses = db.job_module_status(job)
         modules = [module_row(name, db.latest_execution(job, name), latest["status"])
                    for name in statuses]
@@ -193,16 +200,20 @@ def static(name: str, media: str) -> bytes:
 # ---------------------------------------------------------------------------- views
 
 def shown(value):
-    """A payload as the console shows it: no key, secret, token or password, and no
-    credentials or query in a URL (a webhook's token may ride in either)."""
+    """A payload as the console shows it: no key, secret, token or password, and a URL by
+    its origin only (a webhook's token may ride in its credentials, its query or its path,
+    as Slack's and Discord's do)."""
     if isinstance(value, dict):
         return {k: ("(hidden)" if SECRET_KEY.search(str(k)) else shown(v))
                 for k, v in value.items()}
     if isinstance(value, list):
         return [shown(v) for v in value]
     if isinstance(value, str) and re.match(r"(?i)https?://", value):
-        value = re.sub(r"(?i)^(https?://)[^/@]*@", r"\1(hidden)@", value)
-        return re.sub(r"[?#].*", "?(hidden)", value, flags=re.S)
+        scheme, _, rest = value.partition("://")
+        authority, path = re.match(r"([^/?#]*)(.*)", rest, re.S).groups()
+        if "@" in authority:
+            authority = "(hidden)@" + authority.rpartition("@")[2]
+        return f"{scheme}://{authority}" + ("/(hidden)" if path.strip("/") else "")
     return value
 
 
@@ -259,13 +270,41 @@ def module_row(name: str, execution: dict | None, run_status: str) -> dict:
     if execution is None:
         state = "not_run" if run_status in FINISHED else "waiting"
         return {"name": name, "state": state, "started": "", "ended": "", "duration": "",
-                "exit_code": None, "message": "", "ran": False}
+                "exit_code": None, "message": "", "resources": "", "ran": False}
     return {"name": name, "state": execution["status"],
             "started": short_time(execution["start_time"]),
             "ended": short_time(execution["stop_time"]),
             "duration": duration(execution["start_time"], execution["stop_time"]),
             "exit_code": execution["exit_code"], "message": execution["message"] or "",
-            "ran": True}
+            "resources": usage(execution.get("resources")), "ran": True}
+
+
+def usage(recorded: str | None) -> str:
+    """An execution's `resources` (ModuleStatus) in one line, `CPU 1.2 s · RSS 84 MB ·
+    GPU 0 ...`; what is unknown (null, not yet measured) is left out."""
+    try:
+        used = json.loads(recorded or "{}")
+    except ValueError:
+        return ""
+    if not isinstance(used, dict):
+        return ""
+
+    def figures(*wanted) -> list:
+        found = []
+        for key, text, scale in wanted:
+            value = used.get(key)
+            if isinstance(value, (int, float)) and not isinstance(value, bool) \
+                    and math.isfinite(value):
+                found.append(text.format(value / scale))
+        return found
+
+    parts = figures(("cpu_seconds", "CPU {:.1f} s", 1), ("peak_rss_bytes", "RSS {:.0f} MB", 1e6))
+    if used.get("gpu_device") is not None:
+        parts += [f"GPU {used['gpu_device']}"] + figures(
+            ("gpu_memory_peak_bytes", "GPU memory {:.0f} MB", 1e6),
+            ("gpu_util_mean", "GPU use {:.0f}%", 1),
+            ("waited_for_gpu_seconds", "waited {:.1f} s", 1))
+    return " · ".join(parts)
 
 
 def graph(catalogue: dict, modules: list) -> dict:

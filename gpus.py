@@ -17,7 +17,9 @@ import contextlib
 import fcntl
 import logging
 import os
+import re
 import shutil
+import stat
 import subprocess
 import threading
 import time
@@ -56,12 +58,15 @@ class GpuSettings:
         elif raw.lower() == "none":
             devices = ()
         else:
-            devices = tuple(d.strip() for d in raw.split(",") if d.strip())
-            if not devices or any(not d.isdigit() or int(d) >= MAX_DEVICES for d in devices) \
-                    or len(set(devices)) != len(devices):
-                raise ValueError(f"MIP_GPUS={raw!r}: expected device ids such as 0,1,2,3 "
+            parts = [d.strip() for d in raw.split(",") if d.strip()]
+            # ASCII digits only: str.isdigit() takes "²" (int() refuses it) and "٣" (int()
+            # reads 3); compared as numbers, so that 0 and 00 are one device
+            ids = [int(d) for d in parts if re.fullmatch(r"[0-9]{1,2}", d)]
+            if not parts or len(ids) != len(parts) or max(ids) >= MAX_DEVICES \
+                    or len(set(ids)) != len(ids):
+                raise ValueError(f"MIP_GPUS={raw[:40]!r}: expected device ids such as 0,1,2,3 "
                                  "(each once, below 64), or none")
-            devices = tuple(str(int(d)) for d in devices)
+            devices = tuple(str(i) for i in ids)
         require = env.get("MIP_REQUIRE_GPU", "0")
         if require not in ("0", "1"):
             raise ValueError(f"MIP_REQUIRE_GPU={require!r}: expected 0 or 1")
@@ -136,10 +141,16 @@ def lock_path(runs_dir: str, device: str) -> str:
 
 def try_take(runs_dir: str, devices, holder: str) -> Slot | None:
     """One free device of `devices`, locked, or None when all are held."""
-    os.makedirs(os.path.join(runs_dir, "gpus"), exist_ok=True)
+    # the folder is mipper's alone: whoever can write in it can hold every device, or
+    # plant a lock file that is a link to a file of ours
+    os.makedirs(os.path.join(runs_dir, "gpus"), mode=0o700, exist_ok=True)
     for device in devices:
-        fd = os.open(lock_path(runs_dir, device), os.O_RDWR | os.O_CREAT, 0o600)
+        # never through a link: the holder's line below truncates the file it opens
+        fd = os.open(lock_path(runs_dir, device), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW,
+                     0o600)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(f"{lock_path(runs_dir, device)} is not a regular file")
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
@@ -187,7 +198,7 @@ def release(slot: Slot | None) -> None:
 def held(runs_dir: str, device: str) -> bool:
     """True while some process holds the device's lock (for tests and operators)."""
     try:
-        fd = os.open(lock_path(runs_dir, device), os.O_RDONLY)
+        fd = os.open(lock_path(runs_dir, device), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except FileNotFoundError:
         return False
     try:

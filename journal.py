@@ -549,9 +549,10 @@ class Journal:
     def delete_job(self, job: str) -> list:
         """Delete the job, its runs and every row that refers to them; the runs' log paths."""
         with self.transaction() as db:
-            logs = [r[0] for r in db.execute("SELECT log_path FROM runs WHERE job = ?", (job,))]
+            rows = db.execute("SELECT run_id, log_path FROM runs WHERE job = ?", (job,)).fetchall()
             _delete_rows(db, "jobs", "job", [job])
-        return logs
+            _delete_run_mentions(db, [r[0] for r in rows])
+        return [r[1] for r in rows]
 
     def holds_job_state(self, run_id: str) -> bool:
         """True if the run is its job's latest, or one of its executions is the latest of
@@ -566,17 +567,28 @@ class Journal:
         """Delete a run and every row that refers to it (its executions, its key)."""
         with self.transaction() as db:
             _delete_rows(db, "runs", "run_id", [run_id])
+            _delete_run_mentions(db, [run_id])
 
     def old_runs(self, before: str) -> list:
         """Rows of the finished runs that stopped before `before` (utcnow() text), oldest
-        first, except those holding their job's state (holds_job_state)."""
+        first, except those holding their job's state (holds_job_state) and those whose
+        completion notice is still to be sent (a receiver down for hours must still get it)."""
         rows = self.connect().execute(
             "SELECT * FROM runs r WHERE status IN ('passed', 'failed', 'cancelled')"
             " AND stop_time < ? AND r.seq < (SELECT MAX(seq) FROM runs WHERE job = r.job)"
+            " AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.run_id = r.run_id"
+            " AND d.state IN ('waiting', 'pending'))"
             " AND NOT EXISTS (SELECT 1 FROM executions e WHERE e.run_id = r.run_id AND e.id ="
             " (SELECT MAX(id) FROM executions WHERE job = e.job AND module = e.module))"
             " ORDER BY seq", (before,))
         return [_run_dict(r) for r in rows]
+
+    def job_ended(self, job: str) -> str | None:
+        """The stop time of the job's latest run if that run has ended, else None."""
+        row = self.connect().execute(
+            "SELECT status, stop_time FROM runs WHERE job = ? ORDER BY seq DESC LIMIT 1",
+            (job,)).fetchone()
+        return row["stop_time"] if row and row["status"] in FINISHED else None
 
     def finished_jobs(self) -> list:
         """(job, stop time of its latest run) of the jobs whose latest run has ended,
@@ -665,6 +677,17 @@ def _run_dict(row) -> dict | None:
     run["payload"] = json.loads(run["payload"])
     run["force_rerun"] = bool(run["force_rerun"])
     return run
+
+
+def _delete_run_mentions(db, run_ids: list) -> None:
+    """Delete the notices and Idempotency-Keys of deleted runs: they name runs without a
+    foreign key, so _delete_rows leaves them, and a notice's URL (which may hold the
+    receiver's token) would stay in the journal for good."""
+    for start in range(0, len(run_ids), 500):  # SQLite's bound on ? in one statement
+        some = run_ids[start:start + 500]
+        marks = ",".join("?" * len(some))
+        for table in ("deliveries", "idempotency_keys"):
+            db.execute(f"DELETE FROM {table} WHERE run_id IN ({marks})", some)
 
 
 def _delete_rows(db, table: str, column: str, values: list) -> None:

@@ -8,6 +8,7 @@ and only inside their own folders: never runners.log, nor a file a module linked
 """
 
 import os
+import stat
 
 import bottle
 
@@ -62,10 +63,15 @@ def read_from(path: str | None, folder: str, offset: int) -> tuple:
     if not path or not inside(path, folder):
         return b"", 0
     try:
-        f = open(path, "rb")
+        # not blocking: a FIFO put in a log's place would hold this thread for a writer
+        f = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
     except OSError:
         return b"", 0
-    size = os.fstat(f.fileno()).st_size
+    info = os.fstat(f.fileno())
+    if not stat.S_ISREG(info.st_mode):
+        f.close()
+        return b"", 0
+    size = info.st_size
     if offset >= size:
         f.close()
         return b"", size

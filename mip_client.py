@@ -31,7 +31,10 @@ import uuid
 from typing import Optional
 from typing import Union
 
-import requests
+try:
+    import requests
+except ImportError:  # the one package it needs: a copy on another machine says so plainly
+    sys.exit("mip_client: error: the requests package is missing: pip install requests")
 
 VERSION = "0.1.0"
 EXIT_OK = 0

@@ -20,6 +20,7 @@ import re
 import secrets
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -634,7 +635,11 @@ def log_tail(path: str | None, size: int = LOG_TAIL) -> str | None:
     if not path:
         return None
     try:
-        with open(path, "rb") as f:
+        # not through a link, nor waiting on a FIFO: a module (a container) may have put
+        # either in its log's place
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
             f.seek(0, os.SEEK_END)
             end = f.tell()
             f.seek(max(0, end - size))
@@ -926,8 +931,10 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     def submit(payload, key):
         run_id = keys.submit(payload, key, lambda: queue.submit(payload, key))
         settled.drop_job(payload["job"])
+        # a replayed key's run may have been deleted since: a 404 says so
+        run = get_run(run_id)
         bottle.response.set_header("Location", f"/runs/{run_id}")
-        return send(run_status(db, db.run(run_id)))
+        return send(run_status(db, run))
 
     # ------------------------------------------------------------------ routes
 
@@ -1051,6 +1058,8 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         run = db.latest_run(checked_name("job", job))
         if run is None:
             get_job(job)  # raises the 404
+            # the job was being deleted: its record outlived its runs for a moment
+            raise ApiError(404, "unknown_job", f"no job {job!r}; GET /jobs lists them")
         finished = run["status"] in FINISHED
         answer = {
             "status": run["status"], "job": job, "modules": run["modules"],

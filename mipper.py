@@ -489,7 +489,9 @@ def kind_files(settings: Settings, job: str, module: str, kind: str):
     out_dir = os.path.join(settings.outputs_dir, job, module)
     if kind == "logs":
         own_log = os.path.join(settings.outputs_dir, job, f"{module}.log")
-        files = [(f"{module}.log", own_log)] if os.path.isfile(own_log) else []
+        # not a link: a module (a container) may have put one in its log's place
+        own = os.path.isfile(own_log) and not os.path.islink(own_log)
+        files = [(f"{module}.log", own_log)] if own else []
         files += [(name, path) for name, path in walk_files(out_dir) if name.endswith(".log")]
         return files or None
     folder = out_dir if kind == "outputs" else os.path.join(settings.temps_dir, job, module)
@@ -874,10 +876,28 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
         # a module whose end could not be recorded (its worker died) must not stay running
         if db.end_running_executions(run_id, Status.FAILED, journal.LOST_EXECUTION):
             status = Status.FAILED
+            stop_lost(settings, catalogue, run_id, graph)
         if not db.set_run_status(run_id, status):
             status = Status(db.run(run_id)["status"])
         log.info("run %s %s (luigi: %s)", run_id, status.value, result.status.name)
         return EXIT_OK if status == Status.PASSED else EXIT_FAILED
+
+
+def stop_lost(settings: Settings, catalogue: dict, run_id: str, graph: list) -> None:
+    """Stop what the modules of a luigi worker that died left running: their processes
+    (found by the run id the server puts in their environment), containers and tasks.
+    Left alone, such a module would hold its GPU slot, unseen, for a run that has ended;
+    the server stops leftovers only when mipper itself dies."""
+    used = {module_runner(settings, catalogue[n]) for n in graph}
+    try:
+        stopped = runners.stop_run(run_id, None, used, settings.runner_settings)
+    except runners.RunnerError as e:
+        log.warning("what the run's lost modules started may still run: %s", e)
+        return
+    if stopped:
+        # which containers and tasks stays in runners.log, on the host
+        log.info("stopped %d processes, containers or tasks left by lost modules", len(stopped))
+        runners.log.info("run %s: stopped %s", run_id, ", ".join(stopped))
 
 
 def judge(run: Run) -> bool:

@@ -40,6 +40,9 @@ MAX_URL = 2048
 POLL = 2.0  # seconds between looks for runs that ended without telling us (a queued cancel)
 BATCH = 20  # deliveries tried per pass, so that a stop is never far off
 USER_AGENT = "mip-notices"
+# lookups in flight at once; one stuck in a resolver that never answers keeps its place
+# until the resolver gives up, so those can never take every request thread
+LOOKUPS = threading.BoundedSemaphore(4)
 
 log = logging.getLogger("mip.notices")
 
@@ -49,12 +52,20 @@ log = logging.getLogger("mip.notices")
 REFUSED_NETWORKS = tuple(ipaddress.ip_network(n) for n in (
     "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
     "172.16.0.0/12", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4",
-    "::/128", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8"))
+    "::/128", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8",
+    # IPv4-compatible (::a.b.c.d), IPv4-translated (::ffff:0:a.b.c.d) and local-use NAT64:
+    # forms that may reach an IPv4 address ipaddress does not unwrap, none of them public
+    "::/96", "::ffff:0:0:0/96", "64:ff9b:1::/48"))
 NAT64 = ipaddress.ip_network("64:ff9b::/96")
 
 
 class Refused(Exception):
     """A notify URL or one of its addresses that the server will not call."""
+
+
+class Unresolved(Refused):
+    """A host name that did not resolve, or not in time: refused at submit, but at delivery
+    a failed try like any other (a resolver down for a while must not lose notices)."""
 
 
 # ---------------------------------------------------------------------------- settings
@@ -158,25 +169,48 @@ def check_address(address: str, allow: tuple) -> None:
                           "non-public address (MIP_NOTIFY_ALLOW lets an operator allow it)")
 
 
-def resolve(host: str, port: int) -> list:
+def lookup(host: str, port: int, timeout: float) -> list:
+    """socket.getaddrinfo, given up after `timeout` seconds: the resolver's own timeouts,
+    tried for each name server and search domain, can add up to minutes, which would hold a
+    request thread (at submit) or the one delivery thread. Raises Unresolved."""
+    if not LOOKUPS.acquire(timeout=timeout):
+        raise Unresolved(f"cannot resolve {host!r}: the resolver is not answering")
+    answer = {}
+
+    def work():
+        try:
+            answer["infos"] = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except (OSError, UnicodeError) as e:
+            answer["error"] = e
+        finally:
+            LOOKUPS.release()
+
+    thread = threading.Thread(target=work, daemon=True, name="notices-lookup")
+    thread.start()
+    thread.join(timeout)
+    if "infos" in answer:
+        return answer["infos"]
+    if "error" in answer:
+        raise Unresolved(f"cannot resolve {host!r}: {answer['error']}")
+    raise Unresolved(f"cannot resolve {host!r}: no answer in {timeout:g} s")
+
+
+def resolve(host: str, port: int, timeout: float = 10) -> list:
     """Every address `host` resolves to (a literal address is itself); raises Refused."""
     if is_literal(host):
         return [host]
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except (OSError, UnicodeError) as e:
-        raise Refused(f"cannot resolve {host!r}: {e}") from None
+    infos = lookup(host, port, timeout)
     addresses = list(dict.fromkeys(info[4][0] for info in infos))
     if not addresses:
         raise Refused(f"{host!r} resolves to no address")
     return addresses
 
 
-def checked_addresses(url: str, allow: tuple) -> tuple:
+def checked_addresses(url: str, allow: tuple, timeout: float = 10) -> tuple:
     """(host, port, addresses): the URL's host resolved, EVERY address checked, since a
     connection could go to any of them. Raises Refused."""
     host, port = split_url(url)
-    addresses = resolve(host, port)
+    addresses = resolve(host, port, timeout)
     for address in addresses:
         check_address(address, allow)
     return host, port, addresses
@@ -199,7 +233,7 @@ def check_payload(settings: NoticeSettings, payload: dict) -> None:
     if url is None:
         return
     try:
-        checked_addresses(url, settings.allow)
+        checked_addresses(url, settings.allow, settings.timeout)
     except Refused as e:
         raise ApiError(422, "notify_url_refused", f"notify_url: {e}") from None
 
@@ -291,7 +325,7 @@ def post(url: str, body: bytes, headers: dict, settings: NoticeSettings) -> int:
     """POST the body to the URL at an address checked now; the answer's status. The answer
     body is never read. Raises Refused (an address the server will not call) or OSError /
     http.client.HTTPException."""
-    host, port, addresses = checked_addresses(url, settings.allow)
+    host, port, addresses = checked_addresses(url, settings.allow, settings.timeout)
     parts = urllib.parse.urlsplit(url)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     context = ssl.create_default_context() if parts.scheme == "https" else None
@@ -420,6 +454,8 @@ class Notifier:
             error = None if 200 <= code < 300 else (
                 f"answered {code} (a redirect is not followed)" if 300 <= code < 400
                 else f"answered {code}")
+        except Unresolved as e:
+            error = str(e)  # a resolver down or slow for a while: tried again later
         except Refused as e:
             # an address refused now, though not at submit: DNS changed; never retried
             log.warning("notice %s for run %s to %s refused: %s", row["id"], row["run_id"],

@@ -121,15 +121,33 @@ def iso_ago(now: float, days: int) -> str:
 
 # ---------------------------------------------------------------------------- removing
 
-def remove(root: str, *parts: str) -> str | None:
+def kept(settings: mipper.Settings) -> tuple:
+    """The server's own files and folders, real paths: no removal may reach them. A job name
+    may be any of their names (`logs`, `gpus`, `journal.db`), and an operator may set the
+    outputs or temps folder to the runs folder, or put one inside another."""
+    runs = settings.runs_dir
+    paths = [runs, settings.outputs_dir, settings.temps_dir, settings.inputs_dir,
+             settings.repos_dir, settings.config_path, settings.key_file,
+             os.path.join(runs, "logs"), os.path.join(runs, "gpus"),
+             os.path.join(runs, "runners.log")]
+    paths += [settings.journal_path + tail for tail in ("", "-wal", "-shm")]
+    return tuple(os.path.realpath(p) for p in paths if p)
+
+
+def remove(root: str, *parts: str, keep: tuple = ()) -> str | None:
     """Remove `root/parts...` (a folder, a file, or a symlink itself, never what it points
     to); its name relative to root's parent when something was there, else None. Refused
     (None, with a warning) when a folder on the way is a symlink, which could lead out of
-    the data folders."""
+    the data folders, or when it is or holds one of the paths `keep` (kept())."""
     path = os.path.join(root, *parts)
     if os.path.realpath(os.path.dirname(path)) != os.path.join(os.path.realpath(root),
                                                                *parts[:-1]):
         log.warning("not removing %s: a folder on its way is a symlink", path)
+        return None
+    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    held = [k for k in keep if k == real or k.startswith(real + os.sep)]
+    if held:
+        log.warning("not removing %s: it is or holds %s, which the server needs", path, held[0])
         return None
     if not os.path.lexists(path):
         return None
@@ -154,6 +172,7 @@ class Remover:
         self.db = db
         self.queue = queue
         self.caches = caches  # mip_server.AnswerCache objects holding job and run answers
+        self.keep = kept(cfg.settings)
 
     def busy(self, job: str) -> bool:
         """True while a run of the job is queued or running, or its end is not yet
@@ -180,8 +199,10 @@ class Remover:
         """Remove a module's outputs, temps and log, and set it back to not_started."""
         s = self.settings
         self.db.reset_module(job, module, why, forget_upload)
-        removed = [remove(s.outputs_dir, job, module), remove(s.outputs_dir, job, f"{module}.log"),
-                   remove(s.temps_dir, job, module)]
+        keep = self.keep
+        removed = [remove(s.outputs_dir, job, module, keep=keep),
+                   remove(s.outputs_dir, job, f"{module}.log", keep=keep),
+                   remove(s.temps_dir, job, module, keep=keep)]
         self.forget(job, self.db.run_ids(job))
         return [r for r in removed if r]
 
@@ -189,19 +210,21 @@ class Remover:
         """Remove a module's outputs and its log (its temps stay); back to not_started."""
         s = self.settings
         self.db.reset_module(job, module, why, False)
-        removed = [remove(s.outputs_dir, job, module), remove(s.outputs_dir, job, f"{module}.log")]
+        removed = [remove(s.outputs_dir, job, module, keep=self.keep),
+                   remove(s.outputs_dir, job, f"{module}.log", keep=self.keep)]
         self.forget(job, self.db.run_ids(job))
         return [r for r in removed if r]
 
     def temps(self, job: str) -> str | None:
         """Remove the job's temps folder; module states do not change."""
-        return remove(self.settings.temps_dir, job)
+        return remove(self.settings.temps_dir, job, keep=self.keep)
 
     def job(self, job: str) -> tuple:
         """Remove the job's folders, records and run logs; (removed, run ids)."""
         run_ids = self.db.run_ids(job)
         logs = self.db.delete_job(job)
-        removed = [remove(self.settings.outputs_dir, job), remove(self.settings.temps_dir, job)]
+        removed = [remove(self.settings.outputs_dir, job, keep=self.keep),
+                   remove(self.settings.temps_dir, job, keep=self.keep)]
         removed += [self.run_log(path) for path in logs]
         self.forget(job, run_ids)
         return [r for r in removed if r], run_ids
@@ -218,7 +241,7 @@ class Remover:
         folder = os.path.join(self.settings.runs_dir, "logs")
         if os.path.dirname(path) != folder:
             return None
-        return remove(self.settings.runs_dir, "logs", os.path.basename(path))
+        return remove(self.settings.runs_dir, "logs", os.path.basename(path), keep=self.keep)
 
     def s3(self, job: str, module: str | None = None) -> int:
         """Delete the S3 objects under the job's (or the module's) prefix; how many.
@@ -372,14 +395,17 @@ class Sweeper:
         now = time.time() if now is None else now
         rs, r = self.rs, self.remover
         if rs.temps_days is not None:
-            for job in self.ended_before(iso_ago(now, rs.temps_days)):
+            cutoff = iso_ago(now, rs.temps_days)
+            for job in self.ended_before(cutoff):
                 self.locked(job, lambda j: self.log_temps(j, f"ended over {rs.temps_days} days "
-                                                             "ago (MIP_RETAIN_TEMPS_DAYS)"))
+                                                             "ago (MIP_RETAIN_TEMPS_DAYS)"),
+                            cutoff)
         if rs.outputs_days is not None:
             why = f"ended over {rs.outputs_days} days ago (MIP_RETAIN_OUTPUTS_DAYS)"
-            for job in self.ended_before(iso_ago(now, rs.outputs_days)):
+            cutoff = iso_ago(now, rs.outputs_days)
+            for job in self.ended_before(cutoff):
                 for module in r.db.job_modules(job):
-                    self.locked(job, lambda j, m=module: self.log_outputs(j, m, why))
+                    self.locked(job, lambda j, m=module: self.log_outputs(j, m, why), cutoff)
         if rs.runs_days is not None:
             cutoff = iso_ago(now, rs.runs_days)
             for run in r.db.old_runs(cutoff):
@@ -391,13 +417,20 @@ class Sweeper:
     def ended_before(self, cutoff: str) -> list:
         return [job for job, stop in self.remover.db.finished_jobs() if stop and stop < cutoff]
 
-    def locked(self, job: str, action) -> None:
-        """Run action(job) under the queue's lock, unless the job is busy."""
+    def locked(self, job: str, action, ended_before: str | None = None) -> None:
+        """Run action(job) under the queue's lock, unless the job is busy or, with
+        `ended_before`, its latest run no longer ended before then: a long sweep works from
+        a list read at its start, and a job run again since is not old any more."""
         if self.stopping.is_set():
             return
         with self.remover.queue.lock:
-            if not self.remover.busy(job):
-                action(job)
+            if self.remover.busy(job):
+                return
+            if ended_before is not None:
+                stop = self.remover.db.job_ended(job)
+                if not (stop and stop < ended_before):
+                    return
+            action(job)
 
     def log_temps(self, job: str, why: str) -> None:
         removed = self.remover.temps(job)

@@ -14,6 +14,7 @@ MIP_RUN_ID, the containers' label, the tasks' startedBy) and stops it.
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -296,15 +297,18 @@ def docker_bytes(text: str) -> int | None:
         return None
     try:
         return int(float(found.group(1)) * UNITS[found.group(2).lower()])
-    except ValueError:
+    except (ValueError, OverflowError):  # 400 digits are an infinite float
         return None
 
 
 def docker_percent(text) -> float | None:
+    """`12.5%` as 12.5; None if unreadable, negative or not finite (json.dumps writes a
+    NaN as `NaN`, which is not JSON, and the journal would serve it so)."""
     try:
-        return float(str(text).strip().rstrip("%"))
+        share = float(str(text).strip().rstrip("%"))
     except ValueError:
         return None
+    return share if math.isfinite(share) and share >= 0 else None
 
 
 # ---------------------------------------------------------------------------- ecs

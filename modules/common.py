@@ -50,12 +50,25 @@ def make_parser(name: str, description: str) -> argparse.ArgumentParser:
     tests.add_argument("--fail", action="store_true", help="log why, then exit 1")
     tests.add_argument("--fail-unless-exists", metavar="PATH",
                        help="log and exit 1 unless PATH exists")
-    tests.add_argument("--hold-mb", type=int, default=0, metavar="MB",
-                       help=f"hold this many MB of memory (resident) for {HOLD_SECONDS:g} s")
+    tests.add_argument("--hold-mb", type=hold_size, default=0, metavar="MB",
+                       help=f"hold this many MB of memory (resident) for {HOLD_SECONDS:g} s, "
+                            f"at most {HOLD_MAX_MB}")
     return parser
 
 
 HOLD_SECONDS = 2.0
+# an API user's extra switch reaches this: no asking the server's host for all its memory
+HOLD_MAX_MB = 1024
+
+
+def hold_size(text: str) -> int:
+    try:
+        mb = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of MB, got {text!r}") from None
+    if not 0 <= mb <= HOLD_MAX_MB:
+        raise argparse.ArgumentTypeError(f"expected 0 to {HOLD_MAX_MB} MB, got {mb}")
+    return mb
 PAGE = 4096
 
 

@@ -6,7 +6,7 @@
 <p class="empty">No module has run in this job yet.</p>
 % else:
 <table class="cards">
-<thead><tr><th>Module</th><th>State</th><th>Started</th><th>Ended</th><th>Exit code</th><th>Message</th><th>Downloads</th></tr></thead>
+<thead><tr><th>Module</th><th>State</th><th>Started</th><th>Ended</th><th>Exit code</th><th>Message</th><th>Resources</th><th>Downloads</th></tr></thead>
 <tbody>
 % for m in modules:
 <tr data-module="{{m['name']}}">
@@ -16,6 +16,7 @@
 <td data-label="Ended">{{m['ended']}}</td>
 <td data-label="Exit code">{{'' if m['exit_code'] is None else m['exit_code']}}</td>
 <td data-label="Message" class="message">{{m['message']}}</td>
+<td data-label="Resources" class="resources">{{m['resources']}}</td>
 <td data-label="Downloads">
 <a href="/modules/{{job}}/{{m['name']}}/log">log</a>
 <a href="/modules/{{job}}/{{m['name']}}/logs" download>logs</a>

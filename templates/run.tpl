@@ -21,7 +21,7 @@
 <section id="graph" data-live>
 % include('graph', g=graph)
 <table class="cards">
-<thead><tr><th>Module</th><th>State</th><th>Started</th><th>Ended</th><th>Duration</th><th>Exit code</th><th>Message</th><th>Downloads</th></tr></thead>
+<thead><tr><th>Module</th><th>State</th><th>Started</th><th>Ended</th><th>Duration</th><th>Exit code</th><th>Message</th><th>Resources</th><th>Downloads</th></tr></thead>
 <tbody>
 % for m in modules:
 <tr data-module="{{m['name']}}">
@@ -32,6 +32,7 @@
 <td data-label="Duration">{{m['duration']}}</td>
 <td data-label="Exit code">{{'' if m['exit_code'] is None else m['exit_code']}}</td>
 <td data-label="Message" class="message">{{m['message']}}</td>
+<td data-label="Resources" class="resources">{{m['resources']}}</td>
 <td data-label="Downloads">
 % if m['ran']:
 <a href="/modules/{{run['job']}}/{{m['name']}}/log">log</a>

@@ -73,12 +73,15 @@ def test_run_page_shows_the_graph_the_modules_and_no_secret(server):
     assert 'href="/modules/graph/map_crop/logs"' in text
     assert 'data-post="/runs/' + run_id + '/rerun"' in text
     assert 'id="cancel"' not in text  # the run is over
+    assert 'data-watch=""' in text  # and its page polls no more
     assert "sk-secret-value-123" not in text and "openai_key" not in text
     # ALL draws the whole catalogue; what never started in a finished run is `not_run`
     run_id = server.post("/runs", json=payload("graph", "ALL")).json()["run_id"]
     text = page(server, f"/ui/runs/{run_id}").text
     drawn = re.findall(r'<g class="node[^"]*" data-module="(\w+)"', text)
     assert len(drawn) == 9 and "geopackage" in drawn
+    if 'id="cancel"' in text:  # still going: its page polls it
+        assert f'data-watch="/runs/{run_id}"' in text
     server.wait_run(run_id)
 
 
@@ -89,7 +92,12 @@ def test_shown_payload_hides_keys_tokens_and_url_credentials():
     text = json.dumps(shown)
     for secret in ("sk-1", "pw", "abc", '"t"', "k=v"):
         assert secret not in text
-    assert shown["job"] == "j" and shown["notify_url"].startswith("https://(hidden)@hooks")
+    assert shown["job"] == "j" and shown["notify_url"] == "https://(hidden)@hooks.example/(hidden)"
+    # Slack's and Discord's webhooks carry their token in the path
+    for url in ("https://hooks.slack.com/services/T0/B0/SeCrEt", "http://h.example:81/a/SeCrEt#x",
+                "https://discord.com/api/webhooks/1/SeCrEt", "https://a@b@h.example/SeCrEt"):
+        assert "SeCrEt" not in console.shown(url) and console.shown(url).endswith("/(hidden)")
+    assert console.shown("http://h.example:81/") == "http://h.example:81"
 
 
 def test_hostile_values_are_escaped(server):
@@ -170,6 +178,20 @@ def test_jobs_maps_and_modules_pages(server):
     assert 'href="#module-legend_segment"' in modules
 
 
+def test_a_job_caught_mid_deletion_is_a_404(server):
+    """DELETE /jobs/{job} removes the job's runs and its record in one transaction, but a
+    page reads the record and then the runs: a job found without runs is gone."""
+    db = journal.Journal(server.env["TA1_RUNS_DIR"] + "/journal.db")
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO jobs (job, map, created) VALUES ('going', ?, ?)",
+                     (payload("x")["map"], journal.utcnow()))
+    db.close()
+    for path, headers in (("/ui/jobs/going", HTML), ("/jobs/going", {})):
+        resp = server.get(path, headers=headers)
+        assert resp.status_code == 404, (path, resp.text)
+        assert resp.json()["error"] == "unknown_job"
+
+
 # ---------------------------------------------------------------------------- origin
 
 @pytest.mark.parametrize("headers", [
@@ -244,3 +266,43 @@ def test_the_run_list_page_watches_cheap_json_answers(server):
     # what the page polls changes when a run appears, so the page knows to refresh
     wait_for(lambda: server.get(watch[2]).json() == [run_id])
     server.wait_run(run_id)
+    # filtered by a status, it still polls the short lists, never every run of that status
+    for status in ("passed", "failed"):
+        text = page(server, f"/ui/runs?status={status}&job=w").text
+        watch = html.unescape(re.search(r'data-watch="([^"]*)"', text).group(1)).split()
+        assert watch == ["/runs?status=not_started&job=w", "/runs?status=running&job=w",
+                         "/runs?offset=1&job=w"], status
+
+
+def test_module_tables_show_what_each_module_used(server):
+    run_id = server.post("/runs", json=payload("use", "georeference")).json()["run_id"]
+    server.wait_run(run_id)
+    used = server.get("/modules/use/georeference").json()["resources"]
+    assert used["cpu_seconds"] is not None and used["peak_rss_bytes"] is not None
+    line = f"CPU {used['cpu_seconds']:.1f} s · RSS {used['peak_rss_bytes'] / 1e6:.0f} MB"
+    for path in (f"/ui/runs/{run_id}", "/ui/jobs/use"):
+        row = re.search(r'<tr data-module="georeference">.*?</tr>', page(server, path).text,
+                        re.S).group(0)
+        assert f'<td data-label="Resources" class="resources">{line}</td>' in row, path
+    # a GPU module's figures (no GPU here: as NVML would have recorded them), and a value
+    # that is not what the schema says is shown escaped, never as markup
+    db = journal.Journal(server.env["TA1_RUNS_DIR"] + "/journal.db")
+    with db.transaction() as conn:
+        conn.execute("UPDATE executions SET resources = ? WHERE job = 'use'", (json.dumps(
+            {"cpu_seconds": 12.345, "peak_rss_bytes": 84_000_000, "gpu_device": "<b>1</b>",
+             "gpu_memory_peak_bytes": 2_100_000_000, "gpu_util_mean": 43.4,
+             "waited_for_gpu_seconds": 3}),))
+    db.close()
+    text = page(server, "/ui/jobs/use").text
+    assert ("CPU 12.3 s · RSS 84 MB · GPU &lt;b&gt;1&lt;/b&gt; · GPU memory 2100 MB · "
+            "GPU use 43% · waited 3.0 s") in text
+
+
+def test_usage_leaves_out_what_is_unknown():
+    assert console.usage(None) == ""
+    assert console.usage(json.dumps({"cpu_seconds": None, "peak_rss_bytes": 5e6,
+                                     "gpu_device": None, "waited_for_gpu_seconds": 2})) == \
+        "RSS 5 MB"
+    assert console.usage(json.dumps({"cpu_seconds": True, "gpu_device": "0",
+                                     "gpu_util_mean": "x"})) == "GPU 0"
+    assert console.usage("not json") == console.usage("[1]") == ""

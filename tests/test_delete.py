@@ -272,3 +272,50 @@ def test_s3_that_cannot_be_read_removes_nothing(s3_env):
     finally:
         srv.stop()
         kill_leftover_runs(s3_env)
+
+
+def test_a_deleted_runs_notices_and_idempotency_keys_go_with_it(tmp_path):
+    """Notices and Idempotency-Keys name their run without a foreign key: they are deleted
+    with it, so that a notice's URL (and the token its query may hold) does not stay."""
+    db = journal.Journal(str(tmp_path / "j.db"))
+    db.migrate()
+    runs = [db.create_run("dn", "m", ["a"], False, {}, str(tmp_path)) for _ in range(3)]
+    now = journal.utcnow()
+    with db.transaction() as c:
+        for i, run_id in enumerate(runs):
+            c.execute("INSERT INTO deliveries (id, run_id, url, source, state, attempts,"
+                      " created, updated) VALUES (?, ?, 'https://hooks.example/?token=t',"
+                      " 'payload', 'delivered', 1, ?, ?)", (f"d{i}", run_id, now, now))
+            c.execute("INSERT INTO idempotency_keys (user, key, hmac, run_id, created)"
+                      " VALUES ('u', ?, 'h', ?, ?)", (f"k{i}", run_id, now))
+    c = db.connect()
+
+    def left(table):
+        return [r[0] for r in c.execute(f"SELECT run_id FROM {table} ORDER BY run_id")]
+
+    db.delete_run(runs[0])
+    assert left("deliveries") == left("idempotency_keys") == runs[1:]
+    db.delete_job("dn")
+    assert left("deliveries") == left("idempotency_keys") == []
+    db.close()
+
+
+def test_a_job_named_like_the_servers_own_files_never_removes_them(server_env):
+    """With the outputs in the runs folder (an operator's choice), jobs named `logs` and
+    `journal.db` name the run logs and the journal: deleting them leaves those alone."""
+    env = dict(server_env, TA1_OUTPUTS_DIR=server_env["TA1_RUNS_DIR"])
+    srv = Server(env).start()
+    try:
+        other = passed_run(srv, "other", "georeference")["run_id"]
+        other_log = os.path.join(env["TA1_RUNS_DIR"], "logs", f"{other}.log")
+        for job in ("logs", "journal.db"):
+            srv.wait_run(ok(srv.post("/runs", json=payload(job, "georeference")))["run_id"])
+            body = ok(delete(srv, f"/jobs/{job}"))
+            assert f"outputs/{job}" not in body["removed"], body
+        assert os.path.exists(other_log)
+        assert os.path.exists(os.path.join(env["TA1_RUNS_DIR"], "journal.db"))
+        assert ok(srv.get(f"/runs/{other}"))["status"] == "passed"
+        assert "which the server needs" in srv.output()
+    finally:
+        srv.stop()
+        kill_leftover_runs(env)

@@ -5,11 +5,13 @@ a real run whose module sleeps; then `mip_client.py --follow`, as a user runs it
 Run: .venv/bin/python -m pytest -q tests/test_follow.py
 """
 
+import io
 import os
 import subprocess
 import sys
 import threading
 import time
+import zipfile
 
 import pytest
 from conftest import ROOT
@@ -144,7 +146,37 @@ def test_a_log_linked_elsewhere_is_not_served(server):
         resp = server.get("/modules/linked/map_crop/log")
         assert resp.status_code == 200
         assert resp.content == b"" and resp.headers["X-Log-Offset"] == "0"
+        # nor as the tail in its ModuleStatus, nor in its logs zip
+        assert server.get("/modules/linked/map_crop").json()["log"] is None
+        logs = server.get("/modules/linked/map_crop/logs")
+        if logs.status_code == 200:
+            archive = zipfile.ZipFile(io.BytesIO(logs.content))
+            assert "linked_map_crop_logs/map_crop.log" not in archive.namelist()
+            assert all(b"RUNNERS-SECRET" not in archive.read(n) for n in archive.namelist())
+        else:
+            assert logs.status_code == 404, logs.text
     assert b"RUNNERS-SECRET" not in server.get(f"/runs/{run_id}/log").content
+
+
+def test_a_fifo_in_a_logs_place_holds_no_request(server):
+    """A module (a container) that puts a FIFO where its log was: opening it to read would
+    wait for a writer, holding one of the server's few threads at each poll."""
+    run_id = sleeping_run(server, "fifo", seconds=0)
+    server.wait_run(run_id)
+    log_path = os.path.join(server.env["TA1_OUTPUTS_DIR"], "fifo", "map_crop.log")
+    os.remove(log_path)
+    os.mkfifo(log_path)
+    try:
+        resp = server.get("/modules/fifo/map_crop/log", timeout=20)
+        assert resp.status_code == 200 and resp.content == b""
+        assert server.get("/modules/fifo/map_crop", timeout=20).json()["log"] is None
+    finally:
+        # a reader stuck on it (the test failing) gets its end of file
+        for _ in range(3):
+            try:
+                os.close(os.open(log_path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError:
+                break
 
 
 def test_both_routes_are_declared_with_offset_and_header(server):

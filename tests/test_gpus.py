@@ -10,6 +10,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -34,6 +36,7 @@ from test_server import module_processes
 
 import gpus
 import journal
+import runners
 
 MODULES = ["legend_segment", "georeference", "legend_item_segment", "map_crop",
            "legend_item_description", "polygon_extract", "line_extract", "point_extract",
@@ -65,7 +68,8 @@ def resources(srv: Server, job: str, module: str) -> dict:
 def test_settings():
     assert gpus.GpuSettings.from_env({"MIP_GPUS": "none"}).devices == ()
     assert gpus.GpuSettings.from_env({"MIP_GPUS": " 1, 0 "}).devices == ("1", "0")
-    for bad in ("0,x", "0,0", "-1", "64", "0;1", "../0"):
+    # "²" and "٣" are digits to str.isdigit(); "0,00" names device 0 twice
+    for bad in ("0,x", "0,0", "-1", "64", "0;1", "../0", "²", "٣", "0,00", "0" * 5000):
         with pytest.raises(ValueError, match="MIP_GPUS"):
             gpus.GpuSettings.from_env({"MIP_GPUS": bad})
     with pytest.raises(ValueError, match="MIP_REQUIRE_GPU"):
@@ -312,3 +316,109 @@ def test_journal_migration_7_adds_resources(tmp_path):
     assert "resources" in columns
     assert db.connect().execute("PRAGMA user_version").fetchone()[0] >= 7
     db.close()
+
+
+def test_lock_files_are_never_followed(tmp_path):
+    """Whoever can write in the lock folder could plant `0.lock` as a link to a file of
+    mipper's user: taking the slot must not open it (the holder's line truncates it)."""
+    runs = str(tmp_path / "runs")
+    victim = tmp_path / "journal.db"
+    victim.write_text("precious")
+    os.makedirs(os.path.join(runs, "gpus"))
+    os.symlink(victim, gpus.lock_path(runs, "0"))
+    with pytest.raises(OSError):
+        gpus.try_take(runs, ["0"], "test")
+    assert victim.read_text() == "precious"
+    # nor a FIFO or another non-file; a device with a sound lock file is still taken
+    os.mkfifo(gpus.lock_path(runs, "1"))
+    with pytest.raises(OSError, match="not a regular file"):
+        gpus.try_take(runs, ["1"], "test")
+    slot = gpus.try_take(runs, ["2"], "test")
+    assert slot is not None and slot.device == "2"
+    gpus.release(slot)
+    # a folder it makes is its own
+    fresh = str(tmp_path / "fresh")
+    gpus.release(gpus.try_take(fresh, ["0"], "test"))
+    assert os.stat(os.path.join(fresh, "gpus")).st_mode & 0o077 == 0
+
+
+def test_docker_stats_figures_are_finite():
+    """What `docker stats` prints becomes JSON in the journal and the API: no NaN or
+    infinity (not JSON), no negative share, and no crash of the sampler."""
+    assert runners.docker_bytes("12.5MiB") == int(12.5 * MB)
+    assert runners.docker_percent("3.25%") == 3.25
+    assert runners.docker_bytes("9" * 400 + "GiB") is None  # float() reads it as infinity
+    for bad in ("nan%", "NaN", "inf%", "-inf%", "-3%", "--"):
+        assert runners.docker_percent(bad) is None, bad
+
+
+def test_cancel_stops_a_module_waiting_for_a_gpu(server_env):
+    """A run cancelled while its modules wait for a device ends at SIGTERM (not after
+    the grace before SIGKILL), and nothing of it takes the device afterwards."""
+    env = gpu_env(server_env, "0", MIP_WORKERS="4")
+    path = gpus.lock_path(env["TA1_RUNS_DIR"], "0")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    srv = Server(env).start()
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        body = payload("cw", "georeference", "legend_segment")
+        run_id = srv.post("/runs", json=body).json()["run_id"]
+        for module in ("georeference", "legend_segment"):
+            wait_for(lambda m=module: waiting(srv, "cw", m), timeout=60)
+        started = time.monotonic()
+        answer = srv.post(f"/runs/{run_id}/cancel")
+        took = time.monotonic() - started
+        assert answer.status_code == 200 and answer.json()["status"] == "cancelled"
+        assert took < 20, f"the cancel took {took:.1f} s: the waiting workers needed SIGKILL"
+        wait_for(lambda: not processes_naming(run_id), timeout=10)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        time.sleep(1.5)
+        assert not gpus.held(env["TA1_RUNS_DIR"], "0")
+        for module in ("georeference", "legend_segment"):
+            status = srv.get(f"/modules/cw/{module}").json()
+            assert status["status"] == "cancelled", status
+            assert status["resources"] == gpus.resources(), status
+    finally:
+        os.close(fd)
+        srv.stop()
+        kill_leftover_runs(env)
+
+
+def test_hold_mb_is_bounded():
+    """--hold-mb is an extra switch any API user may give a stand-in: a size beyond the
+    bound is refused before anything is allocated."""
+    module = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "modules", "georeference.py")
+    for bad in ("100000", "-5"):
+        result = subprocess.run([sys.executable, module, "--hold-mb", bad],
+                                capture_output=True, text=True, timeout=60, check=False)
+        assert result.returncode == 2
+        assert "--hold-mb: expected 0 to 1024 MB" in result.stderr, result.stderr
+
+
+def test_a_dead_workers_module_is_stopped_and_frees_its_gpu(server_env):
+    """A luigi worker dies (the OOM killer) while its module runs: mipper records the run
+    failed, and must not leave the module running on the device, where it would hold
+    the GPU for a run that has ended, unseen."""
+    env = gpu_env(server_env, "0", MIP_WORKERS="2")
+    srv = Server(env).start()
+    try:
+        body = payload("lost", "georeference",
+                       extra_switches={"georeference": ["--sleep", "90"]})
+        run_id = srv.post("/runs", json=body).json()["run_id"]
+        marker = os.path.join(env["TA1_OUTPUTS_DIR"], "lost", "georeference")
+        orphans = wait_for(lambda: module_processes(marker), timeout=60)
+        main = mipper_pid(env, run_id)
+        workers = [p for p in processes_naming(run_id) if p != main]
+        assert workers, "no luigi worker process"
+        for pid in workers:
+            os.kill(pid, signal.SIGKILL)
+        final = srv.wait_run(run_id, timeout=60)
+        assert final["status"] == "failed", final
+        wait_for(lambda: not [p for p in orphans if alive(p)], timeout=30)
+        assert "left by lost modules" in final["log"], final["log"]
+        wait_for(lambda: not gpus.held(env["TA1_RUNS_DIR"], "0"), timeout=10)
+    finally:
+        srv.stop()
+        kill_leftover_runs(env)

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 from conftest import ROOT
@@ -384,6 +385,8 @@ def test_bad_settings_stop_the_server_at_start(server_env, env, word):
     ("fd00::1", "", True), ("ff02::1", "", True), ("::ffff:127.0.0.1", "", True),
     ("::ffff:169.254.169.254", "", True), ("::ffff:127.0.0.1", "127.0.0.1", False),
     ("64:ff9b::a9fe:a9fe", "", True), ("2002:7f00:1::", "", True),
+    ("::127.0.0.1", "", True), ("::169.254.169.254", "", True), ("::8.8.8.8", "", True),
+    ("::ffff:0:7f00:1", "", True), ("64:ff9b:1::a00:1", "", True),
     ("10.1.2.3", "10.1.0.0/16", False), ("10.2.0.1", "10.1.0.0/16", True)])
 def test_address_rule(address, allow, refused):
     nets = tuple(ipaddress.ip_network(a, strict=False) for a in allow.split(",") if a)
@@ -443,3 +446,45 @@ def test_the_connection_goes_to_the_checked_address_with_the_names_host_header(m
     path, headers, _ = receiver.hits[0]
     assert path == "/in" and headers["Host"] == f"hooks.example:{receiver.port}"
     assert asked == ["hooks.example"]
+
+
+def test_a_resolver_that_never_answers_is_given_up_in_time(monkeypatch):
+    """A name whose lookup hangs is refused after MIP_NOTIFY_TIMEOUT, not when the resolver
+    gives up (minutes, over its servers and search domains): a request thread is not held."""
+    release = threading.Event()
+
+    def getaddrinfo(host, port, *args, **kwargs):
+        release.wait(30)
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ApiError) as e:
+            notices.check_payload(notices.NoticeSettings(timeout=1),
+                                  {"notify_url": "http://slow.example/"})
+        assert time.monotonic() - started < 10
+        assert e.value.status_code == 422
+        assert "no answer in 1 s" in json.loads(e.value.body)["message"]
+    finally:
+        release.set()
+
+
+def test_a_name_that_does_not_resolve_at_delivery_is_tried_again(monkeypatch, tmp_path):
+    """A resolver down when a run ends is a failed try, retried with backoff like a
+    receiver that is down, never a refusal for good."""
+    def getaddrinfo(host, port, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    db = journal.Journal(str(tmp_path / "journal.db"))
+    db.migrate()
+    now = journal.utcnow()
+    with db.transaction() as tx:
+        tx.execute("INSERT INTO deliveries (id, run_id, url, source, state, attempts, next_try,"
+                   " created, updated) VALUES ('d1', 'r1', 'https://hooks.example/in',"
+                   " 'payload', 'pending', 0, ?, ?, ?)", (now, now, now))
+    notifier = notices.Notifier(notices.NoticeSettings(), db, lambda run_id: {"run_id": run_id},
+                                {})
+    notifier.attempt(notifier.due()[0])
+    row = notices.deliveries(db, "r1")[0]
+    assert row["state"] == "pending" and row["attempts"] == 1, row
+    assert "cannot resolve" in row["last_error"] and row["next_try"] > now

@@ -172,3 +172,16 @@ def test_settings_table_says_which_defaults_are_env_sh(tmp_path):
                       text)
     assert match, "README's Settings section does not list what env.sh sets"
     assert set(re.findall(r"`((?:MIP|TA1)_[A-Z0-9_]+)`", match.group(1))) == exported
+
+
+def test_client_without_requests_says_what_to_install():
+    """The client copied to a machine without `requests` names the missing package in one
+    line, not a traceback."""
+    script = ("import runpy, sys; sys.modules['requests'] = None; "
+              f"sys.argv = [{CLIENT!r}, '--version']; runpy.run_path({CLIENT!r}, "
+              "run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip() == ("mip_client: error: the requests package is missing: "
+                                   "pip install requests")

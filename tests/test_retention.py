@@ -6,7 +6,9 @@ job's files are never touched."""
 import os
 import subprocess
 import sys
+import threading
 import time
+import types
 
 import pytest
 from conftest import ROOT
@@ -23,6 +25,8 @@ from test_server import ok
 from test_server import slow
 
 import journal
+import mipper
+import retention
 
 MB = 1024 * 1024
 
@@ -220,3 +224,61 @@ def test_floor_removes_outputs_only_when_allowed_and_in_s3(s3_env):
         finally:
             srv.stop()
             kill_leftover_runs(env)
+
+
+def test_a_run_whose_notice_is_still_to_send_is_not_swept(tmp_path):
+    """MIP_RETAIN_RUNS_DAYS does not take a run whose completion notice is still waiting
+    or being retried: the receiver would never get it."""
+    db = journal.Journal(str(tmp_path / "j.db"))
+    db.migrate()
+    runs = [db.create_run("nt", "m", ["a"], False, {}, str(tmp_path)) for _ in range(3)]
+    for run_id in runs:
+        assert db.set_run_status(run_id, journal.Status.RUNNING, pid=1)
+        assert db.set_run_status(run_id, journal.Status.PASSED)
+    now = journal.utcnow()
+    with db.transaction() as c:
+        for i, state in enumerate(("pending", "delivered")):
+            c.execute("INSERT INTO deliveries (id, run_id, url, source, state, attempts,"
+                      " created, updated) VALUES (?, ?, 'https://hooks.example/', 'payload',"
+                      " ?, 1, ?, ?)", (f"d{i}", runs[i], state, now, now))
+
+    def old():
+        return [r["run_id"] for r in db.old_runs("9999-01-01T00:00:00.000Z")]
+
+    assert old() == [runs[1]]  # runs[2] is the job's latest: it holds its state
+    with db.transaction() as c:
+        c.execute("UPDATE deliveries SET state = 'failed' WHERE id = 'd0'")
+    assert old() == runs[:2]
+    db.close()
+
+
+def test_a_job_run_again_during_a_sweep_is_not_old_any_more(mip_env, monkeypatch):
+    """A long sweep works from the list of old jobs read at its start; a job that ran again
+    meanwhile keeps its fresh outputs and temps (its latest run is checked again, under the
+    queue's lock, before each removal)."""
+    settings = mipper.Settings.from_env(mip_env)
+    settings.make_dirs()
+    db = journal.Journal(settings.journal_path)
+    db.migrate()
+    run_id = db.create_run("again", "m", ["georeference"], False, {}, settings.runs_dir)
+    db.set_run_status(run_id, journal.Status.RUNNING, pid=1)
+    exec_id = db.start_execution(run_id, "again", "georeference", "x.log")
+    db.finish_execution(exec_id, journal.Status.PASSED, 0, None)
+    db.set_run_status(run_id, journal.Status.PASSED)  # it ended just now
+    where = paths(mip_env, "again", "georeference")
+    for folder in (where["outputs"], where["temps"]):
+        os.makedirs(folder)
+    queue = types.SimpleNamespace(lock=threading.Lock(), running={})
+    remover = retention.Remover(types.SimpleNamespace(settings=settings), db, queue)
+    sweeper = retention.Sweeper(retention.RetentionSettings(temps_days=1, outputs_days=1),
+                                remover)
+    # the job as the sweep's list saw it, before this latest run
+    monkeypatch.setattr(sweeper, "ended_before", lambda cutoff: ["again"])
+    sweeper.sweep()
+    assert os.path.isdir(where["outputs"]) and os.path.isdir(where["temps"])
+    assert db.latest_execution("again", "georeference")["status"] == "passed"
+    # a day later the same sweep removes them
+    sweeper.sweep(now=time.time() + 2 * 86400)
+    assert not os.path.exists(where["outputs"]) and not os.path.exists(where["temps"])
+    assert db.latest_execution("again", "georeference")["status"] == "not_started"
+    db.close()
