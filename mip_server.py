@@ -39,6 +39,7 @@ import access
 import cdr
 import console
 import docs_ui
+import front
 import gpus
 import idempotency
 import journal
@@ -103,6 +104,7 @@ class Config:
     notify: notices.NoticeSettings = field(default_factory=notices.NoticeSettings)
     retention_settings: retention.RetentionSettings = field(
         default_factory=retention.RetentionSettings)
+    trusted_proxy: str | None = None  # the TLS proxy's address (MIP_TRUSTED_PROXY), or "*"
 
     @classmethod
     def from_env(cls, env, host=None, port=None, no_auth=False) -> "Config":
@@ -124,7 +126,8 @@ class Config:
                    cdr_settings=cdr.CdrSettings.from_env(env, VERSION),
                    notify=notices.NoticeSettings.from_env(env),
                    retention_settings=retention.RetentionSettings.from_env(
-                       env, settings.min_free_mb))
+                       env, settings.min_free_mb),
+                   trusted_proxy=front.trusted_proxy_setting(env))
 
 
 def read_users(env) -> tuple:
@@ -940,7 +943,9 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         """Liveness: 200 when the server answers (no auth)."""
         return send({"status": "ok"})
 
-    @route("GET", "/", answer=({"type": "object"}, "text/html"))
+    @route("GET", "/", answer=({"type": "object", "required": ["tls"], "properties": {
+        "tls": {"type": "boolean", "description": "this request came over HTTPS (at the "
+                "proxy named by MIP_TRUSTED_PROXY, if any)"}}}, "text/html"))
     def info():
         """Service info: version, modules, limits, queue (a browser gets the console)."""
         return send({"name": "mip", "version": VERSION, "modules": list(catalogue),
@@ -951,6 +956,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
                      "runs": {"running": len(db.run_ids(status=Status.RUNNING.value)),
                               "queued": len(db.waiting_runs())},
                      "cdr": link.status() if link else None,
+                     "tls": front.over_tls(bottle.request.environ),
                      "free_mb": retention.free_space(settings),
                      "openapi": "/openapi.json"})
 
@@ -1285,9 +1291,10 @@ def read_json_bytes(raw: bytes):
 # ---------------------------------------------------------------------------- main
 
 class RequestLog:
-    """WSGI middleware: one log line per request (method, path, status, milliseconds),
-    handed straight to the LineWriter: a logging record per request cost a tenth of the
-    request rate."""
+    """WSGI middleware: one log line per request (client address, method, path, status,
+    milliseconds), handed straight to the LineWriter: a logging record per request cost a
+    tenth of the request rate. Behind the trusted proxy, waitress has already put the
+    client's address the proxy passed on in REMOTE_ADDR."""
 
     def __init__(self, app, writer: "LineWriter"):
         self.app = app
@@ -1297,8 +1304,10 @@ class RequestLog:
         started = time.monotonic()
 
         def start(status, headers, exc_info=None):
-            # both come from the client: escaped, so they cannot forge a line
-            self.writer.line(f"{untrusted.escape(environ.get('REQUEST_METHOD', ''))} "
+            # all three may come from a client (the address through X-Forwarded-For):
+            # escaped, so they cannot forge a line
+            self.writer.line(f"{untrusted.escape(environ.get('REMOTE_ADDR', ''))} "
+                             f"{untrusted.escape(environ.get('REQUEST_METHOD', ''))} "
                              f"{untrusted.escape(environ.get('PATH_INFO', ''))} "
                              f"{status[:3]} {(time.monotonic() - started) * 1000:.1f} ms")
             return start_response(status, headers, exc_info)
@@ -1406,13 +1415,19 @@ def main(argv=None) -> int:
             # itself (plain text) before it buffers them
             max_request_body_size=16 * MAX_BODY,
             # keep streamed zips in memory (bounded by the high watermark), never in temp files
-            outbuf_high_watermark=8 * 1024 * 1024, outbuf_overflow=64 * 1024 * 1024)
+            outbuf_high_watermark=8 * 1024 * 1024, outbuf_overflow=64 * 1024 * 1024,
+            **front.waitress_settings(cfg.trusted_proxy))
     except OSError as e:
         print(f"mip_server: error: cannot listen on {cfg.host}:{cfg.port}: {e.strerror} "
               "(set MIP_PORT or --port)", file=sys.stderr)
         writer.stop()
         return mipper.EXIT_USAGE
     print(f"mip: serving on http://{cfg.host}:{server.effective_port}", flush=True)
+    for warning in front.start_warnings(cfg.host, cfg.trusted_proxy):
+        log.warning("%s", warning)
+    if cfg.trusted_proxy:
+        log.info("behind a TLS proxy: X-Forwarded-For, -Proto and -Host believed from %s only",
+                 cfg.trusted_proxy)
     if not cfg.auth:
         log.warning("!!! AUTHENTICATION IS OFF (--no-auth): anyone who reaches this port can "
                     "run modules and read results !!!")
