@@ -361,17 +361,8 @@ class Journal:
     def run_ids_json(self, job: str | None = None, status: str | None = None,
                      limit: int | None = None, offset: int = 0) -> str:
         """run_ids() as JSON text, made by SQLite: a list answer needs no Python objects."""
-        where, args = [], []
-        if job is not None:
-            where.append("job = ?")
-            args.append(job)
-        if status is not None:
-            where.append("status = ?")
-            args.append(status)
-        sql = "SELECT run_id FROM runs"
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY seq LIMIT ? OFFSET ?"
+        where, args = _run_filter(job, status)
+        sql = "SELECT run_id FROM runs" + where + " ORDER BY seq LIMIT ? OFFSET ?"
         args += [-1 if limit is None else limit, offset]
         # one row holding a JSON array: a step per run releases and retakes the GIL per row
         sql = f"SELECT json_group_array(run_id) FROM ({sql})"
