@@ -822,34 +822,27 @@ def run(args: argparse.Namespace, env) -> int:
             raise MipClientError(f"{option}: the answer of {shown(args.url)} is not a "
                                  "RunStatus")
         status_url = f"{run_base(args.url, args.post)}/{urllib.parse.quote(first['run_id'])}"
-        if args.follow:
-            return follow(session, status_url, first, args)
-        try:
-            final = wait_for_run(session, status_url, first, args.timeout, args.wait_timeout)
-        except KeyboardInterrupt:
-            print(f"\nmip_client: stopped waiting; run {first['run_id']} goes on on the server",
-                  file=sys.stderr)
-            return EXIT_INTERRUPTED
-    show_json(final, args.output)
-    if final.get("status") != "passed":
-        print(f"mip_client: error: run {final.get('run_id')} {final.get('status')}; its log: "
-              f"GET {status_url}/log", file=sys.stderr)
-        return EXIT_FAILED
-    return EXIT_OK
+        return watch_run(session, status_url, first, args)
 
 
-def follow(session: requests.Session, status_url: str, first: dict,
-           args: argparse.Namespace) -> int:
-    """--follow: the run's log to stdout, its end on stderr; an exit code."""
+def watch_run(session: requests.Session, status_url: str, first: dict,
+              args: argparse.Namespace) -> int:
+    """--wait (the final RunStatus to stdout) or --follow (the log to stdout, the end on
+    stderr), until the run ends; an exit code."""
+    verb, watch = ("following", follow_run) if args.follow else ("waiting", wait_for_run)
     try:
-        final = follow_run(session, status_url, first, args.timeout, args.wait_timeout)
+        final = watch(session, status_url, first, args.timeout, args.wait_timeout)
     except KeyboardInterrupt:
-        print(f"\nmip_client: stopped following; run {first['run_id']} goes on on the server",
+        print(f"\nmip_client: stopped {verb}; run {first['run_id']} goes on on the server",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    note(f"run {final.get('run_id')}: {final.get('status')}")
+    if args.follow:
+        note(f"run {final.get('run_id')}: {final.get('status')}")
+    else:
+        show_json(final, args.output)
     if final.get("status") != "passed":
-        print(f"mip_client: error: run {final.get('run_id')} {final.get('status')}",
+        hint = "" if args.follow else f"; its log: GET {status_url}/log"
+        print(f"mip_client: error: run {final.get('run_id')} {final.get('status')}{hint}",
               file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
