@@ -273,17 +273,23 @@ def test_no_gpu_warns_once_or_refuses(server_env):
     assert _journal_resources(env, "nogpu", "map_crop")["gpu_device"] is None
 
 
+def start_sleeping_georeference(srv, env: dict, job: str, seconds: int) -> tuple:
+    """(run id, module processes) of a run whose georeference (a GPU module) sleeps,
+    once the module process is there."""
+    body = payload(job, "georeference", extra_switches={"georeference": ["--sleep",
+                                                                         str(seconds)]})
+    run_id = srv.post("/runs", json=body).json()["run_id"]
+    marker = os.path.join(env["TA1_OUTPUTS_DIR"], job, "georeference")
+    return run_id, wait_for(lambda: module_processes(marker), timeout=60)
+
+
 def test_orphan_of_a_dead_mipper_keeps_its_gpu(server_env):
     """The server and the run's mipper die together (the OOM killer); the module lives
     on, and so does its hold on the device, until a restarted server stops it."""
     env = gpu_env(server_env, "0")
     srv = Server(env).start()
     try:
-        body = payload("orphan", "georeference",
-                       extra_switches={"georeference": ["--sleep", "60"]})
-        run_id = srv.post("/runs", json=body).json()["run_id"]
-        marker = os.path.join(env["TA1_OUTPUTS_DIR"], "orphan", "georeference")
-        orphans = wait_for(lambda: module_processes(marker), timeout=60)
+        run_id, orphans = start_sleeping_georeference(srv, env, "orphan", 60)
         assert gpus.held(env["TA1_RUNS_DIR"], "0")
         pid = mipper_pid(env, run_id)
         srv.proc.send_signal(signal.SIGKILL)
@@ -404,11 +410,7 @@ def test_a_dead_workers_module_is_stopped_and_frees_its_gpu(server_env):
     env = gpu_env(server_env, "0", MIP_WORKERS="2")
     srv = Server(env).start()
     try:
-        body = payload("lost", "georeference",
-                       extra_switches={"georeference": ["--sleep", "90"]})
-        run_id = srv.post("/runs", json=body).json()["run_id"]
-        marker = os.path.join(env["TA1_OUTPUTS_DIR"], "lost", "georeference")
-        orphans = wait_for(lambda: module_processes(marker), timeout=60)
+        run_id, orphans = start_sleeping_georeference(srv, env, "lost", 90)
         main = mipper_pid(env, run_id)
         workers = [p for p in processes_naming(run_id) if p != main]
         assert workers, "no luigi worker process"
