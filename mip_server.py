@@ -10,7 +10,6 @@ Each run is a `mipper.py` subprocess in its own process group; the SQLite journa
 """
 
 import argparse
-import errno
 import getpass
 import json
 import logging
@@ -19,49 +18,63 @@ import os
 import re
 import secrets
 import signal
-import sqlite3
-import stat
-import subprocess
 import sys
-import threading
-import time
-import zipfile
-import zlib
 from dataclasses import dataclass
 from dataclasses import field
-from queue import SimpleQueue
 
 import bottle
-import jsonschema
 import waitress
 
-import access
-import cdr
-import console
-import docs_ui
-import front
-import gpus
-import idempotency
-import journal
-import keystore
-import logs
-import mapcheck
-import metrics
-import mipper
-import notices
-import openapi
-import retention
-import runners
-import switches
-import untrusted
-from access import hash_password
-from errors import ApiError
-from errors import error_body
-from journal import FINISHED
-from journal import Status
-from retention import free_mb
+from mip import VERSION
+from mip import errors
+from mip import idempotency
+from mip import journal
+from mip import keystore
+from mip import maps
+from mip import sanitize
+from mip.catalogue import check_name
+from mip.catalogue import load_catalogue
+from mip.errors import EXIT_OK
+from mip.errors import EXIT_USAGE
+from mip.errors import MipError
+from mip.errors import UsageError
+from mip.files import kind_files
+from mip.files import local_opener
+from mip.files import s3_opener
+from mip.files import zip_stream
+from mip.journal import FINISHED
+from mip.journal import Status
+from mip.links import cdr
+from mip.links import notices
+from mip.links import retention
+from mip.queue import RunQueue
+from mip.s3 import list_objects
+from mip.s3 import s3_client
+from mip.s3 import s3_key_prefix
+from mip.schemas import SCHEMA_NAMES
+from mip.schemas import load_schemas
+from mip.schemas import validate
+from mip.settings import Settings
+from mip.settings import int_setting
+from mip.status import AnswerCache
+from mip.status import log_tail
+from mip.status import module_status
+from mip.status import notice_status
+from mip.status import run_status
+from mip.web import auth
+from mip.web import console
+from mip.web import follow
+from mip.web import metrics
+from mip.web import openapi
+from mip.web import proxy
+from mip.web import swagger
+from mip.web.apierror import ApiError
+from mip.web.apierror import error_body
+from mip.web.auth import hash_password
+from mip.web.requestlog import RequestLog
+from mip.web.requestlog import setup_logging
 
-VERSION = mipper.VERSION
+VERSION = VERSION
 MAX_BODY = 1024 * 1024
 LOG_TAIL = 8192
 CANCEL_GRACE = 30  # seconds for a cancelled run to stop its containers or tasks
@@ -88,7 +101,7 @@ bottle.BaseRequest.MEMFILE_MAX = MAX_BODY + 1
 class Config:
     """Server settings, read once from the environment and the command line."""
 
-    settings: mipper.Settings
+    settings: Settings
     host: str = "127.0.0.1"
     port: int = 8080
     max_runs: int = 2
@@ -108,32 +121,32 @@ class Config:
 
     @classmethod
     def from_env(cls, env, host=None, port=None, no_auth=False) -> "Config":
-        """Raises mipper.MipError naming the variable that is wrong or missing."""
-        settings = mipper.Settings.from_env(env)
+        """Raises MipError naming the variable that is wrong or missing."""
+        settings = Settings.from_env(env)
         users, password_file = ({}, None) if no_auth else read_users(env)
-        port = port if port is not None else mipper.int_setting(env, "MIP_PORT", 8080, 0, 65535)
-        threads = mipper.int_setting(env, "MIP_THREADS", 8, 1, 256)
+        port = port if port is not None else int_setting(env, "MIP_PORT", 8080, 0, 65535)
+        threads = int_setting(env, "MIP_THREADS", 8, 1, 256)
         # downloads stay below the request threads, so that some always answer the rest
-        max_downloads = mipper.int_setting(env, "MIP_MAX_DOWNLOADS", max(1, threads // 2), 1,
+        max_downloads = int_setting(env, "MIP_MAX_DOWNLOADS", max(1, threads // 2), 1,
                                            max(1, threads - 1))
         return cls(settings=settings, host=host or env.get("MIP_HOST") or "127.0.0.1",
-                   port=port, max_runs=mipper.int_setting(env, "MIP_MAX_RUNS", 2, 1, 256),
-                   max_queued=mipper.int_setting(env, "MIP_MAX_QUEUED", 200, 1, 100_000),
+                   port=port, max_runs=int_setting(env, "MIP_MAX_RUNS", 2, 1, 256),
+                   max_queued=int_setting(env, "MIP_MAX_QUEUED", 200, 1, 100_000),
                    threads=threads, max_downloads=max_downloads,
-                   auth_failures=mipper.int_setting(env, "MIP_AUTH_FAILURES", 10, 1, 10000),
+                   auth_failures=int_setting(env, "MIP_AUTH_FAILURES", 10, 1, 10000),
                    users=users, auth=not no_auth, password_file=password_file,
                    metrics_open=metrics.open_setting(env),
                    cdr_settings=cdr.CdrSettings.from_env(env, VERSION),
                    notify=notices.NoticeSettings.from_env(env),
                    retention_settings=retention.RetentionSettings.from_env(
                        env, settings.min_free_mb),
-                   trusted_proxy=front.trusted_proxy_setting(env))
+                   trusted_proxy=proxy.trusted_proxy_setting(env))
 
 
 def read_users(env) -> tuple:
     """({user: hash}, password file or None) from MIP_USERS_FILE, MIP_PASSWORD or
     MIP_PASSWORD_FILE; a missing MIP_PASSWORD_FILE is created with a random password.
-    Raises mipper.MipError when no credentials are configured."""
+    Raises MipError when no credentials are configured."""
     users, password_file = {}, None
     user = env.get("MIP_USER") or "mip"
     if env.get("MIP_PASSWORD"):
@@ -144,7 +157,7 @@ def read_users(env) -> tuple:
     if env.get("MIP_USERS_FILE"):
         users.update(read_users_file(env["MIP_USERS_FILE"]))
     if not users:
-        raise mipper.MipError("no credentials: set MIP_USER and MIP_PASSWORD (or MIP_USERS_FILE, "
+        raise MipError("no credentials: set MIP_USER and MIP_PASSWORD (or MIP_USERS_FILE, "
                               "or MIP_PASSWORD_FILE), e.g. `source env.sh`; or start with "
                               "--no-auth to serve without authentication")
     return users, password_file
@@ -159,25 +172,25 @@ def read_or_make_password(path: str) -> str:
     with open(path, encoding="utf-8") as f:
         password = f.read().strip()
     if not password:
-        raise mipper.MipError(f"MIP_PASSWORD_FILE {path} is empty")
+        raise MipError(f"MIP_PASSWORD_FILE {path} is empty")
     return password
 
 
 def read_users_file(path: str) -> dict:
-    """`user:hash` lines (blank lines and # comments skipped); raises mipper.MipError."""
+    """`user:hash` lines (blank lines and # comments skipped); raises MipError."""
     users = {}
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
     except OSError as e:
-        raise mipper.MipError(f"MIP_USERS_FILE {path}: {e.strerror}") from None
+        raise MipError(f"MIP_USERS_FILE {path}: {e.strerror}") from None
     for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
         name, sep, stored = line.partition(":")
         if not sep or not name or not stored.startswith("pbkdf2_sha256$"):
-            raise mipper.MipError(f"MIP_USERS_FILE {path} line {number}: expected "
+            raise MipError(f"MIP_USERS_FILE {path} line {number}: expected "
                                   "user:pbkdf2_sha256$... (see --hash-password)")
         users[name] = stored
     return users
@@ -185,9 +198,39 @@ def read_users_file(path: str) -> dict:
 
 # ---------------------------------------------------------------------------- errors
 
-def refused(status: int, e: access.Refused) -> ApiError:
+def refused(status: int, e: auth.Refused) -> ApiError:
     """A throttle's refusal (429, 503) with the seconds to wait in Retry-After."""
     return ApiError(status, e.code, e.message, headers={"Retry-After": str(e.retry_after)})
+
+
+# The core's errors (mip/errors.py) as answers: the first class in this list that an error
+# is an instance of gives its status; its `code` and message give the body.
+ERRORS = [
+    (errors.Invalid, 422),
+    (errors.NotFound, 404),
+    (errors.Conflict, 409),
+    (errors.Busy, 503),
+    (errors.DiskFull, 507),
+    (errors.Unavailable, 502),
+    (errors.UsageError, 400),
+]
+
+
+def answer(e: errors.MipError) -> ApiError:
+    """The HTTP answer for a core error; one the table does not name is a 500."""
+    status = next((s for cls, s in ERRORS if isinstance(e, cls)), 500)
+    headers = {"Retry-After": str(e.retry_after)} if e.retry_after else None
+    return ApiError(status, e.code, e.message, headers=headers)
+
+
+def core_errors(callback):
+    """A route's callback whose core errors become answers through ERRORS."""
+    def wrapper(*args, **kwargs):
+        try:
+            return callback(*args, **kwargs)
+        except errors.MipError as e:
+            raise answer(e) from None
+    return wrapper
 
 
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -216,591 +259,15 @@ def render_http_error(res: bottle.HTTPError) -> str:
 
 # ---------------------------------------------------------------------------- validation
 
-SCHEMA_NAMES = ("RunPayload", "RunStatus", "JobStatus", "ModuleStatus", "ModuleDescription",
-                "Error", "Catalogue")
-
-
-def load_schemas() -> dict:
-    """Every schema/*.json, checked once; {name: (document, validator)}."""
-    out = {}
-    for name in SCHEMA_NAMES:
-        with open(os.path.join(mipper.SCHEMA_DIR, f"{name}.json"), encoding="utf-8") as f:
-            doc = json.load(f)
-        jsonschema.Draft202012Validator.check_schema(doc)
-        out[name] = (doc, jsonschema.Draft202012Validator(doc))
-    return out
-
-
-def validate(schemas: dict, name: str, data) -> None:
-    """Raises ApiError 422 naming the failing field."""
-    error = jsonschema.exceptions.best_match(schemas[name][1].iter_errors(data))
-    if error is not None:
-        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
-        where = where.lstrip(".") or "body"
-        message = error.message
-        if error.schema.get("writeOnly"):  # a secret: never echoed back
-            message = f"does not satisfy {error.validator} {json.dumps(error.validator_value)}"
-        elif error.validator == "pattern":
-            message = (f"{json.dumps(error.instance)[:80]} is not a valid name: use letters, "
-                       "digits, '_', '.', '-', at most 64, not starting with '.'")
-        elif error.validator == "additionalProperties" and not error.absolute_path:
-            message += f"; {name} allows {', '.join(schemas[name][0]['properties'])}"
-        raise ApiError(422, "invalid_payload", f"{where}: {message}")
-
-
-def check_map_readable(settings: mipper.Settings, map_name: str) -> None:
-    """Refuse a map GDAL cannot read (422 unreadable_map, with GDAL's reason) before any
-    module meets it."""
-    shown = f"$TA1_INPUTS_DIR/maps/{map_name}/{map_name}.tif"
-    reason = mapcheck.unreadable(mipper.map_file(settings, map_name), shown)
-    if reason:
-        raise ApiError(422, "unreadable_map",
-                       f"map {map_name!r}: GDAL cannot read {shown}: {reason}")
-
-
 def checked_name(kind: str, value: str) -> str:
     """Refuse a path parameter that is not a plain name, before anything touches the disk."""
     try:
-        return mipper.check_name(kind, value)
-    except mipper.UsageError as e:
+        return check_name(kind, value)
+    except UsageError as e:
         raise ApiError(400, f"bad_{kind}_name", str(e)) from None
 
 
 # ---------------------------------------------------------------------------- run queue
-
-class RunQueue:
-    """Starts queued runs as mipper subprocesses: at most `max_runs` at once, one per job."""
-
-    def __init__(self, cfg: Config, db: journal.Journal, env=None):
-        self.cfg = cfg
-        self.db = db
-        self.catalogue = mipper.load_catalogue(cfg.settings.config_path)
-        self.finished = []  # callbacks(run) called when a run's process has ended
-        self.env = dict(os.environ if env is None else env)
-        self.lock = threading.RLock()
-        self.running = {}  # run_id -> (job, mipper pid), until its end is recorded
-        # a queued run's OpenAI key waits in the journal, sealed, until the run starts
-        self.keystore = keystore.KeyStore(cfg.settings.key_file)
-        # where a dead run's containers or tasks may be: the runners this host uses
-        self.runners = {mipper.module_runner(cfg.settings, m) for m in self.catalogue.values()}
-        self.retry = None  # the timer that dispatches again after a run could not start
-        self.stopping = False
-
-    def submit(self, payload: dict, openai_key: str | None = None) -> str:
-        """Check a RunPayload against the catalogue, maps and jobs, record it and start it
-        when the limits allow; returns the run id. Raises ApiError (404 unknown map, 409 job
-        bound to another map, 422 bad name, unknown module, refused switch or a map GDAL
-        cannot read, 503 queue full, 507 too little free disk space)."""
-        self.check(payload, openai_key)
-        self.check_space()
-        sealed = self.keystore.seal(openai_key) if openai_key else None
-        with self.lock:
-            # under the lock, so that two submissions cannot both take the last place
-            if self.queued() >= self.cfg.max_queued:
-                raise ApiError(503, "queue_full",
-                               f"{self.cfg.max_queued} runs are already waiting to start "
-                               f"(MIP_MAX_QUEUED); try again in {QUEUE_RETRY_AFTER} s",
-                               headers={"Retry-After": str(QUEUE_RETRY_AFTER)})
-            try:
-                run_id = self.db.create_run(payload["job"], payload["map"], payload["modules"],
-                                            payload.get("force_rerun", False), payload,
-                                            os.path.join(self.cfg.settings.runs_dir, "logs"),
-                                            sealed)
-            except journal.JournalError as e:
-                raise ApiError(409, "job_bound_to_other_map", str(e)) from None
-            except (sqlite3.Error, OSError) as e:
-                if not disk_full(e):
-                    raise
-                raise insufficient_storage("the journal's disk is full") from None
-            notices.record(self.db, self.cfg.notify, run_id, payload)
-            log.info("run %s submitted: job %s, map %s, modules %s", run_id, payload["job"],
-                     payload["map"], " ".join(payload["modules"]))
-            self.dispatch()
-        return run_id
-
-    def check(self, payload: dict, openai_key: str | None) -> None:
-        """Everything of a payload that reaches a module's command line or environment:
-        names (matched whole, so no trailing newline), modules, the map, extra switches
-        (the rule of switches.py) and the key. Raises ApiError."""
-        catalogue, settings = self.catalogue, self.cfg.settings
-        for kind in ("job", "map"):
-            try:
-                mipper.check_name(kind, payload[kind])
-            except mipper.UsageError as e:
-                raise ApiError(422, "invalid_payload", f"{kind}: {e}") from None
-        try:
-            targets = mipper.expand_modules(catalogue, payload["modules"])
-        except mipper.UsageError as e:
-            raise ApiError(422, "unknown_module", f"modules: {e}") from None
-        refusal = mipper.gpu_refusal(settings, catalogue, targets)
-        if refusal:
-            raise ApiError(422, "gpu_required", f"modules: {refusal}")
-        extra = payload.get("extra_switches") or {}
-        for name in extra:
-            if name not in catalogue:
-                raise ApiError(422, "unknown_module",
-                               f"extra_switches: unknown module {name!r}; GET /modules lists them")
-        try:
-            mipper.check_extra(settings, catalogue, payload["job"], extra)
-        except switches.Refused as e:
-            raise ApiError(422, e.code, str(e)) from None
-        if openai_key and not OPENAI_KEY_RE.fullmatch(openai_key):
-            raise ApiError(422, "invalid_payload",
-                           "openai_key: expected printable ASCII without spaces")
-        try:
-            mipper.check_map(settings, payload["map"])
-        except mipper.UsageError as e:
-            raise ApiError(404, "unknown_map", f"map: {e}") from None
-        check_map_readable(settings, payload["map"])
-        notices.check_payload(self.cfg.notify, payload)
-
-    def queued(self) -> int:
-        """Runs recorded but not started yet (those being started do not count)."""
-        return len([r for r, _ in self.db.waiting_runs() if r not in self.running])
-
-    def check_space(self) -> None:
-        """Raises ApiError 507 when a data folder has less free space than MIP_MIN_FREE_MB:
-        a run started there would fail, or could not even record its end."""
-        settings = self.cfg.settings
-        for name, path in (("runs", settings.runs_dir), ("outputs", settings.outputs_dir),
-                           ("temps", settings.temps_dir)):
-            free = free_mb(path)
-            if free is not None and free < settings.min_free_mb:
-                raise insufficient_storage(
-                    f"the {name} folder has {free} MB free; a run needs at least "
-                    f"{settings.min_free_mb} MB (MIP_MIN_FREE_MB)")
-
-    def dispatch(self) -> None:
-        """Start every queued run that the limits allow, oldest first. Never raises: a run
-        that cannot start now (a full disk) stays queued and is tried again later."""
-        with self.lock:
-            if self.stopping:
-                return
-            try:
-                queued = self.db.waiting_runs()
-            except sqlite3.Error as e:
-                log.error("cannot read the queue (%s); trying again in %d s", e, RETRY_START)
-                self.dispatch_later()
-                return
-            for run_id, job in queued:
-                if len(self.running) >= self.cfg.max_runs:
-                    break
-                if run_id in self.running or any(j == job for j, _ in self.running.values()):
-                    continue
-                try:
-                    self.start(self.db.run(run_id))
-                except Exception as e:  # noqa: BLE001 - the other runs and the caller go on
-                    log.error("run %s could not start (%s); it stays queued, tried again in "
-                              "%d s", run_id, e, RETRY_START)
-                    self.dispatch_later()
-
-    def dispatch_later(self) -> None:
-        """dispatch() again in RETRY_START seconds (once, however often it is asked)."""
-        with self.lock:
-            if self.retry is None:
-                self.retry = threading.Timer(RETRY_START, self.dispatch_again)
-                self.retry.daemon = True
-                self.retry.start()
-
-    def dispatch_again(self) -> None:
-        with self.lock:
-            self.retry = None
-        self.dispatch()
-
-    def start(self, run: dict) -> None:
-        run_id = run["run_id"]
-        argv = [sys.executable, os.path.join(mipper.HERE, "mipper.py"), "--run-id", run_id,
-                "--job", run["job"], "--map", run["map"]]
-        for name in run["modules"]:
-            argv += ["--module", name]
-        if run["force_rerun"]:
-            argv.append("--force-rerun")
-        for name, args in (run["payload"].get("extra_switches") or {}).items():
-            argv += [f"--extra-switch={name}={arg}" for arg in args]
-        env = {k: v for k, v in self.env.items()
-               if k not in mipper.SERVER_SECRETS and k != "MIP_OPENAI_KEY"}
-        # every process of the run inherits this, so that a dead run's leftovers are found
-        env[runners.RUN_ENV] = run_id
-        try:
-            key = self.run_key(run_id) or self.env.get("MIP_OPENAI_KEY")
-        except keystore.KeyStoreError as e:
-            self.fail(run, str(e))
-            return
-        if key:
-            env["MIP_OPENAI_KEY"] = key
-        os.makedirs(os.path.dirname(run["log_path"]), exist_ok=True)
-        with open(run["log_path"], "ab") as out:
-            try:
-                proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                        stdin=subprocess.DEVNULL, env=env,
-                                        cwd=self.cfg.settings.runs_dir, start_new_session=True)
-            except OSError as e:
-                out.write(f"could not start mipper: {e}\n".encode())
-                self.db.set_run_status(run_id, Status.FAILED)
-                log.error("run %s failed: could not start mipper: %s", run_id, e)
-                return
-        self.running[run_id] = (run["job"], proc.pid)
-        log.info("run %s started (job %s, pid %d)", run_id, run["job"], proc.pid)
-        threading.Thread(target=self.watch, args=(run_id, proc.wait), daemon=True,
-                         name=f"watch-{run_id}").start()
-        try:
-            self.db.forget_run_key(run_id)
-            self.db.set_run_pid(run_id, proc.pid)
-        except sqlite3.Error as e:
-            # mipper records its pid itself; the key goes when the run's end is recorded
-            log.error("run %s: cannot record its start yet: %s", run_id, e)
-
-    def run_key(self, run_id: str) -> str | None:
-        """The OpenAI key given with a queued run, opened; None if it has none."""
-        sealed = self.db.run_key(run_id)
-        return self.keystore.open(sealed) if sealed else None
-
-    def adopt(self, run: dict) -> None:
-        """Watch a run whose mipper outlived a previous server."""
-        run_id = run["run_id"]
-        with self.lock:
-            self.running[run_id] = (run["job"], run["pid"])
-        log.info("run %s: mipper (pid %d) still alive after restart; watching it", run_id,
-                 run["pid"])
-
-        def wait():
-            while process_alive(run["pid"], run_id):
-                time.sleep(0.2)
-
-        threading.Thread(target=self.watch, args=(run_id, wait), daemon=True,
-                         name=f"watch-{run_id}").start()
-
-    def watch(self, run_id: str, wait, why: str | None = None) -> None:
-        """Wait for the run's process; then stop what it left running if it died, and make
-        sure the journal says how it ended, trying again (with backoff) until it does.
-        The job stays busy until then. Never raises."""
-        code = wait()
-        if why is None:
-            why = (f"mipper exited with code {code} before recording the end of the run"
-                   if code is not None else "mipper ended before recording the end of the run")
-        pid = self.running.get(run_id, (None, None))[1]
-        try:
-            recorded = self.db.run(run_id)["status"] in (Status.PASSED, Status.FAILED)
-        except sqlite3.Error:
-            recorded = False
-        if not recorded:
-            self.stop_leftovers(run_id, pid)
-        delay = 0.1
-        while True:
-            try:
-                run = self.record_end(run_id, why)
-                break
-            except Exception as e:  # noqa: BLE001 - a full disk passes; the end must be kept
-                log.error("run %s: cannot record its end yet (%s); trying again in %.1f s",
-                          run_id, e, delay)
-                time.sleep(delay)
-                delay = min(delay * 2, RETRY_END_MAX)
-        log.info("run %s %s", run_id, run["status"])
-        with self.lock:
-            self.running.pop(run_id, None)
-        self.dispatch()
-        for callback in self.finished:
-            try:
-                callback(run)
-            except Exception:
-                log.exception("run %s: a run-end callback failed", run_id)
-
-    def record_end(self, run_id: str, why: str) -> dict:
-        """Fail a run whose process ended without recording its end, close any of its
-        module executions still `running`, forget its key; the run's row."""
-        with self.lock:
-            run = self.db.run(run_id)
-            if run["status"] not in FINISHED:
-                self.fail(run, why)
-            elif run["status"] == Status.CANCELLED:
-                self.db.end_running_executions(run_id, Status.CANCELLED, "run cancelled")
-            else:
-                self.db.end_running_executions(run_id, Status.FAILED, journal.LOST_EXECUTION)
-            self.db.forget_run_key(run_id)
-            return self.db.run(run_id)
-
-    def stop_leftovers(self, run_id: str, pid: int | None) -> None:
-        """Stop what a run whose mipper died left running (processes, containers, tasks),
-        before its job is freed for another run."""
-        try:
-            stopped = runners.stop_run(run_id, pid, self.runners,
-                                       self.cfg.settings.runner_settings)
-        except Exception as e:  # noqa: BLE001 - a docker or AWS failure must not keep the job busy
-            log.error("run %s: its mipper died and what it started may still run: %s",
-                      run_id, e)
-            return
-        if stopped:
-            log.info("run %s: its mipper died; stopped %s", run_id, ", ".join(stopped))
-
-    def fail(self, run: dict, why: str) -> None:
-        """Mark a run whose process is gone failed, saying why in its log."""
-        self.db.end_running_executions(run["run_id"], Status.FAILED, why)
-        self.db.set_run_status(run["run_id"], Status.FAILED)
-        self.db.forget_run_key(run["run_id"])
-        append_log(run["log_path"], f"{journal.utcnow()} run failed: {why}\n")
-
-    def cancel(self, run_id: str) -> None:
-        """Stop a run and its whole process tree; a no-op on a finished run."""
-        with self.lock:
-            run = self.db.run(run_id)
-            if run["status"] in FINISHED:
-                return
-            # logged before the status changes: a finished run's status answer is cached
-            append_log(run["log_path"], f"{journal.utcnow()} run cancelled on request\n")
-            if not self.db.set_run_status(run_id, Status.CANCELLED):
-                append_log(run["log_path"], "(it had just ended)\n")
-                return
-            self.db.forget_run_key(run_id)
-            pid = self.running.get(run_id, (None, None))[1]
-            log.info("run %s cancelled", run_id)
-        if pid is not None:
-            # the run's process group holds mipper, luigi's workers and every local module;
-            # SIGTERM lets mipper stop containers and ECS tasks too, SIGKILL ends stragglers
-            for sig, grace in ((signal.SIGTERM, CANCEL_GRACE), (signal.SIGKILL, 5)):
-                try:
-                    os.killpg(pid, sig)
-                except ProcessLookupError:
-                    break
-                if self.wait_gone(run_id, grace):
-                    break
-        self.db.end_running_executions(run_id, Status.CANCELLED, "run cancelled")
-
-    def wait_gone(self, run_id: str, timeout: float) -> bool:
-        """True once the run's process has been seen to end, within `timeout` seconds."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if run_id not in self.running:
-                    return True
-            time.sleep(0.02)
-        return False
-
-    def recover(self) -> None:
-        """At start-up: watch runs whose mipper is still alive, fail those whose process is
-        gone (after stopping what they left running), and queue again those that never
-        started."""
-        for run in self.db.runs_with_status(Status.RUNNING, Status.NOT_STARTED):
-            if run["pid"] and process_alive(run["pid"], run["run_id"]):
-                self.adopt(run)
-            elif run["pid"] or run["status"] == Status.RUNNING:
-                log.info("run %s: mipper process gone after a restart", run["run_id"])
-                with self.lock:
-                    self.running[run["run_id"]] = (run["job"], run["pid"])
-                threading.Thread(
-                    target=self.watch, daemon=True, name=f"watch-{run['run_id']}",
-                    args=(run["run_id"], lambda: None,
-                          "the server restarted and the run's mipper process was gone")).start()
-        self.dispatch()
-
-    def stop(self) -> None:
-        """Stop starting runs; running mippers go on and a restarted server adopts them."""
-        with self.lock:
-            self.stopping = True
-
-
-def insufficient_storage(why: str) -> ApiError:
-    return ApiError(507, "insufficient_storage",
-                    f"{why}; no run can start until space is freed on the server")
-
-
-def disk_full(e: Exception) -> bool:
-    """True for the errors a full disk gives SQLite and the file system."""
-    if isinstance(e, sqlite3.Error):
-        return getattr(e, "sqlite_errorcode", 0) & 0xFF == sqlite3.SQLITE_FULL
-    return isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def process_alive(pid: int, run_id: str) -> bool:
-    """True if `pid` is a live (not zombie) mipper process of this run."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            cmdline = f.read()
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rsplit(b")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != b"Z" and b"mipper.py" in cmdline and run_id.encode() in cmdline
-
-
-def append_log(path: str, text: str) -> None:
-    try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(text)
-    except OSError:
-        log.warning("cannot write to run log %s", path)
-
-
-def log_tail(path: str | None, size: int = LOG_TAIL) -> str | None:
-    """The last `size` bytes of a log file, from a line start; None if there is none."""
-    if not path:
-        return None
-    try:
-        # not through a link, nor waiting on a FIFO: a module (a container) may have put
-        # either in its log's place
-        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                return None
-            f.seek(0, os.SEEK_END)
-            end = f.tell()
-            f.seek(max(0, end - size))
-            data = f.read()
-    except OSError:
-        return None
-    if end > size and b"\n" in data:
-        data = data.split(b"\n", 1)[1]
-    return data.decode("utf-8", "replace")
-
-
-# ---------------------------------------------------------------------------- zips
-
-class _Sink:
-    """A write-only, unseekable file that zipfile writes into and the response drains."""
-
-    def __init__(self):
-        self.parts = []
-        self.size = 0
-        self.pending = 0
-
-    def write(self, data) -> int:
-        self.parts.append(bytes(data))
-        self.size += len(data)
-        self.pending += len(data)
-        return len(data)
-
-    def tell(self) -> int:
-        return self.size
-
-    def flush(self) -> None:
-        pass
-
-    def take(self) -> bytes:
-        data, self.parts, self.pending = b"".join(self.parts), [], 0
-        return data
-
-
-def incompressible(name: str, head: bytes) -> bool:
-    """Stored, not deflated: known compressed formats, and files whose first 64 KiB
-    deflate by less than a tenth."""
-    if name.lower().endswith(STORED_SUFFIXES):
-        return True
-    sample = head[:65536]
-    return len(sample) >= 4096 and len(zlib.compress(sample, 1)) > 0.9 * len(sample)
-
-
-def zip_stream(entries):
-    """Yield a zip of (archive name, opener) pairs as it is written, in pieces of about
-    YIELD_BYTES: nothing on disk, memory bounded by a few chunks, incompressible files
-    stored. An opener returns (file, mtime, size) and raises FileNotFoundError for a file
-    that vanished since the listing."""
-    sink = _Sink()
-    with zipfile.ZipFile(sink, "w", zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
-        for arcname, opener in entries:
-            try:
-                src, mtime, size = opener()
-            except FileNotFoundError:
-                continue
-            with src:
-                info = zipfile.ZipInfo(arcname, time.localtime(max(mtime, 315532800))[:6])
-                info.external_attr = 0o644 << 16
-                chunk = src.read(CHUNK)
-                info.compress_type = (zipfile.ZIP_STORED if incompressible(arcname, chunk)
-                                      else zipfile.ZIP_DEFLATED)
-                with zf.open(info, "w", force_zip64=size > 2**31) as dst:
-                    while chunk:
-                        dst.write(chunk)
-                        if sink.pending >= YIELD_BYTES:
-                            yield sink.take()
-                        chunk = src.read(CHUNK)
-    yield sink.take()
-
-
-def local_opener(path: str):
-    def opener():
-        f = open(path, "rb")
-        info = os.fstat(f.fileno())
-        return f, info.st_mtime, info.st_size
-    return opener
-
-
-def s3_opener(client, bucket: str, obj: dict):
-    def opener():
-        body = client.get_object(Bucket=bucket, Key=obj["Key"])["Body"]
-        return body, obj["LastModified"].timestamp(), obj["Size"]
-    return opener
-
-
-# ---------------------------------------------------------------------------- views
-
-class AnswerCache:
-    """JSON bodies of status answers that only a new run can change, kept `ttl` seconds
-    (None: for good). Status polling under load then costs no journal or log reads, which
-    under contention cost far more than their few microseconds: each one gives up the GIL
-    and waits to get it back."""
-
-    def __init__(self, ttl: float | None, size: int = 4096):
-        self.ttl = ttl
-        self.size = size
-        self.items = {}
-
-    def get(self, key):
-        item = self.items.get(key)
-        if item and (self.ttl is None or time.monotonic() - item[0] < self.ttl):
-            return item[1]
-        return None
-
-    def put(self, key, body: str) -> str:
-        if len(self.items) >= self.size:
-            self.items.clear()
-        self.items[key] = (time.monotonic(), body)
-        return body
-
-    def drop_job(self, job: str) -> None:
-        """Forget the job's answers (a run of it was just submitted or cancelled here)."""
-        for key in list(self.items):
-            if key[1] == job:
-                self.items.pop(key, None)
-
-
-def run_status(db: journal.Journal, run: dict) -> dict:
-    """The RunStatus of a journal row."""
-    finished = run["status"] in FINISHED
-    return {
-        "status": run["status"],
-        "run_id": run["run_id"],
-        "payload": run["payload"],
-        "submit_time": run["submit_time"],
-        "start_time": run["start_time"],
-        "stop_time": run["stop_time"],
-        "log": log_tail(run["log_path"]) if finished else None,
-        "module_status": {e["module"]: e["status"] for e in db.executions(run["run_id"])},
-    }
-
-
-def notice_status(db: journal.Journal, run_id: str) -> dict | None:
-    """The RunStatus a completion notice carries; None once the run is deleted."""
-    run = db.run(run_id)
-    return run and run_status(db, run)
-
-
-def module_status(execution: dict) -> dict:
-    """The ModuleStatus of an execution row."""
-    finished = execution["status"] in FINISHED
-    return {
-        "status": execution["status"],
-        "job": execution["job"],
-        "module": execution["module"],
-        "start_time": execution["start_time"],
-        "stop_time": execution["stop_time"],
-        "log": log_tail(execution["log_path"]) if finished else None,
-        "run_id": execution["run_id"],
-        "exit_code": execution["exit_code"],
-        "message": execution["message"],
-        "s3_uri": execution["upload_uri"] if execution["upload_status"] == "uploaded" else None,
-        "upload_status": execution["upload_status"],
-        "upload_message": execution["upload_message"],
-        "resources": gpus.resources(**json.loads(execution.get("resources") or "{}")),
-    }
-
 
 # ---------------------------------------------------------------------------- app
 
@@ -817,14 +284,14 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     # a job's or a module's status only changes when a new run of the job starts, which a
     # poller sees at most a second late (it could not see the start any sooner anyway)
     settled = AnswerCache(1.0)
-    credentials = access.Credentials(cfg.users, cfg.auth_failures)
-    downloads = access.Slots(cfg.max_downloads, "too_many_downloads", "zip downloads")
+    credentials = auth.Credentials(cfg.users, cfg.auth_failures)
+    downloads = auth.Slots(cfg.max_downloads, "too_many_downloads", "zip downloads")
 
     @app.hook("before_request")
     def edges():
         env = bottle.request.environ
         try:
-            untrusted.decoded_path(env.get("bottle.raw_path", ""))
+            sanitize.decoded_path(env.get("bottle.raw_path", ""))
         except ValueError as e:
             raise ApiError(400, "bad_path", str(e)) from None
         path = env.get("PATH_INFO", "/")
@@ -846,7 +313,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
                 try:
                     ok = credentials.check(env.get("HTTP_AUTHORIZATION", ""),
                                            env.get("REMOTE_ADDR", ""))
-                except access.Refused as e:
+                except auth.Refused as e:
                     raise refused(429, e) from None
                 if not ok:
                     raise ApiError(401, "unauthorized",
@@ -868,7 +335,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
                                         body, answer, auth, errors, query, headers,
                                         answer_headers))
             app.route(path.replace("{", "<").replace("}", ">"), method, fn,
-                      apply=[auth_plugin] if auth else [])
+                      apply=[core_errors, auth_plugin] if auth else [core_errors])
             return fn
         return register
 
@@ -956,7 +423,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
                      "runs": {"running": len(db.run_ids(status=Status.RUNNING.value)),
                               "queued": len(db.waiting_runs())},
                      "cdr": link.status() if link else None,
-                     "tls": front.over_tls(bottle.request.environ),
+                     "tls": proxy.over_tls(bottle.request.environ),
                      "free_mb": retention.free_space(settings),
                      "openapi": "/openapi.json"})
 
@@ -1112,14 +579,14 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         from botocore.exceptions import BotoCoreError
         from botocore.exceptions import ClientError
 
-        folder = f"{mipper.s3_key_prefix(settings, job, module)}/{kind}/"
+        folder = f"{s3_key_prefix(settings, job, module)}/{kind}/"
         try:
             if "client" not in s3:
-                s3["client"] = mipper.s3_client()
+                s3["client"] = s3_client()
             client = s3["client"]
             return [(f"{prefix}/{obj['Key'][len(folder):]}",
                      s3_opener(client, settings.s3_bucket, obj))
-                    for obj in mipper.list_objects(client, settings.s3_bucket, folder)]
+                    for obj in list_objects(client, settings.s3_bucket, folder)]
         except (BotoCoreError, ClientError) as e:
             log.warning("S3 listing of %s failed: %s", folder, e)
             raise ApiError(502, "storage_unavailable",
@@ -1130,7 +597,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         when the local copy has been cleaned away."""
         execution = get_module(job, module)
         prefix = f"{job}_{module}_{kind}"
-        files = mipper.kind_files(settings, job, module, kind)
+        files = kind_files(settings, job, module, kind)
         entries = []
         if files is not None:
             # lazily: the first bytes go out before a big folder is fully listed
@@ -1143,7 +610,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
                                               "(not produced, or cleaned away)")
         try:
             body = downloads.hold(zip_stream(entries))
-        except access.Refused as e:
+        except auth.Refused as e:
             raise refused(503, e) from None
         bottle.response.content_type = "application/zip"
         bottle.response.set_header("Content-Disposition", f'attachment; filename="{prefix}.zip"')
@@ -1224,9 +691,9 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         return job_status(job)
 
     @route("GET", "/maps", answer={"type": "array", "items": {"type": "string"}})
-    def list_maps():
+    def map_names():
         """Names of the maps on the server."""
-        return send(mipper.list_maps(settings))
+        return send(maps.list_maps(settings))
 
     # What a concern kept in its own file needs to add its routes and hooks: each such file
     # has an add_routes(api), called below, so make_app stays the core API.
@@ -1235,8 +702,8 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
               submit=submit, cfg=cfg, db=db, queue=queue, link=link, catalogue=catalogue,
               schemas=schemas, settled=settled, done_runs=done_runs)
     console.add_routes(api)
-    logs.add_routes(api)
-    docs_ui.add_routes(api)
+    follow.add_routes(api)
+    swagger.add_routes(api)
     notices.add_routes(api)
     retention.add_routes(api)
     metrics.add_routes(api)  # last: it wraps the app as a whole
@@ -1267,103 +734,18 @@ class Api:
     done_runs: "AnswerCache"
 
 
-def cdr_submitter(queue: RunQueue):
-    """queue.submit for the CDR link, which knows MipError rather than HTTP answers."""
-    def submit(payload):
-        try:
-            return queue.submit(payload)
-        except ApiError as e:
-            raise mipper.MipError(json.loads(e.body)["message"]) from None
-    return submit
-
-
 def read_json_bytes(raw: bytes):
     """The body as JSON. Raises 400: bad_json when nested too deep, malformed_json when
     not JSON at all."""
     try:
-        return untrusted.parse_json(raw)
-    except untrusted.TooDeep as e:
+        return sanitize.parse_json(raw)
+    except sanitize.TooDeep as e:
         raise ApiError(400, "bad_json", str(e)) from None
     except ValueError as e:
         raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}") from None
 
 
 # ---------------------------------------------------------------------------- main
-
-class RequestLog:
-    """WSGI middleware: one log line per request (client address, method, path, status,
-    milliseconds), handed straight to the LineWriter: a logging record per request cost a
-    tenth of the request rate. Behind the trusted proxy, waitress has already put the
-    client's address the proxy passed on in REMOTE_ADDR."""
-
-    def __init__(self, app, writer: "LineWriter"):
-        self.app = app
-        self.writer = writer
-
-    def __call__(self, environ, start_response):
-        started = time.monotonic()
-
-        def start(status, headers, exc_info=None):
-            # all three may come from a client (the address through X-Forwarded-For):
-            # escaped, so they cannot forge a line
-            self.writer.line(f"{untrusted.escape(environ.get('REMOTE_ADDR', ''))} "
-                             f"{untrusted.escape(environ.get('REQUEST_METHOD', ''))} "
-                             f"{untrusted.escape(environ.get('PATH_INFO', ''))} "
-                             f"{status[:3]} {(time.monotonic() - started) * 1000:.1f} ms")
-            return start_response(status, headers, exc_info)
-
-        return self.app(environ, start)
-
-
-class LineWriter:
-    """One thread that writes the log lines request threads queue (formatted by logging's
-    QueueHandler), as many as are waiting in one write: under load, request threads that
-    each wrote and flushed their own line fought over the stream and the GIL, and halved
-    the request rate."""
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.lines = SimpleQueue()
-        self.second = (0, "")  # the last second's time stamp, made once a second
-        self.thread = threading.Thread(target=self.run, daemon=True, name="log-writer")
-        self.thread.start()
-
-    def run(self) -> None:
-        while True:
-            batch = [self.lines.get()]
-            while not self.lines.empty():
-                batch.append(self.lines.get())
-            done = None in batch
-            self.stream.write("".join((r if isinstance(r, str) else r.msg) + "\n"
-                                      for r in batch if r is not None))
-            self.stream.flush()
-            if done:
-                return
-
-    def line(self, text: str) -> None:
-        """Queue an INFO line, stamped like logging's lines."""
-        now = time.time()
-        if int(now) != self.second[0]:
-            self.second = (int(now), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)))
-        self.lines.put(f"{self.second[1]},{int(now % 1 * 1000):03d} INFO {text}")
-
-    def stop(self, timeout: float = 5) -> None:
-        """Write what is queued, then end the thread."""
-        self.lines.put(None)
-        self.thread.join(timeout)
-
-
-def setup_logging() -> LineWriter:
-    """The server's log lines to stdout through a LineWriter; returns it, to stop at exit."""
-    writer = LineWriter(sys.stdout)
-    handler = logging.handlers.QueueHandler(writer.lines)
-    handler.setFormatter(untrusted.OneLineFormatter("%(asctime)s %(levelname)s %(message)s"))
-    logging.getLogger("mip").addHandler(handler)
-    logging.getLogger("mip").setLevel(logging.INFO)
-    # waitress warns on every queued request under load, which costs time and says nothing
-    logging.getLogger("waitress.queue").setLevel(logging.ERROR)
-    return writer
-
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mip_server.py", description=__doc__.split("\n")[0])
@@ -1380,26 +762,26 @@ def main(argv=None) -> int:
                     else sys.stdin.readline().rstrip("\n"))
         if not password:
             print("mip_server: error: empty password", file=sys.stderr)
-            return mipper.EXIT_USAGE
+            return EXIT_USAGE
         print(hash_password(password))
-        return mipper.EXIT_OK
+        return EXIT_OK
     try:
         cfg = Config.from_env(os.environ, args.host, args.port, args.no_auth)
         cfg.settings.make_dirs()
-        mipper.load_catalogue(cfg.settings.config_path)
-    except mipper.MipError as e:
+        load_catalogue(cfg.settings.config_path)
+    except MipError as e:
         print(f"mip_server: error: {e}", file=sys.stderr)
-        return mipper.EXIT_USAGE
+        return EXIT_USAGE
     db = journal.Journal(cfg.settings.journal_path)
     db.migrate()
     try:
         queue = RunQueue(cfg, db)
     except keystore.KeyStoreError as e:
         print(f"mip_server: error: {e}", file=sys.stderr)
-        return mipper.EXIT_USAGE
+        return EXIT_USAGE
     link = None
     if cfg.cdr_settings:
-        link = cdr.CdrLink(cfg.cdr_settings, cfg.settings, db, cdr_submitter(queue))
+        link = cdr.CdrLink(cfg.cdr_settings, cfg.settings, db, queue.submit)
         queue.finished.append(link.run_finished)
     notifier = notices.Notifier(cfg.notify, db, lambda run_id: notice_status(db, run_id),
                                 queue.running)
@@ -1416,14 +798,14 @@ def main(argv=None) -> int:
             max_request_body_size=16 * MAX_BODY,
             # keep streamed zips in memory (bounded by the high watermark), never in temp files
             outbuf_high_watermark=8 * 1024 * 1024, outbuf_overflow=64 * 1024 * 1024,
-            **front.waitress_settings(cfg.trusted_proxy))
+            **proxy.waitress_settings(cfg.trusted_proxy))
     except OSError as e:
         print(f"mip_server: error: cannot listen on {cfg.host}:{cfg.port}: {e.strerror} "
               "(set MIP_PORT or --port)", file=sys.stderr)
         writer.stop()
-        return mipper.EXIT_USAGE
+        return EXIT_USAGE
     print(f"mip: serving on http://{cfg.host}:{server.effective_port}", flush=True)
-    for warning in front.start_warnings(cfg.host, cfg.trusted_proxy):
+    for warning in proxy.start_warnings(cfg.host, cfg.trusted_proxy):
         log.warning("%s", warning)
     if cfg.trusted_proxy:
         log.info("behind a TLS proxy: X-Forwarded-For, -Proto and -Host believed from %s only",
@@ -1459,7 +841,7 @@ def main(argv=None) -> int:
         server.close()
         log.info("stopped; running runs go on and are adopted at the next start")
         writer.stop()
-    return mipper.EXIT_OK
+    return EXIT_OK
 
 
 if __name__ == "__main__":

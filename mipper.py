@@ -6,18 +6,16 @@
     python mipper.py --list-modules
     python mipper.py --list-deps geopackage
 
-Also a library: the server imports the catalogue and settings from here and starts each
-run as `python mipper.py --run-id ID ...` in a process group of its own.
+The server starts each run as `python mipper.py --run-id ID ...` in a process group of its
+own. This file is the command line and the luigi graph only: the catalogue, maps, settings,
+S3 and the journal live in the mip package, which never imports luigi.
 """
 
 import argparse
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import os
-import re
 import shlex
 import shutil
 import signal
@@ -26,599 +24,40 @@ import time
 from dataclasses import dataclass
 from dataclasses import field
 
-import jsonschema
 import luigi
-import yaml
 
-import gpus
-import journal
-import runners
-import switches
-import untrusted
-from journal import Status
-
-# one version for mipper, the server and the client (mip_client.py keeps a copy: it stands
-# alone; tests/test_papercuts.py checks they agree)
-VERSION = "0.1.0"
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-SCHEMA_DIR = os.path.join(HERE, "schema")
-ALL = "ALL"
-CHUNK_READ = 1024 * 1024
-# used with fullmatch: `$` would let a name end in a newline
-NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
-TOKENS = ("$INPUT_DIR", "$OUTPUT_DIR", "$TEMP_DIR", "$REPO_DIR", "$MAP_NAME", "$GPU_ID")
-# Never handed to mipper by the server: the server's own secrets.
-SERVER_SECRETS = ("MIP_PASSWORD", "MIP_CLIENT_PASSWORD", "MIP_CDR_TOKEN", "MIP_CDR_SECRET",
-                  "MIP_NOTIFY_SECRET")
-# Never handed to a module either: mipper's AWS credentials (for S3 and ECS) and the
-# OpenAI key, which reaches modules only as OPENAI_API_KEY.
-SECRET_VARS = (*SERVER_SECRETS, "MIP_OPENAI_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-               "AWS_SESSION_TOKEN")
+from mip import VERSION
+from mip import gpus
+from mip import journal
+from mip import runners
+from mip import sanitize
+from mip import switches
+from mip.catalogue import Module
+from mip.catalogue import ancestors
+from mip.catalogue import check_extra
+from mip.catalogue import check_name
+from mip.catalogue import expand_modules
+from mip.catalogue import gpu_refusal
+from mip.catalogue import launch
+from mip.catalogue import load_catalogue
+from mip.catalogue import local_gpu_modules
+from mip.catalogue import module_env
+from mip.catalogue import module_outputs
+from mip.catalogue import module_runner
+from mip.errors import EXIT_FAILED
+from mip.errors import EXIT_OK
+from mip.errors import EXIT_USAGE
+from mip.errors import CatalogueError
+from mip.errors import MipError
+from mip.errors import ModuleFailed
+from mip.errors import UsageError
+from mip.journal import Status
+from mip.maps import check_map
+from mip.s3 import record_upload
+from mip.s3 import upload_missing
+from mip.settings import Settings
 
 log = logging.getLogger("mip.mipper")
-
-
-# ---------------------------------------------------------------------------- errors
-
-class MipError(Exception):
-    """An expected failure, reported as one line without a traceback."""
-
-
-class CatalogueError(MipError):
-    """config.yml is missing, unreadable or invalid."""
-
-
-class UsageError(MipError):
-    """A bad job, map or module name, or a job bound to another map."""
-
-
-class ModuleFailed(MipError):
-    """A module exited non-zero, could not start, or lacks an expected output."""
-
-
-# ---------------------------------------------------------------------------- settings
-
-@dataclass(frozen=True)
-class Settings:
-    """Folders and limits shared by mipper and the server, read once from the environment."""
-
-    inputs_dir: str
-    outputs_dir: str
-    temps_dir: str
-    runs_dir: str
-    repos_dir: str
-    config_path: str
-    workers: int = 4
-    openai_key: str | None = field(default=None, repr=False)
-    s3_bucket: str | None = None
-    s3_prefix: str = "mip"
-    s3_temps: bool = False
-    runner_settings: runners.RunnerSettings = field(default_factory=runners.RunnerSettings)
-    luigi_scheduler_url: str | None = None
-    min_free_mb: int = 1024  # below this, in the runs, outputs or temps folder, no new run
-    key_file: str | None = None  # the keystore's Fernet key (default: in the runs folder)
-    gpu_settings: gpus.GpuSettings = field(default_factory=gpus.GpuSettings)
-
-    @classmethod
-    def from_env(cls, env) -> "Settings":
-        """Read the TA1_* and MIP_* variables; raises MipError naming a bad one."""
-        dirs = {}
-        for name in ("TA1_INPUTS_DIR", "TA1_OUTPUTS_DIR", "TA1_TEMPS_DIR", "TA1_RUNS_DIR",
-                     "TA1_REPOS_DIR"):
-            if not env.get(name):
-                raise MipError(f"{name} is not set; run `source env.sh` first")
-            dirs[name] = os.path.abspath(env[name])
-        return cls(
-            inputs_dir=dirs["TA1_INPUTS_DIR"],
-            outputs_dir=dirs["TA1_OUTPUTS_DIR"],
-            temps_dir=dirs["TA1_TEMPS_DIR"],
-            runs_dir=dirs["TA1_RUNS_DIR"],
-            repos_dir=dirs["TA1_REPOS_DIR"],
-            config_path=os.path.abspath(env.get("MIP_CONFIG") or os.path.join(HERE, "config.yml")),
-            workers=int_setting(env, "MIP_WORKERS", 4, 1, 64),
-            openai_key=env.get("MIP_OPENAI_KEY") or None,
-            s3_bucket=env.get("MIP_S3_BUCKET") or None,
-            s3_prefix=env.get("MIP_S3_PREFIX", "mip").strip("/"),
-            s3_temps=env.get("MIP_S3_TEMPS", "0") == "1",
-            runner_settings=runner_settings(env),
-            luigi_scheduler_url=env.get("MIP_LUIGI_SCHEDULER_URL") or None,
-            min_free_mb=int_setting(env, "MIP_MIN_FREE_MB", 1024, 0, 10**9),
-            key_file=os.path.abspath(env.get("MIP_KEY_FILE") or os.path.join(
-                dirs["TA1_RUNS_DIR"], "keystore.key")),
-            gpu_settings=gpu_settings(env),
-        )
-
-    @property
-    def journal_path(self) -> str:
-        return os.path.join(self.runs_dir, "journal.db")
-
-    def make_dirs(self) -> None:
-        for path in (self.inputs_dir, os.path.join(self.inputs_dir, "maps"), self.outputs_dir,
-                     self.temps_dir, self.runs_dir, os.path.join(self.runs_dir, "logs"),
-                     self.repos_dir):
-            os.makedirs(path, exist_ok=True)
-
-
-def gpu_settings(env) -> gpus.GpuSettings:
-    try:
-        return gpus.GpuSettings.from_env(env)
-    except ValueError as e:
-        raise MipError(str(e)) from None
-
-
-def runner_settings(env) -> runners.RunnerSettings:
-    try:
-        return runners.RunnerSettings.from_env(env)
-    except ValueError as e:
-        raise MipError(str(e)) from None
-
-
-def int_setting(env, name: str, default: int, low: int, high: int) -> int:
-    """An integer environment variable within [low, high]; raises MipError otherwise."""
-    raw = env.get(name, "")
-    if raw == "":
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise MipError(f"{name}={raw!r}: expected a whole number") from None
-    if not low <= value <= high:
-        raise MipError(f"{name}={value}: expected {low} to {high}")
-    return value
-
-
-# ---------------------------------------------------------------------------- catalogue
-
-@dataclass(frozen=True)
-class Module:
-    """One catalogue entry."""
-
-    name: str
-    version: str
-    requires: tuple
-    command: tuple
-    options: dict
-    outputs: tuple
-    gpu: bool = False
-    runner: str | None = None  # this module's own runner, over MIP_RUNNER
-    base_runner: str = "inline"  # the catalogue's runner, under MIP_RUNNER
-    container: dict = field(default_factory=dict)  # folders as a container sees them
-    image: str | None = None
-    user: str | None = None
-    task_definition: str | None = None
-    container_name: str | None = None
-
-
-def load_catalogue(path: str) -> dict:
-    """The modules of config.yml by name, in file order; raises CatalogueError in one line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise CatalogueError(f"{path}: cannot read the module catalogue: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" line {where.line + 1}" if where else ""
-        raise CatalogueError(f"{path}:{line} is not valid YAML") from None
-    with open(os.path.join(SCHEMA_DIR, "Catalogue.json"), encoding="utf-8") as f:
-        validator = jsonschema.Draft202012Validator(json.load(f))
-    error = jsonschema.exceptions.best_match(validator.iter_errors(data))
-    if error is not None:
-        raise CatalogueError(f"{path}: {_catalogue_place(data, error.absolute_path)}: "
-                             f"{error.message}")
-    modules = {}
-    for entry in data["modules"]:
-        name = entry["name"]
-        if name in modules or name == ALL:
-            raise CatalogueError(f"{path}: module {name!r}: field 'name': used twice or reserved")
-        modules[name] = Module(
-            name=name, version=entry["version"], requires=tuple(entry["requires"]),
-            command=tuple(entry["command"]), options=dict(entry["options"]),
-            outputs=tuple(entry["outputs"]), gpu=entry.get("gpu", False),
-            runner=entry.get("runner"), base_runner=data.get("runner", "inline"),
-            container=data.get("container", {}), image=entry.get("image"),
-            user=entry.get("user"), task_definition=entry.get("task_definition"),
-            container_name=entry.get("container_name"))
-    for module in modules.values():
-        for req in module.requires:
-            if req not in modules:
-                raise CatalogueError(f"{path}: module {module.name!r}: field 'requires': "
-                                     f"unknown module {req!r}")
-        for key, value in [*module.options.items(), *(("outputs", o) for o in module.outputs)]:
-            for text in value if isinstance(value, list) else [value]:
-                leftover = re.search(r"\$[A-Z_]+", substitute(str(text), dict.fromkeys(TOKENS, "")))
-                if leftover:
-                    raise CatalogueError(f"{path}: module {module.name!r}: field {key!r}: "
-                                         f"unknown variable {leftover.group()}")
-    _check_acyclic(path, modules)
-    return modules
-
-
-def _catalogue_place(data, where) -> str:
-    where = list(where)
-    if len(where) >= 2 and where[0] == "modules" and isinstance(where[1], int):
-        entry = data["modules"][where[1]]
-        name = entry.get("name", f"#{where[1] + 1}") if isinstance(entry, dict) else where[1] + 1
-        rest = ".".join(str(p) for p in where[2:]) or "entry"
-        return f"module {name!r}: field {rest!r}"
-    return f"field {'.'.join(str(p) for p in where) or 'top level'!r}"
-
-
-def _check_acyclic(path: str, modules: dict) -> None:
-    state = {}
-
-    def visit(name, trail):
-        if state.get(name) == "done":
-            return
-        if state.get(name) == "open":
-            raise CatalogueError(f"{path}: module {name!r}: field 'requires': dependency cycle "
-                                 + " -> ".join([*trail, name]))
-        state[name] = "open"
-        for req in modules[name].requires:
-            visit(req, [*trail, name])
-        state[name] = "done"
-
-    for name in modules:
-        visit(name, [])
-
-
-def substitute(text: str, values: dict) -> str:
-    """Replace the $TOKENS as plain text, as the original config.yml expects."""
-    for token in TOKENS:
-        text = text.replace(token, values[token])
-    return text
-
-
-def expand_modules(catalogue: dict, names) -> list:
-    """Module names with ALL expanded, in catalogue order; raises UsageError for unknown ones."""
-    names = list(names)
-    if not names:
-        raise UsageError("no module given; name one or more, or ALL")
-    unknown = [n for n in names if n != ALL and n not in catalogue]
-    if unknown:
-        raise UsageError(f"unknown module {unknown[0]!r}; known: {', '.join(catalogue)}, {ALL}")
-    if ALL in names:
-        return list(catalogue)
-    return [n for n in catalogue if n in names]
-
-
-def ancestors(catalogue: dict, names) -> list:
-    """The named modules and everything they need, in catalogue order."""
-    seen = set()
-    stack = list(names)
-    while stack:
-        name = stack.pop()
-        if name not in seen:
-            seen.add(name)
-            stack.extend(catalogue[name].requires)
-    return [n for n in catalogue if n in seen]
-
-
-def check_name(kind: str, value: str) -> str:
-    """Refuse names that could escape a folder; raises UsageError."""
-    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or value in (".", ".."):
-        raise UsageError(f"bad {kind} name {value!r}: use letters, digits, '_', '.', '-', "
-                         "at most 64, not starting with '.'")
-    return value
-
-
-def map_file(settings: Settings, map_name: str) -> str:
-    return os.path.join(settings.inputs_dir, "maps", map_name, f"{map_name}.tif")
-
-
-def list_maps(settings: Settings) -> list:
-    """Names of the maps present under $TA1_INPUTS_DIR/maps, sorted."""
-    try:
-        names = sorted(os.listdir(os.path.join(settings.inputs_dir, "maps")))
-    except OSError:
-        return []
-    return [n for n in names if NAME_RE.fullmatch(n) and os.path.isfile(map_file(settings, n))]
-
-
-def check_map(settings: Settings, map_name: str) -> None:
-    """Raises UsageError unless the map exists."""
-    check_name("map", map_name)
-    if not os.path.isfile(map_file(settings, map_name)):
-        known = ", ".join(list_maps(settings)) or "none"
-        raise UsageError(f"no map {map_name!r}: expected $TA1_INPUTS_DIR/maps/{map_name}/"
-                         f"{map_name}.tif; maps present: {known}")
-
-
-def token_values(settings: Settings, job: str, map_name: str, container=None) -> dict:
-    """What each $TOKEN of the catalogue stands for in this job and map, as seen on this
-    host or, given the catalogue's `container:` section, inside a container."""
-    where = container or {}
-    return {
-        "$INPUT_DIR": where.get("input_dir", settings.inputs_dir),
-        "$OUTPUT_DIR": os.path.join(where.get("output_dir", settings.outputs_dir), job),
-        "$TEMP_DIR": os.path.join(where.get("temp_dir", settings.temps_dir), job),
-        "$REPO_DIR": where.get("repo_dir", settings.repos_dir),
-        "$MAP_NAME": map_name,
-        "$GPU_ID": gpus.DEVICE_SEEN,
-    }
-
-
-def module_switches(module: Module, values: dict) -> list:
-    """The module's options as switches: `--name value`, a list as several values, "" as
-    a bare flag."""
-    switches = []
-    for key, value in module.options.items():
-        switches.append(f"--{key}")
-        for item in value if isinstance(value, list) else [value]:
-            if item != "":
-                switches.append(substitute(str(item), values))
-    return switches
-
-
-def inline_command(settings: Settings, module: Module) -> list:
-    """The catalogue's `command`: a leading `python` is this interpreter, and a relative
-    path that exists next to the catalogue is made absolute."""
-    base = os.path.dirname(settings.config_path)
-    argv = [sys.executable if module.command[0] == "python" else module.command[0]]
-    for part in module.command[1:]:
-        local = os.path.join(base, part)
-        argv.append(local if not os.path.isabs(part) and os.path.exists(local) else part)
-    return argv
-
-
-def module_runner(settings: Settings, module: Module) -> str:
-    return module.runner or settings.runner_settings.runner or module.base_runner
-
-
-def launch(settings: Settings, module: Module, job: str, map_name: str, run_id: str,
-           extra=(), env=None) -> runners.Launch:
-    """Everything a runner needs to execute the module in this job. A container sees the
-    data folders where the catalogue's `container:` section says; an ECS task sees them at
-    the same paths as here (a shared file system)."""
-    in_docker = module_runner(settings, module) == "docker"
-    container = module.container if in_docker else None
-    env = dict(env or {})
-    secrets = {k: env.pop(k) for k in ("OPENAI_API_KEY",) if k in env}
-    mounts = ()
-    if in_docker:
-        # the inputs and the module sources are read-only to a module
-        mounts = tuple((host, module.container.get(key, host), ro) for key, host, ro in (
-            ("input_dir", settings.inputs_dir, True), ("output_dir", settings.outputs_dir, False),
-            ("temp_dir", settings.temps_dir, False), ("repo_dir", settings.repos_dir, True)))
-    return runners.Launch(
-        module=module.name,
-        name=f"mip-{job}-{module.name}-{run_id}",
-        run_id=run_id,
-        command=tuple(inline_command(settings, module)),
-        switches=tuple(module_switches(module, token_values(settings, job, map_name, container))
-                       + list(extra)),
-        env=env,
-        secrets=secrets,
-        cwd=os.path.join(settings.temps_dir, job, module.name),
-        gpu=module.gpu,
-        image=module.image or f"inferlink/ta1_{module.name}",
-        user=module.user or settings.runner_settings.docker_user,
-        mounts=mounts,
-        task_definition=module.task_definition or f"ta1_{module.name}",
-        container_name=module.container_name or module.name,
-    )
-
-
-def local_gpu_modules(settings: Settings, catalogue: dict, names) -> list:
-    """The modules among `names` that want a GPU of this host (an ECS task gets its GPU
-    from ECS)."""
-    return [n for n in gpus.needing_gpu(catalogue, names)
-            if module_runner(settings, catalogue[n]) != "ecs"]
-
-
-def gpu_refusal(settings: Settings, catalogue: dict, targets) -> str | None:
-    """Why a run of `targets` (with what they need) may not start here, under
-    MIP_REQUIRE_GPU=1 on a host without a GPU; None when it may."""
-    gpu = settings.gpu_settings
-    if not gpu.require or gpu.devices:
-        return None
-    needing = local_gpu_modules(settings, catalogue, ancestors(catalogue, targets))
-    if not needing:
-        return None
-    return (f"MIP_REQUIRE_GPU=1 and this host has no GPU (MIP_GPUS=none, or none found): "
-            f"{', '.join(needing)} need{'s' if len(needing) == 1 else ''} one")
-
-
-def check_extra(settings: Settings, catalogue: dict, job: str, extra: dict) -> None:
-    """Apply the rule of switches.py to every module's extra switches, with the paths that
-    module sees (a container's, for the docker runner). Raises UsageError for an unknown
-    module, switches.Refused for a switch that breaks the rule."""
-    roots = (os.path.join(settings.outputs_dir, job), os.path.join(settings.temps_dir, job))
-    for name, args in extra.items():
-        if name not in catalogue:
-            raise UsageError(f"extra switches for unknown module {name!r}")
-        module = catalogue[name]
-        base, view = os.path.join(settings.temps_dir, job, name), ()
-        if module_runner(settings, module) == "docker":
-            # a container's working folder is the image's: relative `..` paths are refused
-            base = None
-            view = [(module.container.get(key, host), host) for key, host in (
-                ("output_dir", settings.outputs_dir), ("temp_dir", settings.temps_dir))]
-        switches.check(name, args, module.options, roots, base, view)
-
-
-def module_outputs(settings: Settings, module: Module, job: str, map_name: str) -> list:
-    """The module's expected outputs, as full paths."""
-    values = token_values(settings, job, map_name)
-    return [substitute(path, values) for path in module.outputs]
-
-
-def module_env(settings: Settings, env, openai_key: str | None) -> dict:
-    """The environment a module runs with: ours without secrets, plus OPENAI_API_KEY."""
-    clean = {k: v for k, v in env.items() if k not in SECRET_VARS}
-    key = openai_key or settings.openai_key
-    if key:
-        clean["OPENAI_API_KEY"] = key
-    return clean
-
-
-# ---------------------------------------------------------------------------- storage (S3)
-
-class UploadFailed(MipError):
-    """Copying a module's data to S3 failed; the message says why."""
-
-
-def s3_client():
-    """An S3 client with boto3's usual credentials, region and AWS_ENDPOINT_URL, and short
-    timeouts, so that a store that is down fails an upload in seconds, not minutes."""
-    # imported here: boto3 takes a noticeable time to import, and most runs never need it
-    import boto3
-    import botocore.config
-
-    config = botocore.config.Config(connect_timeout=5, read_timeout=60,
-                                    retries={"max_attempts": 3, "mode": "standard"})
-    return boto3.client("s3", config=config)
-
-
-def s3_key_prefix(settings: Settings, job: str, module: str) -> str:
-    """`<prefix>/<job>/<module>`, the folder of a module's data in the bucket."""
-    return "/".join(p for p in (settings.s3_prefix, job, module) if p)
-
-
-KINDS = ("logs", "outputs", "temps")
-
-
-def kind_files(settings: Settings, job: str, module: str, kind: str):
-    """(name within the kind, path) of a module's logs (mipper's log of it and the *.log
-    files it wrote), outputs or temps on disk, listed as they are read (a folder of many
-    files starts streaming at once); None when it has none of that kind."""
-    out_dir = os.path.join(settings.outputs_dir, job, module)
-    if kind == "logs":
-        own_log = os.path.join(settings.outputs_dir, job, f"{module}.log")
-        # not a link: a module (a container) may have put one in its log's place
-        own = os.path.isfile(own_log) and not os.path.islink(own_log)
-        files = [(f"{module}.log", own_log)] if own else []
-        files += [(name, path) for name, path in walk_files(out_dir) if name.endswith(".log")]
-        return files or None
-    folder = out_dir if kind == "outputs" else os.path.join(settings.temps_dir, job, module)
-    return walk_files(folder) if os.path.isdir(folder) else None
-
-
-def module_files(settings: Settings, job: str, module: str) -> dict:
-    """{kind: files} of what is copied to S3: logs and outputs, and temps when asked."""
-    kinds = KINDS if settings.s3_temps else KINDS[:2]
-    return {kind: list(kind_files(settings, job, module, kind) or ()) for kind in kinds}
-
-
-def walk_files(root: str):
-    """(relative name, path) of the regular files under `root`, each folder's files (sorted)
-    before its subfolders; symlinks are followed only when they point to a file in `root`."""
-    real_root = os.path.realpath(root) + os.sep
-    stack = [(root, "")]
-    while stack:
-        folder, rel = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError:
-            continue
-        subfolders = []
-        for entry in entries:
-            # types come from the listing itself: no stat and no realpath per plain file
-            if entry.is_dir(follow_symlinks=False):
-                subfolders.append((entry.path, f"{rel}{entry.name}/"))
-            elif entry.is_file(follow_symlinks=False) or (
-                    entry.is_symlink() and os.path.realpath(entry.path).startswith(real_root)
-                    and os.path.isfile(entry.path)):
-                yield f"{rel}{entry.name}", entry.path
-        stack.extend(reversed(subfolders))
-
-
-def upload_module(settings: Settings, job: str, module: str, client=None) -> str:
-    """Copy a module's data to s3://bucket/<prefix>/<job>/<module>/<kind>/..., skipping
-    objects already there with the same bytes, and deleting objects the module no longer
-    has; returns the URI of the module's folder. Raises UploadFailed."""
-    from boto3.s3.transfer import TransferConfig
-    from botocore.exceptions import BotoCoreError
-    from botocore.exceptions import ClientError
-
-    bucket = settings.s3_bucket
-    base = s3_key_prefix(settings, job, module)
-    uri = f"s3://{bucket}/{base}/"
-    try:
-        client = client or s3_client()
-        transfer = TransferConfig(multipart_threshold=S3_PART, multipart_chunksize=S3_PART,
-                                  max_concurrency=8)
-        sent = kept = 0
-        for kind, files in module_files(settings, job, module).items():
-            folder = f"{base}/{kind}/"
-            existing = {obj["Key"]: obj for obj in list_objects(client, bucket, folder)}
-            for name, path in files:
-                key = folder + name
-                there = existing.pop(key, None)
-                if (there and there["Size"] == os.path.getsize(path)
-                        and there["ETag"] == s3_etag(path)):
-                    kept += 1
-                    continue
-                client.upload_file(path, bucket, key, Config=transfer)
-                sent += 1
-            stale = list(existing)
-            for start in range(0, len(stale), 1000):
-                client.delete_objects(Bucket=bucket, Delete={
-                    "Objects": [{"Key": k} for k in stale[start:start + 1000]], "Quiet": True})
-    except (BotoCoreError, ClientError, OSError) as e:
-        raise UploadFailed(f"upload to {uri} failed: {e}") from None
-    log.info("module %s: %d files sent to %s, %d already there", module, sent, uri, kept)
-    return uri
-
-
-S3_PART = 16 * 1024 * 1024
-
-
-def s3_etag(path: str) -> str:
-    """The ETag S3 gives a file uploaded by upload_module (in parts of S3_PART from that
-    size on), so that bytes already there are not sent again. Stores that make other ETags
-    (server-side KMS encryption) just get every file again."""
-    size = os.path.getsize(path)
-    parts = []
-    with open(path, "rb") as f:
-        for _ in range(max(1, -(-size // S3_PART))):
-            part = hashlib.md5(usedforsecurity=False)
-            left = S3_PART
-            while left and (block := f.read(min(CHUNK_READ, left))):
-                part.update(block)
-                left -= len(block)
-            parts.append(part)
-    if size < S3_PART:
-        return f'"{parts[0].hexdigest()}"'
-    whole = hashlib.md5(b"".join(p.digest() for p in parts), usedforsecurity=False)
-    return f'"{whole.hexdigest()}-{len(parts)}"'
-
-
-def list_objects(client, bucket: str, prefix: str):
-    """Every object under `prefix` (the listing is paged by 1,000)."""
-    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        yield from page.get("Contents", ())
-
-
-def record_upload(settings: Settings, db: journal.Journal, execution: dict) -> bool:
-    """Upload an execution's data and record the outcome; True if it is in S3."""
-    job, module = execution["job"], execution["module"]
-    uri = f"s3://{settings.s3_bucket}/{s3_key_prefix(settings, job, module)}/"
-    try:
-        uri = upload_module(settings, job, module)
-    except UploadFailed as e:
-        db.set_upload(execution["id"], "failed", uri, str(e))
-        log.info("module %s: %s", module, e)
-        return False
-    db.set_upload(execution["id"], "uploaded", uri, None)
-    return True
-
-
-def upload_missing(settings: Settings, db: journal.Journal, job: str, modules,
-                   again: bool = False) -> bool:
-    """Upload the passed modules whose data is not in S3 yet (all of them with `again`);
-    True if every one is there."""
-    ok = True
-    for module in modules:
-        last = db.latest_execution(job, module)
-        if last and last["status"] == "passed" and (again or last["upload_status"] != "uploaded"):
-            ok = record_upload(settings, db, last) and ok
-    return ok
 
 
 # ---------------------------------------------------------------------------- a run
@@ -930,11 +369,11 @@ def run_logs(settings: Settings, job: str, log_path: str | None):
     handlers = {"mip.runner": logging.FileHandler(os.path.join(settings.runs_dir,
                                                                "runners.log"))}
     handlers["mip.runner"].setFormatter(
-        untrusted.OneLineFormatter(f"%(asctime)s {job} %(message)s"))
+        sanitize.OneLineFormatter(f"%(asctime)s {job} %(message)s"))
     logging.getLogger("mip.runner").propagate = False
     if log_path:
         handlers["mip"] = logging.FileHandler(log_path)
-        handlers["mip"].setFormatter(untrusted.OneLineFormatter(LOG_FORMAT))
+        handlers["mip"].setFormatter(sanitize.OneLineFormatter(LOG_FORMAT))
     for name, handler in handlers.items():
         logging.getLogger(name).addHandler(handler)
     try:
@@ -972,7 +411,7 @@ def setup_logging() -> None:
     """Our lines to stderr; luigi's own chatter (and its tracebacks of our
     ModuleFailed) kept out, since each failure is already logged in one line."""
     handler = logging.StreamHandler()
-    handler.setFormatter(untrusted.OneLineFormatter(LOG_FORMAT))
+    handler.setFormatter(sanitize.OneLineFormatter(LOG_FORMAT))
     logger = logging.getLogger("mip")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)

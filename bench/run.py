@@ -39,8 +39,10 @@ import yaml
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import journal  # noqa: E402
-from mip_server import process_alive  # noqa: E402
+from mip import journal  # noqa: E402
+from mip import s3  # noqa: E402
+from mip.queue import process_alive  # noqa: E402
+from mip.settings import Settings  # noqa: E402
 
 PY = sys.executable
 MAP = "bench_map"
@@ -676,11 +678,10 @@ def free_port() -> int:
 
 
 def figure_6(b: Bench, files: int = 16, size: int = 16 * 2**20) -> None:
-    """A module's upload (mipper.upload_module: boto3 managed transfers) to moto's
+    """A module's upload (s3.upload_module: boto3 managed transfers) to moto's
     S3-compatible server on loopback, against a plain local copy of the same files."""
     import boto3
 
-    import mipper
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -707,15 +708,15 @@ def figure_6(b: Bench, files: int = 16, size: int = 16 * 2**20) -> None:
         started = time.perf_counter()
         shutil.copytree(root, os.path.join(b.scratch, "copy"))
         copy = time.perf_counter() - started
-        settings = mipper.Settings(
+        settings = Settings(
             inputs_dir=b.dirs["inputs"], outputs_dir=b.dirs["outputs"],
             temps_dir=b.dirs["temps"], runs_dir=b.dirs["runs"], repos_dir=b.dirs["repos"],
             config_path=os.path.join(b.scratch, "config.yml"), s3_bucket="bench")
         started = time.perf_counter()
-        mipper.upload_module(settings, "s3-job", "map_crop", client)
+        s3.upload_module(settings, "s3-job", "map_crop", client)
         upload = time.perf_counter() - started
         started = time.perf_counter()
-        mipper.upload_module(settings, "s3-job", "map_crop", client)
+        s3.upload_module(settings, "s3-job", "map_crop", client)
         again = time.perf_counter() - started
         up_mbps, copy_mbps = total / upload / 1e6, total / copy / 1e6
         b.details.append(f"6: {files} files of {size // 2**20} MB: upload {upload:.2f} s, "

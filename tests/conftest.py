@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "modules"))
 
 import sample_map  # noqa: E402
 
-import journal  # noqa: E402
+from mip import journal  # noqa: E402
 
 MAP = "WY_CO_Peach"
 FINISHED = ("passed", "failed", "cancelled")

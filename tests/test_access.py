@@ -1,5 +1,5 @@
 """Wrong credentials and slow downloads cost nothing to other clients (issue 12, items 2
-and 3): access.py on its own, then the real server from several loopback addresses."""
+and 3): auth.py on its own, then the real server from several loopback addresses."""
 
 import base64
 import http.client
@@ -16,7 +16,7 @@ from conftest import kill_leftover_runs
 from conftest import payload
 from conftest import wait_for
 
-import access
+from mip.web import auth
 
 FAST = 1000  # pbkdf2 rounds for users made in these tests; the cost is not what is tested
 
@@ -35,15 +35,15 @@ class Clock:
 
 @pytest.fixture
 def hashes(monkeypatch):
-    """Counts pbkdf2 checks access.py makes (the real check runs)."""
+    """Counts pbkdf2 checks auth.py makes (the real check runs)."""
     calls = []
-    real = access.check_password
+    real = auth.check_password
 
     def counted(password, stored):
         calls.append(password)
         return real(password, stored)
 
-    monkeypatch.setattr(access, "check_password", counted)
+    monkeypatch.setattr(auth, "check_password", counted)
     return calls
 
 
@@ -51,13 +51,13 @@ def hashes(monkeypatch):
 
 def test_failures_are_refused_before_any_hashing(hashes):
     clock = Clock()
-    creds = access.Credentials({"ann": access.hash_password("right", iterations=FAST)}, 3,
+    creds = auth.Credentials({"ann": auth.hash_password("right", iterations=FAST)}, 3,
                                clock=clock)
     for _ in range(3):
         assert creds.check(basic("ann", "wrong"), "10.0.0.1") is False
     assert len(hashes) == 3
     for header in (basic("ann", "wrong"), basic("ann", "right"), basic("nobody", "x")):
-        with pytest.raises(access.Refused) as refused:
+        with pytest.raises(auth.Refused) as refused:
             creds.check(header, "10.0.0.1")
         assert refused.value.code == "too_many_failures" and refused.value.retry_after == 20
     assert len(hashes) == 3  # not even the right password was hashed
@@ -69,35 +69,35 @@ def test_failures_are_refused_before_any_hashing(hashes):
     clock.now += 20
     assert creds.check(basic("ann", "right"), "10.0.0.1") is True
     assert creds.check(basic("ann", "wrong"), "10.0.0.1") is False
-    with pytest.raises(access.Refused):
+    with pytest.raises(auth.Refused):
         creds.check(basic("ann", "wrong"), "10.0.0.1")
 
 
 def test_a_cached_success_is_never_throttled(hashes):
     clock = Clock()
-    creds = access.Credentials({"ann": access.hash_password("right", iterations=FAST)}, 2,
+    creds = auth.Credentials({"ann": auth.hash_password("right", iterations=FAST)}, 2,
                                clock=clock)
     good = basic("ann", "right")
     assert creds.check(good, "10.0.0.1") is True
     for _ in range(2):
         creds.check(basic("ann", "wrong"), "10.0.0.1")
-    with pytest.raises(access.Refused):
+    with pytest.raises(auth.Refused):
         creds.check(basic("ann", "wrong"), "10.0.0.1")
     assert [creds.check(good, "10.0.0.1") for _ in range(5)] == [True] * 5
     assert len(hashes) == 3  # the good header was hashed once
     # the same password in another header (scheme spelt otherwise) is not in the cache
-    with pytest.raises(access.Refused):
+    with pytest.raises(auth.Refused):
         creds.check(basic("ann", "right", "basic"), "10.0.0.1")
     # short-lived: after CACHE_SECONDS the header is hashed again
-    clock.now += access.CACHE_SECONDS - 1
+    clock.now += auth.CACHE_SECONDS - 1
     assert creds.check(good, "10.0.0.1") is True and len(hashes) == 3
     clock.now += 1
     assert creds.check(good, "10.0.0.1") is True and len(hashes) == 4
 
 
 def test_the_cache_is_bounded_and_holds_no_password():
-    users = {f"u{i}": access.hash_password(f"secret-{i}", iterations=FAST) for i in range(5)}
-    creds = access.Credentials(users, 10, cache_size=3)
+    users = {f"u{i}": auth.hash_password(f"secret-{i}", iterations=FAST) for i in range(5)}
+    creds = auth.Credentials(users, 10, cache_size=3)
     for i in range(5):
         assert creds.check(basic(f"u{i}", f"secret-{i}"), "10.0.0.1") is True
     assert len(creds.verified) == 3
@@ -113,22 +113,22 @@ def test_one_pbkdf2_check_at_a_time_and_new_clients_first(monkeypatch):
     them and are refused at once while it runs, never holding a thread, and that refusal
     counts as a failure; an address with no failure on record waits for the check in one
     of WAITING_PLACES."""
-    creds = access.Credentials({"ann": access.hash_password("right", iterations=FAST)}, 5)
+    creds = auth.Credentials({"ann": auth.hash_password("right", iterations=FAST)}, 5)
     inside, go_on = threading.Event(), threading.Event()
-    real = access.check_password
+    real = auth.check_password
 
     def slow(password, stored):
         inside.set()
         go_on.wait(30)
         return real(password, stored)
 
-    monkeypatch.setattr(access, "check_password", slow)
+    monkeypatch.setattr(auth, "check_password", slow)
     results = {}
 
     def check(header, address):
         try:
             results[address] = creds.check(header, address)
-        except access.Refused as e:
+        except auth.Refused as e:
             results[address] = e.code
 
     threads = [threading.Thread(target=check, args=(basic("ann", "wrong"), "10.0.0.1"))]
@@ -137,11 +137,11 @@ def test_one_pbkdf2_check_at_a_time_and_new_clients_first(monkeypatch):
         assert inside.wait(30)
         for i in range(2, 34):
             creds.fail(f"10.0.0.{i}")  # a failure on record
-            with pytest.raises(access.Refused) as refused:
+            with pytest.raises(auth.Refused) as refused:
                 creds.check(basic("ann", f"wrong-{i}"), f"10.0.0.{i}")
             assert refused.value.code == "auth_busy" and refused.value.retry_after >= 1
             assert round(creds.left(f"10.0.0.{i}")) == 3  # counted as a failure
-        with pytest.raises(access.Refused):  # the header being checked, sent again
+        with pytest.raises(auth.Refused):  # the header being checked, sent again
             creds.check(basic("ann", "wrong"), "10.0.0.2")
         # new clients (headers not seen, addresses with no failure) wait for the check
         for address, scheme in (("10.0.1.1", "basic"), ("10.0.1.2", "BASIC")):
@@ -149,9 +149,9 @@ def test_one_pbkdf2_check_at_a_time_and_new_clients_first(monkeypatch):
                                             args=(basic("ann", "right", scheme), address)))
             threads[-1].start()
         wait_for(lambda: creds.slot.waiting == 2, timeout=10)
-        with pytest.raises(access.Refused):  # no waiting place left
+        with pytest.raises(auth.Refused):  # no waiting place left
             creds.check(basic("ann", "right", "bAsic"), "10.0.1.3")
-        with pytest.raises(access.Refused):  # nor a way past those waiting
+        with pytest.raises(auth.Refused):  # nor a way past those waiting
             creds.check(basic("ann", "wrong-2"), "10.0.0.2")
     finally:
         go_on.set()
@@ -161,15 +161,15 @@ def test_one_pbkdf2_check_at_a_time_and_new_clients_first(monkeypatch):
 
 
 def test_a_new_clients_first_requests_at_once_cost_one_check(monkeypatch, hashes):
-    creds = access.Credentials({"ann": access.hash_password("right", iterations=FAST)}, 5)
+    creds = auth.Credentials({"ann": auth.hash_password("right", iterations=FAST)}, 5)
     go_on = threading.Event()
-    counted = access.check_password
+    counted = auth.check_password
 
     def slow(password, stored):
         go_on.wait(30)
         return counted(password, stored)
 
-    monkeypatch.setattr(access, "check_password", slow)
+    monkeypatch.setattr(auth, "check_password", slow)
     results = []
     threads = [threading.Thread(target=lambda: results.append(
         creds.check(basic("ann", "right"), "10.0.0.1"))) for _ in range(20)]
@@ -186,11 +186,11 @@ def test_a_new_clients_first_requests_at_once_cost_one_check(monkeypatch, hashes
 
 
 def test_the_address_table_is_bounded(monkeypatch):
-    monkeypatch.setattr(access, "ADDRESSES", 100)
+    monkeypatch.setattr(auth, "ADDRESSES", 100)
     clock = Clock()
-    creds = access.Credentials({"ann": access.hash_password("right", iterations=FAST)}, 2,
+    creds = auth.Credentials({"ann": auth.hash_password("right", iterations=FAST)}, 2,
                                clock=clock)
-    monkeypatch.setattr(access, "check_password", lambda password, stored: False)
+    monkeypatch.setattr(auth, "check_password", lambda password, stored: False)
     for i in range(250):
         creds.check(basic("ann", "wrong"), f"10.0.{i // 200}.{i % 200}")
     assert len(creds.budgets) <= 100
@@ -199,7 +199,7 @@ def test_the_address_table_is_bounded(monkeypatch):
 # ---------------------------------------------------------------------------- slots
 
 def test_a_slot_is_released_however_the_answer_ends():
-    slots = access.Slots(1, "too_many_downloads", "zip downloads")
+    slots = auth.Slots(1, "too_many_downloads", "zip downloads")
 
     def parts(fail_at=None):
         for i in range(3):
@@ -211,11 +211,11 @@ def test_a_slot_is_released_however_the_answer_ends():
         try:
             slots.hold([]).close()
             return True
-        except access.Refused:
+        except auth.Refused:
             return False
 
     held = slots.hold(parts())
-    with pytest.raises(access.Refused) as refused:
+    with pytest.raises(auth.Refused) as refused:
         slots.hold(parts())
     assert refused.value.code == "too_many_downloads" and refused.value.retry_after > 0
     held.close()  # closed before a byte was read (a generator's own finally would not run)

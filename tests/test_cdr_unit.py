@@ -18,8 +18,8 @@ import jsonschema
 import pytest
 from cdr_standin import StandInCdr
 
-import cdr
-import mipper
+from mip.links import cdr
+from mip.settings import Settings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = "test-token"
@@ -271,7 +271,7 @@ def outputs(tmp_path_factory):
                            "--map", MAP, "--module", "ALL"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    return mipper.Settings.from_env(env)
+    return Settings.from_env(env)
 
 
 def read_output(settings, *parts):

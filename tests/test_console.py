@@ -10,9 +10,9 @@ import pytest
 from conftest import payload
 from conftest import wait_for
 
-import console
-import journal
-import origin
+from mip import journal
+from mip.web import console
+from mip.web import guards
 
 HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 
@@ -231,15 +231,15 @@ def test_same_origin_and_plain_clients_pass(server, headers):
 
 
 def test_origin_parsing():
-    assert origin.origin_of("http://Example.org") == ("http", "example.org", 80)
-    assert origin.origin_of("https://example.org:443/x?y") == ("https", "example.org", 443)
-    assert origin.origin_of("http://[::1]:8080") == ("http", "::1", 8080)
+    assert guards.origin_of("http://Example.org") == ("http", "example.org", 80)
+    assert guards.origin_of("https://example.org:443/x?y") == ("https", "example.org", 443)
+    assert guards.origin_of("http://[::1]:8080") == ("http", "::1", 8080)
     for bad in ("null", "", "file:///etc/passwd", "http://", "http://h:99999", "javascript:1",
                 "//example.org"):
-        assert origin.origin_of(bad) is None, bad
-    assert origin.own_origin({"wsgi.url_scheme": "http", "HTTP_HOST": "127.0.0.1:8080"}) == \
+        assert guards.origin_of(bad) is None, bad
+    assert guards.own_origin({"wsgi.url_scheme": "http", "HTTP_HOST": "127.0.0.1:8080"}) == \
         ("http", "127.0.0.1", 8080)
-    assert origin.own_origin({"wsgi.url_scheme": "http", "SERVER_NAME": "h",
+    assert guards.own_origin({"wsgi.url_scheme": "http", "SERVER_NAME": "h",
                               "SERVER_PORT": "80"}) == ("http", "h", 80)
 
 

@@ -21,7 +21,7 @@ from test_runners import docker_env  # noqa: F401
 from test_server import module_processes
 from test_server import slow
 
-import journal
+from mip import journal
 
 
 def processes_naming(text: str) -> list:

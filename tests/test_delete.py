@@ -15,7 +15,7 @@ from test_server import error
 from test_server import ok
 from test_server import slow
 
-import journal
+from mip import journal
 
 
 def delete(srv: Server, path: str, **kw) -> requests.Response:

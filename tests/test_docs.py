@@ -8,9 +8,9 @@ import re
 import jsonschema
 from conftest import ROOT
 
-import journal
 import mip_server
-import mipper
+from mip import journal
+from mip.settings import Settings
 
 
 def readme():
@@ -31,7 +31,7 @@ def test_every_environment_variable_is_documented():
 
 
 def test_every_route_is_documented(mip_env, tmp_path):
-    settings = mipper.Settings.from_env(mip_env)
+    settings = Settings.from_env(mip_env)
     cfg = mip_server.Config(settings=settings, users={"u": mip_server.hash_password("p")})
     db = journal.Journal(str(tmp_path / "j.db"))
     db.migrate()

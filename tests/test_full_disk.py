@@ -17,7 +17,7 @@ from conftest import wait_for
 from test_server import error
 from test_server import slow
 
-import journal
+from mip import journal
 
 
 @contextlib.contextmanager

@@ -34,9 +34,9 @@ from test_runners import docker_calls
 from test_runners import docker_env  # noqa: F401
 from test_server import module_processes
 
-import gpus
-import journal
-import runners
+from mip import gpus
+from mip import journal
+from mip import runners
 
 MODULES = ["legend_segment", "georeference", "legend_item_segment", "map_crop",
            "legend_item_description", "polygon_extract", "line_extract", "point_extract",

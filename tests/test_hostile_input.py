@@ -21,10 +21,10 @@ from conftest import mipper
 from conftest import payload
 from conftest import wait_for
 
-import journal
 import mipper as mipper_lib
-import untrusted
-from journal import Status
+from mip import journal
+from mip import sanitize
+from mip.journal import Status
 
 NESTED = b"[" * 1000 + b"]" * 1000  # 2 KB, 1,000 levels
 FAKE = "2026-11-29 07:00:00,000 INFO run FAKE passed"
@@ -186,14 +186,14 @@ def test_deeply_nested_json_is_400_on_every_route_that_reads_a_body(server):
 
 
 def test_json_depth_is_counted_without_recursion():
-    assert untrusted.depth(1) == 0
-    assert untrusted.depth({"a": [1, {"b": []}]}) == 4
+    assert sanitize.depth(1) == 0
+    assert sanitize.depth({"a": [1, {"b": []}]}) == 4
     deep = []
     for _ in range(100_000):
         deep = [deep]
-    assert untrusted.depth(deep) > untrusted.MAX_JSON_DEPTH
-    with pytest.raises(untrusted.TooDeep):
-        untrusted.parse_json(b"[" * 100_000 + b"]" * 100_000)
+    assert sanitize.depth(deep) > sanitize.MAX_JSON_DEPTH
+    with pytest.raises(sanitize.TooDeep):
+        sanitize.parse_json(b"[" * 100_000 + b"]" * 100_000)
 
 
 SECRET = "webhook-secret-for-tests"
@@ -280,7 +280,7 @@ def test_query_numbers_must_be_ascii_digits(server):
 def test_one_line_formatter_escapes_messages_and_indents_tracebacks():
     import logging
 
-    formatter = untrusted.OneLineFormatter("%(levelname)s %(message)s")
+    formatter = sanitize.OneLineFormatter("%(levelname)s %(message)s")
     record = logging.LogRecord("mip", logging.INFO, __file__, 1, "job %s", (f"a\n{FAKE}",),
                                None)
     assert formatter.format(record) == f"INFO job a\\x0a{FAKE}"

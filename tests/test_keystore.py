@@ -13,8 +13,8 @@ from conftest import Server
 from conftest import kill_leftover_runs
 from conftest import read
 
-import journal
-import keystore
+from mip import journal
+from mip import keystore
 
 KEY = "sk-queued-" + "Q8eue" * 6
 

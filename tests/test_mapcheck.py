@@ -9,14 +9,14 @@ from conftest import MAP
 from conftest import add_map
 from conftest import payload
 
-import mapcheck
+from mip import maps
 
 
 @pytest.fixture(autouse=True)
 def fresh_cache():
-    mapcheck.forget()
+    maps.forget()
     yield
-    mapcheck.forget()
+    maps.forget()
 
 
 def write_variant(sample_tif: str, dest: str, **options) -> str:
@@ -51,11 +51,11 @@ def truncated(source: str, dest: str, keep: float = 0.5) -> str:
 ])
 def test_maps_gdal_reads_pass(sample_tif, tmp_path, options):
     path = write_variant(sample_tif, str(tmp_path / "m.tif"), **options)
-    assert mapcheck.unreadable(path) is None
+    assert maps.unreadable(path) is None
 
 
 def test_the_sample_map_and_a_map_without_georeferencing_pass(sample_tif, tmp_path):
-    assert mapcheck.unreadable(sample_tif) is None
+    assert maps.unreadable(sample_tif) is None
     plain = str(tmp_path / "plain.tif")
     with rasterio.open(sample_tif) as src:
         data = src.read()
@@ -63,13 +63,13 @@ def test_the_sample_map_and_a_map_without_georeferencing_pass(sample_tif, tmp_pa
         with rasterio.open(plain, "w", driver="GTiff", width=data.shape[2],
                            height=data.shape[1], count=3, dtype="uint8") as out:
             out.write(data)
-    assert mapcheck.unreadable(plain) is None
+    assert maps.unreadable(plain) is None
 
 
 def test_a_text_file_named_tif_is_refused_with_gdals_reason(tmp_path):
     path = tmp_path / "notes.tif"
     path.write_text("these are my notes, not a map\n")
-    reason = mapcheck.unreadable(str(path), shown="maps/notes/notes.tif")
+    reason = maps.unreadable(str(path), shown="maps/notes/notes.tif")
     assert "not recognized as being in a supported file format" in reason
     assert "maps/notes/notes.tif" in reason and str(tmp_path) not in reason
 
@@ -78,7 +78,7 @@ def test_a_text_file_named_tif_is_refused_with_gdals_reason(tmp_path):
 def test_a_truncated_tiff_is_refused_with_gdals_reason(sample_tif, tmp_path, options):
     whole = write_variant(sample_tif, str(tmp_path / "whole.tif"), **options)
     cut = truncated(whole, str(tmp_path / "cut.tif"))
-    reason = mapcheck.unreadable(cut)
+    reason = maps.unreadable(cut)
     # GDAL opens the header; reading the last block finds the data missing
     assert "IReadBlock failed" in reason and "Read error" in reason, reason
 
@@ -86,26 +86,26 @@ def test_a_truncated_tiff_is_refused_with_gdals_reason(sample_tif, tmp_path, opt
 def test_an_empty_or_vanished_file_is_refused(tmp_path):
     empty = tmp_path / "empty.tif"
     empty.write_bytes(b"")
-    assert "not recognized" in mapcheck.unreadable(str(empty))
-    assert "No such file" in mapcheck.unreadable(str(tmp_path / "gone.tif"))
+    assert "not recognized" in maps.unreadable(str(empty))
+    assert "No such file" in maps.unreadable(str(tmp_path / "gone.tif"))
 
 
 def test_the_verdict_is_cached_until_the_file_changes(sample_tif, tmp_path):
     path = str(tmp_path / "m.tif")
     write_variant(sample_tif, path, compress="lzw")
-    assert mapcheck.unreadable(path) is None
+    assert maps.unreadable(path) is None
     stat = os.stat(path)
     # same size and modification time: the cached verdict stands, GDAL is not asked again
     with open(path, "r+b") as f:
         f.write(b"\0" * 8)
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert mapcheck.unreadable(path) is None
+    assert maps.unreadable(path) is None
     # a new modification time (same size): checked again, and now refused
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    assert "not recognized" in mapcheck.unreadable(path)
+    assert "not recognized" in maps.unreadable(path)
     # a new size: checked again, and readable once more
     write_variant(sample_tif, path, compress="deflate")
-    assert mapcheck.unreadable(path) is None
+    assert maps.unreadable(path) is None
 
 
 # ---------------------------------------------------------------------------- at the door

@@ -12,8 +12,8 @@ from conftest import payload
 from conftest import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
-import journal
-import metrics
+from mip import journal
+from mip.web import metrics
 
 
 def scrape(srv, **kw) -> dict:

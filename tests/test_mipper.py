@@ -11,7 +11,7 @@ from conftest import ROOT
 from conftest import mipper
 from conftest import read
 
-import journal
+from mip import journal
 
 ALL_MODULES = ["legend_segment", "georeference", "legend_item_segment", "map_crop",
                "legend_item_description", "polygon_extract", "line_extract", "point_extract",

@@ -27,9 +27,9 @@ from conftest import kill_leftover_runs
 from conftest import payload
 from conftest import wait_for
 
-import journal
-import notices
-from errors import ApiError
+from mip import journal
+from mip.links import notices
+from mip.web.apierror import ApiError
 
 SECRET = "notify-" + secrets.token_hex(12)
 ANSWER = "RECEIVER-ANSWER-" + secrets.token_hex(6)  # what a receiver answers: never kept

@@ -17,9 +17,12 @@ from conftest import Server
 from conftest import kill_leftover_runs
 from conftest import payload
 
-import journal
 import mip_server
-import mipper
+from mip import journal
+from mip.catalogue import NAME_RE
+from mip.catalogue import check_name
+from mip.errors import UsageError
+from mip.settings import Settings
 
 FUZZ_CONFIG = os.path.join(ROOT, "tests", "schemathesis.toml")
 # 503 and 507 are declared answers, but out of reach here: the fuzzer would take them for
@@ -31,7 +34,7 @@ OUT_OF_REACH = {"MIP_MAX_QUEUED": "100000", "MIP_MIN_FREE_MB": "0", "MIP_THREADS
 
 def app_routes(env: dict, tmp_path) -> list:
     """(method, OpenAPI path) of every route the app registers, from bottle itself."""
-    cfg = mip_server.Config(settings=mipper.Settings.from_env(env),
+    cfg = mip_server.Config(settings=Settings.from_env(env),
                             users={"u": mip_server.hash_password("p")})
     db = journal.Journal(str(tmp_path / "routes.db"))
     db.migrate()
@@ -90,13 +93,13 @@ def test_path_parameters_carry_the_server_patterns(server):
         for value in samples:
             declared = re.search(params[name]["pattern"], value) is not None
             try:
-                enforced = mipper.check_name(name, value) == value
-            except mipper.UsageError:
+                enforced = check_name(name, value) == value
+            except UsageError:
                 enforced = False
             assert declared == enforced, (name, value)
     run_id = journal.new_run_id()
     assert re.fullmatch(params["run_id"]["pattern"].strip("^$"), run_id)
-    assert mipper.NAME_RE.match(run_id)
+    assert NAME_RE.match(run_id)
     assert "RunPayload" in params["name"]["enum"] and "Error.json" in params["name"]["enum"]
 
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT
 from conftest import payload
 
-import mipper
+from mip import VERSION
 
 CLIENT = os.path.join(ROOT, "mip_client.py")
 VENV_BIN = os.path.dirname(sys.executable)
@@ -97,7 +97,7 @@ def test_client_runs_as_its_own_program(tmp_path):
     proc = subprocess.run(["./mip_client.py", "--version"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == f"mip_client {mipper.VERSION}"
+    assert proc.stdout.strip() == f"mip_client {VERSION}"
 
 
 # 3.9+ names the client must not use (it runs on Python 3.8)
@@ -158,8 +158,8 @@ def test_version_everywhere(server):
         name, version = proc.stdout.split()
         assert name == program.removesuffix(".py")
         versions[program] = version
-    assert set(versions.values()) == {mipper.VERSION}
-    assert server.get("/").json()["version"] == mipper.VERSION
+    assert set(versions.values()) == {VERSION}
+    assert server.get("/").json()["version"] == VERSION
 
 
 def test_settings_table_says_which_defaults_are_env_sh(tmp_path):

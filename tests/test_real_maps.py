@@ -35,8 +35,8 @@ from map_variants import write_variant
 from rasterio import warp
 from rasterio.errors import NotGeoreferencedWarning
 
-import cdr
 import mipper as mipper_lib
+from mip.links import cdr
 
 # the CDR's case (a COG, projected), the common case (no georeferencing), a colour map,
 # CMYK and a tinted noisy scan: each exercises a different reading path of the modules

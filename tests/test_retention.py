@@ -24,9 +24,9 @@ from test_full_disk import tmpfs
 from test_server import ok
 from test_server import slow
 
-import journal
-import mipper
-import retention
+from mip import journal
+from mip.links import retention
+from mip.settings import Settings
 
 MB = 1024 * 1024
 
@@ -256,7 +256,7 @@ def test_a_job_run_again_during_a_sweep_is_not_old_any_more(mip_env, monkeypatch
     """A long sweep works from the list of old jobs read at its start; a job that ran again
     meanwhile keeps its fresh outputs and temps (its latest run is checked again, under the
     queue's lock, before each removal)."""
-    settings = mipper.Settings.from_env(mip_env)
+    settings = Settings.from_env(mip_env)
     settings.make_dirs()
     db = journal.Journal(settings.journal_path)
     db.migrate()

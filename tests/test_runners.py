@@ -21,7 +21,7 @@ from conftest import read
 from conftest import stop_process
 from conftest import wait_for
 
-import journal
+from mip import journal
 
 MODULES = ["legend_segment", "georeference", "legend_item_segment", "map_crop",
            "legend_item_description", "polygon_extract", "line_extract", "point_extract",

@@ -23,7 +23,7 @@ from conftest import kill_leftover_runs
 from conftest import payload
 from conftest import wait_for
 
-import journal
+from mip import journal
 
 SCHEMAS = {}
 for name in ("RunPayload", "RunStatus", "JobStatus", "ModuleStatus", "ModuleDescription",

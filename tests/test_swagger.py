@@ -12,7 +12,7 @@ import json
 import os
 import re
 
-import docs_ui
+from mip.web import swagger
 
 TYPES = {".js": "application/javascript", ".css": "text/css", ".png": "image/png"}
 
@@ -71,7 +71,7 @@ def test_docs_page_loads_only_local_files_and_no_inline_script(server):
     assert "http:" not in resp.text and "https:" not in resp.text and "//" not in resp.text
     assert page.loads and all(src.startswith("/docs/static/") for src in page.loads)
     assert "/docs/static/swagger-ui-bundle.js" in page.loads
-    assert f"/docs/static/{docs_ui.INIT}" in page.loads
+    assert f"/docs/static/{swagger.INIT}" in page.loads
     for src in page.loads:
         asset = server.get(src)
         assert asset.status_code == 200, src
@@ -80,8 +80,8 @@ def test_docs_page_loads_only_local_files_and_no_inline_script(server):
         assert asset.headers["X-Content-Type-Options"] == "nosniff"
         assert asset.content
         name = src.rsplit("/", 1)[1]
-        if name != docs_ui.INIT:
-            with open(os.path.join(docs_ui.VENDOR, name), "rb") as f:
+        if name != swagger.INIT:
+            with open(os.path.join(swagger.VENDOR, name), "rb") as f:
                 assert asset.content == f.read(), src
             assert int(asset.headers["Content-Length"]) == len(asset.content)
         if kind == "text/css":
@@ -92,14 +92,14 @@ def test_swagger_ui_is_version_5_started_on_our_document(server):
     bundle = server.get("/docs/static/swagger-ui-bundle.js")
     version = re.search(rb'PACKAGE_VERSION:"(\d+)\.(\d+)\.(\d+)"', bundle.content)
     assert version and version.group(1) == b"5", "Swagger UI 5 reads OpenAPI 3.1; 4 refuses it"
-    init = server.get(f"/docs/static/{docs_ui.INIT}").text
+    init = server.get(f"/docs/static/{swagger.INIT}").text
     assert 'url: "/openapi.json"' in init and "validatorUrl: null" in init
     assert "http" not in init
     assert server.get("/openapi.json").json()["openapi"].startswith("3.1")
 
 
 def test_docs_are_behind_basic_auth(server):
-    for path in ("/docs", "/docs/static/swagger-ui-bundle.js", f"/docs/static/{docs_ui.INIT}"):
+    for path in ("/docs", "/docs/static/swagger-ui-bundle.js", f"/docs/static/{swagger.INIT}"):
         status, headers, body = raw_get(server, path, auth=False)
         assert status == 401, path
         assert json.loads(body)["error"] == "unauthorized"
@@ -139,11 +139,11 @@ def test_path_tricks_get_a_json_error(server):
 
 
 def test_only_the_vendor_scripts_styles_and_icons_are_served():
-    files = docs_ui.vendor_files()
+    files = swagger.vendor_files()
     assert {"swagger-ui-bundle.js", "swagger-ui.css"} <= set(files)
     assert "index.html" not in files
     assert all(os.path.splitext(n)[1] in TYPES for n in files)
-    assert all(os.path.dirname(p) == docs_ui.VENDOR for p in files.values())
+    assert all(os.path.dirname(p) == swagger.VENDOR for p in files.values())
 
 
 def test_docs_routes_are_declared(server):

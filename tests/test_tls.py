@@ -1,6 +1,6 @@
 """The server behind the real Caddy (Debian's caddy, /usr/bin/caddy), as on the real host:
 HTTPS verified against Caddy's internal CA, the client addresses Caddy passes on, and
-forwarded headers believed from the proxy only (MIP_TRUSTED_PROXY, front.py).
+forwarded headers believed from the proxy only (MIP_TRUSTED_PROXY, proxy.py).
 
 Run: .venv/bin/python -m pytest -q tests/test_tls.py
 
@@ -40,8 +40,9 @@ from test_client import client
 from test_client import client_env
 from test_client import commands
 
-import front
-import mipper
+from mip.errors import EXIT_USAGE
+from mip.errors import MipError
+from mip.web import proxy
 
 CADDY = shutil.which("caddy") or "/usr/bin/caddy"
 SHIPPED = os.path.join(ROOT, "deploy", "Caddyfile")
@@ -431,13 +432,13 @@ def test_without_a_trusted_proxy_every_client_is_caddy(tmp_path, server_env):
 # ---------------------------------------------------------------------------- settings, warning
 
 def test_trusted_proxy_setting():
-    assert front.trusted_proxy_setting({}) is None
-    assert front.trusted_proxy_setting({"MIP_TRUSTED_PROXY": " 127.0.0.1 "}) == "127.0.0.1"
-    assert front.trusted_proxy_setting({"MIP_TRUSTED_PROXY": "[::1]"}) == "::1"
-    assert front.trusted_proxy_setting({"MIP_TRUSTED_PROXY": "*"}) == "*"
+    assert proxy.trusted_proxy_setting({}) is None
+    assert proxy.trusted_proxy_setting({"MIP_TRUSTED_PROXY": " 127.0.0.1 "}) == "127.0.0.1"
+    assert proxy.trusted_proxy_setting({"MIP_TRUSTED_PROXY": "[::1]"}) == "::1"
+    assert proxy.trusted_proxy_setting({"MIP_TRUSTED_PROXY": "*"}) == "*"
     for bad in ("localhost", "127.0.0.1,10.0.0.1", "10.0.0.0/8", "127.0.0.1:2019"):
-        with pytest.raises(mipper.MipError, match="MIP_TRUSTED_PROXY"):
-            front.trusted_proxy_setting({"MIP_TRUSTED_PROXY": bad})
+        with pytest.raises(MipError, match="MIP_TRUSTED_PROXY"):
+            proxy.trusted_proxy_setting({"MIP_TRUSTED_PROXY": bad})
 
 
 def test_a_bad_trusted_proxy_stops_the_server(server_env):
@@ -445,30 +446,30 @@ def test_a_bad_trusted_proxy_stops_the_server(server_env):
     with pytest.raises(AssertionError, match="did not start"):
         srv.start()
     assert "mip_server: error: MIP_TRUSTED_PROXY='caddy.local'" in srv.output()
-    assert srv.proc.returncode == mipper.EXIT_USAGE
+    assert srv.proc.returncode == EXIT_USAGE
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "ta1.invalid"])
 def test_clear_text_warning_beyond_loopback(host):
     """Binding beyond loopback with no proxy trusted: one loud warning naming the fix. (The
     tests keep to loopback, so this is the check main() calls, given other hosts.)"""
-    warnings = front.start_warnings(host, None)
+    warnings = proxy.start_warnings(host, None)
     assert len(warnings) == 1
     assert "UNENCRYPTED" in warnings[0] and host in warnings[0]
     assert "MIP_TRUSTED_PROXY=127.0.0.1" in warnings[0] and "deploy/Caddyfile" in warnings[0]
-    assert front.start_warnings(host, "10.1.2.4") == []  # a proxy on another host
-    assert "any client" in front.start_warnings(host, "*")[0]
+    assert proxy.start_warnings(host, "10.1.2.4") == []  # a proxy on another host
+    assert "any client" in proxy.start_warnings(host, "*")[0]
     # the proxy on this host, but the server reachable beside it
-    beside = front.start_warnings(host, "127.0.0.1")
+    beside = proxy.start_warnings(host, "127.0.0.1")
     assert len(beside) == 1 and "MIP_HOST=127.0.0.1" in beside[0]
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.9", "::1", "[::1]", "localhost",
                                   "::ffff:127.0.0.1"])
 def test_no_warning_on_loopback(host):
-    assert front.start_warnings(host, None) == []
-    assert front.start_warnings(host, "*") == []
-    assert front.start_warnings(host, "127.0.0.1") == []
+    assert proxy.start_warnings(host, None) == []
+    assert proxy.start_warnings(host, "*") == []
+    assert proxy.start_warnings(host, "127.0.0.1") == []
 
 
 def test_the_server_warns_at_start_only_beyond_loopback(server_env):

@@ -17,8 +17,8 @@ from conftest import kill_leftover_runs
 from conftest import payload
 from conftest import wait_for
 
-import journal
 import mip_server
+from mip import journal
 
 UNIT = os.path.join(ROOT, "deploy", "mip.service")
 ENV_EXAMPLE = os.path.join(ROOT, "deploy", "mip.env.example")

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit
 
 import bottle
 
-from errors import ApiError
+from mip.web.apierror import ApiError
 
 GUARDED = ("POST", "DELETE")
 DEFAULT_PORTS = {"http": 80, "https": 443}

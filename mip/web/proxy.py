@@ -14,7 +14,7 @@ This file never parses a forwarded header.
 import ipaddress
 import socket
 
-import mipper
+from mip.errors import MipError
 
 # what Caddy's reverse_proxy sends; `Forwarded` (RFC 7239) is not, and waitress refuses
 # to trust it beside these
@@ -23,7 +23,7 @@ HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
 
 def trusted_proxy_setting(env) -> str | None:
     """MIP_TRUSTED_PROXY: one IP address, or `*` for any peer; None when unset.
-    Raises mipper.MipError for anything else (waitress compares the peer's address with
+    Raises MipError for anything else (waitress compares the peer's address with
     it as text, so a host name or a list would silently never match)."""
     raw = env.get("MIP_TRUSTED_PROXY", "").strip()
     if not raw:
@@ -33,7 +33,7 @@ def trusted_proxy_setting(env) -> str | None:
     try:
         return str(ipaddress.ip_address(raw.removeprefix("[").removesuffix("]")))
     except ValueError:
-        raise mipper.MipError(f"MIP_TRUSTED_PROXY={raw!r}: expected the proxy's IP address "
+        raise MipError(f"MIP_TRUSTED_PROXY={raw!r}: expected the proxy's IP address "
                               "(127.0.0.1 for a proxy on this host) or *") from None
 
 

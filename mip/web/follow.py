@@ -12,7 +12,7 @@ import stat
 
 import bottle
 
-import openapi
+from mip.web import openapi
 
 MAX_OFFSET = 10**12  # far past any log; larger offsets are refused as nonsense
 CHUNK = 64 * 1024

@@ -31,10 +31,11 @@ from datetime import timedelta
 
 import bottle
 
-import journal
-import mipper
-from errors import ApiError
-from journal import FINISHED
+from mip import journal
+from mip.errors import MipError
+from mip.journal import FINISHED
+from mip.settings import int_setting
+from mip.web.apierror import ApiError
 
 MAX_URL = 2048
 POLL = 2.0  # seconds between looks for runs that ended without telling us (a queued cancel)
@@ -87,20 +88,20 @@ class NoticeSettings:
 
     @classmethod
     def from_env(cls, env) -> "NoticeSettings":
-        """Raises mipper.MipError naming the variable that is wrong."""
+        """Raises MipError naming the variable that is wrong."""
         allow = []
         for item in (env.get("MIP_NOTIFY_ALLOW") or "").split(","):
             if item.strip():
                 try:
                     allow.append(ipaddress.ip_network(item.strip(), strict=False))
                 except ValueError:
-                    raise mipper.MipError(f"MIP_NOTIFY_ALLOW: {item.strip()!r} is not an "
+                    raise MipError(f"MIP_NOTIFY_ALLOW: {item.strip()!r} is not an "
                                           "address or a network (CIDR)") from None
         url = env.get("MIP_NOTIFY_URL") or None
         settings = cls(url=url, secret=env.get("MIP_NOTIFY_SECRET") or None, allow=tuple(allow),
-                       attempts=mipper.int_setting(env, "MIP_NOTIFY_ATTEMPTS", 8, 1, 100),
-                       backoff=mipper.int_setting(env, "MIP_NOTIFY_BACKOFF", 60, 1, 86400),
-                       timeout=mipper.int_setting(env, "MIP_NOTIFY_TIMEOUT", 10, 1, 120))
+                       attempts=int_setting(env, "MIP_NOTIFY_ATTEMPTS", 8, 1, 100),
+                       backoff=int_setting(env, "MIP_NOTIFY_BACKOFF", 60, 1, 86400),
+                       timeout=int_setting(env, "MIP_NOTIFY_TIMEOUT", 10, 1, 120))
         if url:
             try:
                 host, _ = split_url(url)
@@ -108,7 +109,7 @@ class NoticeSettings:
                 if is_literal(host):
                     check_address(host, settings.allow)
             except Refused as e:
-                raise mipper.MipError(f"MIP_NOTIFY_URL: {e}") from None
+                raise MipError(f"MIP_NOTIFY_URL: {e}") from None
         return settings
 
 

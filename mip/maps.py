@@ -1,8 +1,9 @@
-"""The map check at the door: can GDAL read this map? Asked by POST /runs and the CDR link.
+"""maps: the maps under $TA1_INPUTS_DIR/maps, and the check at the door: can GDAL read this
+map? Asked by POST /runs, the CDR link and mipper.
 
 A library, not a program:
 
-    reason = mapcheck.unreadable("/data/inputs/maps/m/m.tif", shown="maps/m/m.tif")
+    reason = maps.unreadable("/data/inputs/maps/m/m.tif", shown="maps/m/m.tif")
     if reason: ...refuse the map, saying `reason`...
 
 The server imports rasterio (GDAL) here and nowhere else, and only on the first check: the
@@ -16,6 +17,12 @@ few blocks, never changes a file.
 import os
 import threading
 import warnings
+
+from mip.catalogue import NAME_RE
+from mip.catalogue import check_name
+from mip.errors import Invalid
+from mip.errors import UsageError
+from mip.settings import Settings
 
 MAX_CACHED = 4096
 # rasterio's wrapper around the GDAL error that caused it: says nothing itself
@@ -95,3 +102,34 @@ def _gdal_reason(error: BaseException) -> str:
             messages.append(text)
         error = error.__cause__ or error.__context__
     return " / ".join(messages) or "GDAL could not read it"
+
+
+def map_file(settings: Settings, map_name: str) -> str:
+    return os.path.join(settings.inputs_dir, "maps", map_name, f"{map_name}.tif")
+
+
+def list_maps(settings: Settings) -> list:
+    """Names of the maps present under $TA1_INPUTS_DIR/maps, sorted."""
+    try:
+        names = sorted(os.listdir(os.path.join(settings.inputs_dir, "maps")))
+    except OSError:
+        return []
+    return [n for n in names if NAME_RE.fullmatch(n) and os.path.isfile(map_file(settings, n))]
+
+
+def check_map(settings: Settings, map_name: str) -> None:
+    """Raises UsageError unless the map exists."""
+    check_name("map", map_name)
+    if not os.path.isfile(map_file(settings, map_name)):
+        known = ", ".join(list_maps(settings)) or "none"
+        raise UsageError(f"no map {map_name!r}: expected $TA1_INPUTS_DIR/maps/{map_name}/"
+                         f"{map_name}.tif; maps present: {known}")
+
+
+def check_readable(settings: Settings, map_name: str) -> None:
+    """Refuse a map GDAL cannot read (Invalid unreadable_map, with GDAL's reason) before any
+    module meets it."""
+    shown = f"$TA1_INPUTS_DIR/maps/{map_name}/{map_name}.tif"
+    reason = unreadable(map_file(settings, map_name), shown)
+    if reason:
+        raise Invalid(f"map {map_name!r}: GDAL cannot read {shown}: {reason}", "unreadable_map")

@@ -23,9 +23,15 @@ from datetime import datetime
 
 import bottle
 
-import mipper
-from errors import ApiError
-from journal import Status
+from mip.errors import MipError
+from mip.files import free_mb
+from mip.journal import Status
+from mip.s3 import list_objects
+from mip.s3 import s3_client
+from mip.s3 import s3_key_prefix
+from mip.settings import Settings
+from mip.settings import int_setting
+from mip.web.apierror import ApiError
 
 log = logging.getLogger("mip.retention")
 
@@ -71,24 +77,24 @@ class RetentionSettings:
 
     @classmethod
     def from_env(cls, env, min_free_mb: int) -> "RetentionSettings":
-        """Raises mipper.MipError naming a bad variable."""
+        """Raises MipError naming a bad variable."""
         def days(name):
             raw = env.get(name, "")
-            return None if raw == "" else mipper.int_setting(env, name, 0, 0, 100_000)
+            return None if raw == "" else int_setting(env, name, 0, 0, 100_000)
 
-        floor = mipper.int_setting(env, "MIP_SWEEP_FREE_MB", 0, 0, 10**9)
+        floor = int_setting(env, "MIP_SWEEP_FREE_MB", 0, 0, 10**9)
         if floor and floor <= min_free_mb:
-            raise mipper.MipError(
+            raise MipError(
                 f"MIP_SWEEP_FREE_MB={floor} must be above MIP_MIN_FREE_MB={min_free_mb}: the "
                 "sweeper must free space before runs are refused for the lack of it")
         outputs = env.get("MIP_SWEEP_OUTPUTS", "0")
         if outputs not in ("0", "1"):
-            raise mipper.MipError(f"MIP_SWEEP_OUTPUTS={outputs!r}: expected 0 or 1")
+            raise MipError(f"MIP_SWEEP_OUTPUTS={outputs!r}: expected 0 or 1")
         return cls(temps_days=days("MIP_RETAIN_TEMPS_DAYS"),
                    outputs_days=days("MIP_RETAIN_OUTPUTS_DAYS"),
                    runs_days=days("MIP_RETAIN_RUNS_DAYS"), sweep_free_mb=floor,
                    sweep_outputs=outputs == "1",
-                   interval=mipper.int_setting(env, "MIP_SWEEP_SECONDS", 600, 1, DAY))
+                   interval=int_setting(env, "MIP_SWEEP_SECONDS", 600, 1, DAY))
 
     @property
     def active(self) -> bool:
@@ -97,16 +103,7 @@ class RetentionSettings:
                                                self.runs_days)))
 
 
-def free_mb(path: str) -> int | None:
-    """Free space for this user under `path`, in MB; None if it cannot be told."""
-    try:
-        st = os.statvfs(path)
-    except OSError:
-        return None
-    return st.f_bavail * st.f_frsize // (1024 * 1024)
-
-
-def free_space(settings: mipper.Settings) -> dict:
+def free_space(settings: Settings) -> dict:
     """{folder: free MB} of the runs, outputs and temps folders, for GET /."""
     return {name: free_mb(path) for name, path in (
         ("runs", settings.runs_dir), ("outputs", settings.outputs_dir),
@@ -121,7 +118,7 @@ def iso_ago(now: float, days: int) -> str:
 
 # ---------------------------------------------------------------------------- removing
 
-def kept(settings: mipper.Settings) -> tuple:
+def kept(settings: Settings) -> tuple:
     """The server's own files and folders, real paths: no removal may reach them. A job name
     may be any of their names (`logs`, `gpus`, `journal.db`), and an operator may set the
     outputs or temps folder to the runs folder, or put one inside another."""
@@ -252,12 +249,12 @@ class Remover:
         s = self.settings
         if not s.s3_bucket:
             return 0
-        prefix = (mipper.s3_key_prefix(s, job, module) if module
+        prefix = (s3_key_prefix(s, job, module) if module
                   else "/".join(p for p in (s.s3_prefix, job) if p)) + "/"
         count = 0
         try:
-            client = mipper.s3_client()
-            keys = [{"Key": o["Key"]} for o in mipper.list_objects(client, s.s3_bucket, prefix)]
+            client = s3_client()
+            keys = [{"Key": o["Key"]} for o in list_objects(client, s.s3_bucket, prefix)]
             for start in range(0, len(keys), S3_BATCH):
                 batch = keys[start:start + S3_BATCH]
                 done = client.delete_objects(Bucket=s.s3_bucket,

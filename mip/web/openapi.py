@@ -9,7 +9,7 @@ schemathesis fuzzes in the test suite (tests/test_openapi.py).
 import re
 from typing import NamedTuple
 
-# the server's name check (mipper.NAME_RE, matched whole): letters, digits, '_', '.', '-',
+# the server's name check (catalogue.NAME_RE, matched whole): letters, digits, '_', '.', '-',
 # at most 64, not starting with '.'
 NAME = {"type": "string", "pattern": "^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"}
 # journal.new_run_id: UTC date-time to the microsecond, then a random tail

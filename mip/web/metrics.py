@@ -23,10 +23,10 @@ from prometheus_client import disable_created_metrics
 from prometheus_client import generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
-import journal
-import mipper
-from journal import FINISHED
-from journal import Status
+from mip import journal
+from mip.errors import MipError
+from mip.journal import FINISHED
+from mip.journal import Status
 
 # a request's method as a label; anything else a client sends counts as "other"
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
@@ -61,10 +61,10 @@ def add_routes(api) -> None:
 
 
 def open_setting(env) -> bool:
-    """MIP_METRICS_OPEN: True for 1, False for 0 or unset; raises mipper.MipError else."""
+    """MIP_METRICS_OPEN: True for 1, False for 0 or unset; raises MipError else."""
     value = env.get("MIP_METRICS_OPEN") or "0"
     if value not in ("0", "1"):
-        raise mipper.MipError(f"MIP_METRICS_OPEN must be 0 or 1, not {value[:20]!r}")
+        raise MipError(f"MIP_METRICS_OPEN must be 0 or 1, not {value[:20]!r}")
     return value == "1"
 
 

@@ -29,11 +29,16 @@ from dataclasses import field
 import jsonschema
 import requests
 
-import mapcheck
-import mipper
+from mip import maps
+from mip.catalogue import check_name
+from mip.catalogue import load_catalogue
+from mip.errors import MipError
+from mip.errors import UsageError
+from mip.maps import map_file
+from mip.settings import SCHEMA_DIR
+from mip.settings import Settings
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SCHEMA_DIR = os.path.join(HERE, "schema", "cdr")
+CDR_SCHEMA_DIR = os.path.join(SCHEMA_DIR, "cdr")
 MAX_MAP_BYTES = 5 * 1024**3
 # CDR integrations refuse larger uploads before sending: the CDR capped them near 300 MB
 MAX_UPLOAD_BYTES = 300 * 1024**2
@@ -296,7 +301,7 @@ AREA_CATEGORIES = {
 DASH_PATTERNS = ("", "solid", "dash", "dotted")
 
 
-def feature_results(settings: mipper.Settings, job: str, map_name: str, cog_id: str, system: str,
+def feature_results(settings: Settings, job: str, map_name: str, cog_id: str, system: str,
                     version: str) -> dict:
     """A FeatureResults of a job's legend items, extracted features and map areas, in
     pixels. A missing output leaves its part empty; raises CdrError if none can be read."""
@@ -317,7 +322,7 @@ def feature_results(settings: mipper.Settings, job: str, map_name: str, cog_id: 
     return results
 
 
-def georef_results(settings: mipper.Settings, job: str, map_name: str, cog_id: str, system: str,
+def georef_results(settings: Settings, job: str, map_name: str, cog_id: str, system: str,
                    version: str) -> tuple:
     """(GeoreferenceResults, files to upload) from georeference's GCPs: GCP-only, so the
     list is empty. The GCPs' latitude/longitude are EPSG:4326 (each GCP says so in its
@@ -383,8 +388,8 @@ class _Outputs:
         self.map_name = map_name
         self.found = False
         try:
-            self.catalogue = mipper.load_catalogue(settings.config_path)
-        except mipper.MipError as e:
+            self.catalogue = load_catalogue(settings.config_path)
+        except MipError as e:
             log.warning("model versions default to %s: %s", DEFAULT_MODEL_VERSION, e)
             self.catalogue = {}
 
@@ -549,7 +554,7 @@ MESSAGE_CHARS = 300
 
 @functools.cache
 def _validator(name: str) -> jsonschema.Draft202012Validator:
-    with open(os.path.join(SCHEMA_DIR, f"{name}.json"), encoding="utf-8") as f:
+    with open(os.path.join(CDR_SCHEMA_DIR, f"{name}.json"), encoding="utf-8") as f:
         schema = json.load(f)
     jsonschema.Draft202012Validator.check_schema(schema)
     return jsonschema.Draft202012Validator(schema)
@@ -598,13 +603,13 @@ class CdrSettings:
 
     @classmethod
     def from_env(cls, env, version: str) -> "CdrSettings | None":
-        """None when no MIP_CDR_* setting is given; raises mipper.MipError naming one missing."""
+        """None when no MIP_CDR_* setting is given; raises MipError naming one missing."""
         needed = ("MIP_CDR_URL", "MIP_CDR_TOKEN", "MIP_CDR_SECRET", "MIP_CDR_CALLBACK_URL")
         if not any(env.get(n) for n in needed):
             return None
         missing = [n for n in needed if not env.get(n)]
         if missing:
-            raise mipper.MipError(f"{missing[0]} is not set; the CDR link needs "
+            raise MipError(f"{missing[0]} is not set; the CDR link needs "
                                   f"{', '.join(needed)}")
         return cls(url=env["MIP_CDR_URL"], token=env["MIP_CDR_TOKEN"],
                    secret=env["MIP_CDR_SECRET"], callback_url=env["MIP_CDR_CALLBACK_URL"],
@@ -619,7 +624,7 @@ class BadEvent(ValueError):
 class CdrLink:
     """The server's side of the CDR: registration, deliveries, and publishing passed runs.
 
-    `submit(payload) -> run_id` queues a run and raises mipper.MipError when it cannot.
+    `submit(payload) -> run_id` queues a run and raises MipError when it cannot.
     Deliveries are recorded in the journal before they are answered, and worked on by one
     background thread, so none is lost to a restart.
     """
@@ -726,8 +731,8 @@ class CdrLink:
         queued or running (or, unless `again`, done); returns the event's status.
         Raises BadEvent for a cog id that cannot name a job."""
         try:
-            mipper.check_name("cog", cog_id)
-        except mipper.UsageError as e:
+            check_name("cog", cog_id)
+        except UsageError as e:
             raise BadEvent(f"payload.cog_id: {e}") from None
         with self.lock:
             run = self.db.latest_run(cog_id)
@@ -762,7 +767,7 @@ class CdrLink:
         """Fetch the event's map (unless already here) and submit a whole-graph run."""
         event = self.db.event(event_id)
         cog_id = event["cog_id"]
-        path = mipper.map_file(self.settings, cog_id)
+        path = map_file(self.settings, cog_id)
         if not os.path.isfile(path):
             self.db.set_event(event_id, "downloading")
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -775,7 +780,7 @@ class CdrLink:
                           event_id, why, cog_id)
                 return
             log.info("CDR event %s: map %s downloaded (%d bytes)", event_id, cog_id, size)
-            unreadable = mapcheck.unreadable(path)
+            unreadable = maps.unreadable(path)
             if unreadable:
                 # removed, so that a resend downloads it again rather than reuse a bad copy
                 _remove(path)
@@ -786,7 +791,7 @@ class CdrLink:
         try:
             run_id = self.submit({"job": cog_id, "map": cog_id, "modules": ["ALL"],
                                   "force_rerun": False})
-        except mipper.MipError as e:
+        except MipError as e:
             self.db.set_event(event_id, "failed", message=f"run not submitted: {e}")
             log.error("CDR event %s: run not submitted: %s", event_id, e)
             return

@@ -27,8 +27,8 @@ from datetime import timedelta
 
 import bottle
 
-import journal
-from errors import ApiError
+from mip import journal
+from mip.web.apierror import ApiError
 
 HEADER = "Idempotency-Key"
 KEY_RE = re.compile(r"[!-~]{1,255}")  # printable ASCII, no spaces, as Stripe's keys

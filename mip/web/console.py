@@ -5,7 +5,7 @@ Not run directly: mip_server.make_app calls add_routes(api). Pages are rendered 
 with bottle's SimpleTemplate (templates/, which escapes every {{value}}); static/ holds the
 one script and style sheet, served from here (nothing from the internet, no build step). The
 script polls the JSON API and, when an answer changes, swaps in the page's fresh regions; it
-never writes except through the API's own POST routes (cancel, rerun), which origin.py
+never writes except through the API's own POST routes (cancel, rerun), which guards.py
 guards. A browser asking for `/` (Accept: text/html) gets the console's home; API clients
 keep their JSON. Pages never show a secret: a payload is shown without its keys and tokens.
 """
@@ -18,12 +18,16 @@ from datetime import datetime
 
 import bottle
 
-import mipper
-import openapi
-import origin
-from errors import ApiError
-from journal import FINISHED
-from journal import Status
+from mip.catalogue import ALL
+from mip.catalogue import ancestors
+from mip.catalogue import check_name
+from mip.errors import UsageError
+from mip.journal import FINISHED
+from mip.journal import Status
+from mip.maps import list_maps
+from mip.web import guards
+from mip.web import openapi
+from mip.web.apierror import ApiError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATES = os.path.join(HERE, "templates")
@@ -48,11 +52,11 @@ BOX_W, BOX_H, GAP_X, GAP_Y = 186, 78, 14, 40
 
 
 def add_routes(api) -> None:
-    """Register the console's pages and static files, the browser's `/`, and origin.py's
+    """Register the console's pages and static files, the browser's `/`, and guards.py's
     guard of every POST and DELETE."""
     app, route, db, catalogue = api.app, api.route, api.db, api.catalogue
     settings = api.cfg.settings
-    app.add_hook("before_request", origin.check)
+    app.add_hook("before_request", guards.check)
     app.add_hook("before_request", browser_home)
 
     def runs_page():
@@ -123,7 +127,7 @@ def add_routes(api) -> None:
     @route("GET", "/ui/maps", answer="text/html")
     def maps_page():
         """Console: the maps on the server and the jobs bound to each."""
-        maps = [(name, db.jobs_of_map(name)) for name in mipper.list_maps(settings)]
+        maps = [(name, db.jobs_of_map(name)) for name in list_maps(settings)]
         return render("maps", "Maps", ["/maps"], maps=maps)
 
     @route("GET", "/ui/modules", answer="text/html")
@@ -164,8 +168,8 @@ def query_job() -> str | None:
     job = bottle.request.query.get("job") or None
     if job is not None:
         try:
-            mipper.check_name("job", job)
-        except mipper.UsageError as e:
+            check_name("job", job)
+        except UsageError as e:
             raise ApiError(400, "bad_query", f"?job=: {e}") from None
     return job
 
@@ -258,9 +262,9 @@ def drawn_modules(catalogue: dict, asked: list, executions: dict) -> list:
     """The modules a run's graph shows: those asked for, what they need, and anything that
     ran; in catalogue order."""
     names = [n for n in asked if n in catalogue]
-    if mipper.ALL in asked:
+    if ALL in asked:
         names = list(catalogue)
-    wanted = set(mipper.ancestors(catalogue, names)) | set(executions)
+    wanted = set(ancestors(catalogue, names)) | set(executions)
     return [n for n in catalogue if n in wanted] + sorted(set(executions) - set(catalogue))
 
 
@@ -348,7 +352,7 @@ def direct_requires(catalogue: dict, name: str, shown_names: set) -> list:
     requires = [r for r in requires_of(catalogue, name) if r in shown_names]
     through = set()
     for r in requires:
-        through |= set(mipper.ancestors(catalogue, requires_of(catalogue, r)))
+        through |= set(ancestors(catalogue, requires_of(catalogue, r)))
     return [r for r in requires if r not in through]
 
 

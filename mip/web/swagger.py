@@ -15,7 +15,7 @@ import os
 import bottle
 from openapi_ui_bundles import swagger_ui
 
-from errors import ApiError
+from mip.web.apierror import ApiError
 
 VENDOR = str(swagger_ui.static_path)
 TYPES = {".js": "application/javascript; charset=utf-8", ".css": "text/css; charset=utf-8",

@@ -19,17 +19,17 @@ This file never imports mipper or the server: they pass it plain strings.
 import os
 import re
 
-from untrusted import CONTROL
+from mip.errors import Invalid
+from mip.sanitize import CONTROL
 
 SWITCH = re.compile(r"-+[A-Za-z_]")
 
 
-class Refused(ValueError):
+class Refused(Invalid):
     """An extra switch breaks the rule; `code` says which part (the API's error code)."""
 
     def __init__(self, code: str, message: str):
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code)
 
 
 def check(module: str, args, taken, roots, base: str | None, view=()) -> None:

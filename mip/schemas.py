@@ -1,0 +1,45 @@
+"""schemas: the JSON Schemas of schema/, loaded and checked once, and the check of a body
+against one of them.
+
+Used by the server (RunPayload, and the documents it serves). Raises Invalid naming the
+field that fails; a secret's value is never echoed back.
+"""
+
+import json
+import os
+
+import jsonschema
+
+from mip.errors import Invalid
+from mip.settings import SCHEMA_DIR
+
+SCHEMA_NAMES = ("RunPayload", "RunStatus", "JobStatus", "ModuleStatus", "ModuleDescription",
+                "Error", "Catalogue")
+
+
+def load_schemas() -> dict:
+    """Every schema/*.json, checked once; {name: (document, validator)}."""
+    out = {}
+    for name in SCHEMA_NAMES:
+        with open(os.path.join(SCHEMA_DIR, f"{name}.json"), encoding="utf-8") as f:
+            doc = json.load(f)
+        jsonschema.Draft202012Validator.check_schema(doc)
+        out[name] = (doc, jsonschema.Draft202012Validator(doc))
+    return out
+
+
+def validate(schemas: dict, name: str, data) -> None:
+    """Raises Invalid naming the failing field."""
+    error = jsonschema.exceptions.best_match(schemas[name][1].iter_errors(data))
+    if error is not None:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+        where = where.lstrip(".") or "body"
+        message = error.message
+        if error.schema.get("writeOnly"):  # a secret: never echoed back
+            message = f"does not satisfy {error.validator} {json.dumps(error.validator_value)}"
+        elif error.validator == "pattern":
+            message = (f"{json.dumps(error.instance)[:80]} is not a valid name: use letters, "
+                       "digits, '_', '.', '-', at most 64, not starting with '.'")
+        elif error.validator == "additionalProperties" and not error.absolute_path:
+            message += f"; {name} allows {', '.join(schemas[name][0]['properties'])}"
+        raise Invalid(f"{where}: {message}")
