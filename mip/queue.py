@@ -78,6 +78,7 @@ class RunQueue:
         when the limits allow; returns the run id. Raises NotFound (unknown map),
         JobBoundToOtherMap, Invalid (a bad name, an unknown module, a refused switch or a map
         GDAL cannot read), QueueFull or DiskFull (too little free disk space)."""
+        openai_key = openai_key or None  # "" is no key: the original tool's payloads send it
         self.check(payload, openai_key)
         self.check_space()
         sealed = self.keystore.seal(openai_key) if openai_key else None
