@@ -844,8 +844,28 @@ def watch_run(session: requests.Session, status_url: str, first: dict,
         hint = "" if args.follow else f"; its log: GET {status_url}/log"
         print(f"mip_client: error: run {final.get('run_id')} {final.get('status')}{hint}",
               file=sys.stderr)
+        for line in failure_lines(session, status_url, final, args.timeout):
+            print(f"mip_client: error: {line}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def failure_lines(session: requests.Session, status_url: str, final: dict,
+                  timeout: float) -> list:
+    """`module X failed: <why>` for each failed module of a run, from its ModuleStatus; the
+    reason is what the module itself logged, so the user need not open its log to know."""
+    job = (final.get("payload") or {}).get("job")
+    failed = [m for m, s in (final.get("module_status") or {}).items() if s == "failed"]
+    base = status_url.rsplit("/runs/", 1)[0]
+    lines = []
+    for module in failed if job else []:
+        url = f"{base}/modules/{urllib.parse.quote(job)}/{urllib.parse.quote(module)}"
+        try:
+            message = get_json(session, url, timeout).get("message")
+        except (MipClientError, requests.RequestException, ValueError, AttributeError):
+            message = None
+        lines.append(f"module {module} failed: {message or 'no reason recorded'}")
+    return lines
 
 
 def main(argv=None) -> int:

@@ -101,6 +101,7 @@ class Run:
                 out.write(f"# GPU: device {how.gpu_device}, after "
                           f"{used['waited_for_gpu_seconds']} s waiting for it\n".encode())
             out.flush()
+            since = out.tell()  # the module's own output starts here
             try:
                 # again at the last moment: a module run since the run was checked may have
                 # made a symlink that now leads a path out of the job
@@ -114,6 +115,11 @@ class Run:
                 code, message = None, str(e)
             except switches.Refused as e:
                 code, message = None, f"extra switches refused: {e}"
+            if message is not None and code is not None:
+                out.flush()
+                reason = runners.failure_reason(log_path, since)
+                if reason:
+                    message = f"{message}: {reason}"
             if message is None:
                 missing = [os.path.relpath(p, job_out)
                            for p in module_outputs(self.settings, module, self.job, self.map_name)
@@ -160,7 +166,7 @@ class Run:
                                  message, used)
         took = time.monotonic() - started
         if message:
-            log.info("module %s failed after %.1f s: %s", name, took, message)
+            log.error("module %s failed after %.1f s: %s", name, took, message)
             raise ModuleFailed(f"{name}: {message}")
         log.info("module %s passed in %.1f s", name, took)
         if self.settings.s3_bucket:
@@ -201,6 +207,22 @@ class ModuleTask(luigi.Task):
 
     def run(self):
         RUN.execute(self.module)
+
+
+# luigi keeps a task's exception to itself (its own loggers are silenced, see setup_logging):
+# anything but a module's own failure, which execute() has logged, is mipper's fault and must
+# reach the run log with its cause, or the run would end failed with no reason given
+@ModuleTask.event_handler(luigi.Event.FAILURE)
+def task_failed(task, exception) -> None:
+    if not isinstance(exception, ModuleFailed):
+        log.error("module %s: mipper failed while running it: %s: %s", task.module,
+                  type(exception).__name__, exception)
+
+
+@ModuleTask.event_handler(luigi.Event.BROKEN_TASK)
+def task_broken(task, exception) -> None:
+    log.error("module %s: mipper could not tell whether it must run: %s: %s", task.module,
+              type(exception).__name__, exception)
 
 
 def scheduler_options(settings: Settings) -> dict:

@@ -18,11 +18,14 @@ import math
 import os
 import re
 import signal
+import stat
 import subprocess
 import threading
 import time
 from dataclasses import dataclass
 from dataclasses import field
+
+from mip import sanitize
 
 log = logging.getLogger("mip.runner")
 
@@ -149,8 +152,48 @@ def exit_message(code: int) -> str | None:
     if code == 0:
         return None
     if code < 0:
-        return f"killed by signal {-code}"
+        try:
+            return f"killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"killed by signal {-code}"
     return f"exited with code {code}"
+
+
+REASON_BYTES = 64 * 1024  # how much of a failed module's log is searched for its reason
+REASON_CHARS = 400
+LEVEL = re.compile(r"\b(?:ERROR|CRITICAL)\b:?\s*(.*)")
+
+
+def failure_reason(log_path: str, since: int = 0) -> str | None:
+    """Why a module failed, in its own words: the last ERROR or CRITICAL line it wrote to its
+    log (from byte `since`, where its own output starts), with the last line after it when
+    that line only announces a traceback; failing that, its last lines. One line, escaped
+    and bounded; None when it wrote nothing."""
+    try:
+        with open(os.open(log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return None
+            end = f.seek(0, os.SEEK_END)
+            f.seek(max(since, end - REASON_BYTES))
+            text = f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+    lines = [line.strip() for line in text.splitlines()
+             if line.strip() and not line.startswith("# ")]
+    if not lines:
+        return None
+    reason = None
+    for i in range(len(lines) - 1, -1, -1):
+        found = LEVEL.search(lines[i])
+        if found:
+            reason = found.group(1)
+            if reason.endswith(":") and i + 1 < len(lines):
+                reason = f"{reason} {lines[-1]}"  # the exception that ends the traceback
+            break
+    if reason is None:
+        reason = " / ".join(lines[-3:])
+    reason = sanitize.escape(reason)
+    return reason if len(reason) <= REASON_CHARS else reason[:REASON_CHARS - 1] + "…"
 
 
 # ---------------------------------------------------------------------------- inline
