@@ -6,7 +6,7 @@ MIP_HOME=$(cd "$(dirname "${BASH_SOURCE[0]:-$0}")" && pwd)
 export MIP_HOME
 
 # The venv `make` builds goes first on PATH (once), so that `python mipper.py ...` and the
-# README's other commands run with the requirements installed.
+# docs' other commands run with the requirements installed.
 if [ -d "$MIP_HOME/.venv/bin" ]; then
     case ":$PATH:" in
         *":$MIP_HOME/.venv/bin:"*) ;;

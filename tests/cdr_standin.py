@@ -1,4 +1,4 @@
-"""A stand-in CDR for tests: the real protocol (README, "The CDR") on a free loopback port.
+"""A stand-in CDR for tests: the real protocol (docs/cdr.md) on a free loopback port.
 
     with StandInCdr("token") as cdr:
         cdr.add_cog("abc", b"...")

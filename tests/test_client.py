@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python -m pytest -q tests/test_client.py
 
-The walk-through of the README's client section (WALKTHROUGH below, the same text) runs
+The walk-through of docs/client.md (WALKTHROUGH below, the same text) runs
 command by command; then --wait on a failing run, downloads, credentials, an unreachable or
 silent server, every usage error, and the few pure helpers in-process.
 """
@@ -25,10 +25,10 @@ import mip_client
 
 CLIENT = os.path.join(ROOT, "mip_client.py")
 README_URL = "http://127.0.0.1:8080"
-README_SECTION = "## The client (`mip_client.py`)"
+README_SECTION = "# The client (`mip_client.py`)"
 SECRET = "sk-client-test-NEVER-PRINT-7d1e"
 
-# The README's client section, word for word: the tests run every `python mip_client.py`
+# docs/client.md's walk-through, word for word: the tests run every `python mip_client.py`
 # line of it, in order, with README_URL replaced by the test server's URL.
 A_JSON = '{"map": "WY_CO_Peach", "job": "alpha", "modules": ["map_crop"]}\n'
 WALKTHROUGH = """\
@@ -82,14 +82,14 @@ def client(*args, env=None, cwd=None, timeout=120) -> subprocess.CompletedProces
 
 
 def commands(block: str) -> list:
-    """The `python mip_client.py` commands of a README block, continuation lines joined."""
+    """The `python mip_client.py` commands of a docs block, continuation lines joined."""
     text = block.replace("\\\n", " ")
     lines = [line.strip().removeprefix("$ ") for line in text.splitlines()]
     return [" ".join(line.split()) for line in lines if line.startswith("python mip_client.py")]
 
 
 def argv(command: str, url: str, **variables) -> list:
-    """A README command's arguments for the client, with the test server's URL."""
+    """A docs command's arguments for the client, with the test server's URL."""
     words = shlex.split(command.replace(README_URL, url))
     assert words[:2] == ["python", "mip_client.py"]
     out = []
@@ -125,7 +125,7 @@ def free_port() -> int:
 # ---------------------------------------------------------------- the walk-through
 
 def test_readme_walkthrough(server, work):
-    """Seed section 6, step by step, as the README shows it; then the daily-use examples."""
+    """Seed section 6, step by step, as docs/client.md shows it; then the daily-use examples."""
     cmds = iter(commands(WALKTHROUGH))
     env = client_env(server)
     (work / "a.json").write_text(A_JSON)
@@ -190,20 +190,20 @@ def test_readme_walkthrough(server, work):
 
 
 def test_readme_and_help_show_the_tested_commands():
-    """--help shows the commands the walk-through test runs; so does README.md once it has
-    the client section (the README's other client examples may use other URLs)."""
+    """--help shows the commands the walk-through test runs; so does docs/client.md once it
+    exists (the docs' other client examples may use other URLs)."""
     proc = client("--help")
     assert proc.returncode == 0
     shown = commands(proc.stdout.replace("\n  ", "\n"))
     for command in commands(WALKTHROUGH) + commands(DAILY):
         assert command in shown
-    readme = os.path.join(ROOT, "README.md")
+    readme = os.path.join(ROOT, "docs", "client.md")
     text = ""
     if os.path.exists(readme):
         with open(readme, encoding="utf-8") as f:
             text = f.read()
     if README_SECTION not in text:
-        pytest.skip(f"README.md has no {README_SECTION!r} section yet")
+        pytest.skip(f"docs/client.md has no {README_SECTION!r} section yet")
     in_readme = commands(text)
     for command in commands(WALKTHROUGH) + commands(DAILY):
         assert command in in_readme

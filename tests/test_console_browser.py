@@ -2,7 +2,7 @@
 Playwright's own browser download is never used) against the real server.
 
 A failing test saves a screenshot in test-results/ (git-ignored); the run page's screenshot
-of the README, docs/console-run.png, is made here too.
+of docs/console.md, docs/console-run.png, is made here too.
 """
 
 import os
@@ -23,7 +23,7 @@ sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = "/usr/bin/chromium"
 RESULTS = os.path.join(ROOT, "test-results")
 SCREENSHOT = os.path.join(ROOT, "docs", "console-run.png")
-# the README's screenshot is taken on every run, but only replaces the committed one when it
+# docs/console.md's screenshot is taken on every run, but only replaces the committed one when it
 # is missing or asked for (UPDATE_SCREENSHOTS=1 make test): a test run leaves the tree clean
 UPDATE_SCREENSHOT = os.environ.get("UPDATE_SCREENSHOTS") == "1" or not os.path.exists(SCREENSHOT)
 WAIT_MS = 90_000  # generous: the machine is shared and busy
@@ -127,7 +127,7 @@ def test_a_submitted_run_appears_and_passes_without_a_reload(tab, server):
     assert tab.not_reloaded()
     assert server.get(f"/runs/{run_id}").json()["status"] == "passed"
 
-    # the run page, all green, is the README's screenshot
+    # the run page, all green, is docs/console.md's screenshot
     tab.open(f"/ui/runs/{run_id}")
     for module in ("legend_segment", "map_crop", "geopackage"):
         assert node_state(tab, module) == "passed"

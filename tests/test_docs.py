@@ -1,4 +1,5 @@
-"""The README documents every setting and every route, and its examples are valid."""
+"""Every setting is in docs/settings.md, every route in README.md or a docs/ page, and the
+payload examples there are valid."""
 
 import glob
 import json
@@ -7,15 +8,12 @@ import re
 
 import jsonschema
 from conftest import ROOT
+from docpages import docs_text
+from docpages import page
 
 import mip_server
 from mip import journal
 from mip.settings import Settings
-
-
-def readme():
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        return f.read()
 
 
 def test_every_environment_variable_is_documented():
@@ -25,9 +23,9 @@ def test_every_environment_variable_is_documented():
             with open(os.path.join(ROOT, name), encoding="utf-8") as f:
                 names |= set(re.findall(r"\b((?:MIP|TA1)_[A-Z_]*[A-Z])\b", f.read()))
     names -= {"MIP_HOME"}  # set by env.sh for itself
-    text = readme()
+    text = page("settings.md")
     missing = sorted(n for n in names if f"`{n}`" not in text)
-    assert not missing, f"README does not document {missing}"
+    assert not missing, f"docs/settings.md does not document {missing}"
 
 
 def test_every_route_is_documented(mip_env, tmp_path):
@@ -36,19 +34,19 @@ def test_every_route_is_documented(mip_env, tmp_path):
     db = journal.Journal(str(tmp_path / "j.db"))
     db.migrate()
     app = mip_server.make_app(cfg, db, mip_server.RunQueue(cfg, db))
-    text = readme()
+    text = docs_text()
     for route in app.routes:
         path = re.sub(r"<(\w+)>", r"{\1}", route.rule)
         documented = re.sub(r"/(logs|outputs|temps)$", "/logs", path)
         assert f"{route.method} {documented}" in text or f"`{documented}`" in text \
-            or f"{route.method} {path}" in text, f"{route.method} {path} not in README"
+            or f"{route.method} {path}" in text, f"{route.method} {path} not in the docs"
     db.close()
 
 
 def test_readme_payload_examples_are_valid():
     with open(os.path.join(ROOT, "schema", "RunPayload.json")) as f:
         validator = jsonschema.Draft202012Validator(json.load(f))
-    examples = re.findall(r"'(\{\"job\".*?\})'", readme())
+    examples = re.findall(r"'(\{\"job\".*?\})'", docs_text())
     assert examples
     for example in examples:
         validator.validate(json.loads(example))

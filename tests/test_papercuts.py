@@ -1,4 +1,4 @@
-"""A newcomer's papercuts (issue 14, part 7): the README's commands in a fresh shell, the
+"""A newcomer's papercuts (issue 14, part 7): the docs' commands in a fresh shell, the
 client's empty POST bodies, its shebang and run bit, Python 3.8, --version everywhere, and
 which defaults are env.sh's.
 
@@ -15,6 +15,7 @@ import sys
 import pytest
 from conftest import ROOT
 from conftest import payload
+from docpages import docs_text
 
 from mip import VERSION
 
@@ -23,20 +24,20 @@ VENV_BIN = os.path.dirname(sys.executable)
 
 
 def readme() -> str:
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        return f.read()
+    """README.md and the docs/ pages, where the commands and the settings are."""
+    return docs_text()
 
 
 def fresh_shell(command: str, tmp_path, stdin: str = "") -> subprocess.CompletedProcess:
     """`command` in a new login-less bash with a bare environment (no venv on PATH, no MIP_*
-    variables), after `source env.sh` as the README says."""
+    variables), after `source env.sh` as the docs say."""
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
     return subprocess.run(["bash", "--noprofile", "--norc", "-c",
                            f"cd {ROOT} && source env.sh && {command}"],
                           env=env, input=stdin, capture_output=True, text=True, timeout=120)
 
 
-# the README's helper commands, as it writes them (after `source env.sh`)
+# the docs' helper commands, as they write them (after `source env.sh`)
 README_COMMANDS = [
     ("python mip_server.py --hash-password", "pw\n", r"^pbkdf2_sha256\$\d+\$[0-9a-f]+\$"),
     ("python mipper.py --list-modules", "", r"^map_crop "),
@@ -64,7 +65,7 @@ def test_env_sh_puts_the_venv_first_on_path_once(tmp_path):
 
 
 def test_client_posts_without_a_body_to_cancel_and_rerun(server, tmp_path):
-    """The README's `--post --url .../runs/ID/rerun --wait` and `.../cancel` need no body."""
+    """docs/client.md's `--post --url .../runs/ID/rerun --wait` and `.../cancel` need no body."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MIP_")}
     env.update(MIP_CLIENT_USER=server.user, MIP_CLIENT_PASSWORD=server.password)
     run = server.post("/runs", json=payload("cuts", "georeference")).json()
@@ -163,14 +164,14 @@ def test_version_everywhere(server):
 
 
 def test_settings_table_says_which_defaults_are_env_sh(tmp_path):
-    """The names README lists as set by env.sh are exactly those env.sh exports."""
+    """The names docs/settings.md lists as set by env.sh are exactly those env.sh exports."""
     with open(os.path.join(ROOT, "env.sh"), encoding="utf-8") as f:
         exported = set(re.findall(r"^\s*export ((?:MIP|TA1)_[A-Z0-9_]+)=", f.read(), re.M))
     exported.discard("MIP_HOME")
     text = " ".join(readme().split())
     match = re.search(r"`env\.sh` sets these \(its values are the defaults below\): (.*?)\. ",
                       text)
-    assert match, "README's Settings section does not list what env.sh sets"
+    assert match, "docs/settings.md does not list what env.sh sets"
     assert set(re.findall(r"`((?:MIP|TA1)_[A-Z0-9_]+)`", match.group(1))) == exported
 
 

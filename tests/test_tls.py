@@ -263,7 +263,7 @@ def make_certificate(name: str, cert_path, key_path) -> None:
 # ---------------------------------------------------------------------------- through Caddy
 
 def test_walkthrough_over_https(behind_caddy, tmp_path):
-    """The seed's walk-through (the README's client section, command by command), with
+    """The seed's walk-through (docs/client.md, command by command), with
     mip_client.py talking HTTPS to Caddy and checking it against Caddy's CA."""
     front_url = behind_caddy.caddy.url
     work = tmp_path / "work"

@@ -16,6 +16,7 @@ from conftest import alive
 from conftest import kill_leftover_runs
 from conftest import payload
 from conftest import wait_for
+from docpages import page
 
 import mip_server
 from mip import journal
@@ -94,7 +95,7 @@ def test_server_runs_on_the_env_file_alone(tmp_path):
     values = {k: v[-1] for k, v in settings(read(ENV_EXAMPLE)).items()}
     assert all(re.fullmatch(r"(MIP|TA1)_[A-Z0-9_]+", k) for k in values), values
     commented = re.findall(r"^# ((?:MIP|TA1)_[A-Z0-9_]+)=", read(ENV_EXAMPLE), re.M)
-    readme = read(os.path.join(ROOT, "README.md"))
+    readme = page("settings.md")
     assert [k for k in [*values, *commented] if f"`{k}`" not in readme] == []
     for name in ("TA1_INPUTS_DIR", "TA1_OUTPUTS_DIR", "TA1_TEMPS_DIR", "TA1_RUNS_DIR",
                  "TA1_REPOS_DIR", "MIP_CONFIG", "MIP_USERS_FILE"):

@@ -7,7 +7,7 @@ A library, not a program: the server imports it.
     cdr.validate("FeatureResults", results)
     client.publish_features(results)
 
-The protocol is described in the README's CDR section. Every payload is checked against the
+The protocol is described in docs/cdr.md. Every payload is checked against the
 CDR's own schemas (schema/cdr/*.json, exported from cdr_schemas 0.4.18) before it is sent,
 and so is every delivery. Sections: errors, client, signatures, results, validation, and the
 server's link (registration, deliveries, publishing passed runs).

@@ -80,7 +80,7 @@ def start_warnings(host: str, trusted_proxy: str | None) -> list:
                 "loopback, over plain HTTP, and no TLS proxy is configured: every basic-auth "
                 "password (and every result) crosses the network in clear. Bind 127.0.0.1 "
                 "(MIP_HOST) and put Caddy in front (deploy/Caddyfile) with "
-                "MIP_TRUSTED_PROXY=127.0.0.1; see README, 'Behind TLS' !!!"]
+                "MIP_TRUSTED_PROXY=127.0.0.1; see docs/operators.md, 'Behind TLS' !!!"]
     if trusted_proxy == "*":
         return [f"!!! MIP_TRUSTED_PROXY=* on {host}, beyond loopback: any client that reaches "
                 "this port can claim any address in X-Forwarded-For and so escape the "
