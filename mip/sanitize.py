@@ -9,6 +9,8 @@ Never imports the server or mipper.
 import json
 import logging
 import re
+from datetime import UTC
+from datetime import datetime
 
 MAX_JSON_DEPTH = 64  # a RunPayload is 3 levels deep, a CDR event 4
 CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
@@ -31,7 +33,12 @@ def _escaped(match) -> str:
 
 class OneLineFormatter(logging.Formatter):
     """One record, one line: the message (values from requests included) is escaped, and a
-    traceback follows on indented lines, so no text can pass for a record of its own."""
+    traceback follows on indented lines, so no text can pass for a record of its own.
+    Stamped in ISO 8601 UTC with a Z, as the journal's times and the modules' logs are."""
+
+    def formatTime(self, record, datefmt=None) -> str:
+        then = datetime.fromtimestamp(record.created, UTC)
+        return then.strftime("%Y-%m-%dT%H:%M:%S.") + f"{then.microsecond // 1000:03d}Z"
 
     def formatMessage(self, record) -> str:
         return escape(super().formatMessage(record))

@@ -14,6 +14,8 @@ import os
 import sys
 import time
 import traceback
+from datetime import UTC
+from datetime import datetime
 
 # when this process started, near enough: each module imports common first, before the
 # heavier packages, so --sleep counts their import time too
@@ -95,10 +97,10 @@ def run(name: str, args: argparse.Namespace, output_dir: str, log_path: str, wor
     log = open_log(name, log_path)
     started = time.monotonic()
     log.info("%s stand-in started; output folder %s", name, output_dir)
-    # the GPU the module was given, and when it ran (epoch seconds), as tests read them
-    log.info("gpu: CUDA_VISIBLE_DEVICES=%s NVIDIA_VISIBLE_DEVICES=%s start=%.3f",
+    # the GPU the module was given, and when it ran (to the microsecond), as tests read them
+    log.info("gpu: CUDA_VISIBLE_DEVICES=%s NVIDIA_VISIBLE_DEVICES=%s start=%s",
              os.environ.get("CUDA_VISIBLE_DEVICES", "unset"),
-             os.environ.get("NVIDIA_VISIBLE_DEVICES", "unset"), time.time())
+             os.environ.get("NVIDIA_VISIBLE_DEVICES", "unset"), iso_now(6))
     try:
         honour_test_switches(args, log)
         work(args, log)
@@ -114,9 +116,23 @@ def run(name: str, args: argparse.Namespace, output_dir: str, log_path: str, wor
         remaining = args.sleep - (time.monotonic() - STARTED)
         if remaining > 0:
             time.sleep(remaining)
-        log.info("gpu: stop=%.3f", time.time())
+        log.info("gpu: stop=%s", iso_now(6))
     log.info("%s done in %.3f s", name, time.monotonic() - started)
     return EXIT_OK
+
+
+def iso_now(digits: int = 3) -> str:
+    """Now as ISO 8601 UTC with a Z, the one time format of every log a module run leaves."""
+    now = datetime.now(UTC)
+    return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond:06d}"[:digits] + "Z"
+
+
+class IsoUtcFormatter(logging.Formatter):
+    """Log records stamped like mipper's and the journal's times: 2026-12-04T19:01:52.123Z."""
+
+    def formatTime(self, record, datefmt=None) -> str:
+        then = datetime.fromtimestamp(record.created, UTC)
+        return then.strftime("%Y-%m-%dT%H:%M:%S.") + f"{then.microsecond // 1000:03d}Z"
 
 
 def open_log(name: str, log_path: str) -> logging.Logger:
@@ -125,7 +141,7 @@ def open_log(name: str, log_path: str) -> logging.Logger:
     log = logging.getLogger(f"mip.module.{name}")
     log.setLevel(logging.INFO)
     log.propagate = False
-    formatter = logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s")
+    formatter = IsoUtcFormatter("%(asctime)s %(name)s %(levelname)s %(message)s")
     for handler in (logging.FileHandler(log_path, encoding="utf-8"),
                     logging.StreamHandler(sys.stdout)):
         handler.setFormatter(formatter)

@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import datetime
 
 import pytest
 from conftest import MAP
@@ -43,8 +44,8 @@ MODULES = ["legend_segment", "georeference", "legend_item_segment", "map_crop",
            "geopackage"]
 MB = 1024 * 1024
 START = re.compile(r"gpu: CUDA_VISIBLE_DEVICES=(\S+) NVIDIA_VISIBLE_DEVICES=(\S+) "
-                   r"start=([0-9.]+)")
-STOP = re.compile(r"gpu: stop=([0-9.]+)")
+                   r"start=(\S+Z)")
+STOP = re.compile(r"gpu: stop=(\S+Z)")
 
 
 def gpu_env(env: dict, devices: str, **more) -> dict:
@@ -56,7 +57,11 @@ def seen_by_module(env: dict, job: str, module: str) -> tuple:
     text = read(os.path.join(env["TA1_OUTPUTS_DIR"], job, f"{module}.log"))
     start, stop = START.search(text), STOP.search(text)
     assert start and stop, text
-    return start.group(1), start.group(2), float(start.group(3)), float(stop.group(1))
+    return (start.group(1), start.group(2), epoch(start.group(3)), epoch(stop.group(1)))
+
+
+def epoch(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()
 
 
 def resources(srv: Server, job: str, module: str) -> dict:
