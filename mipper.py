@@ -27,6 +27,7 @@ from dataclasses import field
 import luigi
 
 from mip import VERSION
+from mip import checks
 from mip import gpus
 from mip import journal
 from mip import runners
@@ -41,6 +42,7 @@ from mip.catalogue import gpu_refusal
 from mip.catalogue import launch
 from mip.catalogue import load_catalogue
 from mip.catalogue import local_gpu_modules
+from mip.catalogue import module_checks
 from mip.catalogue import module_env
 from mip.catalogue import module_outputs
 from mip.catalogue import module_runner
@@ -126,6 +128,9 @@ class Run:
                            if not os.path.exists(p)]
                 if missing:
                     message = f"exited 0 but did not write {', '.join(missing)}"
+            if message is None:
+                message = next(filter(None, map(checks.failure, module_checks(
+                    self.settings, module, self.job, self.map_name))), None)
             status = Status.FAILED if message else Status.PASSED
             out.write(f"# {name} {status.value}"
                       f"{': ' + message if message else ''}: {journal.utcnow()}\n".encode())

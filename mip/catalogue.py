@@ -49,6 +49,7 @@ class Module:
     user: str | None = None
     task_definition: str | None = None
     container_name: str | None = None
+    checks: tuple = ()  # what its outputs must hold (mip/checks.py)
 
 
 def load_catalogue(path: str) -> dict:
@@ -77,6 +78,7 @@ def load_catalogue(path: str) -> dict:
             name=name, version=entry["version"], requires=tuple(entry["requires"]),
             command=tuple(entry["command"]), options=dict(entry["options"]),
             outputs=tuple(entry["outputs"]), gpu=entry.get("gpu", False),
+            checks=tuple(entry.get("checks", ())),
             runner=entry.get("runner"), base_runner=data.get("runner", "inline"),
             container=data.get("container", {}), image=entry.get("image"),
             user=entry.get("user"), task_definition=entry.get("task_definition"),
@@ -86,7 +88,8 @@ def load_catalogue(path: str) -> dict:
             if req not in modules:
                 raise CatalogueError(f"{path}: module {module.name!r}: field 'requires': "
                                      f"unknown module {req!r}")
-        for key, value in [*module.options.items(), *(("outputs", o) for o in module.outputs)]:
+        for key, value in [*module.options.items(), *(("outputs", o) for o in module.outputs),
+                           *(("checks", c["path"]) for c in module.checks)]:
             for text in value if isinstance(value, list) else [value]:
                 leftover = re.search(r"\$[A-Z_]+", substitute(str(text), dict.fromkeys(TOKENS, "")))
                 if leftover:
@@ -281,6 +284,12 @@ def module_outputs(settings: Settings, module: Module, job: str, map_name: str) 
     """The module's expected outputs, as full paths."""
     values = token_values(settings, job, map_name)
     return [substitute(path, values) for path in module.outputs]
+
+
+def module_checks(settings: Settings, module: Module, job: str, map_name: str) -> list:
+    """The module's output checks (mip/checks.py), with their paths in full."""
+    values = token_values(settings, job, map_name)
+    return [dict(check, path=substitute(check["path"], values)) for check in module.checks]
 
 
 def module_env(settings: Settings, env, openai_key: str | None) -> dict:
