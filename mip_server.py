@@ -807,6 +807,9 @@ def main(argv=None) -> int:
     print(f"mip: serving on http://{cfg.host}:{server.effective_port}", flush=True)
     for warning in proxy.start_warnings(cfg.host, cfg.trusted_proxy):
         log.warning("%s", warning)
+    if not cfg.settings.gpu_settings.devices and any(m.gpu for m in queue.catalogue.values()):
+        log.warning("this host has no GPU (MIP_GPUS=none, or none found): the catalogue's GPU "
+                    "modules run without one")
     if cfg.trusted_proxy:
         log.info("behind a TLS proxy: X-Forwarded-For, -Proto and -Host believed from %s only",
                  cfg.trusted_proxy)

@@ -158,7 +158,7 @@ class Run:
             if slot is not None:
                 how = dataclasses.replace(how, gpu_device=slot.device, gpu_fd=slot.fd)
                 used.update(gpu_device=slot.device, waited_for_gpu_seconds=slot.waited)
-                self.db.set_execution_progress(exec_id, None, used)
+                self.db.set_execution_progress(exec_id, None, used, started=True)
             code, message = self.run_module(module, how, log_path, used)
         except gpus.NoGpu as e:
             code, message = None, str(e)
@@ -322,8 +322,9 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
                  " ".join(targets), " ".join(n for n in graph if n in to_run) or "nothing")
         without = local_gpu_modules(settings, catalogue, [n for n in graph if n in to_run])
         if without and not settings.gpu_settings.devices:
-            log.warning("this host has no GPU (MIP_GPUS=none, or none found): %s run without "
-                        "one", " ".join(without))
+            # once per run, not a list of every module: the catalogue marks all of them
+            log.warning("this host has no GPU (MIP_GPUS=none, or none found): its GPU modules "
+                        "run without one")
         RUN = Run(settings, catalogue, db, run_id, job, map_name, graph, to_run, extra,
                   module_env(settings, env, env.get("MIP_OPENAI_KEY")),
                   {n: db.last_pass(job, n) for n in to_run})

@@ -454,14 +454,16 @@ class Journal:
             return cur.rowcount == 1
 
     def set_execution_progress(self, exec_id: int, message: str | None,
-                               resources: dict | None = None) -> None:
+                               resources: dict | None = None, started: bool = False) -> None:
         """A running execution's message (such as "waiting for a GPU") and, when given, what
-        it uses so far; no change once it has ended."""
+        it uses so far; with `started`, its start time becomes now (it has waited for a GPU,
+        and its time runs from when it got one). No change once it has ended."""
         with self.transaction() as db:
-            db.execute("UPDATE executions SET message = ?, resources = COALESCE(?, resources)"
+            db.execute("UPDATE executions SET message = ?, resources = COALESCE(?, resources),"
+                       " start_time = CASE WHEN ? THEN ? ELSE start_time END"
                        " WHERE id = ? AND status = 'running'",
                        (message, None if resources is None else json.dumps(resources),
-                        exec_id))
+                        started, utcnow(), exec_id))
 
     def set_upload(self, exec_id: int, status: str, uri: str, message: str | None) -> None:
         """Record the outcome of copying an execution's data to S3."""
