@@ -157,7 +157,8 @@ class Parser(argparse.ArgumentParser):
 def make_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="mip_client.py", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Send one GET or POST to the mip server and show or save the answer.",
+        description="Send one GET, POST or DELETE to the mip server and show or save the "
+                    "answer.",
         epilog=EPILOG)
     method = parser.add_mutually_exclusive_group(required=True)
     method.add_argument("--get", action="store_true", help="send a GET request")
@@ -260,7 +261,8 @@ def absolute_url(url: str, base: Optional[str]) -> str:
     if url.startswith("/"):
         if not base:
             raise UsageError(f"--url {url!r} is a path: give a full URL "
-                             "(http://host:port/...) or set MIP_CLIENT_URL")
+                             "(http://host:port/...) or set MIP_CLIENT_URL, e.g. "
+                             "export MIP_CLIENT_URL=http://127.0.0.1:8080")
         url = base.rstrip("/") + url
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
