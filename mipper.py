@@ -30,6 +30,7 @@ from mip import VERSION
 from mip import checks
 from mip import gpus
 from mip import journal
+from mip import maps
 from mip import runners
 from mip import sanitize
 from mip import switches
@@ -55,6 +56,7 @@ from mip.errors import ModuleFailed
 from mip.errors import UsageError
 from mip.journal import Status
 from mip.maps import check_map
+from mip.maps import map_file
 from mip.s3 import record_upload
 from mip.s3 import upload_missing
 from mip.settings import Settings
@@ -295,6 +297,10 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
     extra = extra or {}
     check_extra(settings, catalogue, job, extra)
     check_map(settings, map_name)
+    if run_id is None:
+        # a run the server started was checked at its door; one started by hand is checked
+        # here, before any module meets it
+        check_map_readable(settings, map_name)
     refusal = gpu_refusal(settings, catalogue, targets)
     if refusal:
         raise UsageError(refusal)
@@ -348,6 +354,15 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
             status = Status(db.run(run_id)["status"])
         log.info("run %s %s (luigi: %s)", run_id, status.value, result.status.name)
         return EXIT_OK if status == Status.PASSED else EXIT_FAILED
+
+
+def check_map_readable(settings: Settings, map_name: str) -> None:
+    """Raises UsageError with GDAL's reason when it cannot read the map, asked in a child
+    process so that mipper never loads GDAL itself."""
+    shown = f"$TA1_INPUTS_DIR/maps/{map_name}/{map_name}.tif"
+    reason = maps.unreadable_in_child(map_file(settings, map_name), shown)
+    if reason:
+        raise UsageError(f"map {map_name!r}: GDAL cannot read {shown}: {reason}")
 
 
 def stop_lost(settings: Settings, catalogue: dict, run_id: str, graph: list) -> None:

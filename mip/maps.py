@@ -15,6 +15,8 @@ few blocks, never changes a file.
 """
 
 import os
+import subprocess
+import sys
 import threading
 import warnings
 
@@ -133,3 +135,36 @@ def check_readable(settings: Settings, map_name: str) -> None:
     reason = unreadable(map_file(settings, map_name), shown)
     if reason:
         raise Invalid(f"map {map_name!r}: GDAL cannot read {shown}: {reason}", "unreadable_map")
+
+
+CHILD_TIMEOUT = 120  # seconds: a huge map on a slow disk still opens well within this
+
+
+def unreadable_in_child(path: str, shown: str) -> str | None:
+    """unreadable(), asked of a short-lived child process: mipper stays without rasterio,
+    whose import alone costs about 40 MB for the whole run."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "mip.maps", path, shown],
+                              capture_output=True, text=True, timeout=CHILD_TIMEOUT,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    except subprocess.TimeoutExpired:
+        return f"{shown}: GDAL did not open it within {CHILD_TIMEOUT} s"
+    if done.returncode == 0:
+        return None
+    lines = done.stdout.strip().splitlines() or done.stderr.strip().splitlines()[-1:]
+    return lines[-1] if lines else f"{shown}: the check ended with code {done.returncode}"
+
+
+def main(argv=None) -> int:
+    """`python -m mip.maps FILE [SHOWN]`: prints why GDAL cannot read FILE and exits 1, or
+    exits 0 when it can."""
+    args = sys.argv[1:] if argv is None else argv
+    reason = unreadable(args[0], args[1] if len(args) > 1 else None)
+    if reason:
+        print(reason)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
