@@ -40,6 +40,7 @@ from test_client import client
 from test_client import client_env
 from test_client import commands
 
+from mip import settings
 from mip.errors import EXIT_USAGE
 from mip.errors import MipError
 from mip.web import proxy
@@ -431,14 +432,18 @@ def test_without_a_trusted_proxy_every_client_is_caddy(tmp_path, server_env):
 
 # ---------------------------------------------------------------------------- settings, warning
 
+def trusted_proxy(env: dict):
+    return settings.read(env, "MIP_TRUSTED_PROXY")
+
+
 def test_trusted_proxy_setting():
-    assert proxy.trusted_proxy_setting({}) is None
-    assert proxy.trusted_proxy_setting({"MIP_TRUSTED_PROXY": " 127.0.0.1 "}) == "127.0.0.1"
-    assert proxy.trusted_proxy_setting({"MIP_TRUSTED_PROXY": "[::1]"}) == "::1"
-    assert proxy.trusted_proxy_setting({"MIP_TRUSTED_PROXY": "*"}) == "*"
+    assert trusted_proxy({}) is None
+    assert trusted_proxy({"MIP_TRUSTED_PROXY": " 127.0.0.1 "}) == "127.0.0.1"
+    assert trusted_proxy({"MIP_TRUSTED_PROXY": "[::1]"}) == "::1"
+    assert trusted_proxy({"MIP_TRUSTED_PROXY": "*"}) == "*"
     for bad in ("localhost", "127.0.0.1,10.0.0.1", "10.0.0.0/8", "127.0.0.1:2019"):
         with pytest.raises(MipError, match="MIP_TRUSTED_PROXY"):
-            proxy.trusted_proxy_setting({"MIP_TRUSTED_PROXY": bad})
+            trusted_proxy({"MIP_TRUSTED_PROXY": bad})
 
 
 def test_a_bad_trusted_proxy_stops_the_server(server_env):
