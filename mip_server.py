@@ -108,14 +108,20 @@ def read_config(env, host=None, port=None, no_auth=False) -> Config:
     return cfg
 
 
-def open_files_for(connections: int) -> None:
+def open_files_for(connections: int) -> str | None:
     """Raise this process's soft limit on open files to what `connections` need, as far as
-    the hard limit allows (systemd's unit sets it; a login shell often gives 1024)."""
+    the hard limit allows (systemd's unit sets it; a login shell often gives 1024); a
+    warning when the hard limit is too low."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     need = connections + 256  # the journal, logs, mippers' pipes, zips being read
-    if soft != resource.RLIM_INFINITY and soft < need:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (
-            need if hard == resource.RLIM_INFINITY else min(need, hard), hard))
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return None
+    soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft < need:
+        return (f"open files are limited to {soft}, too few for MIP_CONNECTION_LIMIT="
+                f"{connections}: lower it, or raise the limit (LimitNOFILE= in the unit)")
+    return None
 
 
 # ---------------------------------------------------------------------------- errors
@@ -711,7 +717,7 @@ def main(argv=None) -> int:
     app = make_app(cfg, db, queue, link)
     # nothing is logged before the port line below, which must come first
     writer = setup_logging()
-    open_files_for(cfg.connection_limit)
+    files_warning = open_files_for(cfg.connection_limit)
     try:
         server = waitress.create_server(
             RequestLog(app, writer), host=cfg.host, port=cfg.port, threads=cfg.threads,
@@ -734,6 +740,8 @@ def main(argv=None) -> int:
     print(f"mip: serving on http://{cfg.host}:{server.effective_port}", flush=True)
     for warning in proxy.start_warnings(cfg.host, cfg.trusted_proxy):
         log.warning("%s", warning)
+    if files_warning:
+        log.warning("%s", files_warning)
     if not cfg.settings.gpu_settings.devices and any(m.gpu for m in queue.catalogue.values()):
         log.warning("this host has no GPU (MIP_GPUS=none, or none found): the catalogue's GPU "
                     "modules run without one")
