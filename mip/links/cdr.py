@@ -23,8 +23,6 @@ import queue
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from dataclasses import field
 
 import jsonschema
 import requests
@@ -36,6 +34,7 @@ from mip.errors import MipError
 from mip.errors import UsageError
 from mip.maps import map_file
 from mip.settings import SCHEMA_DIR
+from mip.settings import CdrSettings
 from mip.settings import Settings
 
 CDR_SCHEMA_DIR = os.path.join(SCHEMA_DIR, "cdr")
@@ -589,33 +588,6 @@ def validate(name: str, payload) -> None:
         raise CdrError(f"{name} fails the CDR's schema at {found}")
 
 # ---------------------------------------------------------------------------- the server's link
-
-@dataclass(frozen=True)
-class CdrSettings:
-    """Where the CDR is, how we talk to it, and the name we publish under."""
-
-    url: str
-    token: str = field(repr=False)
-    secret: str = field(repr=False)
-    callback_url: str
-    system: str
-    version: str
-
-    @classmethod
-    def from_env(cls, env, version: str) -> "CdrSettings | None":
-        """None when no MIP_CDR_* setting is given; raises MipError naming one missing."""
-        needed = ("MIP_CDR_URL", "MIP_CDR_TOKEN", "MIP_CDR_SECRET", "MIP_CDR_CALLBACK_URL")
-        if not any(env.get(n) for n in needed):
-            return None
-        missing = [n for n in needed if not env.get(n)]
-        if missing:
-            raise MipError(f"{missing[0]} is not set; the CDR link needs "
-                                  f"{', '.join(needed)}")
-        return cls(url=env["MIP_CDR_URL"], token=env["MIP_CDR_TOKEN"],
-                   secret=env["MIP_CDR_SECRET"], callback_url=env["MIP_CDR_CALLBACK_URL"],
-                   system=env.get("MIP_CDR_SYSTEM") or "mip",
-                   version=env.get("MIP_CDR_VERSION") or version)
-
 
 class BadEvent(ValueError):
     """A signed delivery whose body is not an event we can act on."""

@@ -17,20 +17,18 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
 
 import bottle
 
-from mip.errors import MipError
 from mip.files import free_mb
 from mip.journal import Status
 from mip.s3 import list_objects
 from mip.s3 import s3_client
 from mip.s3 import s3_key_prefix
+from mip.settings import RetentionSettings
 from mip.settings import Settings
-from mip.settings import int_setting
 from mip.web.apierror import ApiError
 
 log = logging.getLogger("mip.retention")
@@ -60,47 +58,6 @@ REMOVED = {
     },
 }
 S3_QUERY = {"s3": {"type": "integer", "enum": [0, 1]}}
-
-
-# ---------------------------------------------------------------------------- settings
-
-@dataclass(frozen=True)
-class RetentionSettings:
-    """How long files and records are kept, and the free-space floor of the sweeper."""
-
-    temps_days: int | None = None  # None: kept for good
-    outputs_days: int | None = None
-    runs_days: int | None = None
-    sweep_free_mb: int = 0  # 0: no floor
-    sweep_outputs: bool = False  # may the floor remove outputs already in S3
-    interval: int = 600  # seconds between two sweeps
-
-    @classmethod
-    def from_env(cls, env, min_free_mb: int) -> "RetentionSettings":
-        """Raises MipError naming a bad variable."""
-        def days(name):
-            raw = env.get(name, "")
-            return None if raw == "" else int_setting(env, name, 0, 0, 100_000)
-
-        floor = int_setting(env, "MIP_SWEEP_FREE_MB", 0, 0, 10**9)
-        if floor and floor <= min_free_mb:
-            raise MipError(
-                f"MIP_SWEEP_FREE_MB={floor} must be above MIP_MIN_FREE_MB={min_free_mb}: the "
-                "sweeper must free space before runs are refused for the lack of it")
-        outputs = env.get("MIP_SWEEP_OUTPUTS", "0")
-        if outputs not in ("0", "1"):
-            raise MipError(f"MIP_SWEEP_OUTPUTS={outputs!r}: expected 0 or 1")
-        return cls(temps_days=days("MIP_RETAIN_TEMPS_DAYS"),
-                   outputs_days=days("MIP_RETAIN_OUTPUTS_DAYS"),
-                   runs_days=days("MIP_RETAIN_RUNS_DAYS"), sweep_free_mb=floor,
-                   sweep_outputs=outputs == "1",
-                   interval=int_setting(env, "MIP_SWEEP_SECONDS", 600, 1, DAY))
-
-    @property
-    def active(self) -> bool:
-        return (self.sweep_free_mb > 0
-                or any(d is not None for d in (self.temps_days, self.outputs_days,
-                                               self.runs_days)))
 
 
 def free_space(settings: Settings) -> dict:
