@@ -601,7 +601,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         entries = []
         if files is not None:
             # lazily: the first bytes go out before a big folder is fully listed
-            entries = ((f"{prefix}/{name}", local_opener(path)) for name, path in files)
+            entries = ((f"{prefix}/{name}", local_opener(f)) for name, f in files)
         elif settings.s3_bucket and execution["upload_status"] == "uploaded":
             entries = s3_entries(job, module, kind, prefix)
         # an empty temps folder is a fine answer; no folder at all is not
