@@ -21,6 +21,7 @@ import mip_server
 from mip import journal
 from mip.errors import UploadFailed
 from mip.journal import Status
+from mip.links.retention import remove
 from mip.s3 import list_objects
 from mip.s3 import upload_module
 from mip.settings import Settings
@@ -350,5 +351,30 @@ def test_s3_upload_sends_only_regular_files_inside(mip_env, bucket, tmp_path):
             "r/s1/map_crop/temps/result.json"]
         body = client.get_object(Bucket=name, Key="r/s1/map_crop/outputs/result.json")["Body"]
         assert body.read() == b'{"ok": true}'
+    finally:
+        s.close()
+
+
+# ---------------------------------------------------------------------------- delete
+
+def test_remove_never_goes_through_a_linked_folder(mip_env, tmp_path, caplog):
+    s = Site(mip_env)
+    try:
+        s.passed("s1")
+        outside = tmp_path / "outside"
+        (outside / "map_crop").mkdir(parents=True)
+        (outside / "map_crop" / "precious").write_text("keep me")
+        shutil.rmtree(s.path("temps", "s1"))
+        os.symlink(outside, s.path("temps", "s1"))
+        assert remove(s.settings.temps_dir, "s1", "map_crop") is None
+        assert "a folder on its way is a symlink" in caplog.text
+        assert (outside / "map_crop" / "precious").read_text() == "keep me"
+        # inside a real folder, a link is removed itself, never what it leads to
+        os.symlink(outside, s.path("outputs", "s1", "map_crop", "escape"))
+        assert remove(s.settings.outputs_dir, "s1", "map_crop") == "outputs/s1/map_crop"
+        assert not os.path.lexists(s.path("outputs", "s1", "map_crop"))
+        assert (outside / "map_crop" / "precious").read_text() == "keep me"
+        assert remove(s.settings.temps_dir, "s1") == "temps/s1"
+        assert not os.path.lexists(s.path("temps", "s1")) and outside.is_dir()
     finally:
         s.close()
