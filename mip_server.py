@@ -118,6 +118,7 @@ class Config:
     retention_settings: retention.RetentionSettings = field(
         default_factory=retention.RetentionSettings)
     trusted_proxy: str | None = None  # the TLS proxy's address (MIP_TRUSTED_PROXY), or "*"
+    answer_cache_mb: int = 64  # bodies each answer cache keeps (MIP_ANSWER_CACHE_MB)
 
     @classmethod
     def from_env(cls, env, host=None, port=None, no_auth=False) -> "Config":
@@ -140,7 +141,8 @@ class Config:
                    notify=notices.NoticeSettings.from_env(env),
                    retention_settings=retention.RetentionSettings.from_env(
                        env, settings.min_free_mb),
-                   trusted_proxy=proxy.trusted_proxy_setting(env))
+                   trusted_proxy=proxy.trusted_proxy_setting(env),
+                   answer_cache_mb=int_setting(env, "MIP_ANSWER_CACHE_MB", 64, 0, 65536))
 
 
 def read_users(env) -> tuple:
@@ -280,10 +282,11 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     catalogue = queue.catalogue
     schemas = load_schemas()
     settings = cfg.settings
-    done_runs = AnswerCache(None)  # runs over, their process gone: they never change again
+    cache_bytes = cfg.answer_cache_mb * 2**20
+    done_runs = AnswerCache(None, cache_bytes)  # runs over, their process gone: never change
     # a job's or a module's status only changes when a new run of the job starts, which a
     # poller sees at most a second late (it could not see the start any sooner anyway)
-    settled = AnswerCache(1.0)
+    settled = AnswerCache(1.0, cache_bytes)
     credentials = auth.Credentials(cfg.users, cfg.auth_failures)
     downloads = auth.Slots(cfg.max_downloads, "too_many_downloads", "zip downloads")
 

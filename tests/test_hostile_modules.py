@@ -25,6 +25,7 @@ from mip.links.retention import remove
 from mip.s3 import list_objects
 from mip.s3 import upload_module
 from mip.settings import Settings
+from mip.status import AnswerCache
 
 
 class Answer:
@@ -378,3 +379,49 @@ def test_remove_never_goes_through_a_linked_folder(mip_env, tmp_path, caplog):
         assert not os.path.lexists(s.path("temps", "s1")) and outside.is_dir()
     finally:
         s.close()
+
+
+# ---------------------------------------------------------------------------- answer cache
+
+def test_the_answer_cache_is_bounded_by_bytes():
+    cache = AnswerCache(None, max_bytes=2**20)
+    assert cache.item_max == 2**20 // 16
+    for i in range(200):
+        cache.put(("run", str(i)), "x" * (50_000 + i))
+        assert cache.bytes <= 2**20
+    assert cache.bytes == sum(len(body) for _, body in cache.items.values())
+    assert cache.get(("run", "199")) is not None and cache.get(("run", "0")) is None
+    # past the per-item bound: not kept, and an older answer of the key is dropped
+    cache.put(("run", "199"), "x" * (2**20 // 16 + 1))
+    assert cache.get(("run", "199")) is None
+    cache.drop_job("nobody")
+    cache.drop(("run", "198"))
+    assert cache.bytes == sum(len(body) for _, body in cache.items.values())
+
+
+def test_huge_finished_answers_are_served_but_not_kept(mip_env):
+    s = Site(mip_env, answer_cache_mb=1)
+    try:
+        cache = s.app.config["retention.sweeper"].remover.caches[1]
+        huge = {"job": "j0", "modules": ["map_crop"], "map": MAP, "notes": "x" * 2**20}
+        big = dict(huge, notes="y" * 40_000)
+        for i in range(4):
+            run_id = s.passed(f"h{i}", payload=dict(huge, job=f"h{i}"))
+            assert len(s.get(f"/runs/{run_id}").body()) > 2**20
+        assert cache.items == {} and cache.bytes == 0
+        for i in range(60):
+            run_id = s.passed(f"b{i}", payload=dict(big, job=f"b{i}"))
+            answer = s.get(f"/runs/{run_id}")
+            assert answer.status == 200 and answer.json()["payload"]["notes"] == big["notes"]
+            assert cache.bytes <= 2**20
+        assert 20 <= len(cache.items) < 60
+    finally:
+        s.close()
+
+
+def test_the_answer_cache_setting_is_read_and_checked(mip_env):
+    env = dict(mip_env, MIP_USER="u", MIP_PASSWORD="p")
+    assert mip_server.Config.from_env(env).answer_cache_mb == 64
+    assert mip_server.Config.from_env(dict(env, MIP_ANSWER_CACHE_MB="8")).answer_cache_mb == 8
+    with pytest.raises(mip_server.MipError, match="MIP_ANSWER_CACHE_MB"):
+        mip_server.Config.from_env(dict(env, MIP_ANSWER_CACHE_MB="-1"))

@@ -216,7 +216,7 @@ class Remover:
         for cache in self.caches:
             cache.drop_job(job)
             for run_id in run_ids:
-                cache.items.pop(("run", run_id), None)
+                cache.drop(("run", run_id))
 
     def module(self, job: str, module: str, why: str, forget_upload: bool = False) -> list:
         """Remove a module's outputs, temps and log, and set it back to not_started."""
