@@ -18,6 +18,7 @@ from conftest import payload
 from conftest import s3_client
 
 import mip_server
+from mip import files
 from mip import journal
 from mip.errors import UploadFailed
 from mip.journal import Status
@@ -201,6 +202,22 @@ def test_links_and_special_files_inside_the_folder_are_left_out(site, tmp_path):
     assert names(data) == ["own.log", "result.json", "sub/deep.txt"]
     assert b"private" not in data
     assert names(site.get("/jobs/s1/map_crop/logs").body()) == ["map_crop.log", "own.log"]
+
+
+def test_folders_past_the_depth_bound_are_left_out(site, caplog):
+    site.passed("s1")
+    folder = site.path("outputs", "s1", "map_crop")
+    deep = os.path.join(folder, *["d"] * (files.MAX_DEPTH + 5))
+    os.makedirs(deep)
+    for depth in (3, files.MAX_DEPTH, files.MAX_DEPTH + 1):
+        with open(os.path.join(folder, *["d"] * depth, "x.txt"), "w") as f:
+            f.write("x")
+    with caplog.at_level(logging.WARNING, "mip.files"):
+        got = names(site.get("/jobs/s1/map_crop/outputs").body())
+    assert "/".join(["d"] * 3 + ["x.txt"]) in got
+    assert "/".join(["d"] * files.MAX_DEPTH + ["x.txt"]) in got
+    assert not [n for n in got if n.count("/") > files.MAX_DEPTH]
+    assert f"deeper than {files.MAX_DEPTH} folders" in caplog.text
 
 
 def test_mippers_log_in_the_job_folder_is_not_followed(site, tmp_path):
