@@ -208,10 +208,11 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     catalogue = queue.catalogue
     schemas = load_schemas()
     settings = cfg.settings
-    done_runs = AnswerCache(None)  # runs over, their process gone: they never change again
+    cache_bytes = cfg.answer_cache_mb * 2**20
+    done_runs = AnswerCache(None, cache_bytes)  # runs over, their process gone: never change
     # a job's or a module's status only changes when a new run of the job starts, which a
     # poller sees at most a second late (it could not see the start any sooner anyway)
-    settled = AnswerCache(1.0)
+    settled = AnswerCache(1.0, cache_bytes)
     credentials = auth.Credentials(cfg.users, cfg.auth_failures)
     downloads = auth.Slots(cfg.max_downloads, "too_many_downloads", "zip downloads")
 
@@ -529,7 +530,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         entries = []
         if files is not None:
             # lazily: the first bytes go out before a big folder is fully listed
-            entries = ((f"{prefix}/{name}", local_opener(path)) for name, path in files)
+            entries = ((f"{prefix}/{name}", local_opener(f)) for name, f in files)
         elif settings.s3_bucket and execution["upload_status"] == "uploaded":
             entries = s3_entries(job, module, kind, prefix)
         # an empty temps folder is a fine answer; no folder at all is not

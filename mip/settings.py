@@ -252,6 +252,8 @@ VARS = {v.name: v for v in (
     Var("MIP_MAX_DOWNLOADS", Int(1, 255), None,
         "zip downloads sent at once, below MIP_THREADS (default: half of it)"),
     Var("MIP_AUTH_FAILURES", Int(1, 10000), 10, "wrong credentials a minute from one address"),
+    Var("MIP_ANSWER_CACHE_MB", Int(0, 65536), 64,
+        "MB each cache of answers that can no longer change keeps; 0: none"),
     Var("MIP_CONNECTION_LIMIT", Int(1, 100_000), 1000,
         "open connections the server accepts; idle ones count too"),
     Var("MIP_CHANNEL_TIMEOUT", Int(1, DAY), 60,
@@ -532,6 +534,7 @@ class ServerSettings:
     connection_limit: int = 1000
     channel_timeout: int = 60
     cleanup_interval: int = 10
+    answer_cache_mb: int = 64  # bodies each answer cache keeps (MIP_ANSWER_CACHE_MB)
 
     @classmethod
     def from_env(cls, env, hash_password, host=None, port=None,
@@ -559,7 +562,8 @@ class ServerSettings:
                    trusted_proxy=read(env, "MIP_TRUSTED_PROXY"),
                    connection_limit=read(env, "MIP_CONNECTION_LIMIT"),
                    channel_timeout=read(env, "MIP_CHANNEL_TIMEOUT"),
-                   cleanup_interval=read(env, "MIP_CLEANUP_INTERVAL"))
+                   cleanup_interval=read(env, "MIP_CLEANUP_INTERVAL"),
+                   answer_cache_mb=read(env, "MIP_ANSWER_CACHE_MB"))
 
 
 # ---------------------------------------------------------------------------- credentials
