@@ -26,8 +26,8 @@ from mip import errors
 from mip import journal
 from mip import sanitize
 from mip import settings as settings_module
-from mip import switches
 from mip.journal import Status
+from mip.switches import Refused as SwitchRefused
 
 NESTED = b"[" * 1000 + b"]" * 1000  # 2 KB, 1,000 levels
 FAKE = "2026-11-29 07:00:00,000 INFO run FAKE passed"
@@ -160,7 +160,7 @@ def test_docker_modules_see_container_paths_under_the_same_rule(mip_env):
                            {"georeference": ["--fail-unless-exists", "/ta1/outputs/d1/x"]})
     for value in ("/ta1/outputs/d2/x", "/ta1/inputs/maps", "/etc/passwd", "../x",
                   os.path.join(settings.outputs_dir, "d1", "x")):
-        with pytest.raises(switches.Refused):
+        with pytest.raises(SwitchRefused):
             catalogue_module.check_extra(settings, catalogue, "d1",
                                    {"georeference": ["--fail-unless-exists", value]})
 
