@@ -10,6 +10,7 @@ Each run is a `mipper.py` subprocess in its own process group; the SQLite journa
 """
 
 import argparse
+import functools
 import getpass
 import json
 import logging
@@ -708,6 +709,10 @@ def main(argv=None) -> int:
     except keystore.KeyStoreError as e:
         print(f"mip_server: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    # the links hook into the queue, which never imports them: a payload's notify_url is
+    # checked before the run is recorded, and its notices are recorded with it
+    queue.checks.append(functools.partial(notices.check_payload, cfg.notify))
+    queue.submitted.append(functools.partial(notices.record, db, cfg.notify))
     link = None
     if cfg.cdr_settings:
         link = cdr.CdrLink(cfg.cdr_settings, cfg.settings, db, queue.submit)
