@@ -16,6 +16,8 @@ from datetime import UTC
 from datetime import datetime
 from enum import Enum
 
+from mip import migrations
+
 
 class Status(str, Enum):
     """States of a run or a module execution; the values are the wire values."""
@@ -36,157 +38,6 @@ TRANSITIONS = {
     Status.NOT_STARTED: {Status.RUNNING, Status.FAILED, Status.CANCELLED},
     Status.RUNNING: {Status.PASSED, Status.FAILED, Status.CANCELLED},
 }
-
-STATUS_CHECK = "CHECK (status IN ('not_started', 'running', 'passed', 'failed', 'cancelled'))"
-
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS jobs (
-    job TEXT PRIMARY KEY,
-    map TEXT NOT NULL,
-    created TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS runs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id TEXT NOT NULL UNIQUE,
-    job TEXT NOT NULL REFERENCES jobs(job),
-    map TEXT NOT NULL,
-    modules TEXT NOT NULL,
-    force_rerun INTEGER NOT NULL DEFAULT 0,
-    payload TEXT NOT NULL,
-    status TEXT NOT NULL {STATUS_CHECK},
-    submit_time TEXT NOT NULL,
-    start_time TEXT,
-    stop_time TEXT,
-    pid INTEGER,
-    log_path TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS runs_job ON runs(job, seq);
-CREATE INDEX IF NOT EXISTS runs_status ON runs(status, seq);
-CREATE TABLE IF NOT EXISTS executions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id TEXT NOT NULL REFERENCES runs(run_id),
-    job TEXT NOT NULL REFERENCES jobs(job),
-    module TEXT NOT NULL,
-    status TEXT NOT NULL {STATUS_CHECK},
-    start_time TEXT NOT NULL,
-    stop_time TEXT,
-    exit_code INTEGER,
-    log_path TEXT NOT NULL,
-    message TEXT
-);
-CREATE INDEX IF NOT EXISTS executions_job_module ON executions(job, module, id);
-CREATE INDEX IF NOT EXISTS executions_run ON executions(run_id);
-"""
-
-def _add_upload_columns(db) -> None:
-    """1: where a module's data was copied (S3) and how that went."""
-    db.execute("ALTER TABLE executions ADD COLUMN upload_status TEXT"
-               " CHECK (upload_status IN ('uploaded', 'failed'))")
-    db.execute("ALTER TABLE executions ADD COLUMN upload_uri TEXT")
-    db.execute("ALTER TABLE executions ADD COLUMN upload_message TEXT")
-
-
-def _add_cdr_tables(db) -> None:
-    """2: events delivered by the CDR, and what was published to it."""
-    db.execute("""CREATE TABLE cdr_events (
-        event_id TEXT PRIMARY KEY,
-        event TEXT NOT NULL,
-        cog_id TEXT NOT NULL,
-        cog_url TEXT,
-        status TEXT NOT NULL CHECK (status IN
-            ('received', 'downloading', 'submitted', 'failed', 'duplicate')),
-        received TEXT NOT NULL,
-        updated TEXT NOT NULL,
-        run_id TEXT,
-        message TEXT)""")
-    db.execute("CREATE INDEX cdr_events_cog ON cdr_events(cog_id, received)")
-    db.execute("CREATE INDEX cdr_events_run ON cdr_events(run_id)")
-    db.execute("""CREATE TABLE cdr_publications (
-        job TEXT NOT NULL REFERENCES jobs(job),
-        kind TEXT NOT NULL CHECK (kind IN ('features', 'georef')),
-        status TEXT NOT NULL CHECK (status IN ('pending', 'published', 'failed')),
-        result_id TEXT,
-        cdr_job_id TEXT,
-        message TEXT,
-        time TEXT NOT NULL,
-        PRIMARY KEY (job, kind))""")
-
-
-def _allow_skipped_publications(db) -> None:
-    """3: a publication may be `skipped` on purpose (estimated GCPs are never published).
-    SQLite cannot change a CHECK in place: the table is copied into a new one."""
-    db.execute("""CREATE TABLE cdr_publications_new (
-        job TEXT NOT NULL REFERENCES jobs(job),
-        kind TEXT NOT NULL CHECK (kind IN ('features', 'georef')),
-        status TEXT NOT NULL CHECK (status IN ('pending', 'published', 'failed', 'skipped')),
-        result_id TEXT,
-        cdr_job_id TEXT,
-        message TEXT,
-        time TEXT NOT NULL,
-        PRIMARY KEY (job, kind))""")
-    db.execute("INSERT INTO cdr_publications_new SELECT job, kind, status, result_id,"
-               " cdr_job_id, message, time FROM cdr_publications")
-    db.execute("DROP TABLE cdr_publications")
-    db.execute("ALTER TABLE cdr_publications_new RENAME TO cdr_publications")
-
-
-def _add_run_keys(db) -> None:
-    """4: the sealed OpenAI key of a queued run (keystore.py), kept until the run starts."""
-    db.execute("""CREATE TABLE run_keys (
-        run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
-        sealed TEXT NOT NULL)""")
-
-
-def _add_idempotency_keys(db) -> None:
-    """5: the Idempotency-Key of each submission (idempotency.py), kept 24 hours: the HMAC
-    of what was submitted, never the payload or its key, and the run it made (NULL while
-    the first request is still being answered). No foreign key: deleting a run may leave
-    its key behind, which is then forgotten."""
-    db.execute("""CREATE TABLE idempotency_keys (
-        user TEXT NOT NULL,
-        key TEXT NOT NULL,
-        hmac TEXT NOT NULL,
-        run_id TEXT,
-        created TEXT NOT NULL,
-        PRIMARY KEY (user, key))""")
-    db.execute("CREATE INDEX idempotency_keys_created ON idempotency_keys(created)")
-
-
-def _add_deliveries(db) -> None:
-    """6: completion notices (notices.py): one row per run and URL, `waiting` until the run
-    ends, then `pending` until `delivered` or `failed`. The receiver's answer is never kept."""
-    db.execute("""CREATE TABLE deliveries (
-        id TEXT PRIMARY KEY,
-        run_id TEXT NOT NULL,
-        url TEXT NOT NULL,
-        source TEXT NOT NULL CHECK (source IN ('payload', 'server')),
-        state TEXT NOT NULL CHECK (state IN ('waiting', 'pending', 'delivered', 'failed')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_try TEXT,
-        last_error TEXT,
-        created TEXT NOT NULL,
-        updated TEXT NOT NULL)""")
-    db.execute("CREATE INDEX deliveries_state ON deliveries(state, next_try)")
-    db.execute("CREATE INDEX deliveries_run ON deliveries(run_id)")
-
-
-def _add_resources(db) -> None:
-    """7: what each module execution used of the host (gpus.RESOURCE_KEYS), as JSON."""
-    db.execute("ALTER TABLE executions ADD COLUMN resources TEXT")
-
-
-# Numbered migrations after the initial schema: (version, function(db)). Each runs in
-# one transaction with the bump of PRAGMA user_version that records it.
-MIGRATIONS: list = [
-    (1, _add_upload_columns),
-    (2, _add_cdr_tables),
-    (3, _allow_skipped_publications),
-    (4, _add_run_keys),
-    (5, _add_idempotency_keys),
-    (6, _add_deliveries),
-    (7, _add_resources),
-]
-
 
 class JournalError(Exception):
     """A write the journal refuses (unknown row, illegal state change, job bound elsewhere)."""
@@ -245,19 +96,11 @@ class Journal:
         db.execute("COMMIT")
 
     def migrate(self) -> None:
-        """Switch the file to WAL, create the schema and apply pending migrations; a no-op
-        when up to date."""
+        """Switch the file to WAL, create the schema and apply pending migrations
+        (migrations.py); a no-op when up to date."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._use_wal()
-        with self.transaction() as db:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-        for version, apply in MIGRATIONS:
-            with self.transaction() as db:
-                if db.execute("PRAGMA user_version").fetchone()[0] < version:
-                    apply(db)
-                    db.execute(f"PRAGMA user_version = {int(version)}")
+        migrations.apply(self)
 
     def _use_wal(self, tries: int = 100) -> None:
         """WAL is a property of the file, set once. Switching fails at once, without the busy
@@ -648,6 +491,139 @@ class Journal:
         """{kind: row} of what was published to the CDR for a job."""
         rows = self.connect().execute("SELECT * FROM cdr_publications WHERE job = ?", (job,))
         return {r["kind"]: dict(r) for r in rows}
+
+    # ---------------------------------------------------------------- Idempotency-Keys
+
+    def forget_unbound_idempotency_keys(self) -> int:
+        """Delete the keys that have no run yet: their request was being answered when the
+        server stopped, so a retry must be free to make the run. Returns how many."""
+        with self.transaction() as db:
+            return db.execute("DELETE FROM idempotency_keys WHERE run_id IS NULL").rowcount
+
+    def claim_idempotency_key(self, user: str, key: str, digest: str,
+                              expired_before: str) -> dict | None:
+        """Take `key` of `user` for a new submission whose HMAC is `digest` (None), or
+        return the row ({"hmac", "run_id"}) of whoever holds it. In the same transaction,
+        keys created before `expired_before` are forgotten, and so is this key if the run
+        it made was deleted since. BEGIN IMMEDIATE: of two requests with one key, one
+        inserts, the other sees it."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM idempotency_keys WHERE created < ?", (expired_before,))
+            row = db.execute("SELECT hmac, run_id, (SELECT 1 FROM runs r WHERE"
+                             " r.run_id = k.run_id) AS exists_ FROM idempotency_keys k"
+                             " WHERE user = ? AND key = ?", (user, key)).fetchone()
+            if row is not None and row["run_id"] and not row["exists_"]:
+                db.execute("DELETE FROM idempotency_keys WHERE user = ? AND key = ?",
+                           (user, key))
+                row = None
+            if row is None:
+                db.execute("INSERT INTO idempotency_keys (user, key, hmac, run_id, created)"
+                           " VALUES (?, ?, ?, NULL, ?)", (user, key, digest, utcnow()))
+                return None
+            return {"hmac": row["hmac"], "run_id": row["run_id"]}
+
+    def bind_idempotency_key(self, user: str, key: str, run_id: str) -> None:
+        """Record the run a claimed key made: a repeat of its submission answers that run."""
+        with self.transaction() as db:
+            db.execute("UPDATE idempotency_keys SET run_id = ? WHERE user = ? AND key = ?",
+                       (run_id, user, key))
+
+    def free_idempotency_key(self, user: str, key: str) -> None:
+        """Forget a claimed key whose submission made no run, so that a retry may try again."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM idempotency_keys WHERE user = ? AND key = ? AND"
+                       " run_id IS NULL", (user, key))
+
+    # ---------------------------------------------------------------- completion notices
+
+    def add_deliveries(self, run_id: str, targets: list) -> None:
+        """Record, as `waiting` until the run ends, a notice to each (url, source)."""
+        now = utcnow()
+        with self.transaction() as db:
+            for url, source in targets:
+                db.execute("INSERT INTO deliveries (id, run_id, url, source, state, attempts,"
+                           " created, updated) VALUES (?, ?, ?, ?, 'waiting', 0, ?, ?)",
+                           (secrets.token_hex(16), run_id, url, source, now, now))
+
+    def deliveries(self, run_id: str) -> list:
+        """Rows of a run's notices, in the order they were recorded."""
+        rows = self.connect().execute(
+            "SELECT * FROM deliveries WHERE run_id = ? ORDER BY created, source", (run_id,))
+        return [dict(r) for r in rows]
+
+    def deliveries_to_promote(self) -> tuple:
+        """(run ids with `waiting` notices whose run has ended, ids of unsent notices whose
+        run was deleted), without taking the write lock."""
+        db = self.connect()
+        marks = ",".join("?" * len(FINISHED))
+        ended = [r[0] for r in db.execute(
+            "SELECT d.run_id FROM deliveries d JOIN runs r ON r.run_id = d.run_id"
+            f" WHERE d.state = 'waiting' AND r.status IN ({marks})",
+            [s.value for s in FINISHED])]
+        orphans = [r[0] for r in db.execute(
+            "SELECT id FROM deliveries WHERE state IN ('waiting', 'pending')"
+            " AND run_id NOT IN (SELECT run_id FROM runs)")]
+        return list(dict.fromkeys(ended)), orphans
+
+    def promote_deliveries(self, ended_runs: list, orphans: list) -> None:
+        """Make the waiting notices of `ended_runs` due now, and fail the `orphans`
+        (notices of deleted runs), in one transaction."""
+        now = utcnow()
+        with self.transaction() as db:
+            for run_id in ended_runs:
+                db.execute("UPDATE deliveries SET state = 'pending', next_try = ?, updated = ?"
+                           " WHERE run_id = ? AND state = 'waiting'", (now, now, run_id))
+            for delivery_id in orphans:
+                db.execute("UPDATE deliveries SET state = 'failed', last_error = 'the run was"
+                           " deleted', updated = ? WHERE id = ?", (now, delivery_id))
+
+    def due_deliveries(self, limit: int) -> list:
+        """Rows of at most `limit` pending notices due now, the longest due first."""
+        rows = self.connect().execute(
+            "SELECT * FROM deliveries WHERE state = 'pending' AND next_try <= ?"
+            " ORDER BY next_try LIMIT ?", (utcnow(), limit))
+        return [dict(r) for r in rows]
+
+    def next_delivery_time(self) -> str | None:
+        """When the next pending notice is due (utcnow() text), or None without one."""
+        return self.connect().execute(
+            "SELECT MIN(next_try) FROM deliveries WHERE state = 'pending'").fetchone()[0]
+
+    def delivery_failed_attempt(self, delivery_id: str, attempts: int, next_try: str,
+                                error: str) -> None:
+        """Record a failed try of a notice that will be tried again at `next_try`."""
+        with self.transaction() as db:
+            db.execute("UPDATE deliveries SET attempts = ?, next_try = ?, last_error = ?,"
+                       " updated = ? WHERE id = ?",
+                       (attempts, next_try, error, utcnow(), delivery_id))
+
+    def end_delivery(self, delivery_id: str, state: str, error: str | None) -> None:
+        """Record a notice's last try: `delivered`, or `failed` for good with `error`."""
+        with self.transaction() as db:
+            db.execute("UPDATE deliveries SET state = ?, attempts = attempts + 1, next_try ="
+                       " NULL, last_error = ?, updated = ? WHERE id = ?",
+                       (state, error, utcnow(), delivery_id))
+
+    # ---------------------------------------------------------------- metrics (web/metrics.py)
+
+    def last_execution_id(self) -> int:
+        """The highest execution id so far (0 with none)."""
+        return self.connect().execute(
+            "SELECT COALESCE(MAX(id), 0) FROM executions").fetchone()[0]
+
+    def executions_from(self, low: int, ended_since: str) -> list:
+        """(id, module, status, seconds it took or None) of the executions from id `low` on
+        that are running or ended at or after `ended_since`, by id."""
+        return [tuple(r) for r in self.connect().execute(
+            "SELECT id, module, status,"
+            " (julianday(stop_time) - julianday(start_time)) * 86400.0"
+            " FROM executions WHERE id >= ? AND (status = 'running' OR stop_time >= ?)"
+            " ORDER BY id", (low, ended_since))]
+
+    def run_counts(self) -> dict:
+        """{status: how many runs are in it}, for the statuses that have any."""
+        return dict(self.connect().execute(
+            "SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
 
 
 def _run_filter(job: str | None, status: str | None) -> tuple:
