@@ -28,6 +28,7 @@ from datetime import timedelta
 import bottle
 
 from mip import journal
+from mip.errors import JournalUnavailable
 from mip.web.apierror import ApiError
 
 HEADER = "Idempotency-Key"
@@ -79,7 +80,7 @@ class Keys:
             raise
         try:
             self.db.bind_idempotency_key(user, key, run_id)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, JournalUnavailable) as e:
             # the run is made and is the answer; a repeat will find the key still claimed
             log.warning("run %s: its Idempotency-Key could not be recorded: %s", run_id, e)
         return run_id
@@ -115,7 +116,7 @@ class Keys:
     def forget(self, user: str, key: str) -> None:
         try:
             self.db.free_idempotency_key(user, key)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, JournalUnavailable) as e:
             # the refusal being answered says more; the claim goes at the next start
             log.warning("could not free an Idempotency-Key: %s", e)
 

@@ -6,17 +6,22 @@ WAL mode (set by migrate()), every write inside `with journal.transaction() as d
 """
 
 import contextlib
+import functools
 import json
+import logging
 import os
 import secrets
 import sqlite3
 import threading
 import time
+import urllib.parse
 from datetime import UTC
 from datetime import datetime
 from enum import Enum
 
 from mip import migrations
+from mip.errors import JournalUnavailable
+from mip.errors import MipError
 
 
 class Status(str, Enum):
@@ -39,8 +44,26 @@ TRANSITIONS = {
     Status.RUNNING: {Status.PASSED, Status.FAILED, Status.CANCELLED},
 }
 
-class JournalError(Exception):
-    """A write the journal refuses (unknown row, illegal state change, job bound elsewhere)."""
+# How long a write waits for the journal: the server's answer 503 within seconds (a
+# request thread must not wait for minutes), mipper's wait minutes, since a mipper that
+# gives up loses its run's work. busy_timeout is SQLite's wait for the lock in one try.
+BUSY_TIMEOUT = 1.0
+WRITE_FOR = 4.0
+MIPPER_BUSY_TIMEOUT = 30.0
+MIPPER_WRITE_FOR = 15 * 60.0
+MAX_DELAY = 5.0  # the longest pause between two tries of a write
+RETRY_AFTER = 5  # seconds a client is told to wait when the journal cannot be written
+# what a later try may overcome: a lock held elsewhere, a file read-only or failing for
+# a while (a full disk is not among them: it answers 507 at once)
+TRANSIENT = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_READONLY,
+             sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN}
+
+log = logging.getLogger("mip.journal")
+
+
+class JournalError(MipError):
+    """A write the journal refuses (unknown row, illegal state change, job bound elsewhere),
+    or a file that is not the journal this code expects."""
 
 
 def utcnow() -> str:
@@ -65,42 +88,145 @@ def new_run_id() -> str:
     return f"{stamp}-{fraction:06d}-{secrets.token_hex(2)}"
 
 
-class Journal:
-    """The journal file at `path`; safe to share between threads (one connection each)."""
+def _retried(method):
+    """A Journal write method, tried again as Journal.retried() says."""
+    @functools.wraps(method)
+    def write(self, *args, **kwargs):
+        return self.retried(lambda: method(self, *args, **kwargs))
+    return write
 
-    def __init__(self, path: str):
+
+class Journal:
+    """The journal file at `path`; safe to share between threads (one connection each).
+
+    A write that meets a locked, read-only or failing file is tried again, with a wait
+    that doubles up to `write_for` seconds in all, each try waiting up to `busy_timeout`
+    for the lock; then it raises JournalUnavailable. The server keeps both short, so that
+    a request is answered 503 in seconds; mipper takes minutes (MIPPER_* below), since
+    giving up loses a run's work. The file is never made anew while in use: only
+    migrate() creates it, and once opened, a write or check_file() on a path that was
+    deleted or replaced raises JournalUnavailable naming it.
+    """
+
+    def __init__(self, path: str, busy_timeout: float = BUSY_TIMEOUT,
+                 write_for: float = WRITE_FOR):
         self.path = path
+        self.busy_timeout = busy_timeout
+        self.write_for = write_for
+        self.identity = None  # (st_dev, st_ino) of the file first opened
         self._local = threading.local()
 
-    def connect(self) -> sqlite3.Connection:
-        """This thread's connection, opened on first use (and again in a forked child)."""
+    def connect(self, create: bool = False) -> sqlite3.Connection:
+        """This thread's connection, opened on first use (and again in a forked child).
+        Raises JournalUnavailable when the file is gone (unless `create`)."""
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
-            local.db = sqlite3.connect(self.path, timeout=5, isolation_level=None,
-                                       check_same_thread=False)
-            local.db.row_factory = sqlite3.Row
-            local.db.execute("PRAGMA foreign_keys=ON")
-            local.pid = os.getpid()
+            mode = "rwc" if create else "rw"
+            uri = f"file:{urllib.parse.quote(os.path.abspath(self.path))}?mode={mode}"
+            try:
+                db = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout,
+                                     isolation_level=None, check_same_thread=False)
+            except sqlite3.OperationalError as e:
+                raise self.unavailable(str(e)) from None
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA foreign_keys=ON")
+            if self.identity is None:
+                st = os.stat(self.path)
+                self.identity = (st.st_dev, st.st_ino)
+            local.db, local.pid = db, os.getpid()
         return local.db
+
+    def check_file(self) -> None:
+        """Raises JournalUnavailable if the file opened first was deleted or replaced since:
+        this process's connections would go on writing to the old one."""
+        if self.identity is None:
+            return
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise JournalUnavailable(
+                f"the journal {self.path} was deleted while in use; put it back (or move "
+                "the data away) and restart the server: it is never made anew while running",
+                retry_after=RETRY_AFTER) from None
+        if (st.st_dev, st.st_ino) != self.identity:
+            raise JournalUnavailable(
+                f"the journal {self.path} was replaced by another file while in use; restart "
+                "the server to use the new one", retry_after=RETRY_AFTER)
+
+    def unavailable(self, why: str) -> JournalUnavailable:
+        return JournalUnavailable(f"the journal {self.path} cannot be written now ({why}); "
+                                  f"try again in {RETRY_AFTER} s", retry_after=RETRY_AFTER)
 
     @contextlib.contextmanager
     def transaction(self):
-        """`BEGIN IMMEDIATE` ... `COMMIT`, rolled back on any exception."""
+        """`BEGIN IMMEDIATE` ... `COMMIT`, rolled back on any exception (a failed COMMIT
+        too: a connection left inside a transaction could never write again)."""
         db = self.connect()
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    self.close()  # unusable: the next use opens a new one
             raise
-        db.execute("COMMIT")
+
+    def retried(self, write):
+        """`write()` (which makes its own transaction), tried again while the file is
+        locked, read-only or failing, for up to `write_for` seconds. Raises
+        JournalUnavailable past that, or when the file was deleted or replaced."""
+        deadline = time.monotonic() + self.write_for
+        delay = 0.02
+        while True:
+            self.check_file()
+            try:
+                return write()
+            except sqlite3.OperationalError as e:
+                code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+                if code not in TRANSIENT:
+                    raise
+                if code != sqlite3.SQLITE_BUSY:
+                    # a connection opened while the file was read-only stays so: reopen
+                    self.close()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("journal %s: a write failed for %.0f s: %s", self.path,
+                                self.write_for, e)
+                    raise self.unavailable(str(e)) from None
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, MAX_DELAY)
 
     def migrate(self) -> None:
-        """Switch the file to WAL, create the schema and apply pending migrations
-        (migrations.py); a no-op when up to date."""
+        """Create the file if need be, switch it to WAL, create the schema and apply pending
+        migrations (migrations.py); a no-op when up to date. Raises JournalError for a file
+        that is not a journal (corrupt, truncated), naming it and SQLite's reason."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._use_wal()
-        migrations.apply(self)
+        try:
+            self.connect(create=True)
+            self._use_wal()
+            self.retried(lambda: migrations.apply(self))
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise JournalError(f"{self.path}: not a usable journal: {e}") from None
+
+    def version(self) -> int:
+        """The migration the file has had (PRAGMA user_version), read without a write."""
+        return self.connect().execute("PRAGMA user_version").fetchone()[0]
+
+    def check_version(self) -> None:
+        """Raises JournalError unless the file has exactly the migrations this code
+        expects: what a mipper started by the server checks, since the server migrated."""
+        try:
+            found = self.version()
+        except sqlite3.DatabaseError as e:
+            raise JournalError(f"{self.path}: not a usable journal: {e}") from None
+        if found != migrations.VERSION:
+            raise JournalError(f"{self.path} is at version {found}, this mipper expects "
+                               f"{migrations.VERSION}: the server that started it runs "
+                               "other code; restart the server")
 
     def _use_wal(self, tries: int = 100) -> None:
         """WAL is a property of the file, set once. Switching fails at once, without the busy
@@ -127,6 +253,7 @@ class Journal:
 
     # ---------------------------------------------------------------- runs and jobs
 
+    @_retried
     def create_run(self, job: str, map_name: str, modules: list, force_rerun: bool,
                    payload: dict, logs_dir: str, sealed_key: str | None = None) -> str:
         """Record a new `not_started` run, binding the job to its map on its first run;
@@ -163,11 +290,19 @@ class Journal:
                                      (run_id,)).fetchone()
         return row and row[0]
 
+    def runs_with_sealed_keys(self) -> list:
+        """Ids of the runs that keep a sealed OpenAI key (queued ones), oldest first."""
+        return [r[0] for r in self.connect().execute(
+            "SELECT k.run_id FROM run_keys k JOIN runs r ON r.run_id = k.run_id"
+            " ORDER BY r.seq")]
+
+    @_retried
     def forget_run_key(self, run_id: str) -> None:
         """Delete a run's sealed key (it started, was cancelled or ended)."""
         with self.transaction() as db:
             db.execute("DELETE FROM run_keys WHERE run_id = ?", (run_id,))
 
+    @_retried
     def set_run_status(self, run_id: str, status: Status, pid: int | None = None) -> bool:
         """Move a run to `status`, stamping start or stop time; False if the move is illegal."""
         with self.transaction() as db:
@@ -186,6 +321,7 @@ class Journal:
                            (status.value, now, now, run_id))
         return True
 
+    @_retried
     def set_run_pid(self, run_id: str, pid: int) -> None:
         """Record the run's mipper process, so that a restarted server can find it."""
         with self.transaction() as db:
@@ -276,6 +412,7 @@ class Journal:
 
     # ---------------------------------------------------------------- module executions
 
+    @_retried
     def start_execution(self, run_id: str, job: str, module: str, log_path: str) -> int:
         """Record a module starting to run; returns the execution id."""
         with self.transaction() as db:
@@ -284,6 +421,7 @@ class Journal:
                 " VALUES (?, ?, ?, 'running', ?, ?)", (run_id, job, module, utcnow(), log_path))
             return cur.lastrowid
 
+    @_retried
     def finish_execution(self, exec_id: int, status: Status, exit_code: int | None,
                          message: str | None, resources: dict | None = None) -> bool:
         """Record how a module execution ended (and what it used of the host); False if
@@ -296,6 +434,7 @@ class Journal:
                  None if resources is None else json.dumps(resources), exec_id))
             return cur.rowcount == 1
 
+    @_retried
     def set_execution_progress(self, exec_id: int, message: str | None,
                                resources: dict | None = None, started: bool = False) -> None:
         """A running execution's message (such as "waiting for a GPU") and, when given, what
@@ -308,12 +447,14 @@ class Journal:
                        (message, None if resources is None else json.dumps(resources),
                         started, utcnow(), exec_id))
 
+    @_retried
     def set_upload(self, exec_id: int, status: str, uri: str, message: str | None) -> None:
         """Record the outcome of copying an execution's data to S3."""
         with self.transaction() as db:
             db.execute("UPDATE executions SET upload_status = ?, upload_uri = ?,"
                        " upload_message = ? WHERE id = ?", (status, uri, message, exec_id))
 
+    @_retried
     def end_running_executions(self, run_id: str, status: Status, message: str) -> int:
         """Mark the run's running modules `status` (cancel, lost process); returns how many."""
         with self.transaction() as db:
@@ -367,6 +508,7 @@ class Journal:
             (job,)).fetchone()
         return row is not None
 
+    @_retried
     def reset_module(self, job: str, module: str, why: str, forget_upload: bool) -> int:
         """The module's outputs are gone: its latest execution, and every one that passed,
         become `not_started` (with `why` as message), so that no record says it passed and
@@ -382,6 +524,7 @@ class Journal:
                 (why, job, module, job, module))
             return cur.rowcount
 
+    @_retried
     def delete_job(self, job: str) -> list:
         """Delete the job, its runs and every row that refers to them; the runs' log paths."""
         with self.transaction() as db:
@@ -399,6 +542,7 @@ class Journal:
             " FROM executions WHERE job = e.job AND module = e.module))"
             " FROM runs r WHERE r.run_id = ?", (run_id,)).fetchone()[0])
 
+    @_retried
     def delete_run(self, run_id: str) -> None:
         """Delete a run and every row that refers to it (its executions, its key)."""
         with self.transaction() as db:
@@ -438,6 +582,7 @@ class Journal:
 
     # ---------------------------------------------------------------- CDR events
 
+    @_retried
     def add_event(self, event_id: str, event: str, cog_id: str, cog_url: str | None,
                   status: str, message: str | None = None) -> bool:
         """Record a delivered event; False if an event with this id was recorded before."""
@@ -449,6 +594,7 @@ class Journal:
                 (event_id, event, cog_id, cog_url, status, now, now, message))
             return cur.rowcount == 1
 
+    @_retried
     def set_event(self, event_id: str, status: str, run_id: str | None = None,
                   message: str | None = None) -> None:
         with self.transaction() as db:
@@ -480,6 +626,7 @@ class Journal:
             (cog_id,)).fetchone()
         return row is not None
 
+    @_retried
     def set_publication(self, job: str, kind: str, status: str, result_id: str | None = None,
                         cdr_job_id: str | None = None, message: str | None = None) -> None:
         with self.transaction() as db:
@@ -494,12 +641,14 @@ class Journal:
 
     # ---------------------------------------------------------------- Idempotency-Keys
 
+    @_retried
     def forget_unbound_idempotency_keys(self) -> int:
         """Delete the keys that have no run yet: their request was being answered when the
         server stopped, so a retry must be free to make the run. Returns how many."""
         with self.transaction() as db:
             return db.execute("DELETE FROM idempotency_keys WHERE run_id IS NULL").rowcount
 
+    @_retried
     def claim_idempotency_key(self, user: str, key: str, digest: str,
                               expired_before: str) -> dict | None:
         """Take `key` of `user` for a new submission whose HMAC is `digest` (None), or
@@ -522,12 +671,14 @@ class Journal:
                 return None
             return {"hmac": row["hmac"], "run_id": row["run_id"]}
 
+    @_retried
     def bind_idempotency_key(self, user: str, key: str, run_id: str) -> None:
         """Record the run a claimed key made: a repeat of its submission answers that run."""
         with self.transaction() as db:
             db.execute("UPDATE idempotency_keys SET run_id = ? WHERE user = ? AND key = ?",
                        (run_id, user, key))
 
+    @_retried
     def free_idempotency_key(self, user: str, key: str) -> None:
         """Forget a claimed key whose submission made no run, so that a retry may try again."""
         with self.transaction() as db:
@@ -536,6 +687,7 @@ class Journal:
 
     # ---------------------------------------------------------------- completion notices
 
+    @_retried
     def add_deliveries(self, run_id: str, targets: list) -> None:
         """Record, as `waiting` until the run ends, a notice to each (url, source)."""
         now = utcnow()
@@ -565,6 +717,7 @@ class Journal:
             " AND run_id NOT IN (SELECT run_id FROM runs)")]
         return list(dict.fromkeys(ended)), orphans
 
+    @_retried
     def promote_deliveries(self, ended_runs: list, orphans: list) -> None:
         """Make the waiting notices of `ended_runs` due now, and fail the `orphans`
         (notices of deleted runs), in one transaction."""
@@ -589,6 +742,7 @@ class Journal:
         return self.connect().execute(
             "SELECT MIN(next_try) FROM deliveries WHERE state = 'pending'").fetchone()[0]
 
+    @_retried
     def delivery_failed_attempt(self, delivery_id: str, attempts: int, next_try: str,
                                 error: str) -> None:
         """Record a failed try of a notice that will be tried again at `next_try`."""
@@ -597,6 +751,7 @@ class Journal:
                        " updated = ? WHERE id = ?",
                        (attempts, next_try, error, utcnow(), delivery_id))
 
+    @_retried
     def end_delivery(self, delivery_id: str, state: str, error: str | None) -> None:
         """Record a notice's last try: `delivered`, or `failed` for good with `error`."""
         with self.transaction() as db:

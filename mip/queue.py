@@ -33,6 +33,7 @@ from mip.catalogue import module_runner
 from mip.errors import DiskFull
 from mip.errors import Invalid
 from mip.errors import JobBoundToOtherMap
+from mip.errors import JournalUnavailable
 from mip.errors import NotFound
 from mip.errors import QueueFull
 from mip.errors import UsageError
@@ -164,7 +165,7 @@ class RunQueue:
                 return
             try:
                 queued = self.db.waiting_runs()
-            except sqlite3.Error as e:
+            except (sqlite3.Error, JournalUnavailable) as e:
                 log.error("cannot read the queue (%s); trying again in %d s", e, RETRY_START)
                 self.dispatch_later()
                 return
@@ -232,7 +233,7 @@ class RunQueue:
         try:
             self.db.forget_run_key(run_id)
             self.db.set_run_pid(run_id, proc.pid)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, JournalUnavailable) as e:
             # mipper records its pid itself; the key goes when the run's end is recorded
             log.error("run %s: cannot record its start yet: %s", run_id, e)
 
@@ -267,7 +268,7 @@ class RunQueue:
         pid = self.running.get(run_id, (None, None))[1]
         try:
             recorded = self.db.run(run_id)["status"] in (Status.PASSED, Status.FAILED)
-        except sqlite3.Error:
+        except (sqlite3.Error, JournalUnavailable):
             recorded = False
         if not recorded:
             self.stop_leftovers(run_id, pid)
