@@ -385,6 +385,28 @@ class RunQueue:
             self.stopping = True
 
 
+def journal_warnings(settings, db: journal.Journal, key_file_found: bool) -> list:
+    """What start-up finds amiss between the journal and the disk, one line each: a journal
+    without jobs while job folders are on disk (it was lost or replaced), and OpenAI keys
+    sealed under a key file that was missing (made anew, it cannot open them)."""
+    found = []
+    if db.count_jobs() == 0:
+        try:
+            folders = [e for e in os.scandir(settings.outputs_dir) if e.is_dir()]
+        except OSError:
+            folders = []
+        if folders:
+            found.append(f"the journal {db.path} holds no jobs, but {len(folders)} jobs' "
+                         f"folders are on disk in {settings.outputs_dir}: was the journal "
+                         "lost or replaced? This server knows none of their runs")
+    sealed = db.runs_with_sealed_keys() if not key_file_found else []
+    if sealed:
+        found.append(f"the key file {settings.key_file} was missing and is made anew, but the "
+                     f"journal holds OpenAI keys sealed under the old one: {len(sealed)} "
+                     f"queued runs will fail when they start: {' '.join(sealed)}")
+    return found
+
+
 def insufficient_storage(why: str) -> DiskFull:
     return DiskFull(f"{why}; no run can start until space is freed on the server")
 
