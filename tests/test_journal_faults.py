@@ -190,3 +190,15 @@ def test_start_warns_of_runs_whose_sealed_key_the_new_key_file_cannot_open(zero_
     [warning] = queue.journal_warnings(settings, db, key_file_found=False)
     assert keyed in warning and settings.key_file in warning and "1 queued run" in warning
     db.close()
+
+
+def test_the_server_logs_the_start_warnings(zero_env):
+    """main() logs what journal_warnings() finds, after its port line."""
+    for job in ("j1", "j2"):
+        os.makedirs(os.path.join(zero_env["TA1_OUTPUTS_DIR"], job, "first"))
+    srv = Server(zero_env).start()
+    try:
+        wait_for(lambda: "2 jobs' folders" in srv.output(), timeout=10)
+        assert "WARNING" in next(line for line in srv.lines if "2 jobs' folders" in line)
+    finally:
+        srv.stop()
