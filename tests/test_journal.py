@@ -150,3 +150,35 @@ def test_a_corrupt_file_is_refused_in_one_line_naming_it(tmp_path):
         journal.Journal(str(path)).migrate()
     assert str(path) in str(e.value) and "not a database" in str(e.value)
     assert "\n" not in str(e.value)
+
+
+def test_the_notice_and_metrics_methods_keep_their_rows(tmp_path):
+    """notices.py and web/metrics.py reach these tables only through these methods."""
+    db = new_journal(tmp_path)
+    run_id = db.create_run("j", "m", ["a"], False, {}, str(tmp_path))
+    gone = db.create_run("k", "m", ["a"], False, {}, str(tmp_path))
+    db.add_deliveries(run_id, [("http://a.example/", "payload"), ("http://b.example", "server")])
+    db.add_deliveries(gone, [("http://a.example/", "payload")])
+    assert [d["state"] for d in db.deliveries(run_id)] == ["waiting", "waiting"]
+    assert db.deliveries_to_promote() == ([], [])
+    db.delete_run(gone)  # its notice goes with it (_delete_run_mentions)
+    assert db.deliveries(gone) == []
+    db.set_run_status(run_id, journal.Status.FAILED)
+    ended, orphans = db.deliveries_to_promote()
+    assert (ended, orphans) == ([run_id], [])
+    db.promote_deliveries(ended, orphans)
+    due = db.due_deliveries(10)
+    assert [d["url"] for d in due] == ["http://a.example/", "http://b.example"]
+    assert db.next_delivery_time() == min(d["next_try"] for d in due)
+    db.delivery_failed_attempt(due[0]["id"], 1, "2999-01-01T00:00:00.000Z", "answered 500")
+    db.end_delivery(due[1]["id"], "delivered", None)
+    rows = {d["id"]: d for d in db.deliveries(run_id)}
+    assert (rows[due[0]["id"]]["attempts"], rows[due[0]["id"]]["last_error"]) == (1, "answered 500")
+    assert (rows[due[1]["id"]]["state"], rows[due[1]["id"]]["attempts"]) == ("delivered", 1)
+    assert db.due_deliveries(10) == []
+    exec_id = db.start_execution(run_id, "j", "a", str(tmp_path / "a.log"))
+    assert db.last_execution_id() == exec_id
+    [(found, module, status, seconds)] = db.executions_from(0, "2000-01-01T00:00:00.000Z")
+    assert (found, module, status, seconds) == (exec_id, "a", "running", None)
+    assert db.run_counts() == {"failed": 1}
+    db.close()
