@@ -1,8 +1,11 @@
 """The SQLite journal of runs, jobs and module executions, shared by mip_server.py and mipper.py.
 
-Not run directly: `journal.Journal(path).migrate()` creates or upgrades the file.
-One connection per thread and per process (luigi forks a process per task), the file in
-WAL mode (set by migrate()), every write inside `with journal.transaction() as db:`.
+Not run directly: `journal.Journal(path).migrate()` creates or upgrades the file (the schema
+and its migrations are in migrations.py). ALL the project's SQL on the journal is here: the
+idempotency keys, completion notices and metrics queries too, as methods named for what
+they do. One connection per thread and per process (luigi forks a process per task), the
+file in WAL mode (set by migrate()), every write a method that runs inside
+`with self.transaction() as db:` and is tried again (retried()) while the file is locked.
 """
 
 import contextlib
