@@ -250,6 +250,22 @@ def payload(job: str, *modules: str, **extra) -> dict:
     return {"job": job, "modules": list(modules), "map": MAP, **extra}
 
 
+def hold_file(env: dict, job: str, name: str = "hold") -> str:
+    """A file under the job's temp folder (the only place an extra switch may name, and
+    one mipper leaves alone) for `["--hold", path]`: the module waits while it exists, so
+    a test holds a module running exactly until it calls release(path)."""
+    path = os.path.join(env["TA1_TEMPS_DIR"], job, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").close()
+    return path
+
+
+def release(path: str) -> None:
+    """Let a module held by `--hold path` go on."""
+    if os.path.exists(path):
+        os.remove(path)
+
+
 def free_port() -> int:
     import socket
 
