@@ -1,6 +1,8 @@
 """Fixtures: a private set of data folders with the sample map, mipper as a subprocess,
-and the real server (waitress on a free loopback port) with bounded waits."""
+the real server (waitress on a free loopback port) with bounded waits, and the same app
+called in process (`inproc`) for tests that need no process and no socket."""
 
+import io
 import os
 import re
 import secrets
@@ -10,9 +12,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 import pytest
 import requests
+from requests.structures import CaseInsensitiveDict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -176,6 +180,123 @@ def server(server_env):
     yield srv
     srv.stop()
     kill_leftover_runs(server_env)
+
+
+class AppClient:
+    """mip_server.make_app(cfg, db, queue) called as a WSGI app in process, as bottle's own
+    tests and sapporo's TestClient(create_app()) do: no subprocess, no socket. Requests are
+    prepared by requests itself and the answers are requests.Response objects, so a test
+    reads them as it reads the real server's. What waitress adds around the app (the request
+    log, its own limits) is not here: tests of those keep the real server."""
+
+    url = "http://127.0.0.1:8080"  # what the app sees as its address (Host, Origin checks)
+
+    def __init__(self, env: dict):
+        import mip_server
+
+        self.env = env
+        self.user = env.get("MIP_USER")
+        self.password = env.get("MIP_PASSWORD")
+        self.cfg = mip_server.Config.from_env(env)
+        self.cfg.settings.make_dirs()
+        self.db = journal.Journal(self.cfg.settings.journal_path)
+        self.db.migrate()
+        self.queue = mip_server.RunQueue(self.cfg, self.db, env)
+        self.app = mip_server.make_app(self.cfg, self.db, self.queue)
+        self.session = requests.Session()
+
+    @property
+    def auth(self):
+        return (self.user, self.password)
+
+    def request(self, method: str, path: str, remote_addr: str = "127.0.0.1",
+                **kw) -> requests.Response:
+        """requests.request(method, url + path, **kw) as the app answers it, sent from
+        `remote_addr`."""
+        kw.setdefault("auth", self.auth)
+        for unused in ("timeout", "stream", "allow_redirects", "verify"):
+            kw.pop(unused, None)
+        prepared = self.session.prepare_request(requests.Request(method, self.url + path, **kw))
+        return self.call(prepared, remote_addr)
+
+    def call(self, prepared: requests.PreparedRequest, remote_addr: str) -> requests.Response:
+        url = urllib.parse.urlsplit(prepared.url)
+        body = prepared.body or b""
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        environ = {
+            "REQUEST_METHOD": prepared.method, "SCRIPT_NAME": "",
+            # PEP 3333: the percent-decoded path's bytes, as latin-1 (what waitress gives)
+            "PATH_INFO": urllib.parse.unquote_to_bytes(url.path).decode("latin-1"),
+            "QUERY_STRING": url.query, "SERVER_NAME": url.hostname,
+            "SERVER_PORT": str(url.port), "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": remote_addr, "HTTP_HOST": url.netloc,
+            "wsgi.version": (1, 0), "wsgi.url_scheme": url.scheme,
+            "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+        }
+        for name, value in prepared.headers.items():
+            key = name.upper().replace("-", "_")
+            if isinstance(value, bytes):  # requests sends bytes as they are; WSGI has latin-1
+                value = value.decode("latin-1")
+            if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                environ[key] = value
+            else:
+                environ["HTTP_" + key] = value
+        if body and "CONTENT_LENGTH" not in environ:
+            environ["CONTENT_LENGTH"] = str(len(body))
+        started = {}
+
+        def start_response(status, headers, exc_info=None):
+            started["status"], started["headers"] = status, headers
+
+        out = self.app(environ, start_response)
+        try:
+            content = b"".join(out)
+        finally:
+            if hasattr(out, "close"):
+                out.close()
+        resp = requests.Response()
+        code, _, reason = started["status"].partition(" ")
+        resp.status_code, resp.reason = int(code), reason
+        headers = CaseInsensitiveDict()
+        for name, value in started["headers"]:
+            # repeated headers are joined, as urllib3 gives them to requests
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        resp.headers = headers
+        resp._content = b"" if prepared.method == "HEAD" else content
+        resp.encoding = requests.utils.get_encoding_from_headers(headers)
+        resp.url, resp.request = prepared.url, prepared
+        return resp
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, **kw) -> requests.Response:
+        return self.request("POST", path, **kw)
+
+    def delete(self, path: str, **kw) -> requests.Response:
+        return self.request("DELETE", path, **kw)
+
+    wait_run = Server.wait_run
+
+    def close(self) -> None:
+        """Start no more runs, kill those still going and let the queue's watchers record
+        their ends before the journal closes under them."""
+        self.queue.stop()
+        kill_leftover_runs(self.env)
+        wait_for(lambda: not self.queue.running, timeout=30)
+        self.session.close()
+        self.db.close()
+
+
+@pytest.fixture
+def inproc(server_env):
+    """The app in process over fresh data folders, closed after the test (with any run
+    processes it started)."""
+    client = AppClient(server_env)
+    yield client
+    client.close()
 
 
 def kill_leftover_runs(env: dict) -> None:
