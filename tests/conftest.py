@@ -27,6 +27,8 @@ import sample_map  # noqa: E402
 from mip import journal  # noqa: E402
 
 MAP = "WY_CO_Peach"
+# the zero-work catalogue: the real graph and options, modules that only write their outputs
+ZERO_CONFIG = os.path.join(ROOT, "tests", "config.yml")
 FINISHED = ("passed", "failed", "cancelled")
 
 
@@ -64,6 +66,12 @@ def mip_env(tmp_path, sample_tif):
     })
     add_map(env, MAP, sample_tif)
     return env
+
+
+def zero_work(env: dict) -> dict:
+    """`env` with the zero-work catalogue, for tests of the API and the journal's state,
+    not of what a module computes."""
+    return dict(env, MIP_CONFIG=ZERO_CONFIG)
 
 
 def add_map(env: dict, name: str, source: str) -> str:

@@ -9,10 +9,19 @@ import re
 import pytest
 from conftest import payload
 from conftest import wait_for
+from conftest import zero_work
 
 from mip import journal
 from mip.web import console
 from mip.web import guards
+
+
+@pytest.fixture
+def mip_env(mip_env):
+    """The zero-work catalogue (tests/config.yml): these tests check the API and the
+    journal's state, not what a module computes."""
+    return zero_work(mip_env)
+
 
 HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 

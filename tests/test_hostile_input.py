@@ -20,11 +20,20 @@ from conftest import kill_leftover_runs
 from conftest import mipper
 from conftest import payload
 from conftest import wait_for
+from conftest import zero_work
 
 import mipper as mipper_lib
 from mip import journal
 from mip import sanitize
 from mip.journal import Status
+
+
+@pytest.fixture
+def mip_env(mip_env):
+    """The zero-work catalogue (tests/config.yml): these tests check the API and the
+    journal's state, not what a module computes."""
+    return zero_work(mip_env)
+
 
 NESTED = b"[" * 1000 + b"]" * 1000  # 2 KB, 1,000 levels
 FAKE = "2026-11-29 07:00:00,000 INFO run FAKE passed"

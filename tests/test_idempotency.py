@@ -18,8 +18,17 @@ from conftest import ROOT
 from conftest import Server
 from conftest import kill_leftover_runs
 from conftest import payload
+from conftest import zero_work
 
 import mip_server
+
+
+@pytest.fixture
+def mip_env(mip_env):
+    """The zero-work catalogue (tests/config.yml): these tests check the API and the
+    journal's state, not what a module computes."""
+    return zero_work(mip_env)
+
 
 CLIENT = os.path.join(ROOT, "mip_client.py")
 SECRET = "sk-idempotency-test-NEVER-STORED-41c9"

@@ -16,6 +16,7 @@ from conftest import ROOT
 from conftest import Server
 from conftest import kill_leftover_runs
 from conftest import payload
+from conftest import zero_work
 
 import mip_server
 from mip import journal
@@ -23,6 +24,14 @@ from mip.catalogue import NAME_RE
 from mip.catalogue import check_name
 from mip.errors import UsageError
 from mip.settings import Settings
+
+
+@pytest.fixture
+def mip_env(mip_env):
+    """The zero-work catalogue (tests/config.yml): these tests check the API and the
+    journal's state, not what a module computes."""
+    return zero_work(mip_env)
+
 
 FUZZ_CONFIG = os.path.join(ROOT, "tests", "schemathesis.toml")
 # 503 and 507 are declared answers, but out of reach here: the fuzzer would take them for
