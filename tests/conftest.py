@@ -52,7 +52,12 @@ def sample_tif(tmp_path_factory):
 def mip_env(tmp_path, sample_tif):
     """Environment variables for mipper and the server, with folders under tmp_path and
     the sample map in place."""
-    data = tmp_path / "data"
+    return data_env(tmp_path, sample_tif)
+
+
+def data_env(base, sample_tif: str) -> dict:
+    """mip_env's variables, with the data folders under `base`."""
+    data = base / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MIP_", "TA1_"))}
     env.update({
         "TA1_INPUTS_DIR": str(data / "inputs"),
@@ -181,13 +186,34 @@ def server_env(mip_env):
 
 
 @pytest.fixture
-def server(server_env):
-    """The real server on a free loopback port, stopped after the test (with any run
-    processes it left behind)."""
+def fresh_server(server_env):
+    """The real server on a free loopback port, its own for one test (restarts, kills, full
+    disks, its environment, GPUs), stopped after the test with any run processes it left
+    behind."""
     srv = Server(server_env).start()
     yield srv
     srv.stop()
     kill_leftover_runs(server_env)
+
+
+@pytest.fixture
+def server(fresh_server):
+    """fresh_server, under the name most test files use; a file whose tests each keep to
+    their own job names overrides it with shared_server."""
+    return fresh_server
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory, sample_tif):
+    """One real server for all the tests of a module, each with its own job names: a start
+    and stop (about 1.3 s of interpreter and imports) per module, not per test. On the
+    zero-work catalogue: sharing is for API and state tests."""
+    env = dict(zero_work(data_env(tmp_path_factory.mktemp("shared"), sample_tif)),
+               MIP_USER="tester", MIP_PASSWORD=secrets.token_urlsafe(12))
+    srv = Server(env).start()
+    yield srv
+    srv.stop()
+    kill_leftover_runs(env)
 
 
 class AppClient:

@@ -48,6 +48,12 @@ def follow(server, path: str, until, timeout: float = 120) -> tuple:
     raise AssertionError(f"{path} still growing after {timeout} s")
 
 
+@pytest.fixture
+def server(shared_server):
+    """One server for the file: each test follows runs of its own job."""
+    return shared_server
+
+
 def sleeping_run(server, job: str, seconds: int = 6, module: str = "map_crop",
                  hold: str | None = None) -> str:
     """A run of `module`, slept `seconds` or, given `hold`, held until release(hold)."""
