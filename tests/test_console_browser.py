@@ -22,6 +22,8 @@ from conftest import wait_for
 os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
 sync_api = pytest.importorskip("playwright.sync_api")
 
+pytestmark = pytest.mark.browser
+
 CHROMIUM = "/usr/bin/chromium"
 RESULTS = os.path.join(ROOT, "test-results")
 SCREENSHOT = os.path.join(ROOT, "docs", "console-run.png")
