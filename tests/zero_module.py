@@ -34,6 +34,8 @@ def main(argv=None) -> int:
                 os.makedirs(path, exist_ok=True)
         log.info("%s: wrote %d outputs, doing nothing else", args.zero_name,
                  len(args.zero_outputs))
+        # as the legend_item_description stand-in does: whether the key reached it, never it
+        log.info("OPENAI_API_KEY is %s", "set" if os.environ.get("OPENAI_API_KEY") else "not set")
 
     return common.run(args.zero_name, args, args.zero_folder,
                       os.path.join(args.zero_folder, "run.log"), work)
