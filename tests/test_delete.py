@@ -123,38 +123,38 @@ def test_delete_a_run_keeps_the_job_state(server):
     assert f"deleted run {old}" in server.output()
 
 
-def test_every_delete_is_refused_while_a_run_of_the_job_is_running(inproc):
-    done = passed_run(inproc, "busy", "georeference")["run_id"]
-    passed_run(inproc, "busy", "georeference", force_rerun=True)
-    run = ok(inproc.post("/runs", json=payload("busy", "map_crop",
+def test_every_delete_is_refused_while_a_run_of_the_job_is_running(server):
+    done = passed_run(server, "busy", "georeference")["run_id"]
+    passed_run(server, "busy", "georeference", force_rerun=True)
+    run = ok(server.post("/runs", json=payload("busy", "map_crop",
                                                 extra_switches=slow("map_crop", 30))))
-    wait_for(lambda: inproc.get(f"/runs/{run['run_id']}").json()["module_status"].get(
+    wait_for(lambda: server.get(f"/runs/{run['run_id']}").json()["module_status"].get(
         "map_crop") == "running", 90, 0.2)
     for path in ("/jobs/busy", "/jobs/busy/georeference", "/jobs/busy?s3=1",
                  f"/runs/{done}"):
-        body = error(delete(inproc, path), 409, "job_busy")
+        body = error(delete(server, path), 409, "job_busy")
         assert "cancel" in body["message"]
     # the running job's files are all still there
     for module in ("georeference", "map_crop"):
-        assert os.path.isdir(paths(inproc.env, "busy", module)["temps"])
-    assert os.path.exists(paths(inproc.env, "busy", "georeference")["outputs"])
-    ok(inproc.post(f"/runs/{run['run_id']}/cancel"))
-    inproc.wait_run(run["run_id"])
-    wait_for(lambda: delete(inproc, "/jobs/busy").status_code == 200, 60, 0.5)
+        assert os.path.isdir(paths(server.env, "busy", module)["temps"])
+    assert os.path.exists(paths(server.env, "busy", "georeference")["outputs"])
+    ok(server.post(f"/runs/{run['run_id']}/cancel"))
+    server.wait_run(run["run_id"])
+    wait_for(lambda: delete(server, "/jobs/busy").status_code == 200, 60, 0.5)
 
 
-def test_bad_names_and_queries_are_refused(inproc):
-    passed_run(inproc, "names", "georeference")
-    error(delete(inproc, "/jobs/names?s3=2"), 400, "bad_query")
-    error(delete(inproc, "/jobs/.names"), 400, "bad_job_name")
-    error(delete(inproc, "/jobs/names/.georeference"), 400, "bad_module_name")
-    error(delete(inproc, "/jobs/names/..%2f..%2fx"), 404, "not_found")
-    error(delete(inproc, "/jobs/names/nosuch"), 404, "unknown_module")
-    error(delete(inproc, "/jobs/names/map_crop"), 404, "module_not_run")
-    error(delete(inproc, "/runs/nosuch"), 404, "unknown_run")
-    error(delete(inproc, "/jobs/nosuch"), 404, "unknown_job")
-    error(delete(inproc, "/jobs/names", auth=None), 401)
-    assert inproc.get("/jobs/names").status_code == 200
+def test_bad_names_and_queries_are_refused(server):
+    passed_run(server, "names", "georeference")
+    error(delete(server, "/jobs/names?s3=2"), 400, "bad_query")
+    error(delete(server, "/jobs/.names"), 400, "bad_job_name")
+    error(delete(server, "/jobs/names/.georeference"), 400, "bad_module_name")
+    error(delete(server, "/jobs/names/..%2f..%2fx"), 404, "not_found")
+    error(delete(server, "/jobs/names/nosuch"), 404, "unknown_module")
+    error(delete(server, "/jobs/names/map_crop"), 404, "module_not_run")
+    error(delete(server, "/runs/nosuch"), 404, "unknown_run")
+    error(delete(server, "/jobs/nosuch"), 404, "unknown_job")
+    error(delete(server, "/jobs/names", auth=None), 401)
+    assert server.get("/jobs/names").status_code == 200
 
 
 def test_a_symlink_is_removed_never_followed(server, tmp_path):

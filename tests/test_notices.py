@@ -312,18 +312,18 @@ def test_a_redirect_is_not_followed_and_the_answer_never_kept(server_env, receiv
     "http://[::ffff:127.0.0.1]/", "http://192.168.1.1/", "http://0.0.0.0/",
     "http://127.1/", "http://2130706433/", "http://[fe80::1%25eth0]/",
     "http://user:pw@93.184.215.14/", "http://no-such-host.invalid/"])
-def test_submit_refuses_the_servers_own_networks(inproc, url):
-    resp = inproc.post("/runs", json=payload("refused", "georeference", notify_url=url))
+def test_submit_refuses_the_servers_own_networks(server, url):
+    resp = server.post("/runs", json=payload("refused", "georeference", notify_url=url))
     assert resp.status_code == 422, resp.text
     assert resp.json()["error"] == "notify_url_refused"
     assert "pw" not in resp.json()["message"]
-    assert inproc.get("/runs").json() == []
+    assert server.get("/runs").json() == []
 
 
 @pytest.mark.parametrize("url", ["ftp://example.com/", "http://exa mple.com/", "x" * 3000,
                                  "https://" + "a" * 2050])
-def test_submit_refuses_what_is_no_http_url(inproc, url):
-    resp = inproc.post("/runs", json=payload("refused", "georeference", notify_url=url))
+def test_submit_refuses_what_is_no_http_url(server, url):
+    resp = server.post("/runs", json=payload("refused", "georeference", notify_url=url))
     assert resp.status_code == 422 and resp.json()["error"] == "invalid_payload", resp.text
 
 

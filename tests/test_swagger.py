@@ -98,9 +98,9 @@ def test_swagger_ui_is_version_5_started_on_our_document(inproc):
     assert inproc.get("/openapi.json").json()["openapi"].startswith("3.1")
 
 
-def test_docs_are_behind_basic_auth(inproc):
+def test_docs_are_behind_basic_auth(server):
     for path in ("/docs", "/docs/static/swagger-ui-bundle.js", f"/docs/static/{swagger.INIT}"):
-        status, headers, body = raw_get(inproc, path, auth=False)
+        status, headers, body = raw_get(server, path, auth=False)
         assert status == 401, path
         assert json.loads(body)["error"] == "unauthorized"
         assert headers["WWW-Authenticate"] == 'Basic realm="mip"'
@@ -127,15 +127,15 @@ TRICKS = [
 ]
 
 
-def test_path_tricks_get_a_json_error(inproc):
+def test_path_tricks_get_a_json_error(server):
     for path in TRICKS:
-        status, headers, body = raw_get(inproc, path)
+        status, headers, body = raw_get(server, path)
         assert status in (400, 404), (path, status)
         assert headers["Content-Type"] == "application/json", path
         assert set(json.loads(body)) == {"error", "message"}, path
         assert b"import" not in body and b"root:" not in body, path
     # a trailing slash is dropped everywhere, and names are matched exactly
-    assert raw_get(inproc, "/docs/static/swagger-ui-bundle.js/")[0] == 200
+    assert raw_get(server, "/docs/static/swagger-ui-bundle.js/")[0] == 200
 
 
 def test_only_the_vendor_scripts_styles_and_icons_are_served():
