@@ -22,6 +22,7 @@ from conftest import alive
 from conftest import kill_leftover_runs
 from conftest import payload
 from conftest import wait_for
+from conftest import zero_work
 
 from mip import journal
 
@@ -30,6 +31,24 @@ for name in ("RunPayload", "RunStatus", "JobStatus", "ModuleStatus", "ModuleDesc
              "Error"):
     with open(os.path.join(ROOT, "schema", f"{name}.json")) as f:
         SCHEMAS[name] = jsonschema.Draft202012Validator(json.load(f))
+
+
+@pytest.fixture
+def mip_env(mip_env):
+    """The zero-work catalogue (tests/config.yml): these tests check the API and the
+    journal's state, not what a module computes; the seed's walk-through runs the real
+    stand-ins (seed_server)."""
+    return zero_work(mip_env)
+
+
+@pytest.fixture
+def seed_server(server_env):
+    """The real server on the real catalogue (../config.yml), stopped after the test."""
+    env = dict(server_env, MIP_CONFIG=os.path.join(ROOT, "config.yml"))
+    srv = Server(env).start()
+    yield srv
+    srv.stop()
+    kill_leftover_runs(env)
 
 
 def ok(resp, schema=None):
@@ -74,8 +93,10 @@ def module_processes(marker):
 
 # ---------------------------------------------------------------------------- walk-through
 
-def test_seed_walk_through(server):
-    """POST a map_crop run, poll it to passed, GET the job, download logs and outputs."""
+def test_seed_walk_through(seed_server):
+    """POST a map_crop run, poll it to passed, GET the job, download logs and outputs, from
+    the real stand-ins."""
+    server = seed_server
     resp = server.post("/runs", json=payload("alpha", "map_crop"))
     status = ok(resp, "RunStatus")
     run_id = status["run_id"]
