@@ -1,5 +1,6 @@
 """A module that does no work: it writes the outputs tests/config.yml declares for it (empty
-files, or folders for outputs without a suffix) and honours the stand-ins' test switches
+files, or folders for outputs without a suffix,
+as small as the catalogue's checks allow) and honours the stand-ins' test switches
 (--sleep, --fail, --fail-unless-exists, --hold-mb, --hold) through modules/common.py.
 
 Run by mipper for the API and state tests (tests/config.yml, MIP_CONFIG):
@@ -9,12 +10,32 @@ It starts in a few tens of milliseconds: no rasterio, no numpy, no map read.
 """
 
 import os
+import sqlite3
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "modules"))
 
 import common  # noqa: E402
+
+
+def write_least(path: str) -> None:
+    """The least output the catalogue's checks accept: JSON that parses, a GeoJSON with no
+    features, a GeoPackage with its three feature layers and no rows (SQLite, as the format
+    is: gpkg_contents names its feature tables)."""
+    suffix = os.path.splitext(path)[1]
+    if suffix == ".gpkg":
+        with sqlite3.connect(path) as db:
+            db.execute("CREATE TABLE gpkg_contents (table_name TEXT PRIMARY KEY,"
+                       " data_type TEXT NOT NULL)")
+            for layer in ("points", "lines", "polygons"):
+                db.execute(f"CREATE TABLE {layer} (fid INTEGER PRIMARY KEY, geom BLOB)")
+                db.execute("INSERT INTO gpkg_contents VALUES (?, 'features')", (layer,))
+        db.close()
+        return
+    text = {".json": "{}", ".geojson": '{"type": "FeatureCollection", "features": []}'}
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text.get(suffix, ""))
 
 
 def main(argv=None) -> int:
@@ -29,9 +50,11 @@ def main(argv=None) -> int:
         for path in args.zero_outputs:
             if os.path.splitext(path)[1]:
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                open(path, "w").close()
+                write_least(path)
             else:
+                # a folder of patches: the catalogue's checks ask for at least one file
                 os.makedirs(path, exist_ok=True)
+                open(os.path.join(path, "zero.png"), "wb").close()
         log.info("%s: wrote %d outputs, doing nothing else", args.zero_name,
                  len(args.zero_outputs))
         # as the legend_item_description stand-in does: whether the key reached it, never it
