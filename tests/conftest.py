@@ -231,7 +231,9 @@ class AppClient:
         self.env = env
         self.user = env.get("MIP_USER")
         self.password = env.get("MIP_PASSWORD")
-        self.cfg = mip_server.Config.from_env(env)
+        from mip.web import auth
+
+        self.cfg = mip_server.Config.from_env(env, auth.hash_password)
         self.cfg.settings.make_dirs()
         self.db = journal.Journal(self.cfg.settings.journal_path)
         self.db.migrate()
