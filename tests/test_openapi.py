@@ -65,7 +65,7 @@ def test_document_is_valid_and_declares_every_route(server, tmp_path):
     ("post", "/runs/{run_id}/rerun", {400, 401, 403, 404, 405, 409, 413, 422, 429, 503, 507}),
     ("get", "/modules/{job}/{module}/outputs", {400, 401, 404, 405, 413, 429, 502, 503}),
     ("get", "/jobs/{job}/{module}/logs", {400, 401, 404, 405, 413, 429, 502, 503}),
-    ("post", "/cdr", {400, 403, 404, 405, 413, 422}),
+    ("post", "/cdr", {400, 403, 404, 405, 413, 422, 503}),
     ("post", "/jobs/{job}/publish", {400, 401, 403, 404, 405, 409, 413, 429}),
     ("get", "/health", {400, 405, 413}),
     ("delete", "/jobs/{job}", {400, 401, 403, 404, 405, 409, 413, 429, 502}),
