@@ -645,15 +645,13 @@ class Journal:
             return cur.rowcount == 1
 
     def inbox(self, limit: int) -> list:
-        """The oldest `limit` events waiting in the CDR inbox (`received` or `downloading`),
-        in the order they came. Each status is read through its index in rowid order, so
-        that this costs the same however long the history is."""
-        rows = []
-        for status in ("downloading", "received"):
-            rows += self.connect().execute(
-                "SELECT rowid AS seq, * FROM cdr_events WHERE status = ? ORDER BY rowid"
-                " LIMIT ?", (status, limit)).fetchall()
-        return sorted((dict(r) for r in rows), key=lambda r: r["seq"])[:limit]
+        """The oldest `limit` events waiting in the CDR inbox (`received`), in the order
+        they came: read through the status index in rowid order, so that this costs the
+        same however long the history is."""
+        rows = self.connect().execute(
+            "SELECT rowid AS seq, * FROM cdr_events WHERE status = 'received' ORDER BY rowid"
+            " LIMIT ?", (limit,))
+        return [dict(r) for r in rows]
 
     def inbox_size(self) -> int:
         """How many events wait in the CDR inbox."""
@@ -662,7 +660,8 @@ class Journal:
         ).fetchone()[0]
 
     def reset_downloading(self) -> int:
-        """Downloads cut short by a restart start again: back to `received`; how many."""
+        """Events a server before the inbox left `downloading` go back to `received`;
+        how many."""
         with self.transaction() as db:
             return db.execute("UPDATE cdr_events SET status = 'received', updated = ?"
                               " WHERE status = 'downloading'", (utcnow(),)).rowcount

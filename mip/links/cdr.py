@@ -726,6 +726,7 @@ class CdrLink:
         self.stopping = threading.Event()
         self.wake = threading.Event()  # the inbox has something new: an event, a map, room
         self.fetching = {}  # event id -> its download thread
+        self.fetched = set()  # ids of the events whose map we downloaded, until submitted
         self.refused_until = 0.0  # monotonic time before which no submission is tried
         self.wait_logged = 0.0
         self.resent = {}  # notification id -> times asked for by this process
@@ -904,8 +905,9 @@ class CdrLink:
         return 0
 
     def fetch(self, event: dict) -> None:
-        """Download the event's map in a thread of its own; the inbox is woken after."""
-        self.db.set_event(event["event_id"], "downloading")
+        """Download the event's map in a thread of its own; the inbox is woken after.
+        Nothing is written to the journal unless the download fails: the webhook's writes
+        share its lock, and a restart simply fetches again."""
         thread = threading.Thread(target=self.download, args=(event,), daemon=True,
                                   name=f"cdr-fetch-{event['cog_id']}")
         self.fetching[event["event_id"]] = thread
@@ -927,7 +929,7 @@ class CdrLink:
                 self.db.set_event(event_id, "failed", message=why)
                 log.error("CDR event %s: %s", event_id, why)
             else:
-                self.db.set_event(event_id, "received", fetched=True)
+                self.fetched.add(event_id)
                 log.info("CDR event %s: map %s downloaded (%d bytes)", event_id, cog_id, size)
         except (CdrError, OSError) as e:
             why = f"download of {url} failed: {e}"
@@ -962,10 +964,14 @@ class CdrLink:
                          self.db.inbox_size(), e)
             return e.retry_after or WAIT_RETRY
         except MipError as e:
-            self.db.set_event(event_id, "failed", message=f"run not submitted: {e}")
+            self.db.set_event(event_id, "failed", message=f"run not submitted: {e}",
+                              fetched=event_id in self.fetched or None)
+            self.fetched.discard(event_id)
             log.error("CDR event %s: run not submitted: %s", event_id, e)
             return None
-        self.db.set_event(event_id, "submitted", run_id=run_id)
+        self.db.set_event(event_id, "submitted", run_id=run_id,
+                          fetched=event_id in self.fetched or None)
+        self.fetched.discard(event_id)
         return None
 
     # ------------------------------------------------------------------ missed events
