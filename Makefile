@@ -16,7 +16,7 @@ test: $(VENV)/.dev $(VENV)/.debian setup
 	source ./env.sh && $(PY) -m pytest -q
 
 bench: $(VENV)/.dev setup
-	source ./env.sh && $(PY) bench/run.py
+	source ./env.sh && $(PY) bench/run.py --write docs/benchmarks.md
 
 lint: $(VENV)/.dev
 	$(VENV)/bin/ruff check .

@@ -16,11 +16,11 @@ import logging
 import logging.handlers
 import os
 import re
+import resource
 import secrets
 import signal
 import sys
 from dataclasses import dataclass
-from dataclasses import field
 
 import bottle
 import waitress
@@ -54,8 +54,7 @@ from mip.s3 import s3_key_prefix
 from mip.schemas import SCHEMA_NAMES
 from mip.schemas import load_schemas
 from mip.schemas import validate
-from mip.settings import Settings
-from mip.settings import int_setting
+from mip.settings import ServerSettings
 from mip.status import AnswerCache
 from mip.status import log_tail
 from mip.status import module_status
@@ -97,103 +96,32 @@ bottle.BaseRequest.MEMFILE_MAX = MAX_BODY + 1
 
 # ---------------------------------------------------------------------------- config
 
-@dataclass(frozen=True)
-class Config:
-    """Server settings, read once from the environment and the command line."""
-
-    settings: Settings
-    host: str = "127.0.0.1"
-    port: int = 8080
-    max_runs: int = 2
-    max_queued: int = 200
-    threads: int = 8
-    users: dict = field(default_factory=dict, repr=False)  # name -> password hash
-    auth: bool = True
-    password_file: str | None = None
-    cdr_settings: cdr.CdrSettings | None = None
-    max_downloads: int = 4  # zip downloads at once; below `threads`
-    auth_failures: int = 10  # wrong credentials per minute from one address
-    metrics_open: bool = False  # GET /metrics without credentials (MIP_METRICS_OPEN=1)
-    notify: notices.NoticeSettings = field(default_factory=notices.NoticeSettings)
-    retention_settings: retention.RetentionSettings = field(
-        default_factory=retention.RetentionSettings)
-    trusted_proxy: str | None = None  # the TLS proxy's address (MIP_TRUSTED_PROXY), or "*"
-
-    @classmethod
-    def from_env(cls, env, host=None, port=None, no_auth=False) -> "Config":
-        """Raises MipError naming the variable that is wrong or missing."""
-        settings = Settings.from_env(env)
-        users, password_file = ({}, None) if no_auth else read_users(env)
-        port = port if port is not None else int_setting(env, "MIP_PORT", 8080, 0, 65535)
-        threads = int_setting(env, "MIP_THREADS", 8, 1, 256)
-        # downloads stay below the request threads, so that some always answer the rest
-        max_downloads = int_setting(env, "MIP_MAX_DOWNLOADS", max(1, threads // 2), 1,
-                                           max(1, threads - 1))
-        return cls(settings=settings, host=host or env.get("MIP_HOST") or "127.0.0.1",
-                   port=port, max_runs=int_setting(env, "MIP_MAX_RUNS", 2, 1, 256),
-                   max_queued=int_setting(env, "MIP_MAX_QUEUED", 200, 1, 100_000),
-                   threads=threads, max_downloads=max_downloads,
-                   auth_failures=int_setting(env, "MIP_AUTH_FAILURES", 10, 1, 10000),
-                   users=users, auth=not no_auth, password_file=password_file,
-                   metrics_open=metrics.open_setting(env),
-                   cdr_settings=cdr.CdrSettings.from_env(env, VERSION),
-                   notify=notices.NoticeSettings.from_env(env),
-                   retention_settings=retention.RetentionSettings.from_env(
-                       env, settings.min_free_mb),
-                   trusted_proxy=proxy.trusted_proxy_setting(env))
+# the server's settings are read in mip/settings.py, with every other variable; the tests
+# build `mip_server.Config(settings=..., users=...)`
+Config = ServerSettings
 
 
-def read_users(env) -> tuple:
-    """({user: hash}, password file or None) from MIP_USERS_FILE, MIP_PASSWORD or
-    MIP_PASSWORD_FILE; a missing MIP_PASSWORD_FILE is created with a random password.
-    Raises MipError when no credentials are configured."""
-    users, password_file = {}, None
-    user = env.get("MIP_USER") or "mip"
-    if env.get("MIP_PASSWORD"):
-        users[user] = hash_password(env["MIP_PASSWORD"])
-    elif env.get("MIP_PASSWORD_FILE"):
-        password_file = os.path.abspath(env["MIP_PASSWORD_FILE"])
-        users[user] = hash_password(read_or_make_password(password_file))
-    if env.get("MIP_USERS_FILE"):
-        users.update(read_users_file(env["MIP_USERS_FILE"]))
-    if not users:
-        raise MipError("no credentials: set MIP_USER and MIP_PASSWORD (or MIP_USERS_FILE, "
-                              "or MIP_PASSWORD_FILE), e.g. `source env.sh`; or start with "
-                              "--no-auth to serve without authentication")
-    return users, password_file
+def read_config(env, host=None, port=None, no_auth=False) -> Config:
+    """The server's settings, checked; raises MipError naming the variable that is wrong."""
+    cfg = Config.from_env(env, hash_password, host, port, no_auth)
+    notices.check_settings(cfg.notify)
+    return cfg
 
 
-def read_or_make_password(path: str) -> str:
-    """The password kept in `path`, made once (owner-only) when the file does not exist."""
-    if not os.path.exists(path):
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(18) + "\n")
-    with open(path, encoding="utf-8") as f:
-        password = f.read().strip()
-    if not password:
-        raise MipError(f"MIP_PASSWORD_FILE {path} is empty")
-    return password
-
-
-def read_users_file(path: str) -> dict:
-    """`user:hash` lines (blank lines and # comments skipped); raises MipError."""
-    users = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except OSError as e:
-        raise MipError(f"MIP_USERS_FILE {path}: {e.strerror}") from None
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        name, sep, stored = line.partition(":")
-        if not sep or not name or not stored.startswith("pbkdf2_sha256$"):
-            raise MipError(f"MIP_USERS_FILE {path} line {number}: expected "
-                                  "user:pbkdf2_sha256$... (see --hash-password)")
-        users[name] = stored
-    return users
+def open_files_for(connections: int) -> str | None:
+    """Raise this process's soft limit on open files to what `connections` need, as far as
+    the hard limit allows (systemd's unit sets it; a login shell often gives 1024); a
+    warning when the hard limit is too low."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = connections + 256  # the journal, logs, mippers' pipes, zips being read
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return None
+    soft = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    if soft < need:
+        return (f"open files are limited to {soft}, too few for MIP_CONNECTION_LIMIT="
+                f"{connections}: lower it, or raise the limit (LimitNOFILE= in the unit)")
+    return None
 
 
 # ---------------------------------------------------------------------------- errors
@@ -280,10 +208,11 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     catalogue = queue.catalogue
     schemas = load_schemas()
     settings = cfg.settings
-    done_runs = AnswerCache(None)  # runs over, their process gone: they never change again
+    cache_bytes = cfg.answer_cache_mb * 2**20
+    done_runs = AnswerCache(None, cache_bytes)  # runs over, their process gone: never change
     # a job's or a module's status only changes when a new run of the job starts, which a
     # poller sees at most a second late (it could not see the start any sooner anyway)
-    settled = AnswerCache(1.0)
+    settled = AnswerCache(1.0, cache_bytes)
     credentials = auth.Credentials(cfg.users, cfg.auth_failures)
     downloads = auth.Slots(cfg.max_downloads, "too_many_downloads", "zip downloads")
 
@@ -601,7 +530,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         entries = []
         if files is not None:
             # lazily: the first bytes go out before a big folder is fully listed
-            entries = ((f"{prefix}/{name}", local_opener(path)) for name, path in files)
+            entries = ((f"{prefix}/{name}", local_opener(f)) for name, f in files)
         elif settings.s3_bucket and execution["upload_status"] == "uploaded":
             entries = s3_entries(job, module, kind, prefix)
         # an empty temps folder is a fine answer; no folder at all is not
@@ -768,7 +697,7 @@ def main(argv=None) -> int:
         print(hash_password(password))
         return EXIT_OK
     try:
-        cfg = Config.from_env(os.environ, args.host, args.port, args.no_auth)
+        cfg = read_config(os.environ, args.host, args.port, args.no_auth)
         cfg.settings.make_dirs()
         load_catalogue(cfg.settings.config_path)
     except MipError as e:
@@ -791,6 +720,7 @@ def main(argv=None) -> int:
     app = make_app(cfg, db, queue, link)
     # nothing is logged before the port line below, which must come first
     writer = setup_logging()
+    files_warning = open_files_for(cfg.connection_limit)
     try:
         server = waitress.create_server(
             RequestLog(app, writer), host=cfg.host, port=cfg.port, threads=cfg.threads,
@@ -800,6 +730,10 @@ def main(argv=None) -> int:
             max_request_body_size=16 * MAX_BODY,
             # keep streamed zips in memory (bounded by the high watermark), never in temp files
             outbuf_high_watermark=8 * 1024 * 1024, outbuf_overflow=64 * 1024 * 1024,
+            # a flood of idle or slow connections must not fill every slot; poll(), since
+            # select() cannot watch a descriptor at or above 1024
+            connection_limit=cfg.connection_limit, channel_timeout=cfg.channel_timeout,
+            cleanup_interval=cfg.cleanup_interval, asyncore_use_poll=True,
             **proxy.waitress_settings(cfg.trusted_proxy))
     except OSError as e:
         print(f"mip_server: error: cannot listen on {cfg.host}:{cfg.port}: {e.strerror} "
@@ -809,6 +743,8 @@ def main(argv=None) -> int:
     print(f"mip: serving on http://{cfg.host}:{server.effective_port}", flush=True)
     for warning in proxy.start_warnings(cfg.host, cfg.trusted_proxy):
         log.warning("%s", warning)
+    if files_warning:
+        log.warning("%s", files_warning)
     if not cfg.settings.gpu_settings.devices and any(m.gpu for m in queue.catalogue.values()):
         log.warning("this host has no GPU (MIP_GPUS=none, or none found): the catalogue's GPU "
                     "modules run without one")

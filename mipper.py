@@ -332,7 +332,7 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
             log.warning("this host has no GPU (MIP_GPUS=none, or none found): its GPU modules "
                         "run without one")
         RUN = Run(settings, catalogue, db, run_id, job, map_name, graph, to_run, extra,
-                  module_env(settings, env, env.get("MIP_OPENAI_KEY")),
+                  module_env(settings, env, settings.openai_key),
                   {n: db.last_pass(job, n) for n in to_run})
         try:
             result = luigi.build([ModuleTask(job=job, module=t) for t in targets],

@@ -1278,6 +1278,11 @@ def main(argv=None) -> int:
     parser.add_argument("--python-load", action="store_true",
                         help="use the Python load generator even when wrk is installed")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")
+    parser.add_argument("--write", metavar="PAGE",
+                        help="also put the whole run's report into PAGE, between its "
+                             "<!-- bench:begin --> and <!-- bench:end --> lines "
+                             "(make bench: docs/benchmarks.md); a partial run (--only) never "
+                             "writes")
     args = parser.parse_args(argv)
     chosen = [int(n) for n in args.only.split(",") if n.strip()] or list(FIGURES)
     use_wrk = find_wrk(args.python_load)
@@ -1303,13 +1308,32 @@ def main(argv=None) -> int:
             note(f"scratch kept: {scratch}")
         else:
             shutil.rmtree(scratch, ignore_errors=True)
-    print(f"machine: {machine(use_wrk)}")
-    print(f"date: {datetime.now().strftime('%Y-%m-%d %H:%M')}, "
-          f"took {time.monotonic() - started:.0f} s")
-    print(table(bench.rows))
-    for line in bench.details:
-        print(f"  {line}")
+    report = "\n".join([f"machine: {machine(use_wrk)}",
+                         f"date: {datetime.now().strftime('%Y-%m-%d %H:%M')}, "
+                         f"took {time.monotonic() - started:.0f} s",
+                         table(bench.rows), *(f"  {line}" for line in bench.details)])
+    print(report)
+    if args.write and not args.only:
+        write_report(args.write, report)
     return 0
+
+
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+
+
+def write_report(page: str, report: str) -> None:
+    """Replace what stands between the page's bench markers with this run's report, so the
+    page holds one whole run and no figure copied by hand."""
+    with open(page, encoding="utf-8") as f:
+        text = f.read()
+    head, found, rest = text.partition(BEGIN)
+    _, found_end, tail = rest.partition(END)
+    if not (found and found_end):
+        raise SystemExit(f"bench/run.py: {page} has no {BEGIN} ... {END} lines")
+    block = "\n".join(f"    {line}" if line else "" for line in report.splitlines())
+    with open(page, "w", encoding="utf-8") as f:
+        f.write(f"{head}{BEGIN}\n{block}\n{END}{tail}")
+    note(f"report written into {page}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,12 @@ class NotFound(MipError):
     code = "not_found"
 
 
+class NotAFolder(NotFound):
+    """A job's or module's folder on disk is a symbolic link (or a file): never followed."""
+
+    code = "not_a_folder"
+
+
 class Conflict(MipError):
     """The request is fine but the state forbids it now."""
 

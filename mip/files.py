@@ -1,14 +1,23 @@
-"""files: a module's logs, outputs and temps on disk, listed for the zips and the S3 copy,
-and the zips themselves, streamed as they are written.
+"""files: a module's logs, outputs and temps on disk, walked for the zips, the S3 copy and
+retention, and the zips themselves, streamed as they are written.
 
-Used by the server's downloads, mip/s3.py and retention. Never writes or removes a file.
+Used by the server's downloads, mip/s3.py and retention. A module (a container) writes into
+its folders, so nothing here is taken from it on trust: every level is opened from its
+parent's descriptor with O_NOFOLLOW, and only what fstat on the descriptor that is read
+calls a regular file is served; a symbolic link is never followed, not even one that leads
+back inside. Never writes or removes a file.
 """
 
+import errno
+import logging
 import os
+import stat
 import time
 import zipfile
 import zlib
+from itertools import chain
 
+from mip.errors import NotAFolder
 from mip.settings import Settings
 
 CHUNK = 256 * 1024
@@ -16,54 +25,193 @@ YIELD_BYTES = 64 * 1024  # a zip goes to waitress in pieces of about this size
 # Already compressed: stored as they are, since deflating them costs time and saves nothing.
 STORED_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".gz", ".zip", ".gpkg", ".pth",
                    ".cog", ".jp2", ".webp", ".bz2", ".xz", ".7z")
+# a walk holds one descriptor per level it is in: deeper folders are left out, logged
+MAX_DEPTH = 64
+FOLDER_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO swapped in after the listing must not hold the walk on open()
+FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 KINDS = ("logs", "outputs", "temps")
+log = logging.getLogger("mip.files")
+
+
+# ---------------------------------------------------------------------------- walking
+
+def open_folder(root: str, *parts: str, label: str) -> int | None:
+    """A descriptor of the folder root/parts... (the caller closes it), each part opened
+    relative to the one before with O_NOFOLLOW; None when one is missing. `root` is the
+    operator's and is trusted; the parts are not. Raises NotAFolder (and logs it), naming
+    `label`/parts..., when a part is a symbolic link or not a folder."""
+    try:
+        fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    for depth, part in enumerate(parts, 1):
+        try:
+            fd = open_child(fd, part)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise not_a_folder("/".join((label, *parts[:depth])), e) from None
+    return fd
+
+
+def open_child(fd: int, name: str) -> int:
+    """The descriptor of the folder `name` in the folder `fd`, never through a link; `fd`
+    is closed whatever happens. Raises OSError (ELOOP for a link, ENOTDIR for a file)."""
+    try:
+        return open_subfolder(fd, name)
+    finally:
+        os.close(fd)
+
+
+def open_subfolder(fd: int, name: str) -> int:
+    """open_child() leaving `fd` open."""
+    try:
+        return os.open(name, FOLDER_FLAGS, dir_fd=fd)
+    except NotADirectoryError:
+        # Linux answers ENOTDIR, not ELOOP, for a link opened with O_DIRECTORY|O_NOFOLLOW
+        if stat.S_ISLNK(os.stat(name, dir_fd=fd, follow_symlinks=False).st_mode):
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), name) from None
+        raise
+
+
+def not_a_folder(where: str, e: OSError) -> NotAFolder:
+    what = "a symbolic link" if e.errno == errno.ELOOP else (
+        "not a folder" if e.errno == errno.ENOTDIR else e.strerror)
+    log.warning("refused %s: it is %s; a module may have made it, and it is never followed",
+                where, what)
+    return NotAFolder(f"{where} is {what}, which is never followed nor served (a module may "
+                      "have made it); remove it, or DELETE the module to run it again")
+
+
+def open_file(dir_fd: int, name: str, where: str):
+    """The file `name` of the folder `dir_fd` opened for reading, if it is a regular file
+    (told by fstat on the descriptor that will be read); else None, with a log line for
+    anything but a file that vanished."""
+    try:
+        fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        log.warning("skipped %s: %s", where, "a symbolic link, never followed"
+                    if e.errno == errno.ELOOP else e.strerror)
+        return None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        log.warning("skipped %s: no longer a regular file but %s", where,
+                    "a folder" if stat.S_ISDIR(mode) else "a special file")
+        return None
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def walk_files(fd: int, where: str, depth: int = 0):
+    """(relative name, open file) of the regular files in the folder `fd` and below, each
+    folder's files (sorted) before its subfolders. Links, FIFOs and devices are left out;
+    each file is closed when the next one is asked for. `where` names the folder in log
+    lines. Leaves `fd` open."""
+    try:
+        with os.scandir(fd) as it:
+            # types come from the listing itself (d_type): no stat per plain file
+            entries = sorted((e.name, e.is_dir(follow_symlinks=False),
+                              e.is_file(follow_symlinks=False)) for e in it)
+    except OSError as e:
+        log.warning("skipped %s: %s", where, e.strerror)
+        return
+    for name, _, is_file in entries:
+        if is_file:
+            f = open_file(fd, name, f"{where}/{name}")
+            if f is not None:
+                with f:
+                    yield name, f
+    for name, is_dir, _ in entries:
+        if not is_dir:
+            continue
+        if depth >= MAX_DEPTH:
+            log.warning("skipped %s/%s: deeper than %d folders", where, name, MAX_DEPTH)
+            continue
+        try:
+            sub = open_subfolder(fd, name)
+        except FileNotFoundError:
+            continue
+        except OSError as e:  # swapped for a link or a file since the listing
+            log.warning("skipped %s/%s: %s", where, name, "a symbolic link, never followed"
+                        if e.errno == errno.ELOOP else e.strerror)
+            continue
+        try:
+            for rel, f in walk_files(sub, f"{where}/{name}", depth + 1):
+                yield f"{name}/{rel}", f
+        finally:
+            os.close(sub)
+
+
+def owning(fds: list, files):
+    """`files`, started, closing `fds` when it ends or is closed (or collected): a
+    generator that never started would never close them."""
+    def walk():
+        try:
+            yield
+            yield from files
+        finally:
+            for fd in fds:
+                if fd is not None:
+                    os.close(fd)
+    it = walk()
+    next(it)
+    return it
 
 
 def kind_files(settings: Settings, job: str, module: str, kind: str):
-    """(name within the kind, path) of a module's logs (mipper's log of it and the *.log
-    files it wrote), outputs or temps on disk, listed as they are read (a folder of many
-    files starts streaming at once); None when it has none of that kind."""
-    out_dir = os.path.join(settings.outputs_dir, job, module)
+    """(name within the kind, open file) of a module's logs (mipper's log of it and the
+    *.log files it wrote), outputs or temps on disk, walked as they are read (a folder of
+    many files starts streaming at once); None when it has none of that kind. Raises
+    NotAFolder when the job's or the module's folder is a link or not a folder."""
     if kind == "logs":
-        own_log = os.path.join(settings.outputs_dir, job, f"{module}.log")
-        # not a link: a module (a container) may have put one in its log's place
-        own = os.path.isfile(own_log) and not os.path.islink(own_log)
-        files = [(f"{module}.log", own_log)] if own else []
-        files += [(name, path) for name, path in walk_files(out_dir) if name.endswith(".log")]
-        return files or None
-    folder = out_dir if kind == "outputs" else os.path.join(settings.temps_dir, job, module)
-    return walk_files(folder) if os.path.isdir(folder) else None
+        return log_files(settings, job, module)
+    root = settings.outputs_dir if kind == "outputs" else settings.temps_dir
+    fd = open_folder(root, job, module, label=kind)
+    return None if fd is None else owning([fd], walk_files(fd, f"{kind}/{job}/{module}"))
+
+
+def log_files(settings: Settings, job: str, module: str):
+    """kind_files() of the logs: <job>/<module>.log, then the module's own *.log files."""
+    job_fd = open_folder(settings.outputs_dir, job, label="outputs")
+    if job_fd is None:
+        return None
+    where = f"outputs/{job}"
+    try:
+        folder = open_subfolder(job_fd, module)
+    except FileNotFoundError:
+        folder = None
+    except OSError as e:
+        os.close(job_fd)
+        raise not_a_folder(f"{where}/{module}", e) from None
+    own_log = f"{module}.log"
+
+    def files():
+        own = open_file(job_fd, own_log, f"{where}/{own_log}")
+        if own is not None:
+            with own:
+                yield own_log, own
+        if folder is not None:
+            for name, f in walk_files(folder, f"{where}/{module}"):
+                if name.endswith(".log"):
+                    yield name, f
+
+    walk = owning([job_fd, folder], files())
+    first = next(walk, None)
+    if first is None:
+        return None
+    return chain([first], walk)
 
 
 def module_files(settings: Settings, job: str, module: str) -> dict:
-    """{kind: files} of what is copied to S3: logs and outputs, and temps when asked."""
+    """{kind: kind_files() or ()} of what is copied to S3: logs and outputs, and temps
+    when asked. Raises NotAFolder."""
     kinds = KINDS if settings.s3_temps else KINDS[:2]
-    return {kind: list(kind_files(settings, job, module, kind) or ()) for kind in kinds}
-
-
-def walk_files(root: str):
-    """(relative name, path) of the regular files under `root`, each folder's files (sorted)
-    before its subfolders; symlinks are followed only when they point to a file in `root`."""
-    real_root = os.path.realpath(root) + os.sep
-    stack = [(root, "")]
-    while stack:
-        folder, rel = stack.pop()
-        try:
-            with os.scandir(folder) as it:
-                entries = sorted(it, key=lambda e: e.name)
-        except OSError:
-            continue
-        subfolders = []
-        for entry in entries:
-            # types come from the listing itself: no stat and no realpath per plain file
-            if entry.is_dir(follow_symlinks=False):
-                subfolders.append((entry.path, f"{rel}{entry.name}/"))
-            elif entry.is_file(follow_symlinks=False) or (
-                    entry.is_symlink() and os.path.realpath(entry.path).startswith(real_root)
-                    and os.path.isfile(entry.path)):
-                yield f"{rel}{entry.name}", entry.path
-        stack.extend(reversed(subfolders))
+    return {kind: kind_files(settings, job, module, kind) or () for kind in kinds}
 
 
 def free_mb(path: str) -> int | None:
@@ -138,9 +286,9 @@ def zip_stream(entries):
     yield sink.take()
 
 
-def local_opener(path: str):
+def local_opener(f):
+    """The opener of a file walk_files() opened: its times and size from its descriptor."""
     def opener():
-        f = open(path, "rb")
         info = os.fstat(f.fileno())
         return f, info.st_mtime, info.st_size
     return opener

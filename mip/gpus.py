@@ -17,7 +17,6 @@ import contextlib
 import fcntl
 import logging
 import os
-import re
 import shutil
 import stat
 import subprocess
@@ -25,11 +24,13 @@ import threading
 import time
 from dataclasses import dataclass
 
+from mip.settings import MAX_DEVICES
+from mip.settings import GpuSettings  # noqa: F401 - read in settings.py; the name stays here
+
 log = logging.getLogger("mip.gpus")
 
 WAITING = "waiting for a GPU"  # the running module's message until it holds a device
 DEVICE_SEEN = "0"  # $GPU_ID: a module sees only its own device, as index 0
-MAX_DEVICES = 64
 POLL_MAX = 1.0  # seconds between two looks at the locks, at most
 WAIT_HOURS = 24.0  # a module that gets no device in this long fails
 SAMPLE_SECONDS = 1.0
@@ -39,38 +40,6 @@ RESOURCE_KEYS = ("cpu_seconds", "peak_rss_bytes", "gpu_device", "gpu_memory_peak
 
 class NoGpu(Exception):
     """No device became free in time."""
-
-
-@dataclass(frozen=True)
-class GpuSettings:
-    """The host's devices (`MIP_GPUS`, found when unset) and whether a GPU module may run
-    without one (`MIP_REQUIRE_GPU`), read once from the environment."""
-
-    devices: tuple = ()  # host device ids as text, such as ("0", "1")
-    require: bool = False
-
-    @classmethod
-    def from_env(cls, env) -> "GpuSettings":
-        """Raises ValueError naming a bad variable."""
-        raw = (env.get("MIP_GPUS") or "").strip()
-        if not raw:
-            devices = detect()
-        elif raw.lower() == "none":
-            devices = ()
-        else:
-            parts = [d.strip() for d in raw.split(",") if d.strip()]
-            # ASCII digits only: str.isdigit() takes "²" (int() refuses it) and "٣" (int()
-            # reads 3); compared as numbers, so that 0 and 00 are one device
-            ids = [int(d) for d in parts if re.fullmatch(r"[0-9]{1,2}", d)]
-            if not parts or len(ids) != len(parts) or max(ids) >= MAX_DEVICES \
-                    or len(set(ids)) != len(ids):
-                raise ValueError(f"MIP_GPUS={raw[:40]!r}: expected device ids such as 0,1,2,3 "
-                                 "(each once, below 64), or none")
-            devices = tuple(str(i) for i in ids)
-        require = env.get("MIP_REQUIRE_GPU", "0")
-        if require not in ("0", "1"):
-            raise ValueError(f"MIP_REQUIRE_GPU={require!r}: expected 0 or 1")
-        return cls(devices=devices, require=require == "1")
 
 
 DRIVER = "/dev/nvidiactl"  # made by NVIDIA's kernel driver (and given to GPU containers)

@@ -208,7 +208,7 @@ class RunQueue:
         # every process of the run inherits this, so that a dead run's leftovers are found
         env[runners.RUN_ENV] = run_id
         try:
-            key = self.run_key(run_id) or self.env.get("MIP_OPENAI_KEY")
+            key = self.run_key(run_id) or self.cfg.settings.openai_key
         except keystore.KeyStoreError as e:
             self.fail(run, str(e))
             return

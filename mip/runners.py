@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from dataclasses import field
 
 from mip import sanitize
+from mip.settings import RunnerSettings
 
 log = logging.getLogger("mip.runner")
 
-RUNNERS = ("inline", "docker", "ecs")
 RUN_LABEL = "mip.run_id"  # the docker label naming the run that started a container
 RUN_ENV = "MIP_RUN_ID"  # set by the server for mipper; every process of the run inherits it
 # docker run's own failures (the image, the engine, the command) rather than the module's
@@ -41,51 +41,6 @@ DOCKER_EXIT = {125: "docker could not run the container (the log has docker's re
 
 class RunnerError(Exception):
     """The module could not be run (not a module failure): the message says why."""
-
-
-@dataclass(frozen=True)
-class RunnerSettings:
-    """How the docker and ecs runners reach their engines, read once from the environment."""
-
-    runner: str | None = None
-    docker: str = "docker"
-    docker_user: str | None = None
-    ecs_cluster: str = "default"
-    ecs_launch_type: str = "FARGATE"
-    ecs_capacity_provider: str | None = None
-    ecs_subnets: tuple = ()
-    ecs_security_groups: tuple = ()
-    ecs_log_group: str = "/ecs/ta1"
-    ecs_log_prefix: str = "ta1"
-    ecs_poll_seconds: float = 30.0
-
-    @classmethod
-    def from_env(cls, env) -> "RunnerSettings":
-        """Raises ValueError naming a bad variable."""
-        runner = env.get("MIP_RUNNER") or None
-        if runner not in (None, *RUNNERS):
-            raise ValueError(f"MIP_RUNNER={runner!r}: expected one of {', '.join(RUNNERS)}")
-        try:
-            poll = float(env.get("MIP_ECS_POLL_SECONDS") or 30)
-        except ValueError:
-            raise ValueError("MIP_ECS_POLL_SECONDS: expected a number of seconds") from None
-        return cls(
-            runner=runner,
-            docker=env.get("MIP_DOCKER") or "docker",
-            docker_user=env.get("MIP_DOCKER_USER") or None,
-            ecs_cluster=env.get("MIP_ECS_CLUSTER") or "default",
-            ecs_launch_type=env.get("MIP_ECS_LAUNCH_TYPE") or "FARGATE",
-            ecs_capacity_provider=env.get("MIP_ECS_CAPACITY_PROVIDER") or None,
-            ecs_subnets=_words(env.get("MIP_ECS_SUBNETS")),
-            ecs_security_groups=_words(env.get("MIP_ECS_SECURITY_GROUPS")),
-            ecs_log_group=env.get("MIP_ECS_LOG_GROUP") or "/ecs/ta1",
-            ecs_log_prefix=env.get("MIP_ECS_LOG_PREFIX") or "ta1",
-            ecs_poll_seconds=max(0.05, poll),
-        )
-
-
-def _words(text: str | None) -> tuple:
-    return tuple(w for w in (text or "").replace(",", " ").split() if w)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """s3: copies of a module's logs, outputs (and temps, if asked) in S3, through boto3.
 
 Used by mipper after a module passes, and by retention and the downloads when a local copy
-is gone. boto3 is imported only when a copy is made: most runs never need it. Raises
-UploadFailed; never deletes a local file.
+is gone. boto3 is imported only when a copy is made: most runs never need it. Reads each file
+through the descriptor mip/files.py's walk opened, never by its path. Raises UploadFailed;
+never deletes a local file.
 """
 
 import hashlib
@@ -10,6 +11,7 @@ import logging
 import os
 
 from mip import journal
+from mip.errors import NotAFolder
 from mip.errors import UploadFailed
 from mip.files import module_files
 from mip.settings import Settings
@@ -54,14 +56,19 @@ def upload_module(settings: Settings, job: str, module: str, client=None) -> str
         for kind, files in module_files(settings, job, module).items():
             folder = f"{base}/{kind}/"
             existing = {obj["Key"]: obj for obj in list_objects(client, bucket, folder)}
-            for name, path in files:
+            # each file is read through the descriptor the walk checked, never by its path:
+            # a module may swap a file for a link at any time
+            for name, f in files:
                 key = folder + name
                 there = existing.pop(key, None)
-                if (there and there["Size"] == os.path.getsize(path)
-                        and there["ETag"] == s3_etag(path)):
+                if (there and there["Size"] == os.fstat(f.fileno()).st_size
+                        and there["ETag"] == s3_etag(f)):
                     kept += 1
                     continue
-                client.upload_file(path, bucket, key, Config=transfer)
+                # by the descriptor's own name, which is the open file whatever the module
+                # does to its path since; boto3 then reads each part from disk, where
+                # upload_fileobj would hold up to ten 16 MB parts in memory
+                client.upload_file(f"/proc/self/fd/{f.fileno()}", bucket, key, Config=transfer)
                 sent += 1
             stale = list(existing)
             for start in range(0, len(stale), 1000):
@@ -69,6 +76,8 @@ def upload_module(settings: Settings, job: str, module: str, client=None) -> str
                     "Objects": [{"Key": k} for k in stale[start:start + 1000]], "Quiet": True})
     except (BotoCoreError, ClientError, OSError) as e:
         raise UploadFailed(f"upload to {uri} failed: {e}") from None
+    except NotAFolder as e:
+        raise UploadFailed(f"nothing uploaded to {uri}: {e}") from None
     log.info("module %s: %d files sent to %s, %d already there", module, sent, uri, kept)
     return uri
 
@@ -76,20 +85,20 @@ def upload_module(settings: Settings, job: str, module: str, client=None) -> str
 S3_PART = 16 * 1024 * 1024
 
 
-def s3_etag(path: str) -> str:
-    """The ETag S3 gives a file uploaded by upload_module (in parts of S3_PART from that
-    size on), so that bytes already there are not sent again. Stores that make other ETags
-    (server-side KMS encryption) just get every file again."""
-    size = os.path.getsize(path)
+def s3_etag(f) -> str:
+    """The ETag S3 gives an open file uploaded by upload_module (in parts of S3_PART from
+    that size on), so that bytes already there are not sent again. Stores that make other
+    ETags (server-side KMS encryption) just get every file again."""
+    size = os.fstat(f.fileno()).st_size
     parts = []
-    with open(path, "rb") as f:
-        for _ in range(max(1, -(-size // S3_PART))):
-            part = hashlib.md5(usedforsecurity=False)
-            left = S3_PART
-            while left and (block := f.read(min(CHUNK_READ, left))):
-                part.update(block)
-                left -= len(block)
-            parts.append(part)
+    f.seek(0)
+    for _ in range(max(1, -(-size // S3_PART))):
+        part = hashlib.md5(usedforsecurity=False)
+        left = S3_PART
+        while left and (block := f.read(min(CHUNK_READ, left))):
+            part.update(block)
+            left -= len(block)
+        parts.append(part)
     if size < S3_PART:
         return f'"{parts[0].hexdigest()}"'
     whole = hashlib.md5(b"".join(p.digest() for p in parts), usedforsecurity=False)

@@ -8,6 +8,7 @@ Reads logs without following links or waiting on FIFOs; never writes.
 import json
 import os
 import stat
+import threading
 import time
 
 from mip import gpus
@@ -38,16 +39,25 @@ def log_tail(path: str | None, size: int = LOG_TAIL) -> str | None:
     return data.decode("utf-8", "replace")
 
 
+ANSWER_ITEM_MAX = 256 * 1024  # an answer larger than this (a huge payload) is never kept
+
+
 class AnswerCache:
     """JSON bodies of status answers that only a new run can change, kept `ttl` seconds
     (None: for good). Status polling under load then costs no journal or log reads, which
     under contention cost far more than their few microseconds: each one gives up the GIL
-    and waits to get it back."""
+    and waits to get it back. Bounded by `max_bytes` of bodies (the oldest go first) and
+    `size` answers; a body over ANSWER_ITEM_MAX (or a sixteenth of `max_bytes`) is not
+    kept at all, so a few huge payloads cannot push out every other answer."""
 
-    def __init__(self, ttl: float | None, size: int = 4096):
+    def __init__(self, ttl: float | None, max_bytes: int = 64 * 2**20, size: int = 4096):
         self.ttl = ttl
         self.size = size
-        self.items = {}
+        self.max_bytes = max_bytes
+        self.item_max = min(ANSWER_ITEM_MAX, max_bytes // 16)
+        self.items = {}  # key -> (time, body), oldest first
+        self.bytes = 0  # of the bodies kept: json.dumps writes ASCII, a byte a character
+        self.lock = threading.Lock()
 
     def get(self, key):
         item = self.items.get(key)
@@ -56,16 +66,32 @@ class AnswerCache:
         return None
 
     def put(self, key, body: str) -> str:
-        if len(self.items) >= self.size:
-            self.items.clear()
-        self.items[key] = (time.monotonic(), body)
+        with self.lock:
+            self._drop(key)
+            if len(body) > self.item_max:
+                return body
+            while self.items and (len(self.items) >= self.size
+                                  or self.bytes + len(body) > self.max_bytes):
+                self._drop(next(iter(self.items)))
+            self.items[key] = (time.monotonic(), body)
+            self.bytes += len(body)
         return body
+
+    def drop(self, key) -> None:
+        """Forget one answer."""
+        with self.lock:
+            self._drop(key)
+
+    def _drop(self, key) -> None:
+        item = self.items.pop(key, None)
+        if item is not None:
+            self.bytes -= len(item[1])
 
     def drop_job(self, job: str) -> None:
         """Forget the job's answers (a run of it was just submitted or cancelled here)."""
-        for key in list(self.items):
-            if key[1] == job:
-                self.items.pop(key, None)
+        with self.lock:
+            for key in [k for k in self.items if k[1] == job]:
+                self._drop(key)
 
 
 def run_status(db: journal.Journal, run: dict) -> dict:

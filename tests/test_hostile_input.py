@@ -21,10 +21,13 @@ from conftest import mipper
 from conftest import payload
 from conftest import wait_for
 
-import mipper as mipper_lib
+from mip import catalogue as catalogue_module
+from mip import errors
 from mip import journal
 from mip import sanitize
+from mip import settings as settings_module
 from mip.journal import Status
+from mip.switches import Refused as SwitchRefused
 
 NESTED = b"[" * 1000 + b"]" * 1000  # 2 KB, 1,000 levels
 FAKE = "2026-11-29 07:00:00,000 INFO run FAKE passed"
@@ -151,14 +154,14 @@ def test_a_symlink_made_during_the_run_is_caught_before_the_module_starts(mip_en
 
 
 def test_docker_modules_see_container_paths_under_the_same_rule(mip_env):
-    settings = mipper_lib.Settings.from_env(dict(mip_env, MIP_RUNNER="docker"))
-    catalogue = mipper_lib.load_catalogue(settings.config_path)
-    mipper_lib.check_extra(settings, catalogue, "d1",
+    settings = settings_module.Settings.from_env(dict(mip_env, MIP_RUNNER="docker"))
+    catalogue = catalogue_module.load_catalogue(settings.config_path)
+    catalogue_module.check_extra(settings, catalogue, "d1",
                            {"georeference": ["--fail-unless-exists", "/ta1/outputs/d1/x"]})
     for value in ("/ta1/outputs/d2/x", "/ta1/inputs/maps", "/etc/passwd", "../x",
                   os.path.join(settings.outputs_dir, "d1", "x")):
-        with pytest.raises(mipper_lib.switches.Refused):
-            mipper_lib.check_extra(settings, catalogue, "d1",
+        with pytest.raises(SwitchRefused):
+            catalogue_module.check_extra(settings, catalogue, "d1",
                                    {"georeference": ["--fail-unless-exists", value]})
 
 
@@ -260,9 +263,9 @@ def test_names_are_matched_whole(server):
     assert server.get("/runs").json() == []
     for root in ("TA1_OUTPUTS_DIR", "TA1_TEMPS_DIR"):
         assert not [n for n in os.listdir(server.env[root]) if "\n" in n]
-    assert not mipper_lib.NAME_RE.fullmatch("nljob\n")
-    with pytest.raises(mipper_lib.UsageError):
-        mipper_lib.check_name("job", "nljob\n")
+    assert not catalogue_module.NAME_RE.fullmatch("nljob\n")
+    with pytest.raises(errors.UsageError):
+        catalogue_module.check_name("job", "nljob\n")
 
 
 def test_undecodable_paths_are_400_never_another_route(server):

@@ -35,8 +35,8 @@ from map_variants import write_variant
 from rasterio import warp
 from rasterio.errors import NotGeoreferencedWarning
 
-import mipper as mipper_lib
 from mip.links import cdr
+from mip.settings import Settings
 
 # the CDR's case (a COG, projected), the common case (no georeferencing), a colour map,
 # CMYK and a tinted noisy scan: each exercises a different reading path of the modules
@@ -170,7 +170,7 @@ def check_gcps(env: dict, job: str, map_name: str, path: str, crs: str | None) -
 def check_cdr_payloads(env: dict, job: str, map_name: str, estimated: bool) -> None:
     """The job's FeatureResults (and, with real GCPs, GeoreferenceResults) pass the CDR's
     schemas, with every kind of feature present."""
-    settings = mipper_lib.Settings.from_env(env)
+    settings = Settings.from_env(env)
     features = cdr.feature_results(settings, job, map_name, map_name, "mip", "0.0.0")
     cdr.validate("FeatureResults", features)
     for kind in ("polygon", "line", "point"):

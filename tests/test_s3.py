@@ -11,7 +11,9 @@ from conftest import mipper
 from conftest import payload
 from conftest import s3_client
 
-import mipper as mipper_lib
+from mip.files import module_files
+from mip.s3 import S3_PART
+from mip.settings import Settings
 
 ALL = 9
 
@@ -22,8 +24,10 @@ def objects(client, bucket, prefix):
 
 
 def local_files(env, job, module):
-    settings = mipper_lib.Settings.from_env(env)
-    return mipper_lib.module_files(settings, job, module)
+    """{kind: [(name, bytes)]} of what the walk would copy to S3."""
+    settings = Settings.from_env(env)
+    return {kind: [(name, f.read()) for name, f in files]
+            for kind, files in module_files(settings, job, module).items()}
 
 
 def start(env):
@@ -48,10 +52,9 @@ def test_whole_graph_lands_in_s3_with_the_right_keys_and_bytes(s3_env):
                 there = objects(client, bucket, prefix)
                 assert sorted(there) == sorted(prefix + name for name, _ in files), module
                 assert files or kind == "logs"
-                for name, path in files[:5]:
+                for name, data in files[:5]:
                     body = client.get_object(Bucket=bucket, Key=prefix + name)["Body"].read()
-                    with open(path, "rb") as f:
-                        assert body == f.read()
+                    assert body == data
         assert objects(client, bucket, "results/s3all/map_crop/logs/")
     finally:
         srv.stop()
@@ -137,7 +140,7 @@ def test_upload_again_is_idempotent(s3_env):
     # a file above the multipart threshold, so its ETag is a multipart one
     big = os.path.join(s3_env["TA1_OUTPUTS_DIR"], "idem", "map_crop", "big.bin")
     with open(big, "wb") as f:
-        f.write(os.urandom(mipper_lib.S3_PART + 12345))
+        f.write(os.urandom(S3_PART + 12345))
     first = mipper(s3_env, "--job", "idem", "--upload")
     assert first.returncode == 0, first.stderr
     assert "map_crop: 1 files sent" in first.stderr

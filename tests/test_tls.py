@@ -40,14 +40,16 @@ from test_client import client
 from test_client import client_env
 from test_client import commands
 
+from mip import settings
 from mip.errors import EXIT_USAGE
 from mip.errors import MipError
 from mip.web import proxy
 
 CADDY = shutil.which("caddy") or "/usr/bin/caddy"
 SHIPPED = os.path.join(ROOT, "deploy", "Caddyfile")
+OPTIONS_LINE = "\n{\n"  # the global options block
 SITE_LINE = "{$MIP_DOMAIN} {\n"
-UPSTREAM_LINE = "\treverse_proxy 127.0.0.1:8080\n"
+UPSTREAM_LINE = "\treverse_proxy 127.0.0.1:8080 {\n"
 FAILURES = 3  # MIP_AUTH_FAILURES: a small budget, so a flood is short
 
 
@@ -56,12 +58,14 @@ FAILURES = 3  # MIP_AUTH_FAILURES: a small budget, so a flood is short
 def caddyfile_for_test(shipped: str, https_port: int, upstream_port: int, storage: str) -> str:
     """deploy/Caddyfile made runnable on loopback: only these lines are added or changed."""
     assert shipped.count(SITE_LINE) == 1 and shipped.count(UPSTREAM_LINE) == 1
+    assert shipped.count(OPTIONS_LINE) == 1
     site = shipped.replace(SITE_LINE, SITE_LINE + "\tbind 127.0.0.1\n\ttls internal\n")
-    site = site.replace(UPSTREAM_LINE, f"\treverse_proxy 127.0.0.1:{upstream_port}\n")
-    return (f"{{\n\tadmin off\n\tskip_install_trust\n\tlocal_certs\n"
-            f"\tauto_https disable_redirects\n"
-            f"\thttp_port {free_port()}\n\thttps_port {https_port}\n"
-            f"\tstorage file_system {{\n\t\troot {storage}\n\t}}\n}}\n\n{site}")
+    site = site.replace(UPSTREAM_LINE, f"\treverse_proxy 127.0.0.1:{upstream_port} {{\n")
+    return site.replace(OPTIONS_LINE, OPTIONS_LINE + (
+        f"\tadmin off\n\tskip_install_trust\n\tlocal_certs\n"
+        f"\tauto_https disable_redirects\n"
+        f"\thttp_port {free_port()}\n\thttps_port {https_port}\n"
+        f"\tstorage file_system {{\n\t\troot {storage}\n\t}}\n"))
 
 
 class Caddy:
@@ -220,6 +224,11 @@ def test_shipped_caddyfile_is_valid_for_both_kinds_of_certificate(tmp_path):
     assert proxy and proxy[0]["upstreams"] == [{"dial": "127.0.0.1:8080"}]
     # no trusted_proxies: what a client sends as X-Forwarded-* is replaced, never passed on
     assert "trusted_proxies" not in proxy[0]
+    # slow or idle clients are cut off: headers within 10 s, 2 minutes idle at most
+    assert server["read_header_timeout"] == 10 * 10**9 and server["idle_timeout"] == 120 * 10**9
+    # an idle connection to the server is let go before the server's own timeout drops it
+    keepalive = proxy[0]["transport"]["keep_alive"]["idle_timeout"]
+    assert keepalive < settings.VARS["MIP_CHANNEL_TIMEOUT"].default * 10**9
     assert "tls" not in json.loads(adapted.stdout)["apps"]  # automatic: nothing to load
 
     # the operator's certificate: caddy validate loads the files
@@ -431,14 +440,18 @@ def test_without_a_trusted_proxy_every_client_is_caddy(tmp_path, server_env):
 
 # ---------------------------------------------------------------------------- settings, warning
 
+def trusted_proxy(env: dict):
+    return settings.read(env, "MIP_TRUSTED_PROXY")
+
+
 def test_trusted_proxy_setting():
-    assert proxy.trusted_proxy_setting({}) is None
-    assert proxy.trusted_proxy_setting({"MIP_TRUSTED_PROXY": " 127.0.0.1 "}) == "127.0.0.1"
-    assert proxy.trusted_proxy_setting({"MIP_TRUSTED_PROXY": "[::1]"}) == "::1"
-    assert proxy.trusted_proxy_setting({"MIP_TRUSTED_PROXY": "*"}) == "*"
+    assert trusted_proxy({}) is None
+    assert trusted_proxy({"MIP_TRUSTED_PROXY": " 127.0.0.1 "}) == "127.0.0.1"
+    assert trusted_proxy({"MIP_TRUSTED_PROXY": "[::1]"}) == "::1"
+    assert trusted_proxy({"MIP_TRUSTED_PROXY": "*"}) == "*"
     for bad in ("localhost", "127.0.0.1,10.0.0.1", "10.0.0.0/8", "127.0.0.1:2019"):
         with pytest.raises(MipError, match="MIP_TRUSTED_PROXY"):
-            proxy.trusted_proxy_setting({"MIP_TRUSTED_PROXY": bad})
+            trusted_proxy({"MIP_TRUSTED_PROXY": bad})
 
 
 def test_a_bad_trusted_proxy_stops_the_server(server_env):

@@ -23,8 +23,6 @@ import queue
 import tempfile
 import threading
 import time
-from dataclasses import dataclass
-from dataclasses import field
 from datetime import UTC
 from datetime import datetime
 
@@ -40,8 +38,8 @@ from mip.errors import MipError
 from mip.errors import UsageError
 from mip.maps import map_file
 from mip.settings import SCHEMA_DIR
+from mip.settings import CdrSettings
 from mip.settings import Settings
-from mip.settings import int_setting
 
 CDR_SCHEMA_DIR = os.path.join(SCHEMA_DIR, "cdr")
 MAX_MAP_BYTES = 5 * 1024**3
@@ -609,45 +607,11 @@ def validate(name: str, payload) -> None:
 
 # ---------------------------------------------------------------------------- the server's link
 
-INBOX_MAX = 100_000  # events waiting in the inbox before the webhook answers 503
 INBOX_RETRY_AFTER = 60  # seconds the CDR is told to wait when the inbox is full
-RECONCILE_MINUTES = 30  # between two asks for the notifications we may have missed
 PREFETCH = 2  # maps fetched ahead of the run queue: enough to keep it fed, few on disk
 WAIT_RETRY = 30  # seconds before a refused submission is tried again unless a run ends
 MAX_ATTEMPTS = 3  # deliveries of one failed event the reconciler asks for
 WAIT_LOG = 60  # seconds between two "the inbox waits" lines
-
-
-@dataclass(frozen=True)
-class CdrSettings:
-    """Where the CDR is, how we talk to it, and the name we publish under."""
-
-    url: str
-    token: str = field(repr=False)
-    secret: str = field(repr=False)
-    callback_url: str
-    system: str
-    version: str
-    inbox_max: int = INBOX_MAX
-    reconcile_minutes: int = RECONCILE_MINUTES
-
-    @classmethod
-    def from_env(cls, env, version: str) -> "CdrSettings | None":
-        """None when no MIP_CDR_* setting is given; raises MipError naming one missing."""
-        needed = ("MIP_CDR_URL", "MIP_CDR_TOKEN", "MIP_CDR_SECRET", "MIP_CDR_CALLBACK_URL")
-        if not any(env.get(n) for n in needed):
-            return None
-        missing = [n for n in needed if not env.get(n)]
-        if missing:
-            raise MipError(f"{missing[0]} is not set; the CDR link needs "
-                                  f"{', '.join(needed)}")
-        return cls(url=env["MIP_CDR_URL"], token=env["MIP_CDR_TOKEN"],
-                   secret=env["MIP_CDR_SECRET"], callback_url=env["MIP_CDR_CALLBACK_URL"],
-                   system=env.get("MIP_CDR_SYSTEM") or "mip",
-                   version=env.get("MIP_CDR_VERSION") or version,
-                   inbox_max=int_setting(env, "MIP_CDR_INBOX_MAX", INBOX_MAX, 1, 10**8),
-                   reconcile_minutes=int_setting(env, "MIP_CDR_RECONCILE_MINUTES",
-                                                 RECONCILE_MINUTES, 1, 7 * 24 * 60))
 
 
 class BadEvent(ValueError):

@@ -23,8 +23,6 @@ import socket
 import ssl
 import threading
 import urllib.parse
-from dataclasses import dataclass
-from dataclasses import field
 from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
@@ -34,7 +32,8 @@ import bottle
 from mip import journal
 from mip.errors import MipError
 from mip.journal import FINISHED
-from mip.settings import int_setting
+from mip.settings import NoticeSettings
+from mip.settings import origin
 from mip.web.apierror import ApiError
 
 MAX_URL = 2048
@@ -71,49 +70,18 @@ class Unresolved(Refused):
 
 # ---------------------------------------------------------------------------- settings
 
-@dataclass(frozen=True)
-class NoticeSettings:
-    """MIP_NOTIFY_*: the URL told of every run, the signing secret, the allowed addresses,
-    and how hard a delivery is tried."""
+def check_settings(settings: NoticeSettings) -> None:
+    """Hold MIP_NOTIFY_URL to the address rule at start (mip/settings.py reads it); raises
+    MipError naming it. A literal address is checked now; a name at each delivery."""
+    if not settings.url:
+        return
+    try:
+        host, _ = split_url(settings.url)
+        if is_literal(host):
+            check_address(host, settings.allow)
+    except Refused as e:
+        raise MipError(f"MIP_NOTIFY_URL: {e}") from None
 
-    url: str | None = None
-    secret: str | None = field(default=None, repr=False)
-    allow: tuple = ()  # ip_network objects MIP_NOTIFY_ALLOW lets through
-    attempts: int = 8
-    backoff: int = 60  # seconds before the second try; doubled for each one after
-    timeout: int = 10  # seconds for connecting, and for each read
-
-    def __repr__(self) -> str:  # the secret stays out of any log of the settings
-        return f"NoticeSettings(url={self.url and origin(self.url)!r}, allow={self.allow!r})"
-
-    @classmethod
-    def from_env(cls, env) -> "NoticeSettings":
-        """Raises MipError naming the variable that is wrong."""
-        allow = []
-        for item in (env.get("MIP_NOTIFY_ALLOW") or "").split(","):
-            if item.strip():
-                try:
-                    allow.append(ipaddress.ip_network(item.strip(), strict=False))
-                except ValueError:
-                    raise MipError(f"MIP_NOTIFY_ALLOW: {item.strip()!r} is not an "
-                                          "address or a network (CIDR)") from None
-        url = env.get("MIP_NOTIFY_URL") or None
-        settings = cls(url=url, secret=env.get("MIP_NOTIFY_SECRET") or None, allow=tuple(allow),
-                       attempts=int_setting(env, "MIP_NOTIFY_ATTEMPTS", 8, 1, 100),
-                       backoff=int_setting(env, "MIP_NOTIFY_BACKOFF", 60, 1, 86400),
-                       timeout=int_setting(env, "MIP_NOTIFY_TIMEOUT", 10, 1, 120))
-        if url:
-            try:
-                host, _ = split_url(url)
-                # a literal address is checked now; a name at each delivery (DNS changes)
-                if is_literal(host):
-                    check_address(host, settings.allow)
-            except Refused as e:
-                raise MipError(f"MIP_NOTIFY_URL: {e}") from None
-        return settings
-
-
-# ---------------------------------------------------------------------------- addresses
 
 def split_url(url: str) -> tuple:
     """(host, port) of an http or https URL without credentials; raises Refused."""
@@ -215,16 +183,6 @@ def checked_addresses(url: str, allow: tuple, timeout: float = 10) -> tuple:
     for address in addresses:
         check_address(address, allow)
     return host, port, addresses
-
-
-def origin(url: str) -> str:
-    """scheme://host:port of a URL: what logs and answers show, since a path or query may
-    hold a receiver's token."""
-    try:
-        parts = urllib.parse.urlsplit(url)
-        return f"{parts.scheme}://{parts.hostname}:{parts.port or ''}".rstrip(":")
-    except ValueError:
-        return "(bad URL)"
 
 
 def check_payload(settings: NoticeSettings, payload: dict) -> None:

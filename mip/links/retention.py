@@ -15,22 +15,23 @@ is removed, never followed.
 import logging
 import os
 import shutil
+import stat
 import threading
 import time
-from dataclasses import dataclass
 from datetime import UTC
 from datetime import datetime
 
 import bottle
 
-from mip.errors import MipError
+from mip.errors import NotAFolder
 from mip.files import free_mb
+from mip.files import open_folder
 from mip.journal import Status
 from mip.s3 import list_objects
 from mip.s3 import s3_client
 from mip.s3 import s3_key_prefix
+from mip.settings import RetentionSettings
 from mip.settings import Settings
-from mip.settings import int_setting
 from mip.web.apierror import ApiError
 
 log = logging.getLogger("mip.retention")
@@ -60,47 +61,6 @@ REMOVED = {
     },
 }
 S3_QUERY = {"s3": {"type": "integer", "enum": [0, 1]}}
-
-
-# ---------------------------------------------------------------------------- settings
-
-@dataclass(frozen=True)
-class RetentionSettings:
-    """How long files and records are kept, and the free-space floor of the sweeper."""
-
-    temps_days: int | None = None  # None: kept for good
-    outputs_days: int | None = None
-    runs_days: int | None = None
-    sweep_free_mb: int = 0  # 0: no floor
-    sweep_outputs: bool = False  # may the floor remove outputs already in S3
-    interval: int = 600  # seconds between two sweeps
-
-    @classmethod
-    def from_env(cls, env, min_free_mb: int) -> "RetentionSettings":
-        """Raises MipError naming a bad variable."""
-        def days(name):
-            raw = env.get(name, "")
-            return None if raw == "" else int_setting(env, name, 0, 0, 100_000)
-
-        floor = int_setting(env, "MIP_SWEEP_FREE_MB", 0, 0, 10**9)
-        if floor and floor <= min_free_mb:
-            raise MipError(
-                f"MIP_SWEEP_FREE_MB={floor} must be above MIP_MIN_FREE_MB={min_free_mb}: the "
-                "sweeper must free space before runs are refused for the lack of it")
-        outputs = env.get("MIP_SWEEP_OUTPUTS", "0")
-        if outputs not in ("0", "1"):
-            raise MipError(f"MIP_SWEEP_OUTPUTS={outputs!r}: expected 0 or 1")
-        return cls(temps_days=days("MIP_RETAIN_TEMPS_DAYS"),
-                   outputs_days=days("MIP_RETAIN_OUTPUTS_DAYS"),
-                   runs_days=days("MIP_RETAIN_RUNS_DAYS"), sweep_free_mb=floor,
-                   sweep_outputs=outputs == "1",
-                   interval=int_setting(env, "MIP_SWEEP_SECONDS", 600, 1, DAY))
-
-    @property
-    def active(self) -> bool:
-        return (self.sweep_free_mb > 0
-                or any(d is not None for d in (self.temps_days, self.outputs_days,
-                                               self.runs_days)))
 
 
 def free_space(settings: Settings) -> dict:
@@ -135,29 +95,52 @@ def remove(root: str, *parts: str, keep: tuple = ()) -> str | None:
     """Remove `root/parts...` (a folder, a file, or a symlink itself, never what it points
     to); its name relative to root's parent when something was there, else None. Refused
     (None, with a warning) when a folder on the way is a symlink, which could lead out of
-    the data folders, or when it is or holds one of the paths `keep` (kept())."""
+    the data folders, or when it is or holds one of the paths `keep` (kept()). Everything
+    is reached from descriptors opened with O_NOFOLLOW, never by a path a module could
+    have changed since it was checked."""
     path = os.path.join(root, *parts)
-    if os.path.realpath(os.path.dirname(path)) != os.path.join(os.path.realpath(root),
-                                                               *parts[:-1]):
-        log.warning("not removing %s: a folder on its way is a symlink", path)
-        return None
-    real = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    # the folders on the way are opened below without following a link, so this is the
+    # real path of what is removed
+    real = os.path.join(os.path.realpath(root), *parts)
     held = [k for k in keep if k == real or k.startswith(real + os.sep)]
     if held:
         log.warning("not removing %s: it is or holds %s, which the server needs", path, held[0])
         return None
-    if not os.path.lexists(path):
+    try:
+        parent = open_folder(root, *parts[:-1], label=os.path.basename(root))
+    except NotAFolder:
+        log.warning("not removing %s: a folder on its way is a symlink (or not a folder)",
+                    path)
         return None
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path, ignore_errors=True)
+    if parent is None:
+        return None
+    try:
+        if not remove_at(parent, parts[-1], path):
+            return None
+    finally:
+        os.close(parent)
+    return "/".join((os.path.basename(root), *parts))
+
+
+def remove_at(parent: int, name: str, path: str) -> bool:
+    """Remove `name` from the folder `parent`, a whole folder through its descriptors;
+    False when nothing was there."""
+    try:
+        st = os.stat(name, dir_fd=parent, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(st.st_mode):
+        # shutil's rmtree with dir_fd walks by descriptor and never follows a link
+        # (shutil.rmtree.avoids_symlink_attacks), which is what a hand-written walk would do
+        shutil.rmtree(name, dir_fd=parent, ignore_errors=True)
         if os.path.lexists(path):
             log.warning("cannot remove all of %s", path)
     else:
         try:
-            os.unlink(path)
+            os.unlink(name, dir_fd=parent)
         except OSError as e:
             log.warning("cannot remove %s: %s", path, e)
-    return "/".join((os.path.basename(root), *parts))
+    return True
 
 
 class Remover:
@@ -190,7 +173,7 @@ class Remover:
         for cache in self.caches:
             cache.drop_job(job)
             for run_id in run_ids:
-                cache.items.pop(("run", run_id), None)
+                cache.drop(("run", run_id))
 
     def module(self, job: str, module: str, why: str, forget_upload: bool = False) -> list:
         """Remove a module's outputs, temps and log, and set it back to not_started."""

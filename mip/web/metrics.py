@@ -24,7 +24,6 @@ from prometheus_client import generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from mip import journal
-from mip.errors import MipError
 from mip.journal import FINISHED
 from mip.journal import Status
 
@@ -58,14 +57,6 @@ def add_routes(api) -> None:
         # the classic text format (0.0.4): every Prometheus version reads it
         bottle.response.content_type = CONTENT_TYPE_PLAIN_0_0_4
         return body
-
-
-def open_setting(env) -> bool:
-    """MIP_METRICS_OPEN: True for 1, False for 0 or unset; raises MipError else."""
-    value = env.get("MIP_METRICS_OPEN") or "0"
-    if value not in ("0", "1"):
-        raise MipError(f"MIP_METRICS_OPEN must be 0 or 1, not {value[:20]!r}")
-    return value == "1"
 
 
 def route_template(route) -> str:

@@ -14,27 +14,9 @@ This file never parses a forwarded header.
 import ipaddress
 import socket
 
-from mip.errors import MipError
-
 # what Caddy's reverse_proxy sends; `Forwarded` (RFC 7239) is not, and waitress refuses
 # to trust it beside these
 HEADERS = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
-
-
-def trusted_proxy_setting(env) -> str | None:
-    """MIP_TRUSTED_PROXY: one IP address, or `*` for any peer; None when unset.
-    Raises MipError for anything else (waitress compares the peer's address with
-    it as text, so a host name or a list would silently never match)."""
-    raw = env.get("MIP_TRUSTED_PROXY", "").strip()
-    if not raw:
-        return None
-    if raw == "*":
-        return raw
-    try:
-        return str(ipaddress.ip_address(raw.removeprefix("[").removesuffix("]")))
-    except ValueError:
-        raise MipError(f"MIP_TRUSTED_PROXY={raw!r}: expected the proxy's IP address "
-                              "(127.0.0.1 for a proxy on this host) or *") from None
 
 
 def waitress_settings(trusted_proxy: str | None) -> dict:
