@@ -10,6 +10,7 @@ Each run is a `mipper.py` subprocess in its own process group; the SQLite journa
 """
 
 import argparse
+import functools
 import getpass
 import json
 import logging
@@ -48,6 +49,7 @@ from mip.links import cdr
 from mip.links import notices
 from mip.links import retention
 from mip.queue import RunQueue
+from mip.queue import journal_warnings
 from mip.s3 import list_objects
 from mip.s3 import s3_client
 from mip.s3 import s3_key_prefix
@@ -234,6 +236,11 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         if int(length) > MAX_BODY:
             raise ApiError(413, "body_too_large",
                            f"the body has {length} bytes; the limit is {MAX_BODY}")
+        try:
+            # a journal deleted or replaced under the server: every answer says so
+            db.check_file()
+        except errors.MipError as e:
+            raise answer(e) from None
 
     def auth_plugin(callback):
         def wrapper(*args, **kwargs):
@@ -336,7 +343,8 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
 
     @route("GET", "/health", auth=False, answer={"type": "object"})
     def health():
-        """Liveness: 200 when the server answers (no auth)."""
+        """Liveness: 200 when the server answers (no auth); 503 journal_unavailable once
+        its journal was deleted or replaced."""
         return send({"status": "ok"})
 
     @route("GET", "/", answer=({"type": "object", "required": ["tls"], "properties": {
@@ -704,12 +712,22 @@ def main(argv=None) -> int:
         print(f"mip_server: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     db = journal.Journal(cfg.settings.journal_path)
-    db.migrate()
+    try:
+        db.migrate()
+    except journal.JournalError as e:
+        print(f"mip_server: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    key_file_found = os.path.exists(cfg.settings.key_file)
     try:
         queue = RunQueue(cfg, db)
     except keystore.KeyStoreError as e:
         print(f"mip_server: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    found = journal_warnings(cfg.settings, db, key_file_found)
+    # the links hook into the queue, which never imports them: a payload's notify_url is
+    # checked before the run is recorded, and its notices are recorded with it
+    queue.checks.append(functools.partial(notices.check_payload, cfg.notify))
+    queue.submitted.append(functools.partial(notices.record, db, cfg.notify))
     link = None
     if cfg.cdr_settings:
         link = cdr.CdrLink(cfg.cdr_settings, cfg.settings, db, queue.submit)
@@ -741,7 +759,7 @@ def main(argv=None) -> int:
         writer.stop()
         return EXIT_USAGE
     print(f"mip: serving on http://{cfg.host}:{server.effective_port}", flush=True)
-    for warning in proxy.start_warnings(cfg.host, cfg.trusted_proxy):
+    for warning in [*proxy.start_warnings(cfg.host, cfg.trusted_proxy), *found]:
         log.warning("%s", warning)
     if files_warning:
         log.warning("%s", files_warning)

@@ -305,10 +305,10 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
     if refusal:
         raise UsageError(refusal)
     settings.make_dirs()
-    db = journal.Journal(settings.journal_path)
-    db.migrate()
+    db = mipper_journal(settings)
     log_path = None
     if run_id is None:
+        db.migrate()  # run by hand: this may be the first use of a new data folder
         payload = {"job": job, "modules": list(modules), "map": map_name,
                    "force_rerun": force_rerun, "extra_switches": extra}
         try:
@@ -317,7 +317,11 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
         except journal.JournalError as e:
             raise UsageError(str(e)) from None
         log_path = db.run(run_id)["log_path"]
-    elif db.run(run_id) is None:
+    else:
+        # the server migrated at its start: 64 mippers starting at once must not all take
+        # the write lock for that, and one of other code must not change the file
+        db.check_version()
+    if run_id is not None and db.run(run_id) is None:
         raise UsageError(f"no run {run_id!r} in the journal")
     with run_logs(settings, job, log_path):
         if not db.set_run_status(run_id, Status.RUNNING, pid=os.getpid()):
@@ -363,6 +367,13 @@ def check_map_readable(settings: Settings, map_name: str) -> None:
     reason = maps.unreadable_in_child(map_file(settings, map_name), shown)
     if reason:
         raise UsageError(f"map {map_name!r}: GDAL cannot read {shown}: {reason}")
+
+
+def mipper_journal(settings: Settings) -> journal.Journal:
+    """The journal with mipper's patience: a write waits minutes for a lock or a read-only
+    file rather than seconds, since giving up loses the run's work."""
+    return journal.Journal(settings.journal_path, journal.MIPPER_BUSY_TIMEOUT,
+                           journal.MIPPER_WRITE_FOR)
 
 
 def stop_lost(settings: Settings, catalogue: dict, run_id: str, graph: list) -> None:
@@ -469,7 +480,7 @@ def upload_job(settings: Settings, job: str | None) -> int:
     if not settings.s3_bucket:
         raise UsageError("--upload needs MIP_S3_BUCKET")
     check_name("job", job or "")
-    db = journal.Journal(settings.journal_path)
+    db = mipper_journal(settings)
     db.migrate()
     if db.job_map(job) is None:
         raise UsageError(f"no job {job!r} in the journal")

@@ -98,3 +98,10 @@ class Unavailable(MipError):
     """A store the request needs (S3, the CDR) cannot be reached."""
 
     code = "storage_unavailable"
+
+
+class JournalUnavailable(Busy):
+    """The journal cannot be written for now (locked, read-only), or was deleted or
+    replaced while in use; the message names the file."""
+
+    code = "journal_unavailable"

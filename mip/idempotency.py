@@ -10,7 +10,7 @@ Submissions are compared by an HMAC, under a key derived from MIP_KEY_FILE, of t
 canonical JSON (sorted keys, the OpenAI key and the route included), so neither the
 payload's OpenAI key nor a digest anyone could recompute is stored. Keys live in the
 journal (table idempotency_keys), so they survive a restart; each user has their own.
-This file owns that table; it never starts a run itself, nor logs a key or a payload.
+Its SQL is in journal.py; this file never starts a run itself, nor logs a key or a payload.
 """
 
 import contextlib
@@ -28,6 +28,7 @@ from datetime import timedelta
 import bottle
 
 from mip import journal
+from mip.errors import JournalUnavailable
 from mip.web.apierror import ApiError
 
 HEADER = "Idempotency-Key"
@@ -53,8 +54,7 @@ class Keys:
         self.secret = secret
         # a key without a run was being answered when the server stopped: its request is
         # gone, so a retry must be free to make the run
-        with db.transaction() as tx:
-            tx.execute("DELETE FROM idempotency_keys WHERE run_id IS NULL")
+        db.forget_unbound_idempotency_keys()
 
     def submit(self, payload: dict, openai_key: str | None, make_run) -> str:
         """The run id of this request's submission: `make_run()`'s when the request has no
@@ -79,10 +79,8 @@ class Keys:
             self.forget(user, key)  # nothing was made: a retry may try again
             raise
         try:
-            with self.db.transaction() as tx:
-                tx.execute("UPDATE idempotency_keys SET run_id = ? WHERE user = ? AND key = ?",
-                           (run_id, user, key))
-        except sqlite3.Error as e:
+            self.db.bind_idempotency_key(user, key, run_id)
+        except (sqlite3.Error, JournalUnavailable) as e:
             # the run is made and is the answer; a repeat will find the key still claimed
             log.warning("run %s: its Idempotency-Key could not be recorded: %s", run_id, e)
         return run_id
@@ -100,21 +98,9 @@ class Keys:
         waits for its run. Raises ApiError 409."""
         deadline = time.monotonic() + WAIT
         while True:
-            # BEGIN IMMEDIATE: of two requests with one key, one inserts, the other sees it
-            with self.db.transaction() as tx:
-                tx.execute("DELETE FROM idempotency_keys WHERE created < ?", (expiry(),))
-                row = tx.execute("SELECT hmac, run_id, (SELECT 1 FROM runs r WHERE"
-                                 " r.run_id = k.run_id) AS exists_ FROM idempotency_keys k"
-                                 " WHERE user = ? AND key = ?", (user, key)).fetchone()
-                if row is not None and row["run_id"] and not row["exists_"]:
-                    # its run was deleted since: the key is free again
-                    tx.execute("DELETE FROM idempotency_keys WHERE user = ? AND key = ?",
-                               (user, key))
-                    row = None
-                if row is None:
-                    tx.execute("INSERT INTO idempotency_keys (user, key, hmac, run_id, created)"
-                               " VALUES (?, ?, ?, NULL, ?)", (user, key, digest, journal.utcnow()))
-                    return None
+            row = self.db.claim_idempotency_key(user, key, digest, expiry())
+            if row is None:
+                return None
             if not hmac.compare_digest(row["hmac"], digest):
                 raise ApiError(409, "idempotency_key_reused",
                                f"this {HEADER} was sent with another submission in the last "
@@ -129,10 +115,8 @@ class Keys:
 
     def forget(self, user: str, key: str) -> None:
         try:
-            with self.db.transaction() as tx:
-                tx.execute("DELETE FROM idempotency_keys WHERE user = ? AND key = ? AND"
-                           " run_id IS NULL", (user, key))
-        except sqlite3.Error as e:
+            self.db.free_idempotency_key(user, key)
+        except (sqlite3.Error, JournalUnavailable) as e:
             # the refusal being answered says more; the claim goes at the next start
             log.warning("could not free an Idempotency-Key: %s", e)
 

@@ -1,20 +1,30 @@
 """The SQLite journal of runs, jobs and module executions, shared by mip_server.py and mipper.py.
 
-Not run directly: `journal.Journal(path).migrate()` creates or upgrades the file.
-One connection per thread and per process (luigi forks a process per task), the file in
-WAL mode (set by migrate()), every write inside `with journal.transaction() as db:`.
+Not run directly: `journal.Journal(path).migrate()` creates or upgrades the file (the schema
+and its migrations are in migrations.py). ALL the project's SQL on the journal is here: the
+idempotency keys, completion notices and metrics queries too, as methods named for what
+they do. One connection per thread and per process (luigi forks a process per task), the
+file in WAL mode (set by migrate()), every write a method that runs inside
+`with self.transaction() as db:` and is tried again (retried()) while the file is locked.
 """
 
 import contextlib
+import functools
 import json
+import logging
 import os
 import secrets
 import sqlite3
 import threading
 import time
+import urllib.parse
 from datetime import UTC
 from datetime import datetime
 from enum import Enum
+
+from mip import migrations
+from mip.errors import JournalUnavailable
+from mip.errors import MipError
 
 
 class Status(str, Enum):
@@ -37,175 +47,26 @@ TRANSITIONS = {
     Status.RUNNING: {Status.PASSED, Status.FAILED, Status.CANCELLED},
 }
 
-STATUS_CHECK = "CHECK (status IN ('not_started', 'running', 'passed', 'failed', 'cancelled'))"
+# How long a write waits for the journal: the server's answer 503 within seconds (a
+# request thread must not wait for minutes), mipper's wait minutes, since a mipper that
+# gives up loses its run's work. busy_timeout is SQLite's wait for the lock in one try.
+BUSY_TIMEOUT = 1.0
+WRITE_FOR = 4.0
+MIPPER_BUSY_TIMEOUT = 30.0
+MIPPER_WRITE_FOR = 15 * 60.0
+MAX_DELAY = 5.0  # the longest pause between two tries of a write
+RETRY_AFTER = 5  # seconds a client is told to wait when the journal cannot be written
+# what a later try may overcome: a lock held elsewhere, a file read-only or failing for
+# a while (a full disk is not among them: it answers 507 at once)
+TRANSIENT = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED, sqlite3.SQLITE_READONLY,
+             sqlite3.SQLITE_IOERR, sqlite3.SQLITE_CANTOPEN}
 
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS jobs (
-    job TEXT PRIMARY KEY,
-    map TEXT NOT NULL,
-    created TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS runs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id TEXT NOT NULL UNIQUE,
-    job TEXT NOT NULL REFERENCES jobs(job),
-    map TEXT NOT NULL,
-    modules TEXT NOT NULL,
-    force_rerun INTEGER NOT NULL DEFAULT 0,
-    payload TEXT NOT NULL,
-    status TEXT NOT NULL {STATUS_CHECK},
-    submit_time TEXT NOT NULL,
-    start_time TEXT,
-    stop_time TEXT,
-    pid INTEGER,
-    log_path TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS runs_job ON runs(job, seq);
-CREATE INDEX IF NOT EXISTS runs_status ON runs(status, seq);
-CREATE TABLE IF NOT EXISTS executions (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    run_id TEXT NOT NULL REFERENCES runs(run_id),
-    job TEXT NOT NULL REFERENCES jobs(job),
-    module TEXT NOT NULL,
-    status TEXT NOT NULL {STATUS_CHECK},
-    start_time TEXT NOT NULL,
-    stop_time TEXT,
-    exit_code INTEGER,
-    log_path TEXT NOT NULL,
-    message TEXT
-);
-CREATE INDEX IF NOT EXISTS executions_job_module ON executions(job, module, id);
-CREATE INDEX IF NOT EXISTS executions_run ON executions(run_id);
-"""
-
-def _add_upload_columns(db) -> None:
-    """1: where a module's data was copied (S3) and how that went."""
-    db.execute("ALTER TABLE executions ADD COLUMN upload_status TEXT"
-               " CHECK (upload_status IN ('uploaded', 'failed'))")
-    db.execute("ALTER TABLE executions ADD COLUMN upload_uri TEXT")
-    db.execute("ALTER TABLE executions ADD COLUMN upload_message TEXT")
+log = logging.getLogger("mip.journal")
 
 
-def _add_cdr_tables(db) -> None:
-    """2: events delivered by the CDR, and what was published to it."""
-    db.execute("""CREATE TABLE cdr_events (
-        event_id TEXT PRIMARY KEY,
-        event TEXT NOT NULL,
-        cog_id TEXT NOT NULL,
-        cog_url TEXT,
-        status TEXT NOT NULL CHECK (status IN
-            ('received', 'downloading', 'submitted', 'failed', 'duplicate')),
-        received TEXT NOT NULL,
-        updated TEXT NOT NULL,
-        run_id TEXT,
-        message TEXT)""")
-    db.execute("CREATE INDEX cdr_events_cog ON cdr_events(cog_id, received)")
-    db.execute("CREATE INDEX cdr_events_run ON cdr_events(run_id)")
-    db.execute("""CREATE TABLE cdr_publications (
-        job TEXT NOT NULL REFERENCES jobs(job),
-        kind TEXT NOT NULL CHECK (kind IN ('features', 'georef')),
-        status TEXT NOT NULL CHECK (status IN ('pending', 'published', 'failed')),
-        result_id TEXT,
-        cdr_job_id TEXT,
-        message TEXT,
-        time TEXT NOT NULL,
-        PRIMARY KEY (job, kind))""")
-
-
-def _allow_skipped_publications(db) -> None:
-    """3: a publication may be `skipped` on purpose (estimated GCPs are never published).
-    SQLite cannot change a CHECK in place: the table is copied into a new one."""
-    db.execute("""CREATE TABLE cdr_publications_new (
-        job TEXT NOT NULL REFERENCES jobs(job),
-        kind TEXT NOT NULL CHECK (kind IN ('features', 'georef')),
-        status TEXT NOT NULL CHECK (status IN ('pending', 'published', 'failed', 'skipped')),
-        result_id TEXT,
-        cdr_job_id TEXT,
-        message TEXT,
-        time TEXT NOT NULL,
-        PRIMARY KEY (job, kind))""")
-    db.execute("INSERT INTO cdr_publications_new SELECT job, kind, status, result_id,"
-               " cdr_job_id, message, time FROM cdr_publications")
-    db.execute("DROP TABLE cdr_publications")
-    db.execute("ALTER TABLE cdr_publications_new RENAME TO cdr_publications")
-
-
-def _add_run_keys(db) -> None:
-    """4: the sealed OpenAI key of a queued run (keystore.py), kept until the run starts."""
-    db.execute("""CREATE TABLE run_keys (
-        run_id TEXT PRIMARY KEY REFERENCES runs(run_id),
-        sealed TEXT NOT NULL)""")
-
-
-def _add_idempotency_keys(db) -> None:
-    """5: the Idempotency-Key of each submission (idempotency.py), kept 24 hours: the HMAC
-    of what was submitted, never the payload or its key, and the run it made (NULL while
-    the first request is still being answered). No foreign key: deleting a run may leave
-    its key behind, which is then forgotten."""
-    db.execute("""CREATE TABLE idempotency_keys (
-        user TEXT NOT NULL,
-        key TEXT NOT NULL,
-        hmac TEXT NOT NULL,
-        run_id TEXT,
-        created TEXT NOT NULL,
-        PRIMARY KEY (user, key))""")
-    db.execute("CREATE INDEX idempotency_keys_created ON idempotency_keys(created)")
-
-
-def _add_deliveries(db) -> None:
-    """6: completion notices (notices.py): one row per run and URL, `waiting` until the run
-    ends, then `pending` until `delivered` or `failed`. The receiver's answer is never kept."""
-    db.execute("""CREATE TABLE deliveries (
-        id TEXT PRIMARY KEY,
-        run_id TEXT NOT NULL,
-        url TEXT NOT NULL,
-        source TEXT NOT NULL CHECK (source IN ('payload', 'server')),
-        state TEXT NOT NULL CHECK (state IN ('waiting', 'pending', 'delivered', 'failed')),
-        attempts INTEGER NOT NULL DEFAULT 0,
-        next_try TEXT,
-        last_error TEXT,
-        created TEXT NOT NULL,
-        updated TEXT NOT NULL)""")
-    db.execute("CREATE INDEX deliveries_state ON deliveries(state, next_try)")
-    db.execute("CREATE INDEX deliveries_run ON deliveries(run_id)")
-
-
-def _add_resources(db) -> None:
-    """7: what each module execution used of the host (gpus.RESOURCE_KEYS), as JSON."""
-    db.execute("ALTER TABLE executions ADD COLUMN resources TEXT")
-
-
-def _add_cdr_inbox(db) -> None:
-    """8: the CDR inbox. `attempts`: deliveries taken of the event (a failed event delivered
-    again is tried again); `retry`: 1 when it failed for a reason that may pass (a download,
-    a full queue or disk), so that it is worth asking the CDR to resend; `fetched`: 1 when
-    the link downloaded the event's map, which retention may then remove. Failures recorded
-    before this migration of those kinds are marked retry."""
-    db.execute("ALTER TABLE cdr_events ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
-    db.execute("ALTER TABLE cdr_events ADD COLUMN retry INTEGER NOT NULL DEFAULT 0")
-    db.execute("ALTER TABLE cdr_events ADD COLUMN fetched INTEGER NOT NULL DEFAULT 0")
-    db.execute("CREATE INDEX cdr_events_status ON cdr_events(status)")
-    db.execute("UPDATE cdr_events SET retry = 1 WHERE status = 'failed' AND (message LIKE"
-               " 'download of %' OR message LIKE 'run not submitted:%MIP_MAX_QUEUED%'"
-               " OR message LIKE 'run not submitted:%free%')")
-
-
-# Numbered migrations after the initial schema: (version, function(db)). Each runs in
-# one transaction with the bump of PRAGMA user_version that records it.
-MIGRATIONS: list = [
-    (1, _add_upload_columns),
-    (2, _add_cdr_tables),
-    (3, _allow_skipped_publications),
-    (4, _add_run_keys),
-    (5, _add_idempotency_keys),
-    (6, _add_deliveries),
-    (7, _add_resources),
-    (8, _add_cdr_inbox),
-]
-
-
-class JournalError(Exception):
-    """A write the journal refuses (unknown row, illegal state change, job bound elsewhere)."""
+class JournalError(MipError):
+    """A write the journal refuses (unknown row, illegal state change, job bound elsewhere),
+    or a file that is not the journal this code expects."""
 
 
 def utcnow() -> str:
@@ -230,50 +91,145 @@ def new_run_id() -> str:
     return f"{stamp}-{fraction:06d}-{secrets.token_hex(2)}"
 
 
-class Journal:
-    """The journal file at `path`; safe to share between threads (one connection each)."""
+def _retried(method):
+    """A Journal write method, tried again as Journal.retried() says."""
+    @functools.wraps(method)
+    def write(self, *args, **kwargs):
+        return self.retried(lambda: method(self, *args, **kwargs))
+    return write
 
-    def __init__(self, path: str):
+
+class Journal:
+    """The journal file at `path`; safe to share between threads (one connection each).
+
+    A write that meets a locked, read-only or failing file is tried again, with a wait
+    that doubles up to `write_for` seconds in all, each try waiting up to `busy_timeout`
+    for the lock; then it raises JournalUnavailable. The server keeps both short, so that
+    a request is answered 503 in seconds; mipper takes minutes (MIPPER_* below), since
+    giving up loses a run's work. The file is never made anew while in use: only
+    migrate() creates it, and once opened, a write or check_file() on a path that was
+    deleted or replaced raises JournalUnavailable naming it.
+    """
+
+    def __init__(self, path: str, busy_timeout: float = BUSY_TIMEOUT,
+                 write_for: float = WRITE_FOR):
         self.path = path
+        self.busy_timeout = busy_timeout
+        self.write_for = write_for
+        self.identity = None  # (st_dev, st_ino) of the file first opened
         self._local = threading.local()
 
-    def connect(self) -> sqlite3.Connection:
-        """This thread's connection, opened on first use (and again in a forked child)."""
+    def connect(self, create: bool = False) -> sqlite3.Connection:
+        """This thread's connection, opened on first use (and again in a forked child).
+        Raises JournalUnavailable when the file is gone (unless `create`)."""
         local = self._local
         if getattr(local, "pid", None) != os.getpid():
-            local.db = sqlite3.connect(self.path, timeout=5, isolation_level=None,
-                                       check_same_thread=False)
-            local.db.row_factory = sqlite3.Row
-            local.db.execute("PRAGMA foreign_keys=ON")
-            local.pid = os.getpid()
+            mode = "rwc" if create else "rw"
+            uri = f"file:{urllib.parse.quote(os.path.abspath(self.path))}?mode={mode}"
+            try:
+                db = sqlite3.connect(uri, uri=True, timeout=self.busy_timeout,
+                                     isolation_level=None, check_same_thread=False)
+            except sqlite3.OperationalError as e:
+                raise self.unavailable(str(e)) from None
+            db.row_factory = sqlite3.Row
+            db.execute("PRAGMA foreign_keys=ON")
+            if self.identity is None:
+                st = os.stat(self.path)
+                self.identity = (st.st_dev, st.st_ino)
+            local.db, local.pid = db, os.getpid()
         return local.db
+
+    def check_file(self) -> None:
+        """Raises JournalUnavailable if the file opened first was deleted or replaced since:
+        this process's connections would go on writing to the old one."""
+        if self.identity is None:
+            return
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise JournalUnavailable(
+                f"the journal {self.path} was deleted while in use; put it back (or move "
+                "the data away) and restart the server: it is never made anew while running",
+                retry_after=RETRY_AFTER) from None
+        if (st.st_dev, st.st_ino) != self.identity:
+            raise JournalUnavailable(
+                f"the journal {self.path} was replaced by another file while in use; restart "
+                "the server to use the new one", retry_after=RETRY_AFTER)
+
+    def unavailable(self, why: str) -> JournalUnavailable:
+        return JournalUnavailable(f"the journal {self.path} cannot be written now ({why}); "
+                                  f"try again in {RETRY_AFTER} s", retry_after=RETRY_AFTER)
 
     @contextlib.contextmanager
     def transaction(self):
-        """`BEGIN IMMEDIATE` ... `COMMIT`, rolled back on any exception."""
+        """`BEGIN IMMEDIATE` ... `COMMIT`, rolled back on any exception (a failed COMMIT
+        too: a connection left inside a transaction could never write again)."""
         db = self.connect()
         db.execute("BEGIN IMMEDIATE")
         try:
             yield db
+            db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    self.close()  # unusable: the next use opens a new one
             raise
-        db.execute("COMMIT")
+
+    def retried(self, write):
+        """`write()` (which makes its own transaction), tried again while the file is
+        locked, read-only or failing, for up to `write_for` seconds. Raises
+        JournalUnavailable past that, or when the file was deleted or replaced."""
+        deadline = time.monotonic() + self.write_for
+        delay = 0.02
+        while True:
+            self.check_file()
+            try:
+                return write()
+            except sqlite3.OperationalError as e:
+                code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+                if code not in TRANSIENT:
+                    raise
+                if code != sqlite3.SQLITE_BUSY:
+                    # a connection opened while the file was read-only stays so: reopen
+                    self.close()
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("journal %s: a write failed for %.0f s: %s", self.path,
+                                self.write_for, e)
+                    raise self.unavailable(str(e)) from None
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, MAX_DELAY)
 
     def migrate(self) -> None:
-        """Switch the file to WAL, create the schema and apply pending migrations; a no-op
-        when up to date."""
+        """Create the file if need be, switch it to WAL, create the schema and apply pending
+        migrations (migrations.py); a no-op when up to date. Raises JournalError for a file
+        that is not a journal (corrupt, truncated), naming it and SQLite's reason."""
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-        self._use_wal()
-        with self.transaction() as db:
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    db.execute(statement)
-        for version, apply in MIGRATIONS:
-            with self.transaction() as db:
-                if db.execute("PRAGMA user_version").fetchone()[0] < version:
-                    apply(db)
-                    db.execute(f"PRAGMA user_version = {int(version)}")
+        try:
+            self.connect(create=True)
+            self._use_wal()
+            self.retried(lambda: migrations.apply(self))
+        except sqlite3.DatabaseError as e:
+            self.close()
+            raise JournalError(f"{self.path}: not a usable journal: {e}") from None
+
+    def version(self) -> int:
+        """The migration the file has had (PRAGMA user_version), read without a write."""
+        return self.connect().execute("PRAGMA user_version").fetchone()[0]
+
+    def check_version(self) -> None:
+        """Raises JournalError unless the file has exactly the migrations this code
+        expects: what a mipper started by the server checks, since the server migrated."""
+        try:
+            found = self.version()
+        except sqlite3.DatabaseError as e:
+            raise JournalError(f"{self.path}: not a usable journal: {e}") from None
+        if found != migrations.VERSION:
+            raise JournalError(f"{self.path} is at version {found}, this mipper expects "
+                               f"{migrations.VERSION}: the server that started it runs "
+                               "other code; restart the server")
 
     def _use_wal(self, tries: int = 100) -> None:
         """WAL is a property of the file, set once. Switching fails at once, without the busy
@@ -300,6 +256,7 @@ class Journal:
 
     # ---------------------------------------------------------------- runs and jobs
 
+    @_retried
     def create_run(self, job: str, map_name: str, modules: list, force_rerun: bool,
                    payload: dict, logs_dir: str, sealed_key: str | None = None) -> str:
         """Record a new `not_started` run, binding the job to its map on its first run;
@@ -336,11 +293,19 @@ class Journal:
                                      (run_id,)).fetchone()
         return row and row[0]
 
+    def runs_with_sealed_keys(self) -> list:
+        """Ids of the runs that keep a sealed OpenAI key (queued ones), oldest first."""
+        return [r[0] for r in self.connect().execute(
+            "SELECT k.run_id FROM run_keys k JOIN runs r ON r.run_id = k.run_id"
+            " ORDER BY r.seq")]
+
+    @_retried
     def forget_run_key(self, run_id: str) -> None:
         """Delete a run's sealed key (it started, was cancelled or ended)."""
         with self.transaction() as db:
             db.execute("DELETE FROM run_keys WHERE run_id = ?", (run_id,))
 
+    @_retried
     def set_run_status(self, run_id: str, status: Status, pid: int | None = None) -> bool:
         """Move a run to `status`, stamping start or stop time; False if the move is illegal."""
         with self.transaction() as db:
@@ -359,6 +324,7 @@ class Journal:
                            (status.value, now, now, run_id))
         return True
 
+    @_retried
     def set_run_pid(self, run_id: str, pid: int) -> None:
         """Record the run's mipper process, so that a restarted server can find it."""
         with self.transaction() as db:
@@ -449,6 +415,7 @@ class Journal:
 
     # ---------------------------------------------------------------- module executions
 
+    @_retried
     def start_execution(self, run_id: str, job: str, module: str, log_path: str) -> int:
         """Record a module starting to run; returns the execution id."""
         with self.transaction() as db:
@@ -457,6 +424,7 @@ class Journal:
                 " VALUES (?, ?, ?, 'running', ?, ?)", (run_id, job, module, utcnow(), log_path))
             return cur.lastrowid
 
+    @_retried
     def finish_execution(self, exec_id: int, status: Status, exit_code: int | None,
                          message: str | None, resources: dict | None = None) -> bool:
         """Record how a module execution ended (and what it used of the host); False if
@@ -469,6 +437,7 @@ class Journal:
                  None if resources is None else json.dumps(resources), exec_id))
             return cur.rowcount == 1
 
+    @_retried
     def set_execution_progress(self, exec_id: int, message: str | None,
                                resources: dict | None = None, started: bool = False) -> None:
         """A running execution's message (such as "waiting for a GPU") and, when given, what
@@ -481,12 +450,14 @@ class Journal:
                        (message, None if resources is None else json.dumps(resources),
                         started, utcnow(), exec_id))
 
+    @_retried
     def set_upload(self, exec_id: int, status: str, uri: str, message: str | None) -> None:
         """Record the outcome of copying an execution's data to S3."""
         with self.transaction() as db:
             db.execute("UPDATE executions SET upload_status = ?, upload_uri = ?,"
                        " upload_message = ? WHERE id = ?", (status, uri, message, exec_id))
 
+    @_retried
     def end_running_executions(self, run_id: str, status: Status, message: str) -> int:
         """Mark the run's running modules `status` (cancel, lost process); returns how many."""
         with self.transaction() as db:
@@ -540,6 +511,7 @@ class Journal:
             (job,)).fetchone()
         return row is not None
 
+    @_retried
     def reset_module(self, job: str, module: str, why: str, forget_upload: bool) -> int:
         """The module's outputs are gone: its latest execution, and every one that passed,
         become `not_started` (with `why` as message), so that no record says it passed and
@@ -555,6 +527,7 @@ class Journal:
                 (why, job, module, job, module))
             return cur.rowcount
 
+    @_retried
     def delete_job(self, job: str) -> list:
         """Delete the job, its runs and every row that refers to them; the runs' log paths."""
         with self.transaction() as db:
@@ -572,6 +545,7 @@ class Journal:
             " FROM executions WHERE job = e.job AND module = e.module))"
             " FROM runs r WHERE r.run_id = ?", (run_id,)).fetchone()[0])
 
+    @_retried
     def delete_run(self, run_id: str) -> None:
         """Delete a run and every row that refers to it (its executions, its key)."""
         with self.transaction() as db:
@@ -611,6 +585,7 @@ class Journal:
 
     # ---------------------------------------------------------------- CDR events
 
+    @_retried
     def add_event(self, event_id: str, event: str, cog_id: str, cog_url: str | None,
                   status: str, message: str | None = None) -> bool:
         """Record a delivered event; False if an event with this id was recorded before."""
@@ -622,6 +597,7 @@ class Journal:
                 (event_id, event, cog_id, cog_url, status, now, now, message))
             return cur.rowcount == 1
 
+    @_retried
     def set_event(self, event_id: str, status: str, run_id: str | None = None,
                   message: str | None = None, retry: bool = False,
                   fetched: bool | None = None) -> None:
@@ -726,6 +702,7 @@ class Journal:
             (cog_id,)).fetchone()
         return row is not None
 
+    @_retried
     def set_publication(self, job: str, kind: str, status: str, result_id: str | None = None,
                         cdr_job_id: str | None = None, message: str | None = None) -> None:
         with self.transaction() as db:
@@ -737,6 +714,147 @@ class Journal:
         """{kind: row} of what was published to the CDR for a job."""
         rows = self.connect().execute("SELECT * FROM cdr_publications WHERE job = ?", (job,))
         return {r["kind"]: dict(r) for r in rows}
+
+    # ---------------------------------------------------------------- Idempotency-Keys
+
+    @_retried
+    def forget_unbound_idempotency_keys(self) -> int:
+        """Delete the keys that have no run yet: their request was being answered when the
+        server stopped, so a retry must be free to make the run. Returns how many."""
+        with self.transaction() as db:
+            return db.execute("DELETE FROM idempotency_keys WHERE run_id IS NULL").rowcount
+
+    @_retried
+    def claim_idempotency_key(self, user: str, key: str, digest: str,
+                              expired_before: str) -> dict | None:
+        """Take `key` of `user` for a new submission whose HMAC is `digest` (None), or
+        return the row ({"hmac", "run_id"}) of whoever holds it. In the same transaction,
+        keys created before `expired_before` are forgotten, and so is this key if the run
+        it made was deleted since. BEGIN IMMEDIATE: of two requests with one key, one
+        inserts, the other sees it."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM idempotency_keys WHERE created < ?", (expired_before,))
+            row = db.execute("SELECT hmac, run_id, (SELECT 1 FROM runs r WHERE"
+                             " r.run_id = k.run_id) AS exists_ FROM idempotency_keys k"
+                             " WHERE user = ? AND key = ?", (user, key)).fetchone()
+            if row is not None and row["run_id"] and not row["exists_"]:
+                db.execute("DELETE FROM idempotency_keys WHERE user = ? AND key = ?",
+                           (user, key))
+                row = None
+            if row is None:
+                db.execute("INSERT INTO idempotency_keys (user, key, hmac, run_id, created)"
+                           " VALUES (?, ?, ?, NULL, ?)", (user, key, digest, utcnow()))
+                return None
+            return {"hmac": row["hmac"], "run_id": row["run_id"]}
+
+    @_retried
+    def bind_idempotency_key(self, user: str, key: str, run_id: str) -> None:
+        """Record the run a claimed key made: a repeat of its submission answers that run."""
+        with self.transaction() as db:
+            db.execute("UPDATE idempotency_keys SET run_id = ? WHERE user = ? AND key = ?",
+                       (run_id, user, key))
+
+    @_retried
+    def free_idempotency_key(self, user: str, key: str) -> None:
+        """Forget a claimed key whose submission made no run, so that a retry may try again."""
+        with self.transaction() as db:
+            db.execute("DELETE FROM idempotency_keys WHERE user = ? AND key = ? AND"
+                       " run_id IS NULL", (user, key))
+
+    # ---------------------------------------------------------------- completion notices
+
+    @_retried
+    def add_deliveries(self, run_id: str, targets: list) -> None:
+        """Record, as `waiting` until the run ends, a notice to each (url, source)."""
+        now = utcnow()
+        with self.transaction() as db:
+            for url, source in targets:
+                db.execute("INSERT INTO deliveries (id, run_id, url, source, state, attempts,"
+                           " created, updated) VALUES (?, ?, ?, ?, 'waiting', 0, ?, ?)",
+                           (secrets.token_hex(16), run_id, url, source, now, now))
+
+    def deliveries(self, run_id: str) -> list:
+        """Rows of a run's notices, in the order they were recorded."""
+        rows = self.connect().execute(
+            "SELECT * FROM deliveries WHERE run_id = ? ORDER BY created, source", (run_id,))
+        return [dict(r) for r in rows]
+
+    def deliveries_to_promote(self) -> tuple:
+        """(run ids with `waiting` notices whose run has ended, ids of unsent notices whose
+        run was deleted), without taking the write lock."""
+        db = self.connect()
+        marks = ",".join("?" * len(FINISHED))
+        ended = [r[0] for r in db.execute(
+            "SELECT d.run_id FROM deliveries d JOIN runs r ON r.run_id = d.run_id"
+            f" WHERE d.state = 'waiting' AND r.status IN ({marks})",
+            [s.value for s in FINISHED])]
+        orphans = [r[0] for r in db.execute(
+            "SELECT id FROM deliveries WHERE state IN ('waiting', 'pending')"
+            " AND run_id NOT IN (SELECT run_id FROM runs)")]
+        return list(dict.fromkeys(ended)), orphans
+
+    @_retried
+    def promote_deliveries(self, ended_runs: list, orphans: list) -> None:
+        """Make the waiting notices of `ended_runs` due now, and fail the `orphans`
+        (notices of deleted runs), in one transaction."""
+        now = utcnow()
+        with self.transaction() as db:
+            for run_id in ended_runs:
+                db.execute("UPDATE deliveries SET state = 'pending', next_try = ?, updated = ?"
+                           " WHERE run_id = ? AND state = 'waiting'", (now, now, run_id))
+            for delivery_id in orphans:
+                db.execute("UPDATE deliveries SET state = 'failed', last_error = 'the run was"
+                           " deleted', updated = ? WHERE id = ?", (now, delivery_id))
+
+    def due_deliveries(self, limit: int) -> list:
+        """Rows of at most `limit` pending notices due now, the longest due first."""
+        rows = self.connect().execute(
+            "SELECT * FROM deliveries WHERE state = 'pending' AND next_try <= ?"
+            " ORDER BY next_try LIMIT ?", (utcnow(), limit))
+        return [dict(r) for r in rows]
+
+    def next_delivery_time(self) -> str | None:
+        """When the next pending notice is due (utcnow() text), or None without one."""
+        return self.connect().execute(
+            "SELECT MIN(next_try) FROM deliveries WHERE state = 'pending'").fetchone()[0]
+
+    @_retried
+    def delivery_failed_attempt(self, delivery_id: str, attempts: int, next_try: str,
+                                error: str) -> None:
+        """Record a failed try of a notice that will be tried again at `next_try`."""
+        with self.transaction() as db:
+            db.execute("UPDATE deliveries SET attempts = ?, next_try = ?, last_error = ?,"
+                       " updated = ? WHERE id = ?",
+                       (attempts, next_try, error, utcnow(), delivery_id))
+
+    @_retried
+    def end_delivery(self, delivery_id: str, state: str, error: str | None) -> None:
+        """Record a notice's last try: `delivered`, or `failed` for good with `error`."""
+        with self.transaction() as db:
+            db.execute("UPDATE deliveries SET state = ?, attempts = attempts + 1, next_try ="
+                       " NULL, last_error = ?, updated = ? WHERE id = ?",
+                       (state, error, utcnow(), delivery_id))
+
+    # ---------------------------------------------------------------- metrics (web/metrics.py)
+
+    def last_execution_id(self) -> int:
+        """The highest execution id so far (0 with none)."""
+        return self.connect().execute(
+            "SELECT COALESCE(MAX(id), 0) FROM executions").fetchone()[0]
+
+    def executions_from(self, low: int, ended_since: str) -> list:
+        """(id, module, status, seconds it took or None) of the executions from id `low` on
+        that are running or ended at or after `ended_since`, by id."""
+        return [tuple(r) for r in self.connect().execute(
+            "SELECT id, module, status,"
+            " (julianday(stop_time) - julianday(start_time)) * 86400.0"
+            " FROM executions WHERE id >= ? AND (status = 'running' OR stop_time >= ?)"
+            " ORDER BY id", (low, ended_since))]
+
+    def run_counts(self) -> dict:
+        """{status: how many runs are in it}, for the statuses that have any."""
+        return dict(self.connect().execute(
+            "SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
 
 
 def _run_filter(job: str | None, status: str | None) -> tuple:

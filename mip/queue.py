@@ -33,6 +33,7 @@ from mip.catalogue import module_runner
 from mip.errors import DiskFull
 from mip.errors import Invalid
 from mip.errors import JobBoundToOtherMap
+from mip.errors import JournalUnavailable
 from mip.errors import NotFound
 from mip.errors import QueueFull
 from mip.errors import UsageError
@@ -164,7 +165,7 @@ class RunQueue:
                 return
             try:
                 queued = self.db.waiting_runs()
-            except sqlite3.Error as e:
+            except (sqlite3.Error, JournalUnavailable) as e:
                 log.error("cannot read the queue (%s); trying again in %d s", e, RETRY_START)
                 self.dispatch_later()
                 return
@@ -232,7 +233,7 @@ class RunQueue:
         try:
             self.db.forget_run_key(run_id)
             self.db.set_run_pid(run_id, proc.pid)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, JournalUnavailable) as e:
             # mipper records its pid itself; the key goes when the run's end is recorded
             log.error("run %s: cannot record its start yet: %s", run_id, e)
 
@@ -267,7 +268,7 @@ class RunQueue:
         pid = self.running.get(run_id, (None, None))[1]
         try:
             recorded = self.db.run(run_id)["status"] in (Status.PASSED, Status.FAILED)
-        except sqlite3.Error:
+        except (sqlite3.Error, JournalUnavailable):
             recorded = False
         if not recorded:
             self.stop_leftovers(run_id, pid)
@@ -382,6 +383,28 @@ class RunQueue:
         """Stop starting runs; running mippers go on and a restarted server adopts them."""
         with self.lock:
             self.stopping = True
+
+
+def journal_warnings(settings, db: journal.Journal, key_file_found: bool) -> list:
+    """What start-up finds amiss between the journal and the disk, one line each: a journal
+    without jobs while job folders are on disk (it was lost or replaced), and OpenAI keys
+    sealed under a key file that was missing (made anew, it cannot open them)."""
+    found = []
+    if db.count_jobs() == 0:
+        try:
+            folders = [e for e in os.scandir(settings.outputs_dir) if e.is_dir()]
+        except OSError:
+            folders = []
+        if folders:
+            found.append(f"the journal {db.path} holds no jobs, but {len(folders)} jobs' "
+                         f"folders are on disk in {settings.outputs_dir}: was the journal "
+                         "lost or replaced? This server knows none of their runs")
+    sealed = db.runs_with_sealed_keys() if not key_file_found else []
+    if sealed:
+        found.append(f"the key file {settings.key_file} was missing and is made anew, but the "
+                     f"journal holds OpenAI keys sealed under the old one: {len(sealed)} "
+                     f"queued runs will fail when they start: {' '.join(sealed)}")
+    return found
 
 
 def insufficient_storage(why: str) -> DiskFull:

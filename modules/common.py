@@ -1,7 +1,7 @@
 """Shared helpers for the stand-in TA1 modules in this folder.
 
 Not run on its own: each `modules/<name>.py` imports it (after putting this folder on
-sys.path) for argument parsing, the four test switches, logging, and file and JSON
+sys.path) for argument parsing, the five test switches, logging, and file and JSON
 helpers. Standard library only; reading maps is raster.py's, PNG patches patches.py's.
 
 Sections: errors, arguments, running, files.
@@ -55,9 +55,15 @@ def make_parser(name: str, description: str) -> argparse.ArgumentParser:
     tests.add_argument("--hold-mb", type=hold_size, default=0, metavar="MB",
                        help=f"hold this many MB of memory (resident) for {HOLD_SECONDS:g} s, "
                             f"at most {HOLD_MAX_MB}")
+    tests.add_argument("--hold", metavar="PATH",
+                       help="wait while PATH exists (a test removes it to let the module go "
+                            f"on), at most {HOLD_MAX_WAIT:g} s")
     return parser
 
 
+# --hold: how long a module waits at most for its file to go, and how often it looks
+HOLD_MAX_WAIT = 300.0
+HOLD_POLL = 0.05
 HOLD_SECONDS = 2.0
 # an API user's extra switch reaches this: no asking the server's host for all its memory
 HOLD_MAX_MB = 1024
@@ -153,6 +159,8 @@ def honour_test_switches(args: argparse.Namespace, log: logging.Logger) -> None:
     """Raises ModuleFailed for --fail, and for --fail-unless-exists with a missing path."""
     if args.sleep > 0:
         log.info("--sleep %.3f: this run takes at least that long", args.sleep)
+    if args.hold is not None:
+        hold_while_exists(args.hold, log)
     if args.hold_mb > 0:
         hold_memory(args.hold_mb, log)
     if args.fail:
@@ -161,6 +169,16 @@ def honour_test_switches(args: argparse.Namespace, log: logging.Logger) -> None:
         if not os.path.exists(args.fail_unless_exists):
             raise ModuleFailed(f"--fail-unless-exists: {args.fail_unless_exists} does not exist")
         log.info("--fail-unless-exists: %s exists", args.fail_unless_exists)
+
+
+def hold_while_exists(path: str, log: logging.Logger) -> None:
+    """Wait until `path` is gone, so a test holds the module running exactly as long as it
+    needs instead of guessing a --sleep; bounded, so a forgotten file cannot hold it forever."""
+    log.info("--hold: waiting while %s exists (at most %g s)", path, HOLD_MAX_WAIT)
+    deadline = time.monotonic() + HOLD_MAX_WAIT
+    while os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(HOLD_POLL)
+    log.info("--hold: %s", "released" if not os.path.exists(path) else "timed out")
 
 
 def hold_memory(mb: int, log: logging.Logger) -> None:

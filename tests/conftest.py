@@ -1,6 +1,8 @@
 """Fixtures: a private set of data folders with the sample map, mipper as a subprocess,
-and the real server (waitress on a free loopback port) with bounded waits."""
+the real server (waitress on a free loopback port) with bounded waits, and the same app
+called in process (`inproc`) for tests that need no process and no socket."""
 
+import io
 import os
 import re
 import secrets
@@ -10,9 +12,11 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 
 import pytest
 import requests
+from requests.structures import CaseInsensitiveDict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -23,6 +27,8 @@ import sample_map  # noqa: E402
 from mip import journal  # noqa: E402
 
 MAP = "WY_CO_Peach"
+# the zero-work catalogue: the real graph and options, modules that only write their outputs
+ZERO_CONFIG = os.path.join(ROOT, "tests", "config.yml")
 FINISHED = ("passed", "failed", "cancelled")
 
 
@@ -46,7 +52,12 @@ def sample_tif(tmp_path_factory):
 def mip_env(tmp_path, sample_tif):
     """Environment variables for mipper and the server, with folders under tmp_path and
     the sample map in place."""
-    data = tmp_path / "data"
+    return data_env(tmp_path, sample_tif)
+
+
+def data_env(base, sample_tif: str) -> dict:
+    """mip_env's variables, with the data folders under `base`."""
+    data = base / "data"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MIP_", "TA1_"))}
     env.update({
         "TA1_INPUTS_DIR": str(data / "inputs"),
@@ -60,6 +71,12 @@ def mip_env(tmp_path, sample_tif):
     })
     add_map(env, MAP, sample_tif)
     return env
+
+
+def zero_work(env: dict) -> dict:
+    """`env` with the zero-work catalogue, for tests of the API and the journal's state,
+    not of what a module computes."""
+    return dict(env, MIP_CONFIG=ZERO_CONFIG)
 
 
 def add_map(env: dict, name: str, source: str) -> str:
@@ -169,13 +186,151 @@ def server_env(mip_env):
 
 
 @pytest.fixture
-def server(server_env):
-    """The real server on a free loopback port, stopped after the test (with any run
-    processes it left behind)."""
+def fresh_server(server_env):
+    """The real server on a free loopback port, its own for one test (restarts, kills, full
+    disks, its environment, GPUs), stopped after the test with any run processes it left
+    behind."""
     srv = Server(server_env).start()
     yield srv
     srv.stop()
     kill_leftover_runs(server_env)
+
+
+@pytest.fixture
+def server(fresh_server):
+    """fresh_server, under the name most test files use; a file whose tests each keep to
+    their own job names overrides it with shared_server."""
+    return fresh_server
+
+
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory, sample_tif):
+    """One real server for all the tests of a module, each with its own job names: a start
+    and stop (about 1.3 s of interpreter and imports) per module, not per test. On the
+    zero-work catalogue: sharing is for API and state tests."""
+    env = dict(zero_work(data_env(tmp_path_factory.mktemp("shared"), sample_tif)),
+               MIP_USER="tester", MIP_PASSWORD=secrets.token_urlsafe(12))
+    srv = Server(env).start()
+    yield srv
+    srv.stop()
+    kill_leftover_runs(env)
+
+
+class AppClient:
+    """mip_server.make_app(cfg, db, queue) called as a WSGI app in process, as bottle's own
+    tests and sapporo's TestClient(create_app()) do: no subprocess, no socket. Requests are
+    prepared by requests itself and the answers are requests.Response objects, so a test
+    reads them as it reads the real server's. What waitress adds around the app (the request
+    log, its own limits) is not here: tests of those keep the real server."""
+
+    url = "http://127.0.0.1:8080"  # what the app sees as its address (Host, Origin checks)
+
+    def __init__(self, env: dict):
+        import mip_server
+
+        self.env = env
+        self.user = env.get("MIP_USER")
+        self.password = env.get("MIP_PASSWORD")
+        self.cfg = mip_server.Config.from_env(env)
+        self.cfg.settings.make_dirs()
+        self.db = journal.Journal(self.cfg.settings.journal_path)
+        self.db.migrate()
+        self.queue = mip_server.RunQueue(self.cfg, self.db, env)
+        self.app = mip_server.make_app(self.cfg, self.db, self.queue)
+        self.session = requests.Session()
+
+    @property
+    def auth(self):
+        return (self.user, self.password)
+
+    def request(self, method: str, path: str, remote_addr: str = "127.0.0.1",
+                **kw) -> requests.Response:
+        """requests.request(method, url + path, **kw) as the app answers it, sent from
+        `remote_addr`."""
+        kw.setdefault("auth", self.auth)
+        for unused in ("timeout", "stream", "allow_redirects", "verify"):
+            kw.pop(unused, None)
+        prepared = self.session.prepare_request(requests.Request(method, self.url + path, **kw))
+        return self.call(prepared, remote_addr)
+
+    def call(self, prepared: requests.PreparedRequest, remote_addr: str) -> requests.Response:
+        url = urllib.parse.urlsplit(prepared.url)
+        body = prepared.body or b""
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        environ = {
+            "REQUEST_METHOD": prepared.method, "SCRIPT_NAME": "",
+            # PEP 3333: the percent-decoded path's bytes, as latin-1 (what waitress gives)
+            "PATH_INFO": urllib.parse.unquote_to_bytes(url.path).decode("latin-1"),
+            "QUERY_STRING": url.query, "SERVER_NAME": url.hostname,
+            "SERVER_PORT": str(url.port), "SERVER_PROTOCOL": "HTTP/1.1",
+            "REMOTE_ADDR": remote_addr, "HTTP_HOST": url.netloc,
+            "wsgi.version": (1, 0), "wsgi.url_scheme": url.scheme,
+            "wsgi.input": io.BytesIO(body), "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True, "wsgi.multiprocess": False, "wsgi.run_once": False,
+        }
+        for name, value in prepared.headers.items():
+            key = name.upper().replace("-", "_")
+            if isinstance(value, bytes):  # requests sends bytes as they are; WSGI has latin-1
+                value = value.decode("latin-1")
+            if key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                environ[key] = value
+            else:
+                environ["HTTP_" + key] = value
+        if body and "CONTENT_LENGTH" not in environ:
+            environ["CONTENT_LENGTH"] = str(len(body))
+        started = {}
+
+        def start_response(status, headers, exc_info=None):
+            started["status"], started["headers"] = status, headers
+
+        out = self.app(environ, start_response)
+        try:
+            content = b"".join(out)
+        finally:
+            if hasattr(out, "close"):
+                out.close()
+        resp = requests.Response()
+        code, _, reason = started["status"].partition(" ")
+        resp.status_code, resp.reason = int(code), reason
+        headers = CaseInsensitiveDict()
+        for name, value in started["headers"]:
+            # repeated headers are joined, as urllib3 gives them to requests
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        resp.headers = headers
+        resp._content = b"" if prepared.method == "HEAD" else content
+        resp.encoding = requests.utils.get_encoding_from_headers(headers)
+        resp.url, resp.request = prepared.url, prepared
+        return resp
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, **kw) -> requests.Response:
+        return self.request("POST", path, **kw)
+
+    def delete(self, path: str, **kw) -> requests.Response:
+        return self.request("DELETE", path, **kw)
+
+    wait_run = Server.wait_run
+
+    def close(self) -> None:
+        """Start no more runs, kill those still going and let the queue's watchers record
+        their ends before the journal closes under them."""
+        self.queue.stop()
+        kill_leftover_runs(self.env)
+        wait_for(lambda: not self.queue.running, timeout=30)
+        self.session.close()
+        self.db.close()
+
+
+@pytest.fixture
+def inproc(server_env):
+    """The app in process over fresh data folders, closed after the test (with any run
+    processes it started)."""
+    client = AppClient(server_env)
+    yield client
+    client.close()
 
 
 def kill_leftover_runs(env: dict) -> None:
@@ -248,6 +403,22 @@ def latest(env: dict, job: str) -> dict:
 
 def payload(job: str, *modules: str, **extra) -> dict:
     return {"job": job, "modules": list(modules), "map": MAP, **extra}
+
+
+def hold_file(env: dict, job: str, name: str = "hold") -> str:
+    """A file under the job's temp folder (the only place an extra switch may name, and
+    one mipper leaves alone) for `["--hold", path]`: the module waits while it exists, so
+    a test holds a module running exactly until it calls release(path)."""
+    path = os.path.join(env["TA1_TEMPS_DIR"], job, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    open(path, "w").close()
+    return path
+
+
+def release(path: str) -> None:
+    """Let a module held by `--hold path` go on."""
+    if os.path.exists(path):
+        os.remove(path)
 
 
 def free_port() -> int:

@@ -10,8 +10,7 @@ import threading
 import zipfile
 
 import pytest
-import requests
-from conftest import Server
+from conftest import AppClient
 from conftest import kill_leftover_runs
 from conftest import payload
 from conftest import wait_for
@@ -255,39 +254,45 @@ def assert_throttled(status, headers, body, code="too_many_failures"):
     assert code in body.decode()
 
 
+def app_get(app: AppClient, path: str, auth: str | None, source: str = "127.0.0.1"):
+    """raw_get, answered by the app in process."""
+    resp = app.get(path, auth=None, headers={"Authorization": auth} if auth else {},
+                   remote_addr=source)
+    return resp.status_code, resp.headers, resp.content
+
+
 def test_wrong_passwords_get_429_before_hashing_on_every_route(server_env):
     """The reproduction: wrong passwords from one address; the 429 comes before any pbkdf2
     check (the right password is refused too, unless its header is cached), from that
     address only, on every authenticated route."""
-    srv = Server(dict(server_env, MIP_AUTH_FAILURES="3")).start()
+    srv = AppClient(dict(server_env, MIP_AUTH_FAILURES="3"))
     try:
         good = basic(srv.user, srv.password)
         wrong = basic(srv.user, "wrong")
-        assert raw_get(srv.url, "/jobs", good)[0] == 200
-        assert [raw_get(srv.url, "/jobs", wrong)[0] for _ in range(3)] == [401] * 3
-        assert_throttled(*raw_get(srv.url, "/jobs", wrong))
+        assert app_get(srv, "/jobs", good)[0] == 200
+        assert [app_get(srv, "/jobs", wrong)[0] for _ in range(3)] == [401] * 3
+        assert_throttled(*app_get(srv, "/jobs", wrong))
         # the right password in a header not seen before: refused without being checked
-        assert_throttled(*raw_get(srv.url, "/jobs", basic(srv.user, srv.password, "basic")))
+        assert_throttled(*app_get(srv, "/jobs", basic(srv.user, srv.password, "basic")))
         # no credentials at all cost nothing: still 401
-        assert raw_get(srv.url, "/jobs", None)[0] == 401
+        assert app_get(srv, "/jobs", None)[0] == 401
         # the header already found valid is never throttled
-        assert raw_get(srv.url, "/jobs", good)[0] == 200
-        assert raw_get(srv.url, "/health", None)[0] == 200
+        assert app_get(srv, "/jobs", good)[0] == 200
+        assert app_get(srv, "/health", None)[0] == 200
         # another address is not affected
-        assert raw_get(srv.url, "/jobs", wrong, "127.0.0.2")[0] == 401
-        assert raw_get(srv.url, "/jobs", basic(srv.user, srv.password, "basic"),
+        assert app_get(srv, "/jobs", wrong, "127.0.0.2")[0] == 401
+        assert app_get(srv, "/jobs", basic(srv.user, srv.password, "basic"),
                        "127.0.0.2")[0] == 200
         spec = srv.get("/openapi.json").json()
         guarded = [(method, path) for path, ops in spec["paths"].items()
                    for method, op in ops.items() if op.get("security")]
         assert len(guarded) > 20
         for method, path in guarded:
-            resp = requests.request(method, srv.url + re.sub(r"{\w+}", "x", path),
-                                    auth=(srv.user, "wrong"), timeout=10)
+            resp = srv.request(method, re.sub(r"{\w+}", "x", path), auth=(srv.user, "wrong"))
             assert_throttled(resp.status_code, resp.headers, resp.content)
             assert resp.json()["error"] == "too_many_failures"
     finally:
-        srv.stop()
+        srv.close()
 
 
 class Download:

@@ -58,6 +58,13 @@ python mip_client.py --get --url http://127.0.0.1:8080/jobs/beta/georeference/ou
 
 # ---------------------------------------------------------------- helpers
 
+@pytest.fixture
+def server(shared_server):
+    """One server (zero-work catalogue) for the file's walk-throughs, each with its own
+    jobs; the tests that look at the whole server or leave a run going get fresh_server."""
+    return shared_server
+
+
 def client_env(server=None, **extra) -> dict:
     """The environment the client runs with: no MIP_* or proxy variables from outside,
     the server's credentials unless overridden (None removes a variable)."""
@@ -110,7 +117,7 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture
 def work(tmp_path):
-    """The client's working folder (tmp_path also holds the server's data)."""
+    """The client's working folder."""
     path = tmp_path / "work"
     path.mkdir()
     return path
@@ -240,8 +247,9 @@ def test_wait_on_failing_run(server, work):
     assert "asked to fail by --fail" in text
 
 
-def test_wait_timeout(server, work):
+def test_wait_timeout(fresh_server, work):
     """--wait-timeout gives up with exit 1 and says the run goes on."""
+    server = fresh_server  # its own: its run goes on after the test
     data = json.dumps(payload("slow", "georeference",
                               extra_switches={"georeference": ["--sleep", "30"]}))
     proc = client("--post", "--url", f"{server.url}/runs", "--data", data, "--wait",
@@ -294,7 +302,8 @@ def test_error_answers_print_the_server_message(server, work):
     assert "HTTP 404 unknown_map" in error_line(proc)
 
 
-def test_credentials(server):
+def test_credentials(fresh_server):
+    server = fresh_server  # its own: it asserts on the whole run list
     url = f"{server.url}/runs"
     wrong = client_env(server, MIP_CLIENT_PASSWORD="wrong-password")
     proc = client("--get", "--url", url, env=wrong)

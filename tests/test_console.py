@@ -9,10 +9,19 @@ import re
 import pytest
 from conftest import payload
 from conftest import wait_for
+from conftest import zero_work
 
 from mip import journal
 from mip.web import console
 from mip.web import guards
+
+
+@pytest.fixture
+def mip_env(mip_env):
+    """The zero-work catalogue (tests/config.yml): these tests check the API and the
+    journal's state, not what a module computes."""
+    return zero_work(mip_env)
+
 
 HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
 
@@ -24,25 +33,25 @@ def page(server, path: str):
     return resp
 
 
-def test_browsers_get_the_console_and_clients_keep_json(server):
-    home = page(server, "/")
+def test_browsers_get_the_console_and_clients_keep_json(inproc):
+    home = page(inproc, "/")
     assert "<title>Runs · mip</title>" in home.text
     for accept in (None, "application/json", "*/*"):
         headers = {"Accept": accept} if accept else {}
-        info = server.get("/", headers=headers)
+        info = inproc.get("/", headers=headers)
         assert info.headers["Content-Type"] == "application/json"
         assert info.json()["name"] == "mip"
     # the console wants the same credentials
-    assert server.get("/", headers=HTML, auth=None).status_code == 401
-    assert server.get("/ui/runs", auth=None).status_code == 401
+    assert inproc.get("/", headers=HTML, auth=None).status_code == 401
+    assert inproc.get("/ui/runs", auth=None).status_code == 401
 
 
-def test_pages_carry_a_strict_content_security_policy(server):
-    run_id = server.post("/runs", json=payload("csp", "georeference")).json()["run_id"]
-    server.wait_run(run_id)
+def test_pages_carry_a_strict_content_security_policy(inproc):
+    run_id = inproc.post("/runs", json=payload("csp", "georeference")).json()["run_id"]
+    inproc.wait_run(run_id)
     for path in ("/ui", "/ui/runs", f"/ui/runs/{run_id}", "/ui/jobs", "/ui/jobs/csp",
                  "/ui/maps", "/ui/modules"):
-        resp = page(server, path)
+        resp = page(inproc, path)
         csp = resp.headers["Content-Security-Policy"]
         directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
         assert directives["default-src"] == "'self'"
@@ -57,17 +66,17 @@ def test_pages_carry_a_strict_content_security_policy(server):
         assert not re.search(r"(src|href)=\"(https?:)?//", resp.text), path
     for name, media in (("console.js", "text/javascript"), ("console.css", "text/css"),
                         ("favicon.svg", "image/svg+xml")):
-        resp = server.get(f"/ui/{name}", auth=None)
+        resp = inproc.get(f"/ui/{name}", auth=None)
         assert resp.status_code == 200 and resp.headers["Content-Type"].startswith(media)
         assert resp.headers["X-Content-Type-Options"] == "nosniff"
 
 
-def test_run_page_shows_the_graph_the_modules_and_no_secret(server):
+def test_run_page_shows_the_graph_the_modules_and_no_secret(inproc):
     body = payload("graph", "map_crop", openai_key="sk-secret-value-123",
                    extra_switches={"map_crop": ["--fail"]})
-    run_id = server.post("/runs", json=body).json()["run_id"]
-    server.wait_run(run_id)
-    text = page(server, f"/ui/runs/{run_id}").text
+    run_id = inproc.post("/runs", json=body).json()["run_id"]
+    inproc.wait_run(run_id)
+    text = page(inproc, f"/ui/runs/{run_id}").text
     states = dict(re.findall(r'data-module="(\w+)" data-state="(\w+)"', text))
     assert states == {"legend_segment": "passed", "map_crop": "failed"}
     assert 'href="/modules/graph/map_crop/logs"' in text
@@ -76,13 +85,13 @@ def test_run_page_shows_the_graph_the_modules_and_no_secret(server):
     assert 'data-watch=""' in text  # and its page polls no more
     assert "sk-secret-value-123" not in text and "openai_key" not in text
     # ALL draws the whole catalogue; what never started in a finished run is `not_run`
-    run_id = server.post("/runs", json=payload("graph", "ALL")).json()["run_id"]
-    text = page(server, f"/ui/runs/{run_id}").text
+    run_id = inproc.post("/runs", json=payload("graph", "ALL")).json()["run_id"]
+    text = page(inproc, f"/ui/runs/{run_id}").text
     drawn = re.findall(r'<g class="node[^"]*" data-module="(\w+)"', text)
     assert len(drawn) == 9 and "geopackage" in drawn
     if 'id="cancel"' in text:  # still going: its page polls it
         assert f'data-watch="/runs/{run_id}"' in text
-    server.wait_run(run_id)
+    inproc.wait_run(run_id)
 
 
 def test_shown_payload_hides_keys_tokens_and_url_credentials():
@@ -100,25 +109,25 @@ def test_shown_payload_hides_keys_tokens_and_url_credentials():
     assert console.shown("http://h.example:81/") == "http://h.example:81"
 
 
-def test_hostile_values_are_escaped(server):
+def test_hostile_values_are_escaped(inproc):
     hostile = '<script>alert(1)</script>"\'><img src=x onerror=alert(2)>'
-    refused = server.post("/runs", json=payload("<script>alert(1)</script>", "map_crop"))
+    refused = inproc.post("/runs", json=payload("<script>alert(1)</script>", "map_crop"))
     assert refused.status_code == 422
-    run_id = server.post("/runs", json=payload("esc", "map_crop",
+    run_id = inproc.post("/runs", json=payload("esc", "map_crop",
                                                extra_switches={"map_crop": [hostile]})).json()
-    server.wait_run(run_id["run_id"])
+    inproc.wait_run(run_id["run_id"])
     for path in (f"/ui/runs/{run_id['run_id']}", "/ui/jobs/esc"):
-        text = page(server, path).text
+        text = page(inproc, path).text
         assert "<script>alert" not in text and "<img src=x" not in text
         assert "onerror=alert" not in text or "&lt;img src=x onerror=alert(2)&gt;" in text
-    text = page(server, f"/ui/runs/{run_id['run_id']}").text
+    text = page(inproc, f"/ui/runs/{run_id['run_id']}").text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
 
 
-def test_runs_page_is_newest_first_filtered_and_paged(server, monkeypatch):
-    db = journal.Journal(server.env["TA1_RUNS_DIR"] + "/journal.db")
-    first = server.post("/runs", json=payload("pa", "georeference")).json()["run_id"]
-    server.wait_run(first)
+def test_runs_page_is_newest_first_filtered_and_paged(inproc, monkeypatch):
+    db = journal.Journal(inproc.env["TA1_RUNS_DIR"] + "/journal.db")
+    first = inproc.post("/runs", json=payload("pa", "georeference")).json()["run_id"]
+    inproc.wait_run(first)
     ids = [first]
     with db.transaction() as conn:  # a long history, made quickly
         for n in range(120):
@@ -130,19 +139,19 @@ def test_runs_page_is_newest_first_filtered_and_paged(server, monkeypatch):
                          (run_id, payload("x")["map"], "failed" if n % 3 else "passed",
                           journal.utcnow()))
     db.close()
-    text = page(server, "/ui/runs").text
+    text = page(inproc, "/ui/runs").text
     shown = re.findall(r'<tr data-run="([^"]+)"', text)
     assert shown == ids[::-1][:console.PAGE_SIZE]
     assert "121 runs, page 1 of 3" in text
-    last = page(server, "/ui/runs?page=3").text
+    last = page(inproc, "/ui/runs?page=3").text
     assert re.findall(r'<tr data-run="([^"]+)"', last) == ids[::-1][100:]
     # past the end: the last page
-    assert re.findall(r'<tr data-run="([^"]+)"', page(server, "/ui/runs?page=99").text) == \
+    assert re.findall(r'<tr data-run="([^"]+)"', page(inproc, "/ui/runs?page=99").text) == \
         ids[::-1][100:]
-    passed = page(server, "/ui/runs?status=passed&job=pa").text
+    passed = page(inproc, "/ui/runs?status=passed&job=pa").text
     assert "41 runs" in passed and 'class="state st-failed"' not in passed
-    assert "No runs" in page(server, "/ui/runs?job=nosuchjob").text
-    assert page(server, "/ui/runs?status=&job=&page=0").text.count("<tr data-run=") == 50
+    assert "No runs" in page(inproc, "/ui/runs?job=nosuchjob").text
+    assert page(inproc, "/ui/runs?status=&job=&page=0").text.count("<tr data-run=") == 50
 
 
 @pytest.mark.parametrize("path, status, code", [
@@ -157,37 +166,37 @@ def test_runs_page_is_newest_first_filtered_and_paged(server, monkeypatch):
     ("/ui/jobs?page=x", 400, "bad_query"),
     ("/ui/nosuchpage", 404, "not_found"),
 ])
-def test_bad_input_gets_a_json_error(server, path, status, code):
-    resp = server.get(path, headers=HTML)
+def test_bad_input_gets_a_json_error(inproc, path, status, code):
+    resp = inproc.get(path, headers=HTML)
     assert resp.status_code == status, resp.text
     assert resp.headers["Content-Type"] == "application/json"
     assert resp.json()["error"] == code
 
 
-def test_jobs_maps_and_modules_pages(server):
-    run_id = server.post("/runs", json=payload("jp", "georeference")).json()["run_id"]
-    server.wait_run(run_id)
-    jobs = page(server, "/ui/jobs").text
+def test_jobs_maps_and_modules_pages(inproc):
+    run_id = inproc.post("/runs", json=payload("jp", "georeference")).json()["run_id"]
+    inproc.wait_run(run_id)
+    jobs = page(inproc, "/ui/jobs").text
     assert 'href="/ui/jobs/jp"' in jobs and f'href="/ui/runs/{run_id}"' in jobs
-    job = page(server, "/ui/jobs/jp").text
+    job = page(inproc, "/ui/jobs/jp").text
     assert 'href="/modules/jp/georeference/outputs"' in job and "st-passed" in job
-    maps = page(server, "/ui/maps").text
+    maps = page(inproc, "/ui/maps").text
     assert payload("x")["map"] in maps and 'href="/ui/jobs/jp"' in maps
-    modules = page(server, "/ui/modules").text
+    modules = page(inproc, "/ui/modules").text
     assert modules.count("<tr id=\"module-") == 9
     assert 'href="#module-legend_segment"' in modules
 
 
-def test_a_job_caught_mid_deletion_is_a_404(server):
+def test_a_job_caught_mid_deletion_is_a_404(inproc):
     """DELETE /jobs/{job} removes the job's runs and its record in one transaction, but a
     page reads the record and then the runs: a job found without runs is gone."""
-    db = journal.Journal(server.env["TA1_RUNS_DIR"] + "/journal.db")
+    db = journal.Journal(inproc.env["TA1_RUNS_DIR"] + "/journal.db")
     with db.transaction() as conn:
         conn.execute("INSERT INTO jobs (job, map, created) VALUES ('going', ?, ?)",
                      (payload("x")["map"], journal.utcnow()))
     db.close()
     for path, headers in (("/ui/jobs/going", HTML), ("/jobs/going", {})):
-        resp = server.get(path, headers=headers)
+        resp = inproc.get(path, headers=headers)
         assert resp.status_code == 404, (path, resp.text)
         assert resp.json()["error"] == "unknown_job"
 
@@ -202,16 +211,16 @@ def test_a_job_caught_mid_deletion_is_a_404(server):
     {"Origin": "https://{host}"},  # another scheme
     {"Origin": "http://evil.example", "Referer": "{own}/ui/runs"},  # Origin wins
 ])
-def test_a_cross_site_post_is_refused(server, headers):
-    host = server.url.split("//", 1)[1]
-    headers = {k: v.format(host=host, own=server.url) for k, v in headers.items()}
-    resp = server.post("/runs", json=payload("xs", "georeference"), headers=headers)
+def test_a_cross_site_post_is_refused(inproc, headers):
+    host = inproc.url.split("//", 1)[1]
+    headers = {k: v.format(host=host, own=inproc.url) for k, v in headers.items()}
+    resp = inproc.post("/runs", json=payload("xs", "georeference"), headers=headers)
     assert resp.status_code == 403, resp.text
     assert resp.json()["error"] == "cross_origin"
     # refused before credentials are even looked at, and for every POST route
-    assert server.post("/runs/20990101-000000-000000-ffff/cancel", headers=headers,
+    assert inproc.post("/runs/20990101-000000-000000-ffff/cancel", headers=headers,
                        auth=None).status_code == 403
-    assert server.get("/runs").json() == []
+    assert inproc.get("/runs").json() == []
 
 
 @pytest.mark.parametrize("headers", [
@@ -220,14 +229,14 @@ def test_a_cross_site_post_is_refused(server, headers):
     {"Origin": "{own_upper}"},
     {"Referer": "{own}/ui/runs/x"},
 ])
-def test_same_origin_and_plain_clients_pass(server, headers):
-    own_upper = server.url.replace("http://", "HTTP://")
-    headers = {k: v.format(own=server.url, own_upper=own_upper) for k, v in headers.items()}
-    resp = server.post("/runs", json=payload("ok", "georeference"), headers=headers)
+def test_same_origin_and_plain_clients_pass(inproc, headers):
+    own_upper = inproc.url.replace("http://", "HTTP://")
+    headers = {k: v.format(own=inproc.url, own_upper=own_upper) for k, v in headers.items()}
+    resp = inproc.post("/runs", json=payload("ok", "georeference"), headers=headers)
     assert resp.status_code == 200, resp.text
-    server.wait_run(resp.json()["run_id"])
+    inproc.wait_run(resp.json()["run_id"])
     # GET is never refused: links from elsewhere keep working
-    assert server.get("/runs", headers={"Origin": "http://evil.example"}).status_code == 200
+    assert inproc.get("/runs", headers={"Origin": "http://evil.example"}).status_code == 200
 
 
 def test_origin_parsing():
@@ -243,8 +252,8 @@ def test_origin_parsing():
                               "SERVER_PORT": "80"}) == ("http", "h", 80)
 
 
-def test_openapi_declares_the_pages_and_403_on_every_post(server):
-    spec = server.get("/openapi.json").json()
+def test_openapi_declares_the_pages_and_403_on_every_post(inproc):
+    spec = inproc.get("/openapi.json").json()
     for path in ("/ui", "/ui/runs", "/ui/runs/{run_id}", "/ui/jobs", "/ui/jobs/{job}",
                  "/ui/maps", "/ui/modules"):
         assert "text/html" in spec["paths"][path]["get"]["responses"]["200"]["content"]
@@ -257,43 +266,43 @@ def test_openapi_declares_the_pages_and_403_on_every_post(server):
         assert "403" in op["responses"], path
 
 
-def test_the_run_list_page_watches_cheap_json_answers(server):
-    text = page(server, "/ui/runs?job=w").text
+def test_the_run_list_page_watches_cheap_json_answers(inproc):
+    text = page(inproc, "/ui/runs?job=w").text
     watch = html.unescape(re.search(r'data-watch="([^"]*)"', text).group(1)).split()
     assert watch == ["/runs?status=not_started&job=w", "/runs?status=running&job=w",
                      "/runs?offset=0&job=w"]
-    run_id = server.post("/runs", json=payload("w", "georeference")).json()["run_id"]
+    run_id = inproc.post("/runs", json=payload("w", "georeference")).json()["run_id"]
     # what the page polls changes when a run appears, so the page knows to refresh
-    wait_for(lambda: server.get(watch[2]).json() == [run_id])
-    server.wait_run(run_id)
+    wait_for(lambda: inproc.get(watch[2]).json() == [run_id])
+    inproc.wait_run(run_id)
     # filtered by a status, it still polls the short lists, never every run of that status
     for status in ("passed", "failed"):
-        text = page(server, f"/ui/runs?status={status}&job=w").text
+        text = page(inproc, f"/ui/runs?status={status}&job=w").text
         watch = html.unescape(re.search(r'data-watch="([^"]*)"', text).group(1)).split()
         assert watch == ["/runs?status=not_started&job=w", "/runs?status=running&job=w",
                          "/runs?offset=1&job=w"], status
 
 
-def test_module_tables_show_what_each_module_used(server):
-    run_id = server.post("/runs", json=payload("use", "georeference")).json()["run_id"]
-    server.wait_run(run_id)
-    used = server.get("/modules/use/georeference").json()["resources"]
+def test_module_tables_show_what_each_module_used(inproc):
+    run_id = inproc.post("/runs", json=payload("use", "georeference")).json()["run_id"]
+    inproc.wait_run(run_id)
+    used = inproc.get("/modules/use/georeference").json()["resources"]
     assert used["cpu_seconds"] is not None and used["peak_rss_bytes"] is not None
     line = f"CPU {used['cpu_seconds']:.1f} s · RSS {used['peak_rss_bytes'] / 1e6:.0f} MB"
     for path in (f"/ui/runs/{run_id}", "/ui/jobs/use"):
-        row = re.search(r'<tr data-module="georeference">.*?</tr>', page(server, path).text,
+        row = re.search(r'<tr data-module="georeference">.*?</tr>', page(inproc, path).text,
                         re.S).group(0)
         assert f'<td data-label="Resources" class="resources">{line}</td>' in row, path
     # a GPU module's figures (no GPU here: as NVML would have recorded them), and a value
     # that is not what the schema says is shown escaped, never as markup
-    db = journal.Journal(server.env["TA1_RUNS_DIR"] + "/journal.db")
+    db = journal.Journal(inproc.env["TA1_RUNS_DIR"] + "/journal.db")
     with db.transaction() as conn:
         conn.execute("UPDATE executions SET resources = ? WHERE job = 'use'", (json.dumps(
             {"cpu_seconds": 12.345, "peak_rss_bytes": 84_000_000, "gpu_device": "<b>1</b>",
              "gpu_memory_peak_bytes": 2_100_000_000, "gpu_util_mean": 43.4,
              "waited_for_gpu_seconds": 3}),))
     db.close()
-    text = page(server, "/ui/jobs/use").text
+    text = page(inproc, "/ui/jobs/use").text
     assert ("CPU 12.3 s · RSS 84 MB · GPU &lt;b&gt;1&lt;/b&gt; · GPU memory 2100 MB · "
             "GPU use 43% · waited 3.0 s") in text
 

@@ -14,11 +14,15 @@ from http.server import ThreadingHTTPServer
 
 import pytest
 from conftest import ROOT
+from conftest import hold_file
 from conftest import payload
+from conftest import release
 from conftest import wait_for
 
 os.environ.setdefault("PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD", "1")
 sync_api = pytest.importorskip("playwright.sync_api")
+
+pytestmark = pytest.mark.browser
 
 CHROMIUM = "/usr/bin/chromium"
 RESULTS = os.path.join(ROOT, "test-results")
@@ -191,9 +195,11 @@ def test_the_rerun_button_asks_then_opens_the_new_run(tab, server):
 
 
 def test_the_log_panel_grows_while_a_module_sleeps(tab, server):
+    # held, not slept: each module goes on when the test has seen what it waits for
+    geo, items = (hold_file(server.env, "logs", name) for name in ("geo", "items"))
     run_id = submit(server, payload("logs", "georeference", "legend_item_segment",
-                                    extra_switches=dict(slow("georeference", 25),
-                                                        **slow("legend_item_segment", 6))))
+                                    extra_switches={"georeference": ["--hold", geo],
+                                                    "legend_item_segment": ["--hold", items]}))
     asked = []
     tab.page.on("request", lambda r: "/log?offset=" in r.url and asked.append(r.url))
     tab.open(f"/ui/runs/{run_id}")
@@ -203,9 +209,11 @@ def test_the_log_panel_grows_while_a_module_sleeps(tab, server):
     tab.page.wait_for_function(f"() => {log}.includes('legend_segment')")
     first = tab.page.evaluate(f"() => {log}.length")
     # legend_item_segment starts and ends while georeference still sleeps
+    release(items)
     tab.page.wait_for_function(f"() => {log}.length > {first}")
     assert server.get(f"/runs/{run_id}").json()["status"] == "running"
     assert node_state(tab, "georeference") == "running"
+    release(geo)
     wait_state(tab, "georeference", "passed")
     tab.page.wait_for_selector("#run-status.st-passed")
     full = server.get(f"/runs/{run_id}/log").text

@@ -9,9 +9,11 @@ import time
 
 from conftest import Server
 from conftest import alive
+from conftest import hold_file
 from conftest import kill_leftover_runs
 from conftest import payload
 from conftest import read
+from conftest import release
 from conftest import wait_for
 from test_ecs import Cluster
 from test_ecs import aws
@@ -76,8 +78,11 @@ def sleep_until(moment: float) -> None:
 
 def test_sigkill_of_mipper_then_rerun_never_runs_a_module_twice(server):
     env = server.env
-    first = server.post("/runs", json=payload("dead", "georeference",
-                                              extra_switches=slow("georeference", 6))).json()
+    # held until the dead run's module is seen gone; the rerun, with the same switches,
+    # then runs through
+    hold = hold_file(env, "dead")
+    first = server.post("/runs", json=payload("dead", "georeference", extra_switches={
+        "georeference": ["--hold", hold]})).json()
     marker = os.path.join(env["TA1_OUTPUTS_DIR"], "dead", "georeference")
     orphans = wait_for(lambda: module_processes(marker))
     pid = mipper_pid(env, first["run_id"])
@@ -90,6 +95,7 @@ def test_sigkill_of_mipper_then_rerun_never_runs_a_module_twice(server):
         sleep_until(killed + 2)
         assert not [p for p in orphans if alive(p)], "the dead run's module still runs"
         assert not processes_naming(first["run_id"]), "the dead run's luigi workers still run"
+        release(hold)
         final = server.wait_run(again.json()["run_id"], timeout=60)
     assert final["status"] == "passed", final["log"]
     assert sampler.most == 1, f"{sampler.most} copies of georeference ran at once"

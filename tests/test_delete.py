@@ -5,17 +5,26 @@ import os
 import subprocess
 import sys
 
+import pytest
 import requests
 from conftest import Server
 from conftest import kill_leftover_runs
 from conftest import payload
 from conftest import s3_client
 from conftest import wait_for
+from conftest import zero_work
 from test_server import error
 from test_server import ok
 from test_server import slow
 
 from mip import journal
+
+
+@pytest.fixture
+def mip_env(mip_env):
+    """The zero-work catalogue (tests/config.yml): these tests check the API and the
+    journal's state, not what a module computes."""
+    return zero_work(mip_env)
 
 
 def delete(srv: Server, path: str, **kw) -> requests.Response:

@@ -15,7 +15,9 @@ import zipfile
 
 import pytest
 from conftest import ROOT
+from conftest import hold_file
 from conftest import payload
+from conftest import release
 
 CLIENT = os.path.join(ROOT, "mip_client.py")
 
@@ -46,16 +48,35 @@ def follow(server, path: str, until, timeout: float = 120) -> tuple:
     raise AssertionError(f"{path} still growing after {timeout} s")
 
 
-def sleeping_run(server, job: str, seconds: int = 6, module: str = "map_crop") -> str:
-    extra = {module: ["--sleep", str(seconds)]}
+@pytest.fixture
+def server(shared_server):
+    """One server for the file: each test follows runs of its own job."""
+    return shared_server
+
+
+def sleeping_run(server, job: str, seconds: int = 6, module: str = "map_crop",
+                 hold: str | None = None) -> str:
+    """A run of `module`, slept `seconds` or, given `hold`, held until release(hold)."""
+    extra = {module: ["--hold", hold] if hold else ["--sleep", str(seconds)]}
     resp = server.post("/runs", json=payload(job, module, extra_switches=extra))
     assert resp.status_code == 200, resp.text
     return resp.json()["run_id"]
 
 
 def test_run_log_followed_from_offsets_is_the_whole_log(server):
-    run_id = sleeping_run(server, "followed")
-    ended = lambda: server.get(f"/runs/{run_id}").json()["status"] in ("passed", "failed")  # noqa: E731
+    hold = hold_file(server.env, "followed")
+    run_id = sleeping_run(server, "followed", hold=hold)
+    seen_running = []
+
+    def ended():
+        # let the module go once the follower has read the log at least once while it ran
+        if seen_running:
+            release(hold)
+        status = server.get(f"/runs/{run_id}").json()
+        if status["module_status"].get("map_crop") == "running":
+            seen_running.append(True)
+        return status["status"] in ("passed", "failed")
+
     got, pieces = follow(server, f"/runs/{run_id}/log", ended)
     assert server.get(f"/runs/{run_id}").json()["status"] == "passed"
     whole = server.get(f"/runs/{run_id}/log")
@@ -67,7 +88,8 @@ def test_run_log_followed_from_offsets_is_the_whole_log(server):
 
 
 def test_module_log_is_reachable_while_the_module_runs(server):
-    run_id = sleeping_run(server, "watched", seconds=8)
+    hold = hold_file(server.env, "watched")
+    run_id = sleeping_run(server, "watched", hold=hold)
     path = "/modules/watched/map_crop/log"
 
     def running_with_log():
@@ -76,7 +98,7 @@ def test_module_log_is_reachable_while_the_module_runs(server):
         if server.get("/modules/watched/map_crop").json()["status"] != "running":
             return None
         resp = server.get(path)
-        return resp if b"--sleep" in resp.content else None
+        return resp if b"--hold" in resp.content else None
 
     deadline = time.monotonic() + 60
     early = None
@@ -88,6 +110,7 @@ def test_module_log_is_reachable_while_the_module_runs(server):
     assert status["status"] == "running"
     offset = int(early.headers["X-Log-Offset"])
     assert offset == len(early.content) > 0
+    release(hold)
     server.wait_run(run_id)
     rest = server.get(f"{path}?offset={offset}")
     assert int(rest.headers["X-Log-Offset"]) == offset + len(rest.content)
@@ -208,8 +231,9 @@ def client(server, *args, timeout: float = 180) -> subprocess.CompletedProcess:
 
 
 def test_follow_prints_the_log_as_it_grows_and_exits_0_when_passed(server, tmp_path):
+    hold = hold_file(server.env, "tail")
     data = ('{"map": "WY_CO_Peach", "job": "tail", "modules": ["map_crop"], '
-            '"extra_switches": {"map_crop": ["--sleep", "6"]}}')
+            '"extra_switches": {"map_crop": ["--hold", "' + hold + '"]}}')
     err_file = tmp_path / "stderr"
     with open(err_file, "w") as err_out:
         proc = subprocess.Popen([sys.executable, CLIENT, "--post", "--url", f"{server.url}/runs",
@@ -224,6 +248,7 @@ def test_follow_prints_the_log_as_it_grows_and_exits_0_when_passed(server, tmp_p
         first = proc.stdout.readline()
         # the first lines are out while the run still goes
         assert server.get("/runs?job=tail&status=running").json(), first
+        release(hold)
         out = first + proc.stdout.read()
         proc.wait(timeout=10)
     finally:

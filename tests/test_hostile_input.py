@@ -20,6 +20,7 @@ from conftest import kill_leftover_runs
 from conftest import mipper
 from conftest import payload
 from conftest import wait_for
+from conftest import zero_work
 
 from mip import catalogue as catalogue_module
 from mip import errors
@@ -28,6 +29,14 @@ from mip import sanitize
 from mip import settings as settings_module
 from mip.journal import Status
 from mip.switches import Refused as SwitchRefused
+
+
+@pytest.fixture
+def mip_env(mip_env):
+    """The zero-work catalogue (tests/config.yml): these tests check the API and the
+    journal's state, not what a module computes."""
+    return zero_work(mip_env)
+
 
 NESTED = b"[" * 1000 + b"]" * 1000  # 2 KB, 1,000 levels
 FAKE = "2026-11-29 07:00:00,000 INFO run FAKE passed"
@@ -55,7 +64,7 @@ def refused(server, switches, status=422, code=None, module="georeference", job=
     return error(server.post("/runs", json=body), status, code)
 
 
-def test_extra_switches_cannot_write_outside_the_job(server, tmp_path):
+def test_extra_switches_cannot_write_outside_the_job(inproc, tmp_path):
     outside = tmp_path / "outside"
     outside.mkdir()
     target = str(outside / "pwned.json")
@@ -63,56 +72,56 @@ def test_extra_switches_cannot_write_outside_the_job(server, tmp_path):
     for switches in (["--output_path", target], [f"--output_path={target}"],
                      ["--out", target], ["--o", target], ["--output-path", target],
                      ["--temp_dir", str(outside)], ["-output_path", target]):
-        message = refused(server, switches, code="switch_not_allowed")["message"]
+        message = refused(inproc, switches, code="switch_not_allowed")["message"]
         assert switches[0].partition("=")[0] in message, message
     # a path value must stay inside the job's own output or temp folder
-    data = os.path.dirname(server.env["TA1_INPUTS_DIR"])
+    data = os.path.dirname(inproc.env["TA1_INPUTS_DIR"])
     for value in ("/etc/shadow", str(outside), f"x={target}",
-                  os.path.join(server.env["TA1_OUTPUTS_DIR"], "w1", "..", "other"),
-                  os.path.join(server.env["TA1_INPUTS_DIR"], "maps", MAP, f"{MAP}.tif"),
-                  server.env["TA1_REPOS_DIR"], os.path.join(data, "runs", "journal.db"),
+                  os.path.join(inproc.env["TA1_OUTPUTS_DIR"], "w1", "..", "other"),
+                  os.path.join(inproc.env["TA1_INPUTS_DIR"], "maps", MAP, f"{MAP}.tif"),
+                  inproc.env["TA1_REPOS_DIR"], os.path.join(data, "runs", "journal.db"),
                   "../../../../etc/passwd"):
-        message = refused(server, ["--fail-unless-exists", value], code="path_not_allowed")
+        message = refused(inproc, ["--fail-unless-exists", value], code="path_not_allowed")
         assert "outside the job's own output and temp folders" in message["message"]
     # a symlink inside the job's folder that points out is followed, and refused
-    job_out = os.path.join(server.env["TA1_OUTPUTS_DIR"], "w1")
+    job_out = os.path.join(inproc.env["TA1_OUTPUTS_DIR"], "w1")
     os.makedirs(job_out)
     os.symlink(str(outside), os.path.join(job_out, "link"))
-    refused(server, ["--fail-unless-exists", os.path.join(job_out, "link", "x")],
+    refused(inproc, ["--fail-unless-exists", os.path.join(job_out, "link", "x")],
             code="path_not_allowed")
     # control characters never reach a command line (the schema already refuses NUL)
     for value in ("a\nb", "--sleep\r", "x\x1b[2J"):
-        refused(server, [value], code="switch_not_allowed")
-    refused(server, ["a\x00b"])
+        refused(inproc, [value], code="switch_not_allowed")
+    refused(inproc, ["a\x00b"])
     # nothing was recorded, nothing was written
-    assert server.get("/runs").json() == []
+    assert inproc.get("/runs").json() == []
     assert os.listdir(outside) == []
 
 
-def test_extra_switches_inside_the_job_still_work(server):
-    inside = os.path.join(server.env["TA1_TEMPS_DIR"], "w2", "ready")
+def test_extra_switches_inside_the_job_still_work(inproc):
+    inside = os.path.join(inproc.env["TA1_TEMPS_DIR"], "w2", "ready")
     os.makedirs(os.path.dirname(inside))
     open(inside, "w").close()
     body = payload("w2", "georeference",
                    extra_switches={"georeference": ["--fail-unless-exists", inside,
                                                     "--sleep=0", "--fail-unless-exists",
                                                     "../ready"]})
-    resp = server.post("/runs", json=body)
+    resp = inproc.post("/runs", json=body)
     assert resp.status_code == 200, resp.text
-    assert server.wait_run(resp.json()["run_id"])["status"] == "passed"
+    assert inproc.wait_run(resp.json()["run_id"])["status"] == "passed"
 
 
-def test_rerun_applies_the_rule_to_a_payload_recorded_before_it(server, tmp_path):
-    db = journal.Journal(os.path.join(server.env["TA1_RUNS_DIR"], "journal.db"))
+def test_rerun_applies_the_rule_to_a_payload_recorded_before_it(inproc, tmp_path):
+    db = journal.Journal(os.path.join(inproc.env["TA1_RUNS_DIR"], "journal.db"))
     target = str(tmp_path / "pwned.json")
     body = payload("old", "georeference",
                    extra_switches={"georeference": ["--output_path", target]})
     run_id = db.create_run("old", MAP, ["georeference"], False, body,
-                           os.path.join(server.env["TA1_RUNS_DIR"], "logs"))
+                           os.path.join(inproc.env["TA1_RUNS_DIR"], "logs"))
     assert db.set_run_status(run_id, Status.CANCELLED)
     db.close()
-    error(server.post(f"/runs/{run_id}/rerun"), 422, "switch_not_allowed")
-    assert server.get("/runs").json() == [run_id]
+    error(inproc.post(f"/runs/{run_id}/rerun"), 422, "switch_not_allowed")
+    assert inproc.get("/runs").json() == [run_id]
     assert not os.path.exists(target)
 
 
@@ -165,27 +174,27 @@ def test_docker_modules_see_container_paths_under_the_same_rule(mip_env):
                                    {"georeference": ["--fail-unless-exists", value]})
 
 
-def test_openai_key_with_control_characters_is_refused(server):
+def test_openai_key_with_control_characters_is_refused(inproc):
     for key in ("sk-a\x00b", "sk-a\nb"):
         body = payload("k1", "georeference", openai_key=key)
-        error(server.post("/runs", json=body), 422, "invalid_payload")
-    assert server.get("/runs").json() == []
+        error(inproc.post("/runs", json=body), 422, "invalid_payload")
+    assert inproc.get("/runs").json() == []
 
 
 # ---------------------------------------------------------------------------- nested JSON
 
-def test_deeply_nested_json_is_400_on_every_route_that_reads_a_body(server):
+def test_deeply_nested_json_is_400_on_every_route_that_reads_a_body(inproc):
     assert len(NESTED) == 2000
-    error(server.post("/runs", data=NESTED), 400, "bad_json")
+    error(inproc.post("/runs", data=NESTED), 400, "bad_json")
     nested_in_field = b'{"job": "n", "map": "m", "modules": ' + NESTED + b"}"
-    error(server.post("/runs", data=nested_in_field), 400, "bad_json")
-    run_id = server.post("/runs", json=payload("n1", "georeference")).json()["run_id"]
-    server.wait_run(run_id)
-    error(server.post(f"/runs/{run_id}/rerun", data=NESTED), 400, "bad_json")
+    error(inproc.post("/runs", data=nested_in_field), 400, "bad_json")
+    run_id = inproc.post("/runs", json=payload("n1", "georeference")).json()["run_id"]
+    inproc.wait_run(run_id)
+    error(inproc.post(f"/runs/{run_id}/rerun", data=NESTED), 400, "bad_json")
     # cancel reads no body: a nested one is ignored
-    assert server.post(f"/runs/{run_id}/cancel", data=NESTED).status_code == 200
+    assert inproc.post(f"/runs/{run_id}/cancel", data=NESTED).status_code == 200
     # still answering
-    assert server.get("/health").status_code == 200
+    assert inproc.get("/health").status_code == 200
 
 
 def test_json_depth_is_counted_without_recursion():
@@ -253,31 +262,31 @@ def test_request_log_lines_cannot_be_forged(server):
     assert "\\x0d\\x0b\\x85\\u2028" in line
 
 
-def test_names_are_matched_whole(server):
+def test_names_are_matched_whole(inproc):
     for body in (payload("nljob\n", "georeference"), payload("nljob", "georeference\n"),
                  payload("nljob", "georeference") | {"map": MAP + "\n"},
                  payload("nljob", "georeference", extra_switches={"georeference\n": []})):
-        assert server.post("/runs", json=body).status_code == 422, body
+        assert inproc.post("/runs", json=body).status_code == 422, body
     for route in ("/jobs/nljob%0A", "/runs/x%0A", "/modules/nljob%0A/georeference"):
-        assert server.get(route).status_code == 400, route
-    assert server.get("/runs").json() == []
+        assert inproc.get(route).status_code == 400, route
+    assert inproc.get("/runs").json() == []
     for root in ("TA1_OUTPUTS_DIR", "TA1_TEMPS_DIR"):
-        assert not [n for n in os.listdir(server.env[root]) if "\n" in n]
+        assert not [n for n in os.listdir(inproc.env[root]) if "\n" in n]
     assert not catalogue_module.NAME_RE.fullmatch("nljob\n")
     with pytest.raises(errors.UsageError):
         catalogue_module.check_name("job", "nljob\n")
 
 
-def test_undecodable_paths_are_400_never_another_route(server):
+def test_undecodable_paths_are_400_never_another_route(inproc):
     for path in ("/runs/%FF%FE", "/jobs/%FF", "/%FF", "/runs%C0%AF"):
-        error(server.get(path), 400, "bad_path")
-    assert server.get("/runs/%C3%A9").status_code == 400  # UTF-8, but not a run id
+        error(inproc.get(path), 400, "bad_path")
+    assert inproc.get("/runs/%C3%A9").status_code == 400  # UTF-8, but not a run id
 
 
-def test_query_numbers_must_be_ascii_digits(server):
+def test_query_numbers_must_be_ascii_digits(inproc):
     for query in ("limit=%B2", "offset=%B9", "limit=%C2%B2"):
-        error(server.get("/runs?" + query), 400, "bad_query")
-        error(server.get("/jobs?" + query), 400, "bad_query")
+        error(inproc.get("/runs?" + query), 400, "bad_query")
+        error(inproc.get("/jobs?" + query), 400, "bad_query")
 
 
 def test_one_line_formatter_escapes_messages_and_indents_tracebacks():

@@ -18,8 +18,17 @@ from conftest import ROOT
 from conftest import Server
 from conftest import kill_leftover_runs
 from conftest import payload
+from conftest import zero_work
 
 import mip_server
+
+
+@pytest.fixture
+def mip_env(mip_env):
+    """The zero-work catalogue (tests/config.yml): these tests check the API and the
+    journal's state, not what a module computes."""
+    return zero_work(mip_env)
+
 
 CLIENT = os.path.join(ROOT, "mip_client.py")
 SECRET = "sk-idempotency-test-NEVER-STORED-41c9"
@@ -64,70 +73,70 @@ def test_same_key_same_submission_answers_the_same_run(server):
     server.wait_run(first.json()["run_id"])
 
 
-def test_same_key_another_submission_is_409(server):
+def test_same_key_another_submission_is_409(inproc):
     body = payload("idem", "georeference", openai_key=SECRET)
-    run = server.post("/runs", json=body, headers={"Idempotency-Key": KEY}).json()
+    run = inproc.post("/runs", json=body, headers={"Idempotency-Key": KEY}).json()
     others = [payload("idem", "map_crop", openai_key=SECRET),
               payload("idem", "georeference", openai_key=SECRET + "x"),  # the key counts
               payload("idem", "georeference")]
     for other in others:
-        resp = server.post("/runs", json=other, headers={"Idempotency-Key": KEY})
+        resp = inproc.post("/runs", json=other, headers={"Idempotency-Key": KEY})
         assert resp.status_code == 409, resp.text
         assert resp.json()["error"] == "idempotency_key_reused"
         assert SECRET not in resp.text
     # the same key on another route is another submission
-    server.wait_run(run["run_id"])
-    resp = server.post(f"/runs/{run['run_id']}/rerun", headers={"Idempotency-Key": KEY})
+    inproc.wait_run(run["run_id"])
+    resp = inproc.post(f"/runs/{run['run_id']}/rerun", headers={"Idempotency-Key": KEY})
     assert resp.status_code == 409 and resp.json()["error"] == "idempotency_key_reused"
-    assert server.get("/runs").json() == [run["run_id"]]
+    assert inproc.get("/runs").json() == [run["run_id"]]
 
 
 @pytest.mark.parametrize("key", ["", "a b", "k" * 256, "caf\u00e9", "tab\there"])
-def test_malformed_key_is_400(server, key):
-    resp = server.post("/runs", json=payload("idem", "georeference"),
+def test_malformed_key_is_400(inproc, key):
+    resp = inproc.post("/runs", json=payload("idem", "georeference"),
                        headers={"Idempotency-Key": key.encode("latin-1")})
     assert resp.status_code == 400, resp.text
     assert resp.json()["error"] == "bad_idempotency_key"
-    assert server.get("/runs").json() == []
+    assert inproc.get("/runs").json() == []
 
 
-def test_longest_key_is_taken(server):
+def test_longest_key_is_taken(inproc):
     key = "!~" * 127 + "z"
-    resp = server.post("/runs", json=payload("idem", "georeference"),
+    resp = inproc.post("/runs", json=payload("idem", "georeference"),
                        headers={"Idempotency-Key": key})
     assert resp.status_code == 200, resp.text
-    server.wait_run(resp.json()["run_id"])
+    inproc.wait_run(resp.json()["run_id"])
 
 
-def test_rerun_with_a_key(server):
-    run = server.post("/runs", json=payload("idem", "georeference")).json()
-    server.wait_run(run["run_id"])
+def test_rerun_with_a_key(inproc):
+    run = inproc.post("/runs", json=payload("idem", "georeference")).json()
+    inproc.wait_run(run["run_id"])
     url = f"/runs/{run['run_id']}/rerun"
-    first = server.post(url, headers={"Idempotency-Key": "rerun-1"})
-    again = server.post(url, headers={"Idempotency-Key": "rerun-1"})
+    first = inproc.post(url, headers={"Idempotency-Key": "rerun-1"})
+    again = inproc.post(url, headers={"Idempotency-Key": "rerun-1"})
     assert first.status_code == again.status_code == 200, again.text
     assert first.json()["run_id"] == again.json()["run_id"] != run["run_id"]
-    with_key = server.post(url, json={"openai_key": SECRET}, headers={"Idempotency-Key": "rerun-1"})
+    with_key = inproc.post(url, json={"openai_key": SECRET}, headers={"Idempotency-Key": "rerun-1"})
     assert with_key.status_code == 409
-    server.wait_run(first.json()["run_id"])
-    other = server.post(url, headers={"Idempotency-Key": "rerun-2"})
+    inproc.wait_run(first.json()["run_id"])
+    other = inproc.post(url, headers={"Idempotency-Key": "rerun-2"})
     assert other.status_code == 200 and other.json()["run_id"] != first.json()["run_id"]
-    server.wait_run(other.json()["run_id"])
-    assert len(server.get("/runs").json()) == 3
+    inproc.wait_run(other.json()["run_id"])
+    assert len(inproc.get("/runs").json()) == 3
 
 
-def test_a_refused_submission_leaves_its_key_free(server):
-    resp = server.post("/runs", json=payload("idem", "georeference", map="no_such_map"),
+def test_a_refused_submission_leaves_its_key_free(inproc):
+    resp = inproc.post("/runs", json=payload("idem", "georeference", map="no_such_map"),
                        headers={"Idempotency-Key": KEY})
     assert resp.status_code == 404, resp.text
-    assert journal_rows(server.env) == []
-    resp = server.post("/runs", json=payload("idem", "georeference"),
+    assert journal_rows(inproc.env) == []
+    resp = inproc.post("/runs", json=payload("idem", "georeference"),
                        headers={"Idempotency-Key": KEY})
     assert resp.status_code == 200, resp.text
-    server.wait_run(resp.json()["run_id"])
+    inproc.wait_run(resp.json()["run_id"])
 
 
-def test_simultaneous_requests_with_one_key_make_one_run(server):
+def test_simultaneous_requests_with_one_key_make_one_run(inproc):
     """Six requests at once, one key: one run, and every answer names it."""
     body = payload("idem", "georeference")
     start = threading.Barrier(6)
@@ -135,7 +144,7 @@ def test_simultaneous_requests_with_one_key_make_one_run(server):
 
     def post():
         start.wait(10)
-        answers.append(server.post("/runs", json=body, headers={"Idempotency-Key": KEY},
+        answers.append(inproc.post("/runs", json=body, headers={"Idempotency-Key": KEY},
                                    timeout=60))
 
     threads = [threading.Thread(target=post) for _ in range(6)]
@@ -146,9 +155,9 @@ def test_simultaneous_requests_with_one_key_make_one_run(server):
     assert len(answers) == 6
     assert [a.status_code for a in answers] == [200] * 6, [a.text for a in answers]
     assert len({a.json()["run_id"] for a in answers}) == 1
-    assert server.get("/runs").json() == [answers[0].json()["run_id"]]
+    assert inproc.get("/runs").json() == [answers[0].json()["run_id"]]
     assert sum(a.headers.get("Idempotent-Replayed") == "true" for a in answers) == 5
-    server.wait_run(answers[0].json()["run_id"])
+    inproc.wait_run(answers[0].json()["run_id"])
 
 
 def test_keys_are_kept_per_user(mip_env, tmp_path):
@@ -173,23 +182,23 @@ def test_keys_are_kept_per_user(mip_env, tmp_path):
         kill_leftover_runs(mip_env)
 
 
-def test_keys_expire_after_24_hours(server):
-    first = server.post("/runs", json=payload("idem", "georeference"),
+def test_keys_expire_after_24_hours(inproc):
+    first = inproc.post("/runs", json=payload("idem", "georeference"),
                         headers={"Idempotency-Key": KEY}).json()
-    server.wait_run(first["run_id"])
-    with sqlite3.connect(os.path.join(server.env["TA1_RUNS_DIR"], "journal.db")) as db:
+    inproc.wait_run(first["run_id"])
+    with sqlite3.connect(os.path.join(inproc.env["TA1_RUNS_DIR"], "journal.db")) as db:
         db.execute("UPDATE idempotency_keys SET created = '2000-01-01T00:00:00.000Z'")
-    resp = server.post("/runs", json=payload("idem", "map_crop"),
+    resp = inproc.post("/runs", json=payload("idem", "map_crop"),
                        headers={"Idempotency-Key": KEY})
     assert resp.status_code == 200, resp.text
     assert resp.json()["run_id"] != first["run_id"]
-    rows = journal_rows(server.env)
+    rows = journal_rows(inproc.env)
     assert [r["run_id"] for r in rows] == [resp.json()["run_id"]]  # the old one pruned
-    server.wait_run(resp.json()["run_id"])
+    inproc.wait_run(resp.json()["run_id"])
 
 
-def test_openapi_declares_the_header_and_409(server):
-    spec = server.get("/openapi.json").json()
+def test_openapi_declares_the_header_and_409(inproc):
+    spec = inproc.get("/openapi.json").json()
     for path in ("/runs", "/runs/{run_id}/rerun"):
         op = spec["paths"][path]["post"]
         header = [p for p in op["parameters"] if p["in"] == "header"]
@@ -342,7 +351,7 @@ def test_retry_pause_honours_retry_after_within_a_cap():
 def test_the_hmac_key_is_derived_from_the_key_file(tmp_path):
     """Stable for one key file (keys survive a restart), another for another file, and
     neither the Fernet key itself nor the key of another purpose."""
-    import keystore
+    from mip import keystore
 
     one = keystore.KeyStore(str(tmp_path / "one.key"))
     again = keystore.KeyStore(str(tmp_path / "one.key"))

@@ -110,37 +110,37 @@ def test_the_verdict_is_cached_until_the_file_changes(sample_tif, tmp_path):
 
 # ---------------------------------------------------------------------------- at the door
 
-def test_post_runs_refuses_an_unreadable_map_with_422(server, sample_tif, tmp_path):
+def test_post_runs_refuses_an_unreadable_map_with_422(inproc, sample_tif, tmp_path):
     text = tmp_path / "text.tif"
     text.write_text("not a map at all\n")
-    add_map(server.env, "notes", str(text))
+    add_map(inproc.env, "notes", str(text))
     whole = write_variant(sample_tif, str(tmp_path / "whole.tif"), compress="lzw")
-    add_map(server.env, "cut", truncated(whole, str(tmp_path / "cut.tif")))
+    add_map(inproc.env, "cut", truncated(whole, str(tmp_path / "cut.tif")))
     for name, gdal_says in (("notes", "not recognized as being in a supported file format"),
                             ("cut", "Read error")):
-        resp = server.post("/runs", json=dict(payload("j-" + name, "ALL"), map=name))
+        resp = inproc.post("/runs", json=dict(payload("j-" + name, "ALL"), map=name))
         assert resp.status_code == 422, resp.text
         body = resp.json()
         assert body["error"] == "unreadable_map"
         assert f"map {name!r}" in body["message"] and gdal_says in body["message"]
         assert f"$TA1_INPUTS_DIR/maps/{name}/{name}.tif" in body["message"]
-        assert server.env["TA1_INPUTS_DIR"] not in body["message"]
-    assert server.get("/runs").json() == [] and server.get("/jobs").json() == []
+        assert inproc.env["TA1_INPUTS_DIR"] not in body["message"]
+    assert inproc.get("/runs").json() == [] and inproc.get("/jobs").json() == []
     # listed all the same: the map is there, only unreadable
-    assert set(server.get("/maps").json()) == {MAP, "notes", "cut"}
+    assert set(inproc.get("/maps").json()) == {MAP, "notes", "cut"}
 
 
-def test_maps_of_every_tiff_format_are_listed_and_accepted(server, sample_tif, tmp_path):
+def test_maps_of_every_tiff_format_are_listed_and_accepted(inproc, sample_tif, tmp_path):
     variants = {
         "cog": {"driver": "COG", "compress": "lzw"},
         "big": {"BIGTIFF": "YES", "compress": "deflate"},
         "tiled": {"tiled": True, "blockxsize": 256, "blockysize": 256, "compress": "packbits"},
     }
     for name, options in variants.items():
-        add_map(server.env, name, write_variant(sample_tif, str(tmp_path / f"{name}.tif"),
+        add_map(inproc.env, name, write_variant(sample_tif, str(tmp_path / f"{name}.tif"),
                                                 **options))
-    assert server.get("/maps").json() == sorted([MAP, *variants])
+    assert inproc.get("/maps").json() == sorted([MAP, *variants])
     for name in variants:
-        resp = server.post("/runs", json=dict(payload("j-" + name, "georeference"), map=name))
+        resp = inproc.post("/runs", json=dict(payload("j-" + name, "georeference"), map=name))
         assert resp.status_code == 200, resp.text
-        server.post(f"/runs/{resp.json()['run_id']}/cancel")
+        inproc.post(f"/runs/{resp.json()['run_id']}/cancel")

@@ -32,18 +32,18 @@ def value(samples, name, **labels):
     return found[0]
 
 
-def test_metrics_after_real_runs(server):
-    passed = server.post("/runs", json=payload("m1", "georeference")).json()
-    failed = server.post("/runs", json=payload(
+def test_metrics_after_real_runs(inproc):
+    passed = inproc.post("/runs", json=payload("m1", "georeference")).json()
+    failed = inproc.post("/runs", json=payload(
         "m2", "georeference", extra_switches={"georeference": ["--fail"]})).json()
-    statuses = {r["run_id"]: server.wait_run(r["run_id"]) for r in (passed, failed)}
+    statuses = {r["run_id"]: inproc.wait_run(r["run_id"]) for r in (passed, failed)}
     assert statuses[passed["run_id"]]["status"] == "passed"
     assert statuses[failed["run_id"]]["status"] == "failed"
     for _ in range(3):
-        assert server.get(f"/runs/{passed['run_id']}").status_code == 200
-    assert server.get("/no/such/route/12345").status_code == 404
+        assert inproc.get(f"/runs/{passed['run_id']}").status_code == 200
+    assert inproc.get("/no/such/route/12345").status_code == 404
 
-    families = scrape(server)
+    families = scrape(inproc)
     runs = families["mip_runs"]
     assert value(runs, "mip_runs", state="passed") == 1
     assert value(runs, "mip_runs", state="failed") == 1
@@ -79,7 +79,7 @@ def test_metrics_after_real_runs(server):
     assert all(s.value > 0 for s in disk)
 
     # a second scrape observes no module end twice
-    again = scrape(server)["mip_module_duration_seconds"]
+    again = scrape(inproc)["mip_module_duration_seconds"]
     for (module, state), count in ran.items():
         assert value(again, "mip_module_duration_seconds_count",
                      module=module, status=state) == count

@@ -277,3 +277,22 @@ def test_modules_do_not_get_the_hosts_secrets(mip_env, tmp_path):
     assert result.returncode == 0, result.stderr
     names = read(os.path.join(env["TA1_OUTPUTS_DIR"], "env", "probe", "names.txt")).split()
     assert names == ["OPENAI_API_KEY"]
+
+
+def test_a_mipper_the_server_started_never_migrates_and_refuses_another_version(mip_env):
+    """With --run-id the server has migrated: mipper only reads the journal's version, and
+    one of another version is refused in one line, the file left as it was."""
+    path = os.path.join(mip_env["TA1_RUNS_DIR"], "journal.db")
+    db = journal.Journal(path)
+    db.migrate()
+    run_id = db.create_run("v1", MAP, ["map_crop"], False, {}, mip_env["TA1_RUNS_DIR"])
+    db.connect().execute(f"PRAGMA user_version = {db.version() + 1}")
+    db.close()
+    result = mipper(mip_env, "--run-id", run_id, "--job", "v1", "--map", MAP,
+                    "--module", "map_crop")
+    assert result.returncode != 0
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "mipper: error:" in result.stderr and "version" in result.stderr, result.stderr
+    db = journal.Journal(path)
+    assert db.run(run_id)["status"] == "not_started"
+    db.close()

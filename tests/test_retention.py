@@ -14,9 +14,11 @@ import pytest
 from conftest import MAP
 from conftest import ROOT
 from conftest import Server
+from conftest import hold_file
 from conftest import kill_leftover_runs
 from conftest import payload
 from conftest import read
+from conftest import release
 from conftest import s3_client
 from conftest import wait_for
 from test_delete import passed_run
@@ -133,8 +135,9 @@ def test_a_running_job_is_never_swept(server_env):
                        MIP_RETAIN_RUNS_DAYS="0")
     env = srv.env
     try:
-        run = ok(srv.post("/runs", json=payload("busy", "map_crop",
-                                                extra_switches=slow("map_crop", 8))))
+        hold = hold_file(env, "busy")
+        run = ok(srv.post("/runs", json=payload("busy", "map_crop", extra_switches={
+            "map_crop": ["--hold", hold]})))
         wait_for(lambda: srv.get(f"/runs/{run['run_id']}").json()["module_status"].get(
             "map_crop") == "running", 90, 0.2)
         # legend_segment passed in this run; map_crop is running: none of it may go
@@ -142,7 +145,8 @@ def test_a_running_job_is_never_swept(server_env):
         for _ in range(4):
             assert all(os.path.exists(p) for p in done.values())
             assert os.path.isdir(paths(env, "busy", "map_crop")["temps"])
-            time.sleep(1)
+            time.sleep(1)  # a sweep a second (MIP_SWEEP_SECONDS=1)
+        release(hold)
         assert srv.wait_run(run["run_id"])["status"] == "passed"
         # once it has ended, days 0 means at once
         wait_for(lambda: not os.path.exists(done["outputs"]), 30, 0.2)

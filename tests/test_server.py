@@ -22,6 +22,7 @@ from conftest import alive
 from conftest import kill_leftover_runs
 from conftest import payload
 from conftest import wait_for
+from conftest import zero_work
 
 from mip import journal
 
@@ -30,6 +31,24 @@ for name in ("RunPayload", "RunStatus", "JobStatus", "ModuleStatus", "ModuleDesc
              "Error"):
     with open(os.path.join(ROOT, "schema", f"{name}.json")) as f:
         SCHEMAS[name] = jsonschema.Draft202012Validator(json.load(f))
+
+
+@pytest.fixture
+def mip_env(mip_env):
+    """The zero-work catalogue (tests/config.yml): these tests check the API and the
+    journal's state, not what a module computes; the seed's walk-through runs the real
+    stand-ins (seed_server)."""
+    return zero_work(mip_env)
+
+
+@pytest.fixture
+def seed_server(server_env):
+    """The real server on the real catalogue (../config.yml), stopped after the test."""
+    env = dict(server_env, MIP_CONFIG=os.path.join(ROOT, "config.yml"))
+    srv = Server(env).start()
+    yield srv
+    srv.stop()
+    kill_leftover_runs(env)
 
 
 def ok(resp, schema=None):
@@ -74,8 +93,10 @@ def module_processes(marker):
 
 # ---------------------------------------------------------------------------- walk-through
 
-def test_seed_walk_through(server):
-    """POST a map_crop run, poll it to passed, GET the job, download logs and outputs."""
+def test_seed_walk_through(seed_server):
+    """POST a map_crop run, poll it to passed, GET the job, download logs and outputs, from
+    the real stand-ins."""
+    server = seed_server
     resp = server.post("/runs", json=payload("alpha", "map_crop"))
     status = ok(resp, "RunStatus")
     run_id = status["run_id"]
@@ -127,75 +148,75 @@ def test_seed_walk_through(server):
     assert text.status_code == 200 and "map_crop passed" in text.text
 
 
-def test_whole_graph_run(server):
-    run_id = ok(server.post("/runs", json=payload("all", "ALL")))["run_id"]
-    final = server.wait_run(run_id)
+def test_whole_graph_run(inproc):
+    run_id = ok(inproc.post("/runs", json=payload("all", "ALL")))["run_id"]
+    final = inproc.wait_run(run_id)
     assert final["status"] == "passed", final["log"]
     assert len(final["module_status"]) == 9
     assert set(final["module_status"].values()) == {"passed"}
-    modules = ok(server.get("/modules"))
+    modules = ok(inproc.get("/modules"))
     for item in modules:
         SCHEMAS["ModuleDescription"].validate(item)
     assert {m["module_name"] for m in modules} == set(final["module_status"])
 
 
-def test_original_client_conventions(server):
+def test_original_client_conventions(inproc):
     """No Content-Type on POST bodies, trailing slashes, 200 and exact content types."""
     body = json.dumps(payload("compat", "georeference")).encode()
-    resp = requests.post(server.url + "/runs/", data=body, auth=server.auth, timeout=10,
+    resp = inproc.post("/runs/", data=body,
                          headers={"Content-Type": ""})
     run_id = ok(resp, "RunStatus")["run_id"]
-    server.wait_run(run_id)
-    assert ok(server.get("/runs/")) == [run_id]
-    assert ok(server.get(f"/runs/{run_id}/"))["status"] == "passed"
-    assert ok(server.get("/jobs/compat/"))["status"] == "passed"
-    text_plain = requests.post(server.url + "/runs", data=body, auth=server.auth, timeout=10,
+    inproc.wait_run(run_id)
+    assert ok(inproc.get("/runs/")) == [run_id]
+    assert ok(inproc.get(f"/runs/{run_id}/"))["status"] == "passed"
+    assert ok(inproc.get("/jobs/compat/"))["status"] == "passed"
+    text_plain = inproc.post("/runs", data=body,
                                headers={"Content-Type": "text/plain"})
     ok(text_plain, "RunStatus")
-    assert server.get("/modules/compat/georeference/outputs/").headers["Content-Type"] == \
+    assert inproc.get("/modules/compat/georeference/outputs/").headers["Content-Type"] == \
         "application/zip"
 
 
 # ---------------------------------------------------------------------------- async runs
 
-def test_post_returns_at_once_while_a_slow_run_goes_on(server):
-    # the first POST /runs of a server loads GDAL for the map check, once: not timed here
-    warm = ok(server.post("/runs", json=payload("warm", "georeference")))["run_id"]
-    assert server.wait_run(warm)["status"] == "passed"
+def test_post_returns_at_once_while_a_slow_run_goes_on(inproc):
+    # the first POST /runs of a inproc loads GDAL for the map check, once: not timed here
+    warm = ok(inproc.post("/runs", json=payload("warm", "georeference")))["run_id"]
+    assert inproc.wait_run(warm)["status"] == "passed"
     started = time.monotonic()
-    resp = server.post("/runs", json=payload("slow", "georeference",
+    resp = inproc.post("/runs", json=payload("slow", "georeference",
                                              extra_switches=slow("georeference", 3)))
     took = time.monotonic() - started
     run_id = ok(resp)["run_id"]
     assert took < 1.0
-    running = server.wait_run(run_id, until=("running",))
+    running = inproc.wait_run(run_id, until=("running",))
     assert running["stop_time"] is None
-    # the server keeps answering while the run goes on
-    assert ok(server.get("/jobs"))
-    assert server.wait_run(run_id)["status"] == "passed"
+    # the inproc keeps answering while the run goes on
+    assert ok(inproc.get("/jobs"))
+    assert inproc.wait_run(run_id)["status"] == "passed"
 
 
-def test_same_job_runs_serialized_different_jobs_parallel(server):
-    a1 = ok(server.post("/runs", json=payload("ja", "georeference",
+def test_same_job_runs_serialized_different_jobs_parallel(inproc):
+    a1 = ok(inproc.post("/runs", json=payload("ja", "georeference",
                                               extra_switches=slow("georeference", 2))))
-    a2 = ok(server.post("/runs", json=payload("ja", "legend_segment")))
-    b1 = ok(server.post("/runs", json=payload("jb", "georeference",
+    a2 = ok(inproc.post("/runs", json=payload("ja", "legend_segment")))
+    b1 = ok(inproc.post("/runs", json=payload("jb", "georeference",
                                               extra_switches=slow("georeference", 2))))
     # ja's first run and jb's run execute together while ja's second one waits
-    wait_for(lambda: all(server.get(f"/runs/{r['run_id']}").json()["status"] == "running"
+    wait_for(lambda: all(inproc.get(f"/runs/{r['run_id']}").json()["status"] == "running"
                          for r in (a1, b1)))
-    assert server.get(f"/runs/{a2['run_id']}").json()["status"] == "not_started"
-    done = [server.wait_run(r["run_id"]) for r in (a1, a2, b1)]
+    assert inproc.get(f"/runs/{a2['run_id']}").json()["status"] == "not_started"
+    done = [inproc.wait_run(r["run_id"]) for r in (a1, a2, b1)]
     assert [d["status"] for d in done] == ["passed"] * 3
     assert done[1]["start_time"] >= done[0]["stop_time"]
     assert done[2]["start_time"] < done[0]["stop_time"]
 
 
-def test_many_posts_in_the_same_second_all_succeed(server):
+def test_many_posts_in_the_same_second_all_succeed(inproc):
     answers = []
 
     def post(i):
-        answers.append(server.post("/runs", json=payload(f"burst{i}", "georeference")))
+        answers.append(inproc.post("/runs", json=payload(f"burst{i}", "georeference")))
 
     threads = [threading.Thread(target=post, args=(i,)) for i in range(20)]
     for t in threads:
@@ -205,76 +226,76 @@ def test_many_posts_in_the_same_second_all_succeed(server):
     assert [a.status_code for a in answers] == [200] * 20
     ids = [a.json()["run_id"] for a in answers]
     assert len(set(ids)) == 20
-    assert ok(server.get("/runs")) == sorted(ids)
+    assert ok(inproc.get("/runs")) == sorted(ids)
     for run_id in ids:
-        server.wait_run(run_id)
+        inproc.wait_run(run_id)
 
 
-def test_cancel_kills_the_running_module(server):
-    run_id = ok(server.post("/runs", json=payload("cancelme", "georeference",
+def test_cancel_kills_the_running_module(inproc):
+    run_id = ok(inproc.post("/runs", json=payload("cancelme", "georeference",
                                                   extra_switches=slow("georeference", 60))))[
         "run_id"]
-    marker = os.path.join(server.env["TA1_OUTPUTS_DIR"], "cancelme")
+    marker = os.path.join(inproc.env["TA1_OUTPUTS_DIR"], "cancelme")
     wait_for(lambda: module_processes(marker))
-    wait_for(lambda: server.get("/modules/cancelme/georeference").status_code == 200)
-    status = ok(server.post(f"/runs/{run_id}/cancel"), "RunStatus")
+    wait_for(lambda: inproc.get("/modules/cancelme/georeference").status_code == 200)
+    status = ok(inproc.post(f"/runs/{run_id}/cancel"), "RunStatus")
     assert status["status"] == "cancelled"
     wait_for(lambda: not module_processes(marker), timeout=10)
-    module = ok(server.get("/modules/cancelme/georeference"), "ModuleStatus")
+    module = ok(inproc.get("/modules/cancelme/georeference"), "ModuleStatus")
     assert module["status"] == "cancelled"
     # cancelling a finished run changes nothing
-    again = ok(server.post(f"/runs/{run_id}/cancel"))
+    again = ok(inproc.post(f"/runs/{run_id}/cancel"))
     assert again["status"] == "cancelled" and again["stop_time"] == status["stop_time"]
-    assert "cancelled" in server.get(f"/runs/{run_id}/log").text
+    assert "cancelled" in inproc.get(f"/runs/{run_id}/log").text
 
 
-def test_cancel_a_queued_run(server):
-    first = ok(server.post("/runs", json=payload("q", "georeference",
+def test_cancel_a_queued_run(inproc):
+    first = ok(inproc.post("/runs", json=payload("q", "georeference",
                                                  extra_switches=slow("georeference", 2))))
-    queued = ok(server.post("/runs", json=payload("q", "legend_segment")))
-    assert ok(server.post(f"/runs/{queued['run_id']}/cancel"))["status"] == "cancelled"
-    assert server.wait_run(first["run_id"])["status"] == "passed"
-    assert server.get(f"/runs/{queued['run_id']}").json()["module_status"] == {}
+    queued = ok(inproc.post("/runs", json=payload("q", "legend_segment")))
+    assert ok(inproc.post(f"/runs/{queued['run_id']}/cancel"))["status"] == "cancelled"
+    assert inproc.wait_run(first["run_id"])["status"] == "passed"
+    assert inproc.get(f"/runs/{queued['run_id']}").json()["module_status"] == {}
 
 
-def test_rerun_reexecutes_only_what_failed(server):
+def test_rerun_reexecutes_only_what_failed(inproc):
     # an extra switch may only name paths in the job's own output or temp folder
-    flag = os.path.join(server.env["TA1_TEMPS_DIR"], "re", "ready")
+    flag = os.path.join(inproc.env["TA1_TEMPS_DIR"], "re", "ready")
     body = payload("re", "ALL", extra_switches={
         "map_crop": ["--fail-unless-exists", str(flag)]})
-    first = server.wait_run(ok(server.post("/runs", json=body))["run_id"])
+    first = inproc.wait_run(ok(inproc.post("/runs", json=body))["run_id"])
     assert first["status"] == "failed"
     assert first["module_status"]["map_crop"] == "failed"
     assert "geopackage" not in first["module_status"]
-    before = {m: ok(server.get(f"/modules/re/{m}")) for m in first["module_status"]}
+    before = {m: ok(inproc.get(f"/modules/re/{m}")) for m in first["module_status"]}
 
     open(flag, "w").close()
-    second = ok(server.post(f"/runs/{first['run_id']}/rerun"), "RunStatus")
+    second = ok(inproc.post(f"/runs/{first['run_id']}/rerun"), "RunStatus")
     assert second["run_id"] != first["run_id"]
     assert second["payload"] == first["payload"]
-    final = server.wait_run(second["run_id"])
+    final = inproc.wait_run(second["run_id"])
     assert final["status"] == "passed", final["log"]
     assert set(final["module_status"]) == {"map_crop", "line_extract", "point_extract",
                                            "geopackage"}
     for name in ("legend_segment", "georeference", "polygon_extract"):
-        assert ok(server.get(f"/modules/re/{name}"))["start_time"] == before[name]["start_time"]
+        assert ok(inproc.get(f"/modules/re/{name}"))["start_time"] == before[name]["start_time"]
 
 
-def test_list_filters_and_paging(server):
+def test_list_filters_and_paging(inproc):
     ids = []
     for job in ("f1", "f2", "f1"):
-        ids.append(ok(server.post("/runs", json=payload(job, "georeference")))["run_id"])
+        ids.append(ok(inproc.post("/runs", json=payload(job, "georeference")))["run_id"])
     for run_id in ids:
-        server.wait_run(run_id)
-    assert ok(server.get("/runs?job=f1")) == [ids[0], ids[2]]
-    assert ok(server.get("/runs?status=passed&limit=2")) == ids[:2]
-    assert ok(server.get("/runs?offset=1&limit=1")) == [ids[1]]
-    assert ok(server.get("/runs?status=failed")) == []
-    assert ok(server.get("/jobs?limit=1&offset=1")) == ["f2"]
-    error(server.get("/runs?limit=-1"), 400, "bad_query")
-    error(server.get("/runs?status=bogus"), 400, "bad_query")
-    assert ok(server.get("/maps")) == [MAP]
-    info = ok(server.get("/"))
+        inproc.wait_run(run_id)
+    assert ok(inproc.get("/runs?job=f1")) == [ids[0], ids[2]]
+    assert ok(inproc.get("/runs?status=passed&limit=2")) == ids[:2]
+    assert ok(inproc.get("/runs?offset=1&limit=1")) == [ids[1]]
+    assert ok(inproc.get("/runs?status=failed")) == []
+    assert ok(inproc.get("/jobs?limit=1&offset=1")) == ["f2"]
+    error(inproc.get("/runs?limit=-1"), 400, "bad_query")
+    error(inproc.get("/runs?status=bogus"), 400, "bad_query")
+    assert ok(inproc.get("/maps")) == [MAP]
+    info = ok(inproc.get("/"))
     assert info["limits"]["max_runs"] == 2 and "geopackage" in info["modules"]
 
 
@@ -323,44 +344,44 @@ def test_restart_after_sigkill_reconciles_runs(server_env, tmp_path):
 
 # ---------------------------------------------------------------------------- errors
 
-def test_errors_have_one_shape_and_the_right_status(server, sample_tif):
+def test_errors_have_one_shape_and_the_right_status(inproc, sample_tif):
     from conftest import add_map
 
     # 401: no, wrong or malformed credentials
-    for auth in (None, ("tester", "wrong"), ("nobody", server.password)):
-        resp = requests.get(server.url + "/runs", auth=auth, timeout=10)
+    for auth in (None, ("tester", "wrong"), ("nobody", inproc.password)):
+        resp = inproc.get("/runs", auth=auth)
         error(resp, 401, "unauthorized")
         assert resp.headers["WWW-Authenticate"] == 'Basic realm="mip"'
-    bad_header = requests.get(server.url + "/runs", timeout=10,
+    bad_header = inproc.get("/runs", auth=None,
                               headers={"Authorization": "Basic !!!notbase64"})
     error(bad_header, 401)
-    assert requests.get(server.url + "/health", timeout=10).status_code == 200
+    assert inproc.get("/health", auth=None).status_code == 200
 
     # 404s
-    error(server.get("/nowhere"), 404, "not_found")
-    error(server.get("/runs/20260101-000000-000000-abcd"), 404, "unknown_run")
-    error(server.get("/jobs/nojob"), 404, "unknown_job")
-    error(server.get("/modules/nojob"), 404, "unknown_job")
-    error(server.get("/schema/Nope"), 404, "unknown_schema")
-    error(server.post("/runs", json=payload("x", "georeference") | {"map": "NoMap"}), 404,
+    error(inproc.get("/nowhere"), 404, "not_found")
+    error(inproc.get("/runs/20260101-000000-000000-abcd"), 404, "unknown_run")
+    error(inproc.get("/jobs/nojob"), 404, "unknown_job")
+    error(inproc.get("/modules/nojob"), 404, "unknown_job")
+    error(inproc.get("/schema/Nope"), 404, "unknown_schema")
+    error(inproc.post("/runs", json=payload("x", "georeference") | {"map": "NoMap"}), 404,
           "unknown_map")
     # 405
-    error(requests.delete(server.url + "/runs", auth=server.auth, timeout=10), 405)
+    error(inproc.delete("/runs"), 405)
     # 400: malformed, empty, path tricks
-    error(server.post("/runs", data=b"{not json"), 400, "malformed_json")
-    error(server.post("/runs", data=b"\xff\xfe"), 400, "malformed_json")
-    error(server.post("/runs", data=b""), 400, "empty_body")
+    error(inproc.post("/runs", data=b"{not json"), 400, "malformed_json")
+    error(inproc.post("/runs", data=b"\xff\xfe"), 400, "malformed_json")
+    error(inproc.post("/runs", data=b""), 400, "empty_body")
     # requests would fold a literal "/.." away, so the dots are percent-encoded
     for path in ("/jobs/%2e%2e", "/modules/%2e%2e", "/modules/.hidden/map_crop",
                  "/runs/%2e%2e", "/jobs/a%00b", "/modules/alpha/%2e%2e%00/outputs",
                  "/jobs/%2e%2e%2fetc/map_crop/outputs", "/modules/alpha/%2e%2e/logs"):
-        resp = server.get(path)
+        resp = inproc.get(path)
         assert resp.status_code in (400, 404), path
         error(resp, resp.status_code)
-    error(server.get("/jobs/%2e%2e"), 400, "bad_job_name")
-    error(server.get("/modules/alpha/%2e%2e/logs"), 400)
+    error(inproc.get("/jobs/%2e%2e"), 400, "bad_job_name")
+    error(inproc.get("/modules/alpha/%2e%2e/logs"), 400)
     # 413
-    error(server.post("/runs", data=b"x" * (1024 * 1024 + 1)), 413, "body_too_large")
+    error(inproc.post("/runs", data=b"x" * (1024 * 1024 + 1)), 413, "body_too_large")
     # 422: valid JSON, wrong shape; the message names the field
     cases = [
         ([1, 2], "body"),
@@ -377,31 +398,30 @@ def test_errors_have_one_shape_and_the_right_status(server, sample_tif):
          "extra_switches.map_crop"),
     ]
     for body, field in cases:
-        message = error(server.post("/runs", json=body), 422)["message"]
+        message = error(inproc.post("/runs", json=body), 422)["message"]
         assert field in message, (body, message)
-    assert ok(server.get("/runs")) == []  # nothing was recorded
+    assert ok(inproc.get("/runs")) == []  # nothing was recorded
 
     # 409: a job stays bound to its first map
-    add_map(server.env, "Other_Map", sample_tif)
-    run_id = ok(server.post("/runs", json=payload("bound", "georeference")))["run_id"]
-    conflict = error(server.post("/runs", json=payload("bound", "georeference") |
+    add_map(inproc.env, "Other_Map", sample_tif)
+    run_id = ok(inproc.post("/runs", json=payload("bound", "georeference")))["run_id"]
+    conflict = error(inproc.post("/runs", json=payload("bound", "georeference") |
                                  {"map": "Other_Map"}), 409)
     assert MAP in conflict["message"]
-    server.wait_run(run_id)
-    error(server.get("/modules/bound/map_crop"), 404, "module_not_run")
-    error(server.get("/modules/bound/nomodule"), 404, "unknown_module")
-    error(server.get("/modules/bound/map_crop/outputs"), 404)
-    error(server.post(f"/runs/{run_id}/rerun", data=b'{"colour": 1}'), 422)
+    inproc.wait_run(run_id)
+    error(inproc.get("/modules/bound/map_crop"), 404, "module_not_run")
+    error(inproc.get("/modules/bound/nomodule"), 404, "unknown_module")
+    error(inproc.get("/modules/bound/map_crop/outputs"), 404)
+    error(inproc.post(f"/runs/{run_id}/rerun", data=b'{"colour": 1}'), 422)
 
 
-def test_error_shape_on_every_route(server):
+def test_error_shape_on_every_route(inproc):
     """Every route answers a bad name or id with a JSON error, never HTML or a 500."""
-    spec = ok(server.get("/openapi.json"))
+    spec = ok(inproc.get("/openapi.json"))
     for path, ops in spec["paths"].items():
         url = re.sub(r"{\w+}", "..", path)
         for method in ops:
-            resp = requests.request(method, server.url + url.replace("..", "%2e%2e"),
-                                    auth=server.auth, timeout=10)
+            resp = inproc.request(method, url.replace("..", "%2e%2e"))
             if resp.status_code == 200:
                 continue
             assert 400 <= resp.status_code < 500, (method, url, resp.status_code)
@@ -501,8 +521,8 @@ def test_users_file_and_generated_password(mip_env, tmp_path):
 
 # ---------------------------------------------------------------------------- documents
 
-def test_openapi_and_schemas(server):
-    spec = ok(server.get("/openapi.json"))
+def test_openapi_and_schemas(inproc):
+    spec = ok(inproc.get("/openapi.json"))
     assert spec["openapi"].startswith("3.")
     for path in ("/runs", "/runs/{run_id}", "/jobs/{job}", "/modules/{job}/{module}",
                  "/modules/{job}/{module}/logs", "/jobs/{job}/{module}/outputs", "/maps",
@@ -510,22 +530,22 @@ def test_openapi_and_schemas(server):
         assert path in spec["paths"], path
     assert spec["paths"]["/runs"]["post"]["requestBody"]
     assert "RunStatus" in spec["components"]["schemas"]
-    payload_schema = ok(server.get("/schema/RunPayload"))
+    payload_schema = ok(inproc.get("/schema/RunPayload"))
     assert payload_schema["title"] == "RunPayload"
-    assert ok(server.get("/schema/RunStatus.json"))["title"] == "RunStatus"
+    assert ok(inproc.get("/schema/RunStatus.json"))["title"] == "RunStatus"
 
 
 # ---------------------------------------------------------------------------- zips
 
-def test_zip_skips_symlinks_even_those_that_stay_in_the_folder(server, tmp_path):
-    run_id = ok(server.post("/runs", json=payload("links", "georeference")))["run_id"]
-    server.wait_run(run_id)
-    folder = os.path.join(server.env["TA1_OUTPUTS_DIR"], "links", "georeference")
+def test_zip_skips_symlinks_even_those_that_stay_in_the_folder(inproc, tmp_path):
+    run_id = ok(inproc.post("/runs", json=payload("links", "georeference")))["run_id"]
+    inproc.wait_run(run_id)
+    folder = os.path.join(inproc.env["TA1_OUTPUTS_DIR"], "links", "georeference")
     outside = tmp_path / "outside.txt"
     outside.write_text("private")
     os.symlink(outside, os.path.join(folder, "escape.txt"))
     os.symlink(os.path.join(folder, f"{MAP}.json"), os.path.join(folder, "inside.json"))
-    archive = zipfile.ZipFile(io.BytesIO(server.get("/modules/links/georeference/outputs")
+    archive = zipfile.ZipFile(io.BytesIO(inproc.get("/modules/links/georeference/outputs")
                                          .content))
     names = [n.split("/", 1)[1] for n in archive.namelist()]
     # a link is never followed, not even to a file of the folder: that file is served itself
@@ -553,5 +573,5 @@ def test_zip_of_a_large_folder_streams(server):
 
 
 @pytest.mark.parametrize("route", ["/runs/{id}", "/runs/{id}/log"])
-def test_run_routes_refuse_bad_ids(server, route):
-    error(server.get(route.replace("{id}", "bad%20id")), 400)
+def test_run_routes_refuse_bad_ids(inproc, route):
+    error(inproc.get(route.replace("{id}", "bad%20id")), 400)

@@ -61,8 +61,8 @@ def raw_get(server, path: str, auth: bool = True) -> tuple:
         conn.close()
 
 
-def test_docs_page_loads_only_local_files_and_no_inline_script(server):
-    resp = server.get("/docs")
+def test_docs_page_loads_only_local_files_and_no_inline_script(inproc):
+    resp = inproc.get("/docs")
     assert resp.status_code == 200
     assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
     page = Page()
@@ -73,7 +73,7 @@ def test_docs_page_loads_only_local_files_and_no_inline_script(server):
     assert "/docs/static/swagger-ui-bundle.js" in page.loads
     assert f"/docs/static/{swagger.INIT}" in page.loads
     for src in page.loads:
-        asset = server.get(src)
+        asset = inproc.get(src)
         assert asset.status_code == 200, src
         kind = asset.headers["Content-Type"].split(";")[0]
         assert kind == TYPES[os.path.splitext(src)[1]], src
@@ -88,14 +88,14 @@ def test_docs_page_loads_only_local_files_and_no_inline_script(server):
             assert not re.search(rb"url\(\s*['\"]?(https?:)?//", asset.content), src
 
 
-def test_swagger_ui_is_version_5_started_on_our_document(server):
-    bundle = server.get("/docs/static/swagger-ui-bundle.js")
+def test_swagger_ui_is_version_5_started_on_our_document(inproc):
+    bundle = inproc.get("/docs/static/swagger-ui-bundle.js")
     version = re.search(rb'PACKAGE_VERSION:"(\d+)\.(\d+)\.(\d+)"', bundle.content)
     assert version and version.group(1) == b"5", "Swagger UI 5 reads OpenAPI 3.1; 4 refuses it"
-    init = server.get(f"/docs/static/{swagger.INIT}").text
+    init = inproc.get(f"/docs/static/{swagger.INIT}").text
     assert 'url: "/openapi.json"' in init and "validatorUrl: null" in init
     assert "http" not in init
-    assert server.get("/openapi.json").json()["openapi"].startswith("3.1")
+    assert inproc.get("/openapi.json").json()["openapi"].startswith("3.1")
 
 
 def test_docs_are_behind_basic_auth(server):
@@ -146,8 +146,8 @@ def test_only_the_vendor_scripts_styles_and_icons_are_served():
     assert all(os.path.dirname(p) == swagger.VENDOR for p in files.values())
 
 
-def test_docs_routes_are_declared(server):
-    paths = server.get("/openapi.json").json()["paths"]
+def test_docs_routes_are_declared(inproc):
+    paths = inproc.get("/openapi.json").json()["paths"]
     page = paths["/docs"]["get"]
     assert set(page["responses"]["200"]["content"]) == {"text/html"}
     assert page["security"] == [{"basic": []}]

@@ -45,6 +45,8 @@ from mip.errors import EXIT_USAGE
 from mip.errors import MipError
 from mip.web import proxy
 
+pytestmark = pytest.mark.tls
+
 CADDY = shutil.which("caddy") or "/usr/bin/caddy"
 SHIPPED = os.path.join(ROOT, "deploy", "Caddyfile")
 OPTIONS_LINE = "\n{\n"  # the global options block

@@ -18,7 +18,6 @@ import http.client
 import ipaddress
 import json
 import logging
-import secrets
 import socket
 import ssl
 import threading
@@ -31,7 +30,6 @@ import bottle
 
 from mip import journal
 from mip.errors import MipError
-from mip.journal import FINISHED
 from mip.settings import NoticeSettings
 from mip.settings import origin
 from mip.web.apierror import ApiError
@@ -216,18 +214,12 @@ def record(db: journal.Journal, settings: NoticeSettings, run_id: str, payload: 
     rows = targets(settings, payload)
     if not rows:
         return
-    now = journal.utcnow()
-    with db.transaction() as con:
-        for url, source in rows:
-            con.execute("INSERT INTO deliveries (id, run_id, url, source, state, attempts,"
-                        " created, updated) VALUES (?, ?, ?, ?, 'waiting', 0, ?, ?)",
-                        (secrets.token_hex(16), run_id, url, source, now, now))
+    db.add_deliveries(run_id, rows)
 
 
 def deliveries(db: journal.Journal, run_id: str) -> list:
     """A run's notices as answered by the API (MIP_NOTIFY_URL by its origin only)."""
-    rows = db.connect().execute(
-        "SELECT * FROM deliveries WHERE run_id = ? ORDER BY created, source", (run_id,))
+    rows = db.deliveries(run_id)
     return [{"delivery_id": r["id"], "url": r["url"], "source": r["source"],
              "state": r["state"], "attempts": r["attempts"], "next_try": r["next_try"],
              "last_error": r["last_error"], "updated": r["updated"]} for r in rows]
@@ -357,39 +349,21 @@ class Notifier:
 
     def promote(self) -> None:
         """Make the notices of runs that have ended due; those of deleted runs fail."""
-        con = self.db.connect()
-        marks = ",".join("?" * len(FINISHED))
-        ended = [r[0] for r in con.execute(
-            "SELECT d.run_id FROM deliveries d JOIN runs r ON r.run_id = d.run_id"
-            f" WHERE d.state = 'waiting' AND r.status IN ({marks})",
-            [s.value for s in FINISHED])]
-        ended = [run_id for run_id in dict.fromkeys(ended) if run_id not in self.running]
-        orphans = [r[0] for r in con.execute(
-            "SELECT id FROM deliveries WHERE state IN ('waiting', 'pending')"
-            " AND run_id NOT IN (SELECT run_id FROM runs)")]
+        ended, orphans = self.db.deliveries_to_promote()
+        ended = [run_id for run_id in ended if run_id not in self.running]
         if not ended and not orphans:
             return  # no write lock taken for nothing, every POLL seconds
-        now = journal.utcnow()
-        with self.db.transaction() as tx:
-            for run_id in ended:
-                tx.execute("UPDATE deliveries SET state = 'pending', next_try = ?, updated = ?"
-                           " WHERE run_id = ? AND state = 'waiting'", (now, now, run_id))
-            for delivery_id in orphans:
-                tx.execute("UPDATE deliveries SET state = 'failed', last_error = 'the run was"
-                           " deleted', updated = ? WHERE id = ?", (now, delivery_id))
+        self.db.promote_deliveries(ended, orphans)
 
     def due(self) -> list:
-        return [dict(r) for r in self.db.connect().execute(
-            "SELECT * FROM deliveries WHERE state = 'pending' AND next_try <= ?"
-            " ORDER BY next_try LIMIT ?", (journal.utcnow(), BATCH))]
+        return self.db.due_deliveries(BATCH)
 
     def wait_time(self) -> float:
         """Seconds until the next pending notice is due, at most POLL."""
-        row = self.db.connect().execute(
-            "SELECT MIN(next_try) FROM deliveries WHERE state = 'pending'").fetchone()
-        if not row[0]:
+        due = self.db.next_delivery_time()
+        if not due:
             return POLL
-        due = datetime.strptime(row[0], "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
+        due = datetime.strptime(due, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=UTC)
         return max(0.05, min(POLL, (due - datetime.now(UTC)).total_seconds()))
 
     def attempt(self, row: dict) -> None:
@@ -439,16 +413,10 @@ class Notifier:
         delay = self.settings.backoff * 2 ** (attempts - 1)
         log.info("notice %s for run %s to %s failed (%s); try %d in %d s", row["id"],
                  row["run_id"], shown, error, attempts + 1, delay)
-        with self.db.transaction() as tx:
-            tx.execute("UPDATE deliveries SET attempts = ?, next_try = ?, last_error = ?,"
-                       " updated = ? WHERE id = ?",
-                       (attempts, later(delay), error, journal.utcnow(), row["id"]))
+        self.db.delivery_failed_attempt(row["id"], attempts, later(delay), error)
 
     def finish(self, row: dict, state: str, error: str | None) -> None:
-        with self.db.transaction() as tx:
-            tx.execute("UPDATE deliveries SET state = ?, attempts = attempts + 1, next_try ="
-                       " NULL, last_error = ?, updated = ? WHERE id = ?",
-                       (state, error, journal.utcnow(), row["id"]))
+        self.db.end_delivery(row["id"], state, error)
 
 
 # ---------------------------------------------------------------------------- routes

@@ -129,14 +129,9 @@ class JournalCollector:
 
     def sync(self) -> dict:
         """Observe the executions that ended since the last sync; {module: running count}."""
-        db = self.db.connect()
         # read first: an execution recorded after it has a higher id, and stays above `low`
-        top = db.execute("SELECT COALESCE(MAX(id), 0) FROM executions").fetchone()[0]
-        rows = db.execute(
-            "SELECT id, module, status,"
-            " (julianday(stop_time) - julianday(start_time)) * 86400.0"
-            " FROM executions WHERE id >= ? AND (status = 'running' OR stop_time >= ?)"
-            " ORDER BY id", (self.low, self.started)).fetchall()
+        top = self.db.last_execution_id()
+        rows = self.db.executions_from(self.low, self.started)
         running, low = {}, top + 1
         for exec_id, module, status, seconds in rows:
             if status == Status.RUNNING:
@@ -153,8 +148,7 @@ class JournalCollector:
     def collect(self):
         with self.lock:
             running = self.sync()
-        counts = dict(self.db.connect().execute(
-            "SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall())
+        counts = self.db.run_counts()
         runs = GaugeMetricFamily("mip_runs", "Runs in the journal, by state", labels=("state",))
         for status in Status:
             runs.add_metric((status.value,), counts.get(status.value, 0))

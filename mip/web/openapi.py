@@ -33,7 +33,9 @@ STATUSES = {
          "under MIP_REQUIRE_GPU=1",
     429: "too many failed logins from this address (see Retry-After)",
     502: "a store or service the server depends on could not be reached",
-    503: "at capacity: run queue full, or too many downloads at once (see Retry-After)",
+    503: "at capacity: run queue full or too many downloads at once; or the journal cannot "
+         "be written for now, or was deleted or replaced (journal_unavailable); see "
+         "Retry-After",
     507: "not enough free disk space to take a run",
 }
 RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying again",
@@ -62,8 +64,9 @@ def statuses(route: Route) -> list:
     400 and 413 on any route (bad path, bad or too large Content-Length) and bottle answers
     405 to another method on any path; authentication adds 401 and 429; a path parameter
     adds 400 (bad name) and 404; origin.py answers 403 to a POST or DELETE from another
-    site's page."""
-    codes = {400, 405, 413, *route.errors}
+    site's page; and any route answers 503 journal_unavailable once the journal was deleted
+    or replaced under the server (a write also while it cannot be written for a while)."""
+    codes = {400, 405, 413, 503, *route.errors}
     if route.method in ("POST", "DELETE"):
         codes.add(403)
     if route.auth:
