@@ -571,10 +571,11 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
         return link
 
     @route("POST", "/cdr", auth=False, body={"type": "object"}, answer={"type": "object"},
-           errors=(403, 404, 422))
+           errors=(403, 404, 422, 503))
     def cdr_webhook():
         """The CDR's webhook: signed with x-cdr-signature-256 instead of basic auth.
-        Raises 403 for a missing or wrong signature, 404 when the CDR link is off."""
+        Raises 403 for a missing or wrong signature, 404 when the CDR link is off, 503
+        (with Retry-After) when MIP_CDR_INBOX_MAX events already wait."""
         need_link()
         raw = read_body()
         if not cdr.verify(cfg.cdr_settings.secret, raw,
@@ -587,10 +588,11 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
             raise ApiError(422, "bad_event", str(e)) from None
         return send({"ok": "success"})
 
-    @route("POST", "/cdr/cogs/{cog_id}", answer={"type": "object"}, errors=(422, 502))
+    @route("POST", "/cdr/cogs/{cog_id}", answer={"type": "object"}, errors=(422, 502, 503))
     def cdr_cog(cog_id):
         """Process a CDR cog by hand: its URL is looked up in the CDR, then as a delivery.
-        Raises 404 for a cog the CDR does not know, 502 when the CDR cannot be asked."""
+        Raises 404 for a cog the CDR does not know, 502 when the CDR cannot be asked, 503
+        when the CDR inbox is full."""
         need_link()
         checked_name("cog", cog_id)
         try:

@@ -12,7 +12,8 @@ Prints the machine, then one line per figure: value, baseline, ratio, goal, met.
 A benchmark, not a test: it exits 0 whether or not the goals are met.
 
 Sections: tools (processes, HTTP, load), fixtures, figures 1-6, figure 7 (a big map),
-figures 8-9 (attacks), figure 10 (the console), main.
+figures 8-9 (attacks), figure 10 (the console), figure 11 (issue 22: a burst of CDR
+events against the stand-in CDR; BENCH_CDR_EVENTS=N sends N instead of 1,000), main.
 """
 
 import argparse
@@ -1124,8 +1125,130 @@ def figure_10(b: Bench, total: int = 10_000) -> None:
         b.details.append(f"10: {path} p95 {pct_ms(times, 0.95):.1f} ms, {len(raw)} bytes")
 
 
+# ---------------------------------------------------------------------------- figure 11
+
+# writes its 4th argument (the --content option) to its 2nd (the --output option): the one
+# output of each module that publishing reads, so that every run has something to publish
+WRITE = 'mkdir -p "$(dirname "$2")" && printf "%s" "$4" > "$2"'
+TRIVIAL = {"runner": "inline", "modules": [
+    {"name": "legend_segment", "version": "0.1.0", "requires": [],
+     "command": ["sh", "-c", WRITE, "write"],
+     "options": {"output": "$OUTPUT_DIR/legend_segment/$MAP_NAME_map_segmentation.json",
+                 "content": '{"shapes": []}'},
+     "outputs": ["$OUTPUT_DIR/legend_segment/$MAP_NAME_map_segmentation.json"]},
+    {"name": "georeference", "version": "0.1.0", "requires": ["legend_segment"],
+     "command": ["sh", "-c", WRITE, "write"],
+     "options": {"output": "$OUTPUT_DIR/georeference/$MAP_NAME.json",
+                 "content": '{"gcps": [], "estimated": false, "crs": "EPSG:4267"}'},
+     "outputs": ["$OUTPUT_DIR/georeference/$MAP_NAME.json"]},
+]}
+CDR_EVENTS = int(os.environ.get("BENCH_CDR_EVENTS", "1000"))
+
+
+def figure_11(b: Bench, total: int = CDR_EVENTS, senders: int = 8,
+              timeout: float = 3600) -> None:
+    """The CDR burst: `total` signed map.process events, each for its own cog, from the
+    stand-in CDR as fast as `senders` threads send them, against a server of its own with
+    the default MIP_MAX_QUEUED (200) and a catalogue of two modules that each write one
+    small output (not the zero-time graph: a run must leave something to publish)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from cdr_standin import StandInCdr
+
+    root = os.path.join(b.scratch, "cdr")
+    dirs = {name: os.path.join(root, name) for name in ("inputs", "outputs", "temps", "runs",
+                                                         "repos")}
+    for path in dirs.values():
+        os.makedirs(path)
+    with open(os.path.join(root, "config.yml"), "w", encoding="utf-8") as f:
+        yaml.safe_dump(TRIVIAL, f, sort_keys=False)
+    with open(os.path.join(b.dirs["inputs"], "maps", MAP, f"{MAP}.tif"), "rb") as f:
+        image = f.read()
+    cdr = StandInCdr("bench-token").start()
+    cogs = [f"burst{i:05d}" for i in range(total)]
+    for cog in cogs:
+        cdr.add_cog(cog, image)
+    port = free_port()
+    env = dict(b.env, TA1_INPUTS_DIR=dirs["inputs"], TA1_OUTPUTS_DIR=dirs["outputs"],
+               TA1_TEMPS_DIR=dirs["temps"], TA1_RUNS_DIR=dirs["runs"],
+               TA1_REPOS_DIR=dirs["repos"], MIP_CONFIG=os.path.join(root, "config.yml"),
+               MIP_WORKERS="1", MIP_MAX_RUNS="4", MIP_CDR_URL=cdr.url,
+               MIP_CDR_TOKEN="bench-token", MIP_CDR_SECRET=secrets.token_hex(16),
+               MIP_CDR_CALLBACK_URL=f"http://127.0.0.1:{port}/cdr")
+    env.pop("MIP_MAX_QUEUED", None)
+    srv = Server([PY, "mip_server.py", "--port", str(port)], env,
+                 os.path.join(root, "mip_server.log"))
+    try:
+        srv.start()
+        client = Client(srv.url, b.auth)
+        deadline = time.monotonic() + 30
+        while not client.json("GET", "/")["cdr"]["registered"]:
+            if time.monotonic() > deadline:
+                raise BenchError("the server never registered with the stand-in CDR")
+            time.sleep(0.1)
+        acks, times = [], []
+        lock = threading.Lock()
+
+        def send(part):
+            for cog in part:
+                started = time.perf_counter()
+                try:
+                    status = cdr.deliver("map.process", {
+                        "cog_id": cog, "cog_url": f"{cdr.url}/cogs/{cog}.cog.tif"},
+                        event_id=f"ev-{cog}").status_code
+                except OSError:
+                    status = None
+                with lock:
+                    times.append(time.perf_counter() - started)
+                    acks.append(status)
+
+        started = time.monotonic()
+        threads = [threading.Thread(target=send, args=(cogs[i::senders],))
+                   for i in range(senders)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        sent = time.monotonic() - started
+        acknowledged = acks.count(200)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            events = client.json("GET", f"/cdr/events?limit={total + 10}")
+            ended = len(client.json("GET", "/runs?status=passed")) + len(
+                client.json("GET", "/runs?status=failed"))
+            waiting = [e for e in events if e["status"] in ("received", "downloading")]
+            submitted = sum(e["status"] == "submitted" for e in events)
+            if not waiting and ended >= submitted:
+                break
+            time.sleep(1)
+        ran = time.monotonic() - started
+        time.sleep(2)  # the last publications
+        passed = client.json("GET", "/runs?status=passed")
+        failed = client.json("GET", "/runs?status=failed")
+        with cdr.lock:
+            published = len({p["cog_id"] for k, p, _ in cdr.published if k == "features"})
+        statuses = [e["status"] for e in client.json("GET", f"/cdr/events?limit={total + 10}")]
+        client.close()
+    finally:
+        srv.stop()
+        kill_leftover_runs(os.path.join(dirs["runs"], "journal.db"))
+        cdr.stop()
+    lost = acknowledged - len(passed) - len(failed)
+    b.row(f"11 CDR burst: {total} events acknowledged", str(acknowledged),
+          goal=f"{total}", met=acknowledged == total)
+    b.row("11 CDR burst: ack p95 ms", f"{pct_ms(times, 0.95):.1f}")
+    b.row("11 CDR burst: run", str(len(passed) + len(failed)))
+    b.row("11 CDR burst: published", str(published))
+    b.row("11 CDR burst: lost", str(lost), goal="0", met=lost == 0)
+    b.details.append(
+        f"11: sent in {sent:.1f} s ({total / sent:.0f}/s), all ended after {ran:.0f} s "
+        f"({len(passed)} passed, {len(failed)} failed runs); events "
+        f"{', '.join(f'{s} {statuses.count(s)}' for s in sorted(set(statuses)))}; "
+        f"ack median {median_ms(times):.1f} ms; MIP_MAX_QUEUED 200, MIP_MAX_RUNS 4, a "
+        "catalogue of two modules that each write one small file")
+
+
 FIGURES = {1: figure_1, 2: figure_2, 3: figure_3, 4: figure_4, 5: figure_5, 6: figure_6,
-           7: figure_7, 8: figure_8, 9: figure_9, 10: figure_10}
+           7: figure_7, 8: figure_8, 9: figure_9, 10: figure_10, 11: figure_11}
 
 
 # ---------------------------------------------------------------------------- main
@@ -1151,7 +1274,7 @@ def table(rows: list) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="", help="comma-separated figure numbers (1-10)")
+    parser.add_argument("--only", default="", help="comma-separated figure numbers (1-11)")
     parser.add_argument("--python-load", action="store_true",
                         help="use the Python load generator even when wrk is installed")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")

@@ -599,11 +599,84 @@ class Journal:
 
     @_retried
     def set_event(self, event_id: str, status: str, run_id: str | None = None,
-                  message: str | None = None) -> None:
+                  message: str | None = None, retry: bool = False,
+                  fetched: bool | None = None) -> None:
+        """Move an event to `status`; `retry`: a failure whose reason may pass; `fetched`:
+        the link downloaded its map (None leaves that as it was)."""
         with self.transaction() as db:
             db.execute("UPDATE cdr_events SET status = ?, updated = ?, message = ?,"
-                       " run_id = COALESCE(?, run_id) WHERE event_id = ?",
-                       (status, utcnow(), message, run_id, event_id))
+                       " run_id = COALESCE(?, run_id), retry = ?,"
+                       " fetched = COALESCE(?, fetched) WHERE event_id = ?",
+                       (status, utcnow(), message, run_id, int(retry),
+                        None if fetched is None else int(fetched), event_id))
+
+    def retake_event(self, event_id: str, cog_url: str | None) -> bool:
+        """Put a failed event back in the inbox (a delivery again, or a retry); False if
+        it is not failed (any more)."""
+        with self.transaction() as db:
+            cur = db.execute(
+                "UPDATE cdr_events SET status = 'received', updated = ?, message = NULL,"
+                " retry = 0, attempts = attempts + 1, cog_url = COALESCE(?, cog_url)"
+                " WHERE event_id = ? AND status = 'failed'", (utcnow(), cog_url, event_id))
+            return cur.rowcount == 1
+
+    def inbox(self, limit: int) -> list:
+        """The oldest `limit` events waiting in the CDR inbox (`received`), in the order
+        they came: read through the status index in rowid order, so that this costs the
+        same however long the history is."""
+        rows = self.connect().execute(
+            "SELECT rowid AS seq, * FROM cdr_events WHERE status = 'received' ORDER BY rowid"
+            " LIMIT ?", (limit,))
+        return [dict(r) for r in rows]
+
+    def inbox_size(self) -> int:
+        """How many events wait in the CDR inbox."""
+        return self.connect().execute(
+            "SELECT COUNT(*) FROM cdr_events WHERE status IN ('received', 'downloading')"
+        ).fetchone()[0]
+
+    def reset_downloading(self) -> int:
+        """Events a server before the inbox left `downloading` go back to `received`;
+        how many."""
+        with self.transaction() as db:
+            return db.execute("UPDATE cdr_events SET status = 'received', updated = ?"
+                              " WHERE status = 'downloading'", (utcnow(),)).rowcount
+
+    def events_by_id(self, event_ids: list) -> dict:
+        """{event id: row} of those of `event_ids` the journal holds."""
+        found = {}
+        for start in range(0, len(event_ids), 500):  # SQLite's bound on ? in one statement
+            some = event_ids[start:start + 500]
+            marks = ",".join("?" * len(some))
+            for row in self.connect().execute(
+                    f"SELECT * FROM cdr_events WHERE event_id IN ({marks})", some):
+                found[row["event_id"]] = dict(row)
+        return found
+
+    def newest_event_time(self) -> str | None:
+        """When the newest map.process event was received (utcnow() text), or None."""
+        return self.connect().execute(
+            "SELECT MAX(received) FROM cdr_events WHERE event = 'map.process'").fetchone()[0]
+
+    def retryable_events(self, max_attempts: int) -> list:
+        """Failed events whose reason may pass, tried fewer than `max_attempts` times."""
+        rows = self.connect().execute(
+            "SELECT * FROM cdr_events WHERE status = 'failed' AND retry = 1 AND attempts < ?"
+            " ORDER BY rowid", (max_attempts,))
+        return [dict(r) for r in rows]
+
+    def fetched_maps(self) -> list:
+        """(cog id, when its last event changed) of the cogs whose map the CDR link
+        downloaded and none of whose events waits in the inbox."""
+        rows = self.connect().execute(
+            "SELECT cog_id, MAX(updated) FROM cdr_events GROUP BY cog_id"
+            " HAVING MAX(fetched) = 1 AND SUM(status IN ('received', 'downloading')) = 0")
+        return [tuple(r) for r in rows]
+
+    def forget_fetched(self, cog_id: str) -> None:
+        """The cog's downloaded map is gone: the next event downloads it again."""
+        with self.transaction() as db:
+            db.execute("UPDATE cdr_events SET fetched = 0 WHERE cog_id = ?", (cog_id,))
 
     def event(self, event_id: str) -> dict | None:
         row = self.connect().execute("SELECT * FROM cdr_events WHERE event_id = ?",

@@ -146,6 +146,21 @@ def _add_resources(db) -> None:
     db.execute("ALTER TABLE executions ADD COLUMN resources TEXT")
 
 
+def _add_cdr_inbox(db) -> None:
+    """8: the CDR inbox. `attempts`: deliveries taken of the event (a failed event delivered
+    again is tried again); `retry`: 1 when it failed for a reason that may pass (a download,
+    a full queue or disk), so that it is worth asking the CDR to resend; `fetched`: 1 when
+    the link downloaded the event's map, which retention may then remove. Failures recorded
+    before this migration of those kinds are marked retry."""
+    db.execute("ALTER TABLE cdr_events ADD COLUMN attempts INTEGER NOT NULL DEFAULT 1")
+    db.execute("ALTER TABLE cdr_events ADD COLUMN retry INTEGER NOT NULL DEFAULT 0")
+    db.execute("ALTER TABLE cdr_events ADD COLUMN fetched INTEGER NOT NULL DEFAULT 0")
+    db.execute("CREATE INDEX cdr_events_status ON cdr_events(status)")
+    db.execute("UPDATE cdr_events SET retry = 1 WHERE status = 'failed' AND (message LIKE"
+               " 'download of %' OR message LIKE 'run not submitted:%MIP_MAX_QUEUED%'"
+               " OR message LIKE 'run not submitted:%free%')")
+
+
 # Numbered migrations after the initial schema: (version, function(db)). Each runs in
 # one transaction with the bump of PRAGMA user_version that records it.
 MIGRATIONS: list = [
@@ -156,6 +171,7 @@ MIGRATIONS: list = [
     (5, _add_idempotency_keys),
     (6, _add_deliveries),
     (7, _add_resources),
+    (8, _add_cdr_inbox),
 ]
 
 

@@ -274,6 +274,10 @@ VARS = {v.name: v for v in (
     Var("MIP_CDR_CALLBACK_URL", URL, None, "the public URL of our webhook"),
     Var("MIP_CDR_SYSTEM", TEXT, "mip", "the system name results are published under"),
     Var("MIP_CDR_VERSION", TEXT, VERSION, "the version results are published under"),
+    Var("MIP_CDR_INBOX_MAX", Int(1, 10**8), 100_000,
+        "CDR events waiting for their run to be queued; past it, the webhook answers 503"),
+    Var("MIP_CDR_RECONCILE_MINUTES", Int(1, 7 * 24 * 60), 30,
+        "minutes between two asks for the CDR notifications we missed (one at start)"),
     # completion notices
     Var("MIP_NOTIFY_URL", URL, None, "POST every run's RunStatus here when it ends"),
     Var("MIP_NOTIFY_SECRET", TEXT, None, "the key notices are signed with"),
@@ -425,12 +429,17 @@ class CdrSettings:
     callback_url: str
     system: str
     version: str
+    inbox_max: int = 100_000
+    reconcile_minutes: int = 30
 
     @classmethod
     def from_env(cls, env) -> "CdrSettings | None":
         """None when no MIP_CDR_* setting is given; raises SettingError naming one missing."""
         needed = ("MIP_CDR_URL", "MIP_CDR_TOKEN", "MIP_CDR_SECRET", "MIP_CDR_CALLBACK_URL")
         given = {n: read(env, n) for n in needed}
+        # read even without a link, so that a bad value is refused all the same
+        inbox_max = read(env, "MIP_CDR_INBOX_MAX")
+        reconcile_minutes = read(env, "MIP_CDR_RECONCILE_MINUTES")
         if not any(given.values()):
             return None
         missing = [n for n in needed if not given[n]]
@@ -439,7 +448,8 @@ class CdrSettings:
                                f"{', '.join(needed)}")
         return cls(url=given["MIP_CDR_URL"], token=given["MIP_CDR_TOKEN"],
                    secret=given["MIP_CDR_SECRET"], callback_url=given["MIP_CDR_CALLBACK_URL"],
-                   system=read(env, "MIP_CDR_SYSTEM"), version=read(env, "MIP_CDR_VERSION"))
+                   system=read(env, "MIP_CDR_SYSTEM"), version=read(env, "MIP_CDR_VERSION"),
+                   inbox_max=inbox_max, reconcile_minutes=reconcile_minutes)
 
 
 def origin(url: str) -> str:

@@ -9,6 +9,17 @@ download halfway), checks published results against the CDR's own schemas (schem
 jsonschema, not through cdr.py) and answers 422 as the CDR does, records every call and
 every result it accepts, fails calls on demand, and delivers signed events to the latest
 registration's callback. It signs with its own HMAC code, not cdr.py's.
+
+Missed events: every event it delivers (or, with miss(), fails to deliver because mip is
+down) becomes a notification of the registration's name and version, listed by
+`GET /user/me/notifications/{name}?version=V` and delivered again by
+`PUT /user/me/resend/notification/{id}` to the latest registration of that name. No public
+source shows the real CDR's items beyond `id` and `event{event, created_date}`, so the
+stand-in serves one of two shapes, named by `notification_ids` and in `shape`:
+  "event": an item's `id` is the delivered event's `id`;
+  "own":   an item's `id` is the notification's own, unrelated to the event's.
+In both, `event` is {event, created_date} without the payload, and created_date is naive
+ISO 8601 UTC (as a pydantic datetime without a zone is written).
 """
 
 import email.parser
@@ -21,7 +32,10 @@ import json
 import os
 import re
 import threading
+import urllib.parse
 import uuid
+from datetime import UTC
+from datetime import datetime
 
 import jsonschema
 import requests
@@ -96,13 +110,23 @@ class StandInCdr:
     `secret_check`, if given, is called with each registration's webhook_secret and a
     registration whose secret it refuses (returns False) gets 400."""
 
-    def __init__(self, token: str, secret_check=None):
+    SHAPES = ("event", "own")
+
+    def __init__(self, token: str, secret_check=None, notification_ids: str = "event"):
+        if notification_ids not in self.SHAPES:
+            raise ValueError(f"notification_ids: expected one of {self.SHAPES}")
         self.token = token
         self.secret_check = secret_check
+        self.shape = notification_ids
         self.lock = threading.Lock()
         self.registrations = {}
+        self.last_registration = None  # kept after it is removed: a missed event's owner
+        self.notifications = []  # {id, event {event, created_date}, name, version, body}
+        self.resent = []  # notification ids resent on request
         self.cogs = {}
         self.broken = set()
+        self.release = threading.Event()  # cleared: downloads wait (30 s at most)
+        self.release.set()
         self.failures = {}
         self.published = []
         self.refused = []  # (kind, 422 details) of every result refused
@@ -155,14 +179,67 @@ class StandInCdr:
                 raise LookupError("no registration to deliver to")
             return list(self.registrations.values())[-1]
 
+    def miss(self, event: str, payload, event_id=None) -> dict:
+        """An event meant for the latest (or last removed) registration that never reached
+        it: only its notification is kept, as when mip was down. The notification."""
+        with self.lock:
+            registration = self.last_registration
+        if registration is None:
+            raise LookupError("no registration ever made")
+        body = json.dumps({"id": event_id or uuid.uuid4().hex, "event": event,
+                           "payload": payload}).encode("utf-8")
+        return self.notify(registration, body)
+
+    def notify(self, registration: dict, body: bytes) -> dict:
+        """Keep a notification of a delivery of `body` to `registration`."""
+        event = json.loads(body)
+        created = datetime.now(UTC).replace(tzinfo=None).isoformat()
+        notification = {"id": event["id"] if self.shape == "event" else uuid.uuid4().hex,
+                        "event": {"event": event["event"], "created_date": created},
+                        "name": registration["name"], "version": registration["version"],
+                        "body": body}
+        with self.lock:
+            self.notifications.append(notification)
+        return notification
+
+    def list_notifications(self, name: str, version: str | None) -> list:
+        with self.lock:
+            return [{"id": n["id"], "event": n["event"]} for n in self.notifications
+                    if n["name"] == name and version in (None, n["version"])]
+
+    def resend(self, notification_id: str) -> bool:
+        """Deliver a notification's event again, signed, to the latest registration of its
+        name, in the background; False if there is no such notification."""
+        with self.lock:
+            found = [n for n in self.notifications if n["id"] == notification_id]
+            targets = [r for r in self.registrations.values()
+                       if found and r["name"] == found[-1]["name"]]
+            self.resent.append(notification_id)
+        if not found or not targets:
+            return False
+        threading.Thread(target=self.post, args=(targets[-1], found[-1]["body"]),
+                         daemon=True).start()
+        return True
+
+    def post(self, registration: dict, body: bytes) -> None:
+        try:
+            self.send(registration, body, None, None, None)
+        except requests.RequestException:
+            pass  # no source shows the CDR retrying a failed delivery
+
     def deliver(self, event: str, payload, event_id=None, secret=None, signature=None,
                 content_type=None) -> requests.Response:
         """POST {id, event, payload} to the latest registration's callback_url, signed with
         its webhook_secret (or `secret`) unless `signature` is given ("" omits it).
-        content_type None sends application/json; "" sends none."""
+        content_type None sends application/json; "" sends none. Kept as a notification."""
         registration = self.latest_registration()
         body = json.dumps({"id": event_id or uuid.uuid4().hex, "event": event,
                            "payload": payload}).encode("utf-8")
+        self.notify(registration, body)
+        return self.send(registration, body, secret, signature, content_type)
+
+    def send(self, registration: dict, body: bytes, secret, signature,
+             content_type) -> requests.Response:
         if signature is None:
             key = (secret if secret is not None else registration["webhook_secret"])
             signature = hmac.new(key.encode("utf-8"), body, hashlib.sha256).hexdigest()
@@ -199,6 +276,7 @@ class StandInCdr:
                     return 409, {"detail": "already registered"}
             registration_id = uuid.uuid4().hex
             self.registrations[registration_id] = {**body, "id": registration_id}
+            self.last_registration = self.registrations[registration_id]
         return 200, {"id": registration_id}
 
     def publish(self, kind: str, payload: dict, file_names: list) -> dict:
@@ -225,8 +303,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self.handle_call("DELETE")
 
+    def do_PUT(self) -> None:
+        self.handle_call("PUT")
+
     def handle_call(self, method: str) -> None:
-        path = self.path.split("?", 1)[0]
+        path, _, query = self.path.partition("?")
+        self.query = urllib.parse.parse_qs(query)
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else b""
         with self.cdr.lock:
@@ -261,6 +343,15 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             with cdr.lock:
                 found = cdr.registrations.pop(registration.group(1), None)
             return (200, {}) if found else (404, {"detail": "no such registration"})
+        notifications = re.fullmatch(r"/user/me/notifications/([^/]+)", path)
+        if method == "GET" and notifications:
+            version = (self.query.get("version") or [None])[0]
+            return 200, cdr.list_notifications(notifications.group(1), version)
+        resend = re.fullmatch(r"/user/me/resend/notification/([^/]+)", path)
+        if method == "PUT" and resend:
+            if not cdr.resend(resend.group(1)):
+                return 404, {"detail": "no such notification"}
+            return 200, {}
         meta = re.fullmatch(r"/v1/maps/cog/([^/]+)", path)
         if method == "GET" and meta:
             cog_id = meta.group(1)
@@ -298,6 +389,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return self.accept("georef", results, problems or unsent_files(results, names), names)
 
     def send_cog(self, cog_id: str) -> tuple:
+        self.cdr.release.wait(30)
         with self.cdr.lock:
             data = self.cdr.cogs.get(cog_id)
             broken = cog_id in self.cdr.broken

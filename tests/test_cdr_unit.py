@@ -616,3 +616,119 @@ def test_what_a_module_left_out_is_not_made_up(contract):
     features = cdr.feature_results(contract, JOB, MAP, "cog1", "mip", "0.2.0")
     with pytest.raises(cdr.CdrError, match=r"point_features\.features\[0\]\.properties\.bbox"):
         cdr.validate("FeatureResults", features)
+
+
+# ---------------------------------------------------------------------------- the inbox
+
+def held(status: str, retry: int = 0, attempts: int = 1) -> dict:
+    return {"status": status, "retry": retry, "attempts": attempts}
+
+
+def notification(nid: str, created: str, event: str = "map.process", **inner) -> dict:
+    return {"id": nid, "event": {"event": event, "created_date": created, **inner}}
+
+
+def test_missed_events_matched_by_event_id():
+    items = [notification("ev-1", "2026-01-01T00:00:00"),  # held, ran
+             notification("ev-2", "2026-01-01T00:00:01"),  # held, failed for a passing reason
+             notification("ev-3", "2026-01-01T00:00:02"),  # held, failed for good
+             notification("ev-4", "2026-01-01T00:00:03"),  # held, failed too often
+             notification("ev-5", "2025-01-01T00:00:00"),  # not held, however old
+             notification("ev-6", "2026-01-01T00:00:04", event="ping"),
+             {"id": "odd"}, "not an object"]
+    known = {"ev-1": held("submitted"), "ev-2": held("failed", 1), "ev-3": held("failed"),
+             "ev-4": held("failed", 1, cdr.MAX_ATTEMPTS)}
+    assert cdr.missed_events(items, known, "2026-01-01T00:00:03.000Z") == (
+        ["ev-2", "ev-5"], "event id")
+    # the event's own id inside `event`, when the CDR sends it, is matched too
+    items = [notification("n1", "2026-01-01T00:00:00", id="ev-1"),
+             notification("n2", "2026-01-01T00:00:00", id="ev-9")]
+    assert cdr.missed_events(items, {"ev-1": held("submitted")}, "2026-01-01T00:00:00Z") \
+        == (["n2"], "event id")
+
+
+def test_missed_events_matched_by_created_date_when_no_id_agrees():
+    items = [notification("n1", "2026-01-01T00:00:00"),
+             notification("n2", "2026-01-01T12:00:00.5"),  # naive: UTC
+             notification("n3", "2026-01-01T13:00:00+01:00"),  # = 12:00 UTC
+             notification("n4", "not a time")]
+    assert cdr.missed_events(items, {}, "2026-01-01T12:00:00.000Z") == (
+        ["n2", "n4"], "created_date")
+    # a journal without events: every map.process notification is missed
+    assert cdr.missed_events(items, {}, None) == (["n1", "n2", "n3", "n4"], "event id")
+
+
+class FakeQueue:
+    """submit() with room for `room` runs; each run is a string."""
+
+    def __init__(self, room: int):
+        self.room = room
+        self.runs = []
+
+    def submit(self, payload: dict) -> str:
+        if len(self.runs) >= self.room:
+            raise cdr.Busy("full", "queue_full", retry_after=30)
+        self.runs.append(payload["job"])
+        return f"run-{payload['job']}"
+
+
+@pytest.fixture
+def link(tmp_path):
+    from mip import journal
+
+    settings = Settings.from_env({f"TA1_{name}_DIR": str(tmp_path / name.lower())
+                                  for name in ("INPUTS", "OUTPUTS", "TEMPS", "RUNS", "REPOS")})
+    db = journal.Journal(str(tmp_path / "j.db"))
+    db.migrate()
+    cs = cdr.CdrSettings(url="http://127.0.0.1:9", token="t", secret="s",
+                         callback_url="http://127.0.0.1:9/cdr", system="mip", version="1",
+                         inbox_max=5)
+    queue = FakeQueue(2)
+    made = cdr.CdrLink(cs, settings, db, queue.submit)
+    made.fake_queue = queue
+    yield made
+    db.close()
+
+
+def test_the_inbox_waits_while_the_queue_is_full_and_goes_on_when_a_run_ends(link):
+    for n in range(4):
+        path = cdr.map_file(link.settings, f"cog{n}")
+        os.makedirs(os.path.dirname(path))
+        open(path, "wb").close()  # here already: nothing to fetch
+        assert link.take(f"ev{n}", f"cog{n}", "https://cdr.example/x") == "received"
+    assert link.pump() == 30  # the queue refused the third: wait its retry time
+    assert link.fake_queue.runs == ["cog0", "cog1"]
+    assert [e["event_id"] for e in link.db.inbox(10)] == ["ev2", "ev3"]
+    assert link.pump() > 0 and link.fake_queue.runs == ["cog0", "cog1"]  # not asked again
+    link.fake_queue.room = 3
+    link.run_finished({"run_id": "run-cog0", "status": "failed", "job": "cog0"})
+    assert link.wake.is_set()
+    assert link.pump() == 30 and link.fake_queue.runs == ["cog0", "cog1", "cog2"]
+    assert link.db.event("ev2")["status"] == "submitted"
+    assert link.db.event("ev2")["run_id"] == "run-cog2"
+
+
+def test_the_inbox_refuses_past_its_bound(link):
+    for n in range(5):
+        link.take(f"ev{n}", f"cog{n}", "https://cdr.example/x")
+    with pytest.raises(cdr.Busy) as refused:
+        link.take("ev5", "cog5", "https://cdr.example/x")
+    assert refused.value.code == "cdr_inbox_full" and refused.value.retry_after == 60
+    assert link.db.event("ev5") is None
+    # a duplicate is no new work: still answered
+    assert link.take("ev0", "cog0", "https://cdr.example/x") == "duplicate"
+
+
+def test_reconcile_asks_the_standin_for_what_the_journal_lacks(link, standin):
+    link.client = cdr.CdrClient(standin.url, TOKEN)
+    link.cs = dataclasses.replace(link.cs, system="mip_u", version="9")
+    standin.register({"name": "mip_u", "version": "9", "callback_url": "http://127.0.0.1:9/",
+                      "webhook_secret": "s"})
+    for event_id in ("ev-held", "ev-missed"):
+        standin.miss("map.process", {"cog_id": "c", "cog_url": "https://x/c"}, event_id)
+    link.db.add_event("ev-held", "map.process", "c", "https://x/c", "submitted")
+    assert link.reconcile() == 1
+    wait_for_resend = [n for n in standin.resent if n == "ev-missed"]
+    assert wait_for_resend == ["ev-missed"]
+    assert ("PUT", "/user/me/resend/notification/ev-missed") in standin.requests
+    link.client.close()

@@ -11,6 +11,7 @@ import time
 import types
 
 import pytest
+from conftest import MAP
 from conftest import ROOT
 from conftest import Server
 from conftest import hold_file
@@ -285,4 +286,32 @@ def test_a_job_run_again_during_a_sweep_is_not_old_any_more(mip_env, monkeypatch
     sweeper.sweep(now=time.time() + 2 * 86400)
     assert not os.path.exists(where["outputs"]) and not os.path.exists(where["temps"])
     assert db.latest_execution("again", "georeference")["status"] == "not_started"
+    db.close()
+
+
+def test_maps_the_cdr_link_fetched_go_with_the_temps(mip_env):
+    """MIP_RETAIN_TEMPS_DAYS removes the maps the CDR link downloaded once their events
+    and runs have ended; a map it did not download, or whose event still waits, stays."""
+    settings = Settings.from_env(mip_env)
+    settings.make_dirs()
+    db = journal.Journal(settings.journal_path)
+    db.migrate()
+    for cog, status, fetched in (("ran", "submitted", True), ("failed", "failed", True),
+                                 ("waits", "received", True), ("own", "failed", False)):
+        db.add_event(f"ev-{cog}", "map.process", cog, "https://x", status)
+        db.set_event(f"ev-{cog}", status, fetched=fetched)
+        os.makedirs(os.path.join(settings.inputs_dir, "maps", cog))
+    run_id = db.create_run("ran", "ran", ["a"], False, {}, settings.runs_dir)
+    db.set_run_status(run_id, journal.Status.RUNNING, pid=1)
+    db.set_run_status(run_id, journal.Status.PASSED)
+    queue = types.SimpleNamespace(lock=threading.Lock(), running={})
+    remover = retention.Remover(types.SimpleNamespace(settings=settings), db, queue)
+    sweeper = retention.Sweeper(retention.RetentionSettings(temps_days=1), remover)
+    sweeper.sweep()  # all ended just now
+    assert sorted(os.listdir(os.path.join(settings.inputs_dir, "maps"))) == [
+        MAP, "failed", "own", "ran", "waits"]
+    sweeper.sweep(now=time.time() + 2 * 86400)
+    assert sorted(os.listdir(os.path.join(settings.inputs_dir, "maps"))) == [
+        MAP, "own", "waits"]
+    assert db.fetched_maps() == []  # the next event for them downloads them again
     db.close()

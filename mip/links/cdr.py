@@ -23,6 +23,8 @@ import queue
 import tempfile
 import threading
 import time
+from datetime import UTC
+from datetime import datetime
 
 import jsonschema
 import requests
@@ -30,6 +32,8 @@ import requests
 from mip import maps
 from mip.catalogue import check_name
 from mip.catalogue import load_catalogue
+from mip.errors import Busy
+from mip.errors import DiskFull
 from mip.errors import MipError
 from mip.errors import UsageError
 from mip.maps import map_file
@@ -126,6 +130,20 @@ class CdrClient:
     def unregister(self, registration_id: str) -> None:
         """Remove a registration; raises CdrError (404 if unknown)."""
         self._call("DELETE", f"/user/me/register/{registration_id}")
+
+    def notifications(self, system: str, version: str) -> list:
+        """The CDR's past deliveries to this system and version (dicts with `id` and
+        `event` {event, created_date}); raises CdrError."""
+        answer = _json(self._call("GET", f"/user/me/notifications/{system}",
+                                  params={"version": version}))
+        if not isinstance(answer, list):
+            raise CdrError(f"GET /user/me/notifications/{system}: expected a JSON list",
+                           body=str(answer))
+        return answer
+
+    def resend(self, notification_id: str) -> None:
+        """Ask the CDR to deliver a past notification again; raises CdrError."""
+        self._call("PUT", f"/user/me/resend/notification/{notification_id}")
 
     def cog_url(self, cog_id: str) -> str:
         """The public URL of a cog's image; raises CdrError (404 if the cog is unknown)."""
@@ -589,16 +607,74 @@ def validate(name: str, payload) -> None:
 
 # ---------------------------------------------------------------------------- the server's link
 
+INBOX_RETRY_AFTER = 60  # seconds the CDR is told to wait when the inbox is full
+PREFETCH = 2  # maps fetched ahead of the run queue: enough to keep it fed, few on disk
+WAIT_RETRY = 30  # seconds before a refused submission is tried again unless a run ends
+MAX_ATTEMPTS = 3  # deliveries of one failed event the reconciler asks for
+WAIT_LOG = 60  # seconds between two "the inbox waits" lines
+
+
 class BadEvent(ValueError):
     """A signed delivery whose body is not an event we can act on."""
 
 
-class CdrLink:
-    """The server's side of the CDR: registration, deliveries, and publishing passed runs.
+def _moment(text) -> datetime | None:
+    """An ISO 8601 time as an aware datetime (naive taken as UTC), or None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
-    `submit(payload) -> run_id` queues a run and raises MipError when it cannot.
-    Deliveries are recorded in the journal before they are answered, and worked on by one
-    background thread, so none is lost to a restart.
+
+def missed_events(items: list, known: dict, newest: str | None) -> tuple:
+    """(notification ids to resend, how they were matched) among the CDR's notifications.
+
+    No public source says whether a notification's `id` is the delivered event's `id`, nor
+    whether its `event` holds the event's own `id`, so both are tried: when any of them is
+    an event the journal holds (`known`, {event id: row}), ids are matched ("event id"), and
+    an item is resent if its event is not held, or held as failed for a reason that may
+    pass, tried fewer than MAX_ATTEMPTS times. Otherwise ("created_date") an item is resent
+    if its event was created after the newest event the journal holds (`newest`), or when
+    its time cannot be read. Only map.process items count."""
+    wanted = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("event"), dict):
+            continue
+        if item["event"].get("event") == "map.process" and item.get("id"):
+            wanted.append(item)
+    ids = {id(item): [str(c) for c in (item["event"].get("id"), item["id"]) if c]
+           for item in wanted}
+    if any(c in known for cs in ids.values() for c in cs) or newest is None:
+        resend = []
+        for item in wanted:
+            held = next((known[c] for c in ids[id(item)] if c in known), None)
+            if held is None or (held["status"] == "failed" and held["retry"]
+                                and held["attempts"] < MAX_ATTEMPTS):
+                resend.append(str(item["id"]))
+        return resend, "event id"
+    after = _moment(newest)
+    resend = []
+    for item in wanted:
+        created = _moment(item["event"].get("created_date"))
+        if created is None or created > after:
+            resend.append(str(item["id"]))
+    return resend, "created_date"
+
+
+class CdrLink:
+    """The server's side of the CDR: registration, the inbox of deliveries, reconciling
+    missed ones, and publishing passed runs.
+
+    `submit(payload) -> run_id` queues a run and raises MipError when it cannot. A delivered
+    map.process event is written to the journal before it is answered and waits there (the
+    inbox) until its run can be queued: the inbox thread fetches the maps of the oldest
+    PREFETCH events, submits their runs in order, and when the run queue is full (QueueFull)
+    or the disk is, waits until a run ends or the refusal's retry time has passed. So none
+    is lost to a full queue or a restart; the webhook refuses (503) only past
+    MIP_CDR_INBOX_MAX waiting events.
     """
 
     def __init__(self, cs: CdrSettings, settings, db, submit, client=None):
@@ -608,21 +684,29 @@ class CdrLink:
         self.submit = submit
         self.client = client or CdrClient(cs.url, cs.token)
         self.registration_id = None
-        self.tasks = queue.Queue()
+        self.registered = threading.Event()
+        self.tasks = queue.Queue()  # publications
         self.lock = threading.Lock()
         self.stopping = threading.Event()
+        self.wake = threading.Event()  # the inbox has something new: an event, a map, room
+        self.fetching = {}  # event id -> its download thread
+        self.fetched = set()  # ids of the events whose map we downloaded, until submitted
+        self.refused_until = 0.0  # monotonic time before which no submission is tried
+        self.wait_logged = 0.0
+        self.resent = {}  # notification id -> times asked for by this process
         self.threads = []
 
     def start(self) -> None:
         """Register in the background, and take up what a previous server left undone."""
-        for target in (self.register_loop, self.work):
+        cut = self.db.reset_downloading()
+        waiting = self.db.inbox_size()
+        if waiting:
+            log.info("CDR inbox: %d events taken up again after a restart (%d downloads "
+                     "start again)", waiting, cut)
+        for target in (self.register_loop, self.work, self.inbox_loop, self.reconcile_loop):
             thread = threading.Thread(target=target, daemon=True, name=f"cdr-{target.__name__}")
             thread.start()
             self.threads.append(thread)
-        for event in self.db.events("received", "downloading"):
-            log.info("CDR event %s (cog %s) taken up again after a restart", event["event_id"],
-                     event["cog_id"])
-            self.tasks.put(("event", event["event_id"]))
         for event in self.db.events("submitted"):
             run = self.db.run(event["run_id"])
             if run and run["status"] == "passed" and not self.db.publications(run["job"]):
@@ -631,8 +715,9 @@ class CdrLink:
     def stop(self, timeout: float = 5) -> None:
         """Stop working and remove our registration."""
         self.stopping.set()
+        self.wake.set()
         self.tasks.put(None)
-        for thread in self.threads:
+        for thread in self.threads + list(self.fetching.values()):
             thread.join(timeout)
         if self.registration_id:
             try:
@@ -664,6 +749,7 @@ class CdrLink:
                 log.info("registered with the CDR as %s %s (registration %s), callback %s",
                          self.cs.system, self.cs.version, self.registration_id,
                          self.cs.callback_url)
+                self.registered.set()
                 return
             except CdrError as e:
                 log.error("CDR REGISTRATION FAILED, no events will arrive until it works "
@@ -675,8 +761,8 @@ class CdrLink:
 
     def deliver(self, body) -> None:
         """Act on a verified delivery: ping and unknown events are only logged; map.process
-        is recorded, then worked on in the background. Raises BadEvent naming what fails the
-        CDR's Event or MapEventPayload schema."""
+        goes to the inbox. Raises BadEvent naming what fails the CDR's Event or
+        MapEventPayload schema, Busy when the inbox is full."""
         found = problem("Event", body)
         if found is not None or not body["id"]:
             raise BadEvent(f"not a CDR event {{\"id\", \"event\", \"payload\"}}: "
@@ -699,87 +785,230 @@ class CdrLink:
         self.take(body["id"], cog_id, cog_url)
 
     def take(self, event_id: str, cog_id, cog_url: str, again: bool = False) -> str:
-        """Record a request to process a cog and queue it, unless the cog is already in hand,
-        queued or running (or, unless `again`, done); returns the event's status.
-        Raises BadEvent for a cog id that cannot name a job."""
+        """Record a request to process a cog in the inbox, unless the cog is already in
+        hand, queued or running (or, unless `again`, done), or the event was delivered
+        before and has not failed; returns the event's status. A failed event delivered
+        again is tried again. Raises BadEvent for a cog id that cannot name a job, Busy
+        when MIP_CDR_INBOX_MAX events already wait."""
         try:
             check_name("cog", cog_id)
         except UsageError as e:
             raise BadEvent(f"payload.cog_id: {e}") from None
         with self.lock:
+            known = self.db.event(event_id)
+            if known and known["status"] != "failed":
+                log.info("CDR event %s delivered again; nothing started", event_id)
+                return "duplicate"
             run = self.db.latest_run(cog_id)
             done = ("not_started", "running") if again else ("not_started", "running", "passed")
             if self.db.cog_in_hand(cog_id) or (run and run["status"] in done):
                 why = f"cog {cog_id} is already {run['status'] if run else 'being fetched'}"
-                if self.db.add_event(event_id, "map.process", cog_id, cog_url, "duplicate", why):
-                    log.info("CDR event %s: %s; nothing started", event_id, why)
+                if known:
+                    self.db.set_event(event_id, "duplicate", message=why)
+                else:
+                    self.db.add_event(event_id, "map.process", cog_id, cog_url, "duplicate", why)
+                log.info("CDR event %s: %s; nothing started", event_id, why)
                 return "duplicate"
-            if not self.db.add_event(event_id, "map.process", cog_id, cog_url, "received"):
-                log.info("CDR event %s delivered again; nothing started", event_id)
-                return "duplicate"
-        log.info("CDR event %s: process cog %s", event_id, cog_id)
-        self.tasks.put(("event", event_id))
+            self.check_room(event_id)
+            if known:
+                self.db.retake_event(event_id, cog_url)
+                log.info("CDR event %s (failed before: %s) delivered again: tried again",
+                         event_id, known["message"])
+            else:
+                self.db.add_event(event_id, "map.process", cog_id, cog_url, "received")
+                log.info("CDR event %s: process cog %s", event_id, cog_id)
+        self.wake.set()
         return "received"
 
-    def work(self) -> None:
-        while True:
-            task = self.tasks.get()
-            if task is None or self.stopping.is_set():
-                return
-            kind, arg = task
-            try:
-                if kind == "event":
-                    self.process(arg)
-                else:
-                    self.publish(arg)
-            except Exception:  # noqa: BLE001 - one bad task must not stop the others
-                log.exception("CDR %s task for %s failed", kind, arg)
+    def check_room(self, event_id: str) -> None:
+        """Raises Busy when the inbox holds MIP_CDR_INBOX_MAX events."""
+        waiting = self.db.inbox_size()
+        if waiting >= self.cs.inbox_max:
+            log.warning("CDR event %s refused (503): the inbox holds %d events "
+                        "(MIP_CDR_INBOX_MAX=%d)", event_id, waiting, self.cs.inbox_max)
+            raise Busy(f"{waiting} CDR events already wait to be run (MIP_CDR_INBOX_MAX); "
+                       f"try again in {INBOX_RETRY_AFTER} s", "cdr_inbox_full",
+                       retry_after=INBOX_RETRY_AFTER)
 
-    def process(self, event_id: str) -> None:
-        """Fetch the event's map (unless already here) and submit a whole-graph run."""
-        event = self.db.event(event_id)
-        cog_id = event["cog_id"]
-        path = map_file(self.settings, cog_id)
-        if not os.path.isfile(path):
-            self.db.set_event(event_id, "downloading")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
+    # ------------------------------------------------------------------ the inbox
+
+    def inbox_loop(self) -> None:
+        """Feed the run queue from the inbox until the link stops. Never raises."""
+        while not self.stopping.is_set():
             try:
-                size = self.client.download(event["cog_url"], path)
-            except CdrError as e:
-                why = f"download of {event['cog_url']} failed: {e}"
-                self.db.set_event(event_id, "failed", message=why)
-                log.error("CDR event %s: %s; a resend or POST /cdr/cogs/%s tries again",
-                          event_id, why, cog_id)
-                return
-            log.info("CDR event %s: map %s downloaded (%d bytes)", event_id, cog_id, size)
+                delay = self.pump()
+            except Exception:  # noqa: BLE001 - a journal error must not stop the inbox
+                log.exception("CDR inbox: trying again in %d s", WAIT_RETRY)
+                delay = WAIT_RETRY
+            self.wake.wait(delay)
+            self.wake.clear()
+
+    def pump(self) -> float:
+        """Fetch the maps of the oldest PREFETCH waiting events and submit the runs of
+        those whose map is here, oldest first, until the queue refuses; the seconds to
+        wait unless something wakes the inbox first."""
+        while not self.stopping.is_set():
+            ready = []
+            for event in self.db.inbox(PREFETCH):
+                if event["event_id"] in self.fetching:
+                    continue
+                if os.path.isfile(map_file(self.settings, event["cog_id"])):
+                    ready.append(event)
+                else:
+                    self.fetch(event)
+            if not ready:
+                return WAIT_RETRY  # woken when an event comes or a download ends
+            wait = self.refused_until - time.monotonic()
+            if wait > 0:
+                return wait
+            for event in ready:
+                wait = self.queue_run(event)
+                if wait:
+                    self.refused_until = time.monotonic() + wait
+                    return wait
+        return 0
+
+    def fetch(self, event: dict) -> None:
+        """Download the event's map in a thread of its own; the inbox is woken after.
+        Nothing is written to the journal unless the download fails: the webhook's writes
+        share its lock, and a restart simply fetches again."""
+        thread = threading.Thread(target=self.download, args=(event,), daemon=True,
+                                  name=f"cdr-fetch-{event['cog_id']}")
+        self.fetching[event["event_id"]] = thread
+        thread.start()
+
+    def download(self, event: dict) -> None:
+        """Fetch an event's map; a failed download or a map GDAL cannot read fails the
+        event with the reason. Never raises."""
+        event_id, cog_id, url = event["event_id"], event["cog_id"], event["cog_url"]
+        path = map_file(self.settings, cog_id)
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            size = self.client.download(url, path)
             unreadable = maps.unreadable(path)
             if unreadable:
                 # removed, so that a resend downloads it again rather than reuse a bad copy
                 _remove(path)
-                why = f"the map at {event['cog_url']} is not an image GDAL reads: {unreadable}"
+                why = f"the map at {url} is not an image GDAL reads: {unreadable}"
                 self.db.set_event(event_id, "failed", message=why)
                 log.error("CDR event %s: %s", event_id, why)
-                return
+            else:
+                self.fetched.add(event_id)
+                log.info("CDR event %s: map %s downloaded (%d bytes)", event_id, cog_id, size)
+        except (CdrError, OSError) as e:
+            why = f"download of {url} failed: {e}"
+            self.db.set_event(event_id, "failed", message=why, retry=True)
+            log.error("CDR event %s: %s; a resend or POST /cdr/cogs/%s tries again",
+                      event_id, why, cog_id)
+        except Exception as e:  # noqa: BLE001 - the inbox goes on with the other events
+            log.exception("CDR event %s: the download of map %s failed", event_id, cog_id)
+            self.db.set_event(event_id, "failed", message=f"download of {url} failed: {e}",
+                              retry=True)
+        finally:
+            self.fetching.pop(event_id, None)
+            self.wake.set()
+
+    def queue_run(self, event: dict) -> float | None:
+        """Submit a whole-graph run for the event; None when the event has moved on
+        (submitted or failed), else the seconds to wait while the queue or disk is full."""
+        event_id, cog_id = event["event_id"], event["cog_id"]
+        run = self.db.latest_run(cog_id)
+        if run and run["status"] in ("not_started", "running") and \
+                run["submit_time"] >= event["received"]:
+            # submitted before a crash kept us from recording it
+            self.db.set_event(event_id, "submitted", run_id=run["run_id"])
+            return None
         try:
             run_id = self.submit({"job": cog_id, "map": cog_id, "modules": ["ALL"],
                                   "force_rerun": False})
+        except (Busy, DiskFull) as e:
+            if time.monotonic() - self.wait_logged > WAIT_LOG:
+                self.wait_logged = time.monotonic()
+                log.info("CDR inbox: %d events wait for the run queue: %s",
+                         self.db.inbox_size(), e)
+            return e.retry_after or WAIT_RETRY
         except MipError as e:
-            self.db.set_event(event_id, "failed", message=f"run not submitted: {e}")
+            self.db.set_event(event_id, "failed", message=f"run not submitted: {e}",
+                              fetched=event_id in self.fetched or None)
+            self.fetched.discard(event_id)
             log.error("CDR event %s: run not submitted: %s", event_id, e)
-            return
-        self.db.set_event(event_id, "submitted", run_id=run_id)
+            return None
+        self.db.set_event(event_id, "submitted", run_id=run_id,
+                          fetched=event_id in self.fetched or None)
+        self.fetched.discard(event_id)
+        return None
+
+    # ------------------------------------------------------------------ missed events
+
+    def reconcile_loop(self) -> None:
+        """Once registered, and every MIP_CDR_RECONCILE_MINUTES, ask the CDR to resend
+        what we missed. Never raises."""
+        while not self.stopping.is_set():
+            if not self.registered.wait(1):
+                continue
+            try:
+                self.reconcile()
+            except CdrError as e:
+                log.warning("CDR reconcile failed (trying again in %d min): %s",
+                            self.cs.reconcile_minutes, e)
+            except Exception:  # noqa: BLE001 - the next pass tries again
+                log.exception("CDR reconcile failed")
+            self.stopping.wait(self.cs.reconcile_minutes * 60)
+
+    def reconcile(self) -> int:
+        """Ask the CDR for our notifications and to resend the map.process events the
+        journal lacks or holds as failed for a reason that may pass (missed_events); how
+        many were asked for. Failed events that cannot be matched to a notification (the
+        created_date way) are put back in the inbox here instead."""
+        items = self.client.notifications(self.cs.system, self.cs.version)
+        items = [i for i in items if isinstance(i, dict)]
+        ids = [str(c) for i in items for c in (
+            (i.get("event") or {}).get("id") if isinstance(i.get("event"), dict) else None,
+            i.get("id")) if c]
+        resend, matched = missed_events(items, self.db.events_by_id(ids),
+                                        self.db.newest_event_time())
+        asked = 0
+        for notification_id in resend:
+            if self.resent.get(notification_id, 0) >= MAX_ATTEMPTS or self.stopping.is_set():
+                continue
+            self.resent[notification_id] = self.resent.get(notification_id, 0) + 1
+            self.client.resend(notification_id)
+            asked += 1
+        retaken = 0
+        if matched == "created_date":
+            for event in self.db.retryable_events(MAX_ATTEMPTS):
+                retaken += self.db.retake_event(event["event_id"], None)
+            if retaken:
+                self.wake.set()
+        log.info("CDR reconcile: %d notifications, matched by %s; %d resends asked for, "
+                 "%d failed events tried again", len(items), matched, asked, retaken)
+        return asked
 
     # ------------------------------------------------------------------ publishing
 
+    def work(self) -> None:
+        """Publish the jobs queued for it, one at a time, until the link stops."""
+        while True:
+            job = self.tasks.get()
+            if job is None or self.stopping.is_set():
+                return
+            try:
+                self.publish(job)
+            except Exception:  # noqa: BLE001 - one bad publication must not stop the others
+                log.exception("CDR publishing of job %s failed", job)
+
     def run_finished(self, run: dict) -> None:
-        """Publish a run that came from the CDR once it has passed."""
+        """A run ended, so the queue has room: wake the inbox. Publish a run that came
+        from the CDR once it has passed."""
+        self.refused_until = 0.0
+        self.wake.set()
         if run["status"] == "passed" and self.db.event_for_run(run["run_id"]):
             self.queue_publish(run["job"])
 
     def queue_publish(self, job: str) -> None:
         for kind in ("features", "georef"):
             self.db.set_publication(job, kind, "pending")
-        self.tasks.put(("publish", job))
+        self.tasks.put(job)
 
     def publish(self, job: str) -> None:
         """Publish a job's features and georeference; the outcome of each is recorded:

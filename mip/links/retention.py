@@ -3,8 +3,8 @@
 Not run directly: mip_server.make_app calls add_routes(api), which adds
 DELETE /jobs/{job}, DELETE /jobs/{job}/{module} and DELETE /runs/{run_id} and makes the
 Sweeper that mip_server.main() starts. The sweeper removes what MIP_RETAIN_*_DAYS say is
-old, and temps (then, with MIP_SWEEP_OUTPUTS=1, outputs already in S3) when free space
-falls below MIP_SWEEP_FREE_MB.
+old (the maps the CDR link downloaded go with the temps), and temps (then, with
+MIP_SWEEP_OUTPUTS=1, outputs already in S3) when free space falls below MIP_SWEEP_FREE_MB.
 
 It never touches a job with a run queued or running: every removal happens under the run
 queue's lock, after that check, so a run submitted meanwhile waits and then finds the job
@@ -209,6 +209,12 @@ class Remover:
         self.forget(job, run_ids)
         return [r for r in removed if r], run_ids
 
+    def cdr_map(self, cog_id: str) -> str | None:
+        """Remove a map the CDR link downloaded; the next event for it downloads it again."""
+        removed = remove(self.settings.inputs_dir, "maps", cog_id, keep=self.keep)
+        self.db.forget_fetched(cog_id)
+        return removed
+
     def run(self, run: dict) -> list:
         """Remove a finished run's record and log."""
         self.db.delete_run(run["run_id"])
@@ -380,6 +386,9 @@ class Sweeper:
                 self.locked(job, lambda j: self.log_temps(j, f"ended over {rs.temps_days} days "
                                                              "ago (MIP_RETAIN_TEMPS_DAYS)"),
                             cutoff)
+            for cog_id, changed in r.db.fetched_maps():
+                self.locked(cog_id, lambda j, c=changed: self.log_cdr_map(
+                    j, c, cutoff, f"ended over {rs.temps_days} days ago (MIP_RETAIN_TEMPS_DAYS)"))
         if rs.outputs_days is not None:
             why = f"ended over {rs.outputs_days} days ago (MIP_RETAIN_OUTPUTS_DAYS)"
             cutoff = iso_ago(now, rs.outputs_days)
@@ -416,6 +425,16 @@ class Sweeper:
         removed = self.remover.temps(job)
         if removed:
             log.info("sweep: removed %s: job %s %s", removed, job, why)
+
+    def log_cdr_map(self, cog_id: str, changed: str, cutoff: str, why: str) -> None:
+        """Remove the map of a CDR cog whose events and runs all ended before `cutoff`:
+        an input fetched for the run, kept as long as its temps."""
+        db = self.remover.db
+        if max(changed, db.job_ended(cog_id) or "") >= cutoff or db.cog_in_hand(cog_id):
+            return
+        removed = self.remover.cdr_map(cog_id)
+        if removed:
+            log.info("sweep: removed %s: the CDR map of job %s %s", removed, cog_id, why)
 
     def log_outputs(self, job: str, module: str, why: str) -> None:
         s = self.remover.settings
