@@ -1235,14 +1235,26 @@ def figure_11(b: Bench, total: int = 100_000) -> None:
                             ("GET /ui/jobs last page", f"/ui/jobs?page={last}"),
                             ("GET /ui/maps first page", "/ui/maps"),
                             ("GET /ui/maps last page", f"/ui/maps?page={last}")):
-            status, raw, first = client.send("GET", path)
-            if status != 200:
-                raise BenchError(f"GET {path}: {status} {raw[:300]!r}")
+            # the first answer after start may fill a cache (the maps listing)
+            answers = [client.send("GET", path) for _ in range(2)]
+            for status, raw, _ in answers:
+                if status != 200:
+                    raise BenchError(f"GET {path}: {status} {raw[:300]!r}")
+            first, took = answers[0][2], answers[1][2]
             # a page that takes seconds is measured once: 30 would take minutes
-            times = [first] if first > 1 else client.timings("GET", path, 30)
+            times = [took] if took > 1 else client.timings("GET", path, 30)
             b.row(f"11 {label}, {total // 1000}k jobs ms", f"{median_ms(times):.1f}",
                   goal="< 20 ms", met=median_ms(times) < 20)
-            b.details.append(f"11: {path} p95 {pct_ms(times, 0.95):.1f} ms, {len(raw)} bytes")
+            b.details.append(f"11: {path} p95 {pct_ms(times, 0.95):.1f} ms, {len(raw)} bytes,"
+                             f" the first after start {first * 1000:.0f} ms")
+        # a map arriving changes the maps folder, which the next page lists again
+        name = f"cog{total + 1:06d}"
+        os.makedirs(os.path.join(dirs["inputs"], "maps", name))
+        open(os.path.join(dirs["inputs"], "maps", name, f"{name}.tif"), "wb").close()
+        status, raw, took = client.send("GET", f"/ui/maps?page={last + 1}")
+        if status != 200 or f'data-map="{name}"'.encode() not in raw:
+            raise BenchError(f"/ui/maps?page={last + 1} does not show the new map {name}")
+        b.row(f"11 GET /ui/maps after a new map, {total // 1000}k maps ms", f"{took * 1000:.0f}")
         client.close()
     finally:
         if server:

@@ -163,11 +163,11 @@ def listed_maps(settings: Settings) -> list:
 def _relist(settings: Settings, folder: str, stamp: tuple, kept: "_Listing | None") -> _Listing:
     """A new listing of `folder`; only names not known to hold a map are stat'ed."""
     listed_at = time.time_ns()
+    known = set(kept.present) if kept else set()
     try:
-        names = sorted(n for n in os.listdir(folder) if NAME_RE.fullmatch(n))
+        names = sorted(n for n in os.listdir(folder) if n in known or NAME_RE.fullmatch(n))
     except OSError:
         names = []
-    known = set(kept.present) if kept else set()
     present, pending = [], set()
     for name in names:
         if name in known or os.path.isfile(map_file(settings, name)):

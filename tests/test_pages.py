@@ -197,6 +197,9 @@ def test_the_maps_page_pages_the_maps_with_their_jobs(site, monkeypatch):
             assert re.findall(r'href="/ui/jobs/([^"]+)"', row) == bound.get(name, [])
     assert "7 maps, page 3 of 3" in page and 'href="/ui/maps?page=2"' in page
     assert shown_rows(call(app, "/ui/maps?page=5")[1], "data-map") == ["m07"]
+    # it polls for new jobs, which costs what a page costs; not GET /maps, which stats
+    # every map
+    assert 'data-watch="/jobs?offset=8"' in page and get_json(app, "/jobs?offset=8") == []
 
 
 def settled(folder: str) -> None:
