@@ -447,10 +447,9 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
            query={"limit": openapi.whole(10**9), "offset": openapi.whole(10**12)})
     def list_jobs():
         """Job names; ?limit= ?offset=."""
-        jobs = db.jobs()
         offset = query_int("offset", 0, 10**12)
-        limit = query_int("limit", None, 10**9)
-        return send(jobs[offset:None if limit is None else offset + limit])
+        bottle.response.content_type = "application/json"
+        return db.jobs_json(query_int("limit", None, 10**9), offset)
 
     @route("GET", "/jobs/{job}", answer="JobStatus")
     def job_status(job):
@@ -613,9 +612,7 @@ def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
     def cdr_events():
         """CDR events received, newest first; ?limit= (default 100)."""
         need_link()
-        limit = query_int("limit", 100, 10000)
-        rows = db.events("received", "downloading", "submitted", "failed", "duplicate")
-        return send(list(reversed(rows))[:limit])
+        return send(db.events_page(query_int("limit", 100, 10000)))
 
     @route("POST", "/jobs/{job}/publish", answer="JobStatus", errors=(409,))
     def publish_job(job):

@@ -13,7 +13,8 @@ A benchmark, not a test: it exits 0 whether or not the goals are met.
 
 Sections: tools (processes, HTTP, load), fixtures, figures 1-6, figure 7 (a big map),
 figures 8-9 (attacks), figure 10 (the console), figure 11 (issue 22: a burst of CDR
-events against the stand-in CDR; BENCH_CDR_EVENTS=N sends N instead of 1,000), main.
+events against the stand-in CDR; BENCH_CDR_EVENTS=N sends N instead of 1,000), figure 12
+(a long history: 100,000 CDR maps), main.
 """
 
 import argparse
@@ -1247,8 +1248,147 @@ def figure_11(b: Bench, total: int = CDR_EVENTS, senders: int = 8,
         "catalogue of two modules that each write one small file")
 
 
+
+def fill_history(journal_path: str, inputs_dir: str | None, total: int) -> float:
+    """A journal holding `total` CDR maps' history, as the CDR makes it (one job per map,
+    named after its cog): jobs, a passed run each with one execution, a submitted event
+    and published results; with `inputs_dir`, a map folder each (an empty .tif: listing
+    maps only asks whether it is a file). Filled by SQL; seconds it took."""
+    started = time.monotonic()
+    db = journal.Journal(journal_path)
+    db.migrate()
+    logs = os.path.join(os.path.dirname(journal_path), "logs")
+    numbers = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?)"
+               " SELECT i, printf('cog%06d', i) AS name,"
+               " strftime('%Y-%m-%dT%H:%M:%S.000Z', '2026-01-01', '+' || i || ' seconds')"
+               " AS t FROM n")
+    with db.transaction() as conn:
+        conn.execute("INSERT INTO jobs (job, map, created)"
+                     f" SELECT name, name, t FROM ({numbers})", (total,))
+        conn.execute(
+            "INSERT INTO runs (run_id, job, map, modules, force_rerun, payload, status,"
+            " submit_time, start_time, stop_time, pid, log_path)"
+            " SELECT printf('20260101-000000-%06d-0000', i), name, name, '[\"ALL\"]', 0,"
+            " json_object('job', name, 'map', name, 'modules', json_array('ALL'),"
+            " 'force_rerun', json('false')), 'passed', t, t, t, NULL,"
+            f" ? || '/' || printf('20260101-000000-%06d-0000', i) || '.log' FROM ({numbers})",
+            (logs, total))
+        conn.execute(
+            "INSERT INTO executions (run_id, job, module, status, start_time, stop_time,"
+            " exit_code, log_path) SELECT printf('20260101-000000-%06d-0000', i), name,"
+            f" 'map_crop', 'passed', t, t, 0, '/dev/null' FROM ({numbers})", (total,))
+        conn.execute(
+            "INSERT INTO cdr_events (event_id, event, cog_id, cog_url, status, received,"
+            " updated, run_id) SELECT printf('event%06d', i), 'map.process', name,"
+            " 'http://127.0.0.1:9/' || name || '.cog.tif', 'submitted', t, t,"
+            f" printf('20260101-000000-%06d-0000', i) FROM ({numbers})", (total,))
+        conn.execute(
+            "INSERT INTO cdr_publications (job, kind, status, result_id, time)"
+            " SELECT name, kind, 'published', name || kind, t"
+            f" FROM ({numbers}), (SELECT 'features' AS kind UNION ALL SELECT 'georef')",
+            (total,))
+    db.close()
+    if inputs_dir:
+        maps_dir = os.path.join(inputs_dir, "maps")
+        for i in range(1, total + 1):
+            name = f"cog{i:06d}"
+            os.makedirs(os.path.join(maps_dir, name), exist_ok=True)
+            open(os.path.join(maps_dir, name, f"{name}.tif"), "wb").close()
+    return time.monotonic() - started
+
+
+
+def started_in(argv: list, env: dict, log_path: str, auth: str) -> tuple:
+    """(a started Server, seconds from its launch to its first 200 on /health): the port
+    line comes before the start-up work, and the server answers only once that is done."""
+    began = time.monotonic()
+    server = Server(argv, env, log_path).start(timeout=120)
+    client = Client(server.url, auth)
+    deadline = time.monotonic() + 120
+    try:
+        while client.send("GET", "/health")[0] != 200:
+            if time.monotonic() > deadline:
+                raise BenchError("mip_server never answered /health")
+            time.sleep(0.01)
+    except BaseException:
+        server.stop()
+        raise
+    finally:
+        client.close()
+    return server, time.monotonic() - began
+
+
+
+def figure_12(b: Bench, total: int = 100_000) -> None:
+    """Lists that grow with every CDR map, at `total` maps (one job, run, execution, event
+    and publication each, and a map folder each, as fill_history makes them): GET /jobs and
+    /cdr/events?limit=100, the console's jobs and maps pages (first and last), and the
+    server's start-up (launch to first /health) against the same on an empty journal. A
+    server of its own, linked to the stand-in CDR of the tests (events need the link)."""
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    from cdr_standin import StandInCdr
+
+    root = os.path.join(b.scratch, "pages")
+    dirs = {name: os.path.join(root, name) for name in ("inputs", "outputs", "temps", "runs",
+                                                         "repos")}
+    for path in dirs.values():
+        os.makedirs(path)
+    cdr = StandInCdr("bench-token").start()
+    env = dict(b.env, TA1_INPUTS_DIR=dirs["inputs"], TA1_OUTPUTS_DIR=dirs["outputs"],
+               TA1_TEMPS_DIR=dirs["temps"], TA1_RUNS_DIR=dirs["runs"],
+               TA1_REPOS_DIR=dirs["repos"], MIP_CDR_URL=cdr.url + "/",
+               MIP_CDR_TOKEN="bench-token", MIP_CDR_SECRET=secrets.token_hex(16),
+               MIP_CDR_CALLBACK_URL="http://127.0.0.1:9/cdr")
+    argv = [PY, "mip_server.py", "--port", "0"]
+    log_path = os.path.join(root, "mip_server.log")
+    server = None
+    try:
+        server, empty = started_in(argv, env, log_path, b.auth)
+        server.stop()
+        took = fill_history(os.path.join(dirs["runs"], "journal.db"), dirs["inputs"], total)
+        server, start = started_in(argv, env, log_path, b.auth)
+        b.row(f"11 start-up, {total // 1000}k jobs s", f"{start:.2f}", f"{empty:.2f} empty",
+              start / empty, "< 1 s", start < 1)
+        b.details.append(f"11: journal and {total} map folders filled in {took:.0f} s")
+        client = Client(server.url, b.auth, timeout=120)
+        last = -(-total // 50)
+        for label, path in (("GET /jobs?limit=100", "/jobs?limit=100"),
+                            ("GET /cdr/events?limit=100", "/cdr/events?limit=100"),
+                            ("GET /jobs?offset=N (console's poll)", f"/jobs?offset={total}"),
+                            ("GET /ui/jobs first page", "/ui/jobs"),
+                            ("GET /ui/jobs last page", f"/ui/jobs?page={last}"),
+                            ("GET /ui/maps first page", "/ui/maps"),
+                            ("GET /ui/maps last page", f"/ui/maps?page={last}")):
+            # the first answer after start may fill a cache (the maps listing)
+            answers = [client.send("GET", path) for _ in range(2)]
+            for status, raw, _ in answers:
+                if status != 200:
+                    raise BenchError(f"GET {path}: {status} {raw[:300]!r}")
+            first, took = answers[0][2], answers[1][2]
+            # a page that takes seconds is measured once: 30 would take minutes
+            times = [took] if took > 1 else client.timings("GET", path, 30)
+            b.row(f"11 {label}, {total // 1000}k jobs ms", f"{median_ms(times):.1f}",
+                  goal="< 20 ms", met=median_ms(times) < 20)
+            b.details.append(f"11: {path} p95 {pct_ms(times, 0.95):.1f} ms, {len(raw)} bytes,"
+                             f" the first after start {first * 1000:.0f} ms")
+        # a map arriving changes the maps folder, which the next page lists again
+        name = f"cog{total + 1:06d}"
+        os.makedirs(os.path.join(dirs["inputs"], "maps", name))
+        open(os.path.join(dirs["inputs"], "maps", name, f"{name}.tif"), "wb").close()
+        status, raw, took = client.send("GET", f"/ui/maps?page={last + 1}")
+        if status != 200 or f'data-map="{name}"'.encode() not in raw:
+            raise BenchError(f"/ui/maps?page={last + 1} does not show the new map {name}")
+        b.row(f"11 GET /ui/maps after a new map, {total // 1000}k maps ms", f"{took * 1000:.0f}")
+        client.close()
+    finally:
+        if server:
+            server.stop()
+        cdr.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
 FIGURES = {1: figure_1, 2: figure_2, 3: figure_3, 4: figure_4, 5: figure_5, 6: figure_6,
-           7: figure_7, 8: figure_8, 9: figure_9, 10: figure_10, 11: figure_11}
+           7: figure_7, 8: figure_8, 9: figure_9, 10: figure_10, 11: figure_11, 12: figure_12}
 
 
 # ---------------------------------------------------------------------------- main
@@ -1274,7 +1414,7 @@ def table(rows: list) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="", help="comma-separated figure numbers (1-11)")
+    parser.add_argument("--only", default="", help="comma-separated figure numbers (1-12)")
     parser.add_argument("--python-load", action="store_true",
                         help="use the Python load generator even when wrk is installed")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")

@@ -391,22 +391,43 @@ class Journal:
         rows = self.connect().execute("SELECT job FROM jobs ORDER BY created, job")
         return [r[0] for r in rows]
 
+    def jobs_json(self, limit: int | None = None, offset: int = 0) -> str:
+        """Job names in the order they were first run, paged, as JSON text made by SQLite
+        from the jobs_created index."""
+        return self.connect().execute(
+            "SELECT json_group_array(job) FROM (SELECT job FROM jobs"
+            " ORDER BY created, job LIMIT ? OFFSET ?)",
+            (-1 if limit is None else limit, offset)).fetchone()[0]
+
     def jobs_page(self, limit: int = 50, offset: int = 0) -> list:
-        """Jobs newest first, paged: job, map, and the id, status and times of its latest run."""
+        """Jobs newest first (jobs_json() reversed), paged: job, map, and the id, status and
+        times of its latest run. The page is cut from the jobs_created index first, so that
+        only its own jobs look up their latest run; CROSS JOIN keeps it the outer loop, so
+        the rows come in its order with no sort."""
         rows = self.connect().execute(
-            "SELECT j.job, j.map, r.run_id, r.status, r.submit_time, r.stop_time FROM jobs j"
-            " LEFT JOIN runs r ON r.seq = (SELECT MAX(seq) FROM runs WHERE job = j.job)"
-            " ORDER BY j.created DESC, j.job LIMIT ? OFFSET ?", (limit, offset))
+            "SELECT j.job, j.map, r.run_id, r.status, r.submit_time, r.stop_time FROM"
+            " (SELECT job FROM jobs ORDER BY created DESC, job DESC LIMIT ? OFFSET ?) p"
+            " CROSS JOIN jobs j ON j.job = p.job"
+            " LEFT JOIN runs r ON r.seq = (SELECT MAX(seq) FROM runs WHERE job = j.job)",
+            (limit, offset))
         return [dict(r) for r in rows]
 
     def count_jobs(self) -> int:
         return self.connect().execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
 
-    def jobs_of_map(self, map_name: str) -> list:
-        """Names of the jobs bound to a map, in the order they were first run."""
-        rows = self.connect().execute(
-            "SELECT job FROM jobs WHERE map = ? ORDER BY created, job", (map_name,))
-        return [r[0] for r in rows]
+    def jobs_of_maps(self, map_names: list) -> dict:
+        """{map: names of the jobs bound to it, in the order they were first run} for some
+        maps (a page of them), in one query on the jobs_map index; a map without jobs is
+        left out."""
+        found = {}
+        for start in range(0, len(map_names), 500):  # SQLite's bound on ? in one statement
+            some = map_names[start:start + 500]
+            rows = self.connect().execute(
+                f"SELECT map, job FROM jobs WHERE map IN ({','.join('?' * len(some))})"
+                " ORDER BY map, created, job", some)
+            for map_name, job in rows:
+                found.setdefault(map_name, []).append(job)
+        return found
 
     def job_map(self, job: str) -> str | None:
         """The map a job is bound to, or None for an unknown job."""
@@ -689,6 +710,25 @@ class Journal:
         rows = self.connect().execute(
             f"SELECT * FROM cdr_events WHERE status IN ({marks}) ORDER BY received", statuses)
         return [dict(r) for r in rows]
+
+    def events_page(self, limit: int) -> list:
+        """The latest `limit` events, newest first (the later recorded first at one time),
+        read backwards along the cdr_events_received index."""
+        rows = self.connect().execute(
+            "SELECT * FROM cdr_events ORDER BY received DESC, rowid DESC LIMIT ?", (limit,))
+        return [dict(r) for r in rows]
+
+    def unpublished_cdr_jobs(self) -> list:
+        """Jobs of submitted CDR events whose run passed and that hold no publication: the
+        runs that ended while no server watched them. A CDR run's job is its cog's id
+        (CdrLink.process), so the submitted events are read from their index alone; this
+        still reads every submitted event, which is why CdrLink runs it in the background."""
+        rows = self.connect().execute(
+            "SELECT e.cog_id FROM cdr_events e WHERE e.status = 'submitted'"
+            " AND NOT EXISTS (SELECT 1 FROM cdr_publications p WHERE p.job = e.cog_id)"
+            " AND EXISTS (SELECT 1 FROM runs r WHERE r.run_id = e.run_id"
+            " AND r.status = 'passed' AND r.job = e.cog_id) GROUP BY e.cog_id")
+        return [r[0] for r in rows]
 
     def event_for_run(self, run_id: str) -> dict | None:
         row = self.connect().execute("SELECT * FROM cdr_events WHERE run_id = ?",

@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import warnings
 
 from mip.catalogue import NAME_RE
@@ -117,6 +118,63 @@ def list_maps(settings: Settings) -> list:
     except OSError:
         return []
     return [n for n in names if NAME_RE.fullmatch(n) and os.path.isfile(map_file(settings, n))]
+
+
+class _Listing:
+    """What listed_maps() knows of one maps folder: the folder's (inode, mtime) when it was
+    listed, the sorted names holding their map file, and those that did not yet."""
+
+    def __init__(self, stamp: tuple, present: list, pending: set, recheck: bool):
+        self.stamp, self.present, self.pending, self.recheck = stamp, present, pending, recheck
+
+
+_listings = {}  # maps folder -> _Listing
+_listing_lock = threading.Lock()
+# a folder changed this close before it was listed may change again within the same
+# mtime tick unseen (git's "racy" entries): its listing is redone at the next call
+RACY_NS = 2 * 10**9
+
+
+def listed_maps(settings: Settings) -> list:
+    """list_maps(), kept between calls: the folder is listed again only when its mtime says
+    a map folder came or went; a folder still waiting for its map file (being downloaded)
+    is looked at again on every call. One stat while nothing changed, where list_maps()
+    stats every map. Not seen: a map file removed from a folder that stays; a caller that
+    shows a map checks its file (the console does, for its page)."""
+    folder = os.path.join(settings.inputs_dir, "maps")
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return []
+    stamp = (st.st_ino, st.st_mtime_ns)
+    with _listing_lock:
+        kept = _listings.get(folder)
+        if kept is None or kept.stamp != stamp or kept.recheck:
+            kept = _relist(settings, folder, stamp, kept)
+            _listings[folder] = kept
+        else:
+            arrived = {n for n in kept.pending if os.path.isfile(map_file(settings, n))}
+            if arrived:
+                kept.pending -= arrived
+                kept.present = sorted([*kept.present, *arrived])
+        return kept.present
+
+
+def _relist(settings: Settings, folder: str, stamp: tuple, kept: "_Listing | None") -> _Listing:
+    """A new listing of `folder`; only names not known to hold a map are stat'ed."""
+    listed_at = time.time_ns()
+    known = set(kept.present) if kept else set()
+    try:
+        names = sorted(n for n in os.listdir(folder) if n in known or NAME_RE.fullmatch(n))
+    except OSError:
+        names = []
+    present, pending = [], set()
+    for name in names:
+        if name in known or os.path.isfile(map_file(settings, name)):
+            present.append(name)
+        else:
+            pending.add(name)
+    return _Listing(stamp, present, pending, stamp[1] > listed_at - RACY_NS)
 
 
 def check_map(settings: Settings, map_name: str) -> None:

@@ -161,6 +161,21 @@ def _add_cdr_inbox(db) -> None:
                " OR message LIKE 'run not submitted:%free%')")
 
 
+def _add_page_indexes(db) -> None:
+    """9: indexes, so that the lists growing with every map received are paged and sorted
+    in SQL, and start-up reads no history: jobs in the order made (GET /jobs, /ui/jobs) and
+    by map (/ui/maps); events by arrival (GET /cdr/events) and by state, with the cog and
+    run of each (those a restart takes up, the check for unpublished runs); Idempotency-Keys
+    by run (the start-up DELETE of those without one, and deleting runs). The inbox's index
+    on the state alone (8) becomes the one on state, cog and run."""
+    db.execute("CREATE INDEX jobs_created ON jobs(created, job)")
+    db.execute("CREATE INDEX jobs_map ON jobs(map, created, job)")
+    db.execute("CREATE INDEX cdr_events_received ON cdr_events(received)")
+    db.execute("DROP INDEX IF EXISTS cdr_events_status")
+    db.execute("CREATE INDEX cdr_events_status ON cdr_events(status, cog_id, run_id)")
+    db.execute("CREATE INDEX idempotency_keys_run ON idempotency_keys(run_id)")
+
+
 # Numbered migrations after the initial schema: (version, function(db)). Each runs in
 # one transaction with the bump of PRAGMA user_version that records it.
 MIGRATIONS: list = [
@@ -172,6 +187,7 @@ MIGRATIONS: list = [
     (6, _add_deliveries),
     (7, _add_resources),
     (8, _add_cdr_inbox),
+    (9, _add_page_indexes),
 ]
 
 

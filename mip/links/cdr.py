@@ -703,14 +703,22 @@ class CdrLink:
         if waiting:
             log.info("CDR inbox: %d events taken up again after a restart (%d downloads "
                      "start again)", waiting, cut)
-        for target in (self.register_loop, self.work, self.inbox_loop, self.reconcile_loop):
+        for target in (self.register_loop, self.work, self.inbox_loop, self.reconcile_loop,
+                       self.publish_missed):
             thread = threading.Thread(target=target, daemon=True, name=f"cdr-{target.__name__}")
             thread.start()
             self.threads.append(thread)
-        for event in self.db.events("submitted"):
-            run = self.db.run(event["run_id"])
-            if run and run["status"] == "passed" and not self.db.publications(run["job"]):
-                self.queue_publish(run["job"])
+
+    def publish_missed(self) -> None:
+        """Publish the CDR runs that passed while no server watched them. In the background:
+        finding them reads every submitted event, which start-up must not wait for."""
+        try:
+            for job in self.db.unpublished_cdr_jobs():
+                self.queue_publish(job)
+        except Exception:  # noqa: BLE001 - the next start tries again
+            log.exception("CDR: looking for passed runs never published failed")
+        finally:
+            self.db.close()
 
     def stop(self, timeout: float = 5) -> None:
         """Stop working and remove our registration."""

@@ -24,7 +24,8 @@ from mip.catalogue import check_name
 from mip.errors import UsageError
 from mip.journal import FINISHED
 from mip.journal import Status
-from mip.maps import list_maps
+from mip.maps import listed_maps
+from mip.maps import map_file
 from mip.web import guards
 from mip.web import openapi
 from mip.web.apierror import ApiError
@@ -124,11 +125,19 @@ def add_routes(api) -> None:
         return render("job", f"Job {job}", [f"/jobs/{job}"], job=job, map=db.job_map(job),
                       modules=modules, runs=runs, total=db.count_runs(job))
 
-    @route("GET", "/ui/maps", answer="text/html")
+    @route("GET", "/ui/maps", answer="text/html", query={"page": PAGE})
     def maps_page():
-        """Console: the maps on the server and the jobs bound to each."""
-        maps = [(name, db.jobs_of_map(name)) for name in list_maps(settings)]
-        return render("maps", "Maps", ["/maps"], maps=maps)
+        """Console: the maps on the server, by name, and the jobs bound to each; ?page=."""
+        names = listed_maps(settings)
+        pages, number = paging(len(names), api.query_int("page", 1, 10**6))
+        # the listing may hold a map removed since: the page checks its own
+        shown = [n for n in names[(number - 1) * PAGE_SIZE:number * PAGE_SIZE]
+                 if os.path.isfile(map_file(settings, n))]
+        jobs = db.jobs_of_maps(shown)
+        # new jobs, not GET /maps: that stats every map, each poll
+        return render("maps", "Maps", [f"/jobs?offset={db.count_jobs()}"],
+                      maps=[(name, jobs.get(name, [])) for name in shown], total=len(names),
+                      page=number, pages=pages)
 
     @route("GET", "/ui/modules", answer="text/html")
     def modules_page():

@@ -1,5 +1,6 @@
 % rebase('base', title=title, watch=watch, poll_ms=poll_ms)
 <section id="maps" data-live>
+<p class="count">{{total}} map{{'' if total == 1 else 's'}}{{', page %d of %d' % (page, pages) if pages > 1 else ''}}</p>
 % if not maps:
 <p class="empty">No maps: put one at $TA1_INPUTS_DIR/maps/&lt;map&gt;/&lt;map&gt;.tif</p>
 % else:
@@ -18,5 +19,15 @@
 % end
 </tbody>
 </table>
+% end
+% if pages > 1:
+<nav class="pages">
+% if page > 1:
+<a href="/ui/maps?page={{page - 1}}" rel="prev">previous</a>
+% end
+% if page < pages:
+<a href="/ui/maps?page={{page + 1}}" rel="next">next</a>
+% end
+</nav>
 % end
 </section>
