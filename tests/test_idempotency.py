@@ -342,7 +342,7 @@ def test_retry_pause_honours_retry_after_within_a_cap():
 def test_the_hmac_key_is_derived_from_the_key_file(tmp_path):
     """Stable for one key file (keys survive a restart), another for another file, and
     neither the Fernet key itself nor the key of another purpose."""
-    import keystore
+    from mip import keystore
 
     one = keystore.KeyStore(str(tmp_path / "one.key"))
     again = keystore.KeyStore(str(tmp_path / "one.key"))

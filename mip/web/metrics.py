@@ -5,8 +5,9 @@
 Runs by state, the queue, running modules and free disk space are read when scraped.
 Module durations are observed from the journal: mipper, not the server, records a module's
 end, so each scrape reads the executions that ended since the last one. Requests are
-counted by a wrapper around the app's WSGI callable, labelled by route template (never the
-raw path). Each app has a registry of its own, so that several apps can live in one process.
+counted by a wrapper around the app's WSGI callable (RequestMetrics.wrap, which mip_server
+installs with the other middleware), labelled by route template (never the raw path). Each
+app has a registry of its own (Metrics), so that several apps can live in one process.
 This file only reads: it never changes runs, files or the journal.
 """
 
@@ -37,26 +38,27 @@ MODULE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400
 ENDED = tuple(s.value for s in FINISHED)
 
 
-def add_routes(api) -> None:
-    """GET /metrics, and the request counting around api.app."""
-    # a `_created` series per labelled histogram doubles the series and says little here
-    # (process-wide in prometheus_client; this process serves one app)
-    disable_created_metrics()
-    registry = CollectorRegistry()
-    counting = RequestMetrics(registry)
-    # bottle has no middleware slot; Bottle.__call__ calls self.wsgi, so every request of
-    # this app passes here, whichever server or test drives it
-    api.app.wsgi = counting.wrap(api.app.wsgi)
-    registry.register(JournalCollector(api.db, api.queue, api.cfg.settings, api.catalogue))
+class Metrics:
+    """One app's registry: the request counting, which mip_server installs around the app
+    (`requests.wrap`), and what the journal and the disk say at scrape time. Each app has
+    its own, so that several apps can live in one process."""
 
-    @api.route("GET", "/metrics", answer="text/plain", auth=not api.cfg.metrics_open)
-    def get_metrics():
-        """Runs by state, the queue, running modules, module durations, requests by route
-        and status, and free disk space, in Prometheus's text format."""
-        body = generate_latest(registry)
-        # the classic text format (0.0.4): every Prometheus version reads it
-        bottle.response.content_type = CONTENT_TYPE_PLAIN_0_0_4
-        return body
+    def __init__(self, db, queue, settings, catalogue: dict):
+        # a `_created` series per labelled histogram doubles the series and says little here
+        # (process-wide in prometheus_client; this process serves one app)
+        disable_created_metrics()
+        self.registry = CollectorRegistry()
+        self.requests = RequestMetrics(self.registry)
+        self.registry.register(JournalCollector(db, queue, settings, catalogue))
+
+
+def get_metrics(ctx):
+    """Runs by state, the queue, running modules, module durations, requests by route
+    and status, and free disk space, in Prometheus's text format."""
+    body = generate_latest(ctx.metrics.registry)
+    # the classic text format (0.0.4): every Prometheus version reads it
+    bottle.response.content_type = CONTENT_TYPE_PLAIN_0_0_4
+    return body
 
 
 def route_template(route) -> str:
