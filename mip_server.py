@@ -7,6 +7,11 @@
 
 Each run is a `mipper.py` subprocess in its own process group; the SQLite journal
 (journal.py) holds run, job and module state; JSON is checked against schema/.
+
+Sections: config; errors (ERRORS, the core's exceptions as statuses); plugins (install: auth,
+CSRF, limits, request log, metrics, in one place); app (make_app); handlers; routes
+(route_table: every route of the API and the console, one row each, which /openapi.json is
+made from); main.
 """
 
 import argparse
