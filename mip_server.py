@@ -446,7 +446,8 @@ def get_run_status(ctx, run_id):
     if body is None:
         run = get_run(ctx, run_id)
         status = run_status(ctx.db, run)
-        body = json.dumps(status)
+        # bytes: waitress is handed the cached answer with no encoding per request
+        body = json.dumps(status).encode()
         if (run["status"] in FINISHED and run_id not in ctx.queue.running
                 and all(s in FINISHED for s in status["module_status"].values())):
             ctx.done_runs.put(("run", run_id), body)
@@ -520,7 +521,7 @@ def job_status(ctx, job):
                                            "time")}
                 for kind, row in db.publications(job).items()} or None,
     }
-    body = json.dumps(status)
+    body = json.dumps(status).encode()
     if (finished and run["run_id"] not in ctx.queue.running
             and all(s in FINISHED for s in status["module_status"].values())
             and all(p["status"] != "pending" for p in (status["cdr"] or {}).values())):
@@ -575,7 +576,7 @@ def get_module_status(ctx, job, module):
     if body is not None:
         return body
     execution = get_module(ctx, job, module)
-    body = json.dumps(module_status(execution))
+    body = json.dumps(module_status(execution)).encode()
     uploading = (ctx.cfg.settings.s3_bucket and execution["status"] == Status.PASSED
                  and execution["upload_status"] is None)
     if execution["status"] in FINISHED and not uploading:
