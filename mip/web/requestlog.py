@@ -32,11 +32,14 @@ class RequestLog:
 
         def start(status, headers, exc_info=None):
             # all three may come from a client (the address through X-Forwarded-For):
-            # escaped, so they cannot forge a line
-            self.writer.line(f"{sanitize.escape(environ.get('REMOTE_ADDR', ''))} "
-                             f"{sanitize.escape(environ.get('REQUEST_METHOD', ''))} "
-                             f"{sanitize.escape(environ.get('PATH_INFO', ''))} "
-                             f"{status[:3]} {(time.monotonic() - started) * 1000:.1f} ms")
+            # escaped, so they cannot forge a line. Text that isprintable() holds none of
+            # the characters escape() replaces, and is by far the most common: one check
+            # then stands for three regular expressions.
+            said = (f"{environ.get('REMOTE_ADDR', '')} {environ.get('REQUEST_METHOD', '')} "
+                    f"{environ.get('PATH_INFO', '')}")
+            if not said.isprintable():
+                said = sanitize.escape(said)
+            self.writer.line(f"{said} {status[:3]} {(time.monotonic() - started) * 1000:.1f} ms")
             return start_response(status, headers, exc_info)
 
         return self.app(environ, start)
