@@ -7,6 +7,11 @@
 
 Each run is a `mipper.py` subprocess in its own process group; the SQLite journal
 (journal.py) holds run, job and module state; JSON is checked against schema/.
+
+Sections: config; errors (ERRORS, the core's exceptions as statuses); plugins (install: auth,
+CSRF, limits, request log, metrics, in one place); app (make_app); handlers; routes
+(route_table: every route of the API and the console, one row each, which /openapi.json is
+made from); main.
 """
 
 import argparse
@@ -21,7 +26,6 @@ import resource
 import secrets
 import signal
 import sys
-from dataclasses import dataclass
 
 import bottle
 import waitress
@@ -33,12 +37,10 @@ from mip import journal
 from mip import keystore
 from mip import maps
 from mip import sanitize
-from mip.catalogue import check_name
 from mip.catalogue import load_catalogue
 from mip.errors import EXIT_OK
 from mip.errors import EXIT_USAGE
 from mip.errors import MipError
-from mip.errors import UsageError
 from mip.files import kind_files
 from mip.files import local_opener
 from mip.files import s3_opener
@@ -65,6 +67,7 @@ from mip.status import run_status
 from mip.web import auth
 from mip.web import console
 from mip.web import follow
+from mip.web import guards
 from mip.web import metrics
 from mip.web import openapi
 from mip.web import proxy
@@ -72,11 +75,22 @@ from mip.web import swagger
 from mip.web.apierror import ApiError
 from mip.web.apierror import error_body
 from mip.web.auth import hash_password
+from mip.web.context import MAX_BODY
+from mip.web.context import Context
+from mip.web.context import checked_name
+from mip.web.context import get_job
+from mip.web.context import get_module
+from mip.web.context import get_run
+from mip.web.context import query_int
+from mip.web.context import read_body
+from mip.web.context import read_json
+from mip.web.context import read_json_bytes
+from mip.web.context import send
+from mip.web.requestlog import LineWriter
 from mip.web.requestlog import RequestLog
 from mip.web.requestlog import setup_logging
 
 VERSION = VERSION
-MAX_BODY = 1024 * 1024
 LOG_TAIL = 8192
 CANCEL_GRACE = 30  # seconds for a cancelled run to stop its containers or tasks
 QUEUE_RETRY_AFTER = 30  # seconds a client is told to wait when the queue is full
@@ -171,6 +185,7 @@ HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "n
 def render_http_error(res: bottle.HTTPError) -> str:
     """Bottle's own errors (no route, 405, crashes) in the one JSON shape."""
     bottle.response.content_type = "application/json"
+    bottle.response.set_header("X-Content-Type-Options", "nosniff")
     code = res.status_code
     if code == 404:
         message = (f"no route {bottle.request.method} {bottle.request.path}; "
@@ -187,498 +202,592 @@ def render_http_error(res: bottle.HTTPError) -> str:
     return error_body(HTTP_CODES.get(code, "error"), message)
 
 
-# ---------------------------------------------------------------------------- validation
+# ---------------------------------------------------------------------------- plugins
 
-def checked_name(kind: str, value: str) -> str:
-    """Refuse a path parameter that is not a plain name, before anything touches the disk."""
+class AuthPlugin:
+    """Basic auth on every route whose row does not say auth=False (bottle's route.config),
+    unless the server runs with --no-auth. Answers 401 with WWW-Authenticate, or 429 while
+    the address has spent its failed logins."""
+
+    name = "auth"
+    api = 2
+
+    def __init__(self, credentials: auth.Credentials, on: bool):
+        self.credentials = credentials
+        self.on = on
+
+    def apply(self, callback, route):
+        if not (self.on and route.config.get("auth", True)):
+            return callback
+        check = self.credentials.check
+
+        def wrapper(*args, **kwargs):
+            env = bottle.request.environ
+            try:
+                ok = check(env.get("HTTP_AUTHORIZATION", ""), env.get("REMOTE_ADDR", ""))
+            except auth.Refused as e:
+                raise refused(429, e) from None
+            if not ok:
+                raise ApiError(401, "unauthorized",
+                               "no or wrong credentials: use basic auth (MIP_CLIENT_USER "
+                               "and MIP_CLIENT_PASSWORD for mip_client.py)",
+                               headers={"WWW-Authenticate": 'Basic realm="mip"'})
+            return callback(*args, **kwargs)
+        return wrapper
+
+
+def limits() -> None:
+    """The request's edges, before any route: an undecodable or NUL path and a bad
+    Content-Length are 400, a body over MAX_BODY is 413; a trailing slash is dropped."""
+    env = bottle.request.environ
     try:
-        return check_name(kind, value)
-    except UsageError as e:
-        raise ApiError(400, f"bad_{kind}_name", str(e)) from None
+        sanitize.decoded_path(env.get("bottle.raw_path", ""))
+    except ValueError as e:
+        raise ApiError(400, "bad_path", str(e)) from None
+    path = env.get("PATH_INFO", "/")
+    if len(path) > 1 and path.endswith("/"):
+        env["PATH_INFO"] = path.rstrip("/") or "/"
+    if "\x00" in env["PATH_INFO"]:
+        raise ApiError(400, "bad_path", "the path holds a NUL character")
+    length = env.get("CONTENT_LENGTH") or "0"
+    if not (length.isascii() and length.isdigit()):
+        raise ApiError(400, "bad_request", "Content-Length is not a number")
+    if int(length) > MAX_BODY:
+        raise ApiError(413, "body_too_large",
+                       f"the body has {length} bytes; the limit is {MAX_BODY}")
 
 
-# ---------------------------------------------------------------------------- run queue
+def journal_guard(db: journal.Journal):
+    """A hook that answers every request 503 once the journal was deleted or replaced under
+    the server (one stat a request), rather than let SQLite write to a file nobody reads."""
+    def check() -> None:
+        try:
+            db.check_file()
+        except errors.MipError as e:
+            raise answer(e) from None
+    return check
+
+
+def every_answer() -> None:
+    """Headers every answer carries (render_http_error adds them to bottle's own errors)."""
+    bottle.response.set_header("X-Content-Type-Options", "nosniff")
+
+
+def install(app: bottle.Bottle, ctx: Context, writer: LineWriter | None = None) -> None:
+    """The plugins and middleware, all here. A request meets them from the outside in:
+    metrics, the request log, then the before_request hooks in the order added (limits,
+    CSRF, the console's browser home), then the route plugins (auth, the ERRORS table)."""
+    app.install(AuthPlugin(ctx.credentials, ctx.cfg.auth))         # auth (401, 429)
+    app.install(core_errors)                                       # core errors -> ERRORS
+    app.add_hook("before_request", limits)                         # limits (400, 413)
+    app.add_hook("before_request", journal_guard(ctx.db))          # journal gone (503)
+    app.add_hook("before_request", guards.check)                   # CSRF (403 cross_origin)
+    app.add_hook("before_request", console.browser_home)           # a browser's / is /ui
+    app.add_hook("after_request", every_answer)                    # nosniff
+    # bottle has no middleware slot: Bottle.__call__ calls self.wsgi (which bottle lets be
+    # set once), so every request of this app passes these, whichever server or test
+    # drives it
+    wsgi = app.wsgi
+    if writer is not None:
+        wsgi = RequestLog(wsgi, writer)                            # request log (main only)
+    app.wsgi = ctx.metrics.requests.wrap(wsgi)                     # metrics
+
 
 # ---------------------------------------------------------------------------- app
 
-def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
-             link: cdr.CdrLink | None = None) -> bottle.Bottle:
-    """The Bottle app with every route, the auth plugin and the JSON error shape."""
-    app = bottle.Bottle()
-    app.default_error_handler = render_http_error
-    routes = []  # openapi.Route rows, which GET /openapi.json is built from
+def make_context(cfg: Config, db: journal.Journal, queue: RunQueue,
+                 link: cdr.CdrLink | None = None) -> Context:
+    """What the handlers share, made once per app; hooks the notices into the queue."""
     catalogue = queue.catalogue
-    schemas = load_schemas()
-    settings = cfg.settings
     cache_bytes = cfg.answer_cache_mb * 2**20
     done_runs = AnswerCache(None, cache_bytes)  # runs over, their process gone: never change
     # a job's or a module's status only changes when a new run of the job starts, which a
     # poller sees at most a second late (it could not see the start any sooner anyway)
     settled = AnswerCache(1.0, cache_bytes)
-    credentials = auth.Credentials(cfg.users, cfg.auth_failures)
-    downloads = auth.Slots(cfg.max_downloads, "too_many_downloads", "zip downloads")
+    remover = retention.Remover(cfg, db, queue, (settled, done_runs))
+    ctx = Context(
+        cfg=cfg, db=db, queue=queue, link=link, catalogue=catalogue, schemas=load_schemas(),
+        done_runs=done_runs, settled=settled,
+        keys=idempotency.Keys(db, queue.keystore.derived_key("idempotency")),
+        remover=remover, sweeper=retention.Sweeper(cfg.retention_settings, remover),
+        credentials=auth.Credentials(cfg.users, cfg.auth_failures),
+        downloads=auth.Slots(cfg.max_downloads, "too_many_downloads", "zip downloads"),
+        metrics=metrics.Metrics(db, queue, cfg.settings, catalogue),
+        routes=route_table(cfg))
+    # a submission's notify_url is checked, and its notices recorded, by the queue's hooks:
+    # the core never imports the links
+    queue.checks.append(lambda payload: notices.check_payload(cfg.notify, payload))
+    queue.submitted.append(
+        lambda run_id, payload: notices.record(db, cfg.notify, run_id, payload))
+    return ctx
 
-    @app.hook("before_request")
-    def edges():
-        env = bottle.request.environ
-        try:
-            sanitize.decoded_path(env.get("bottle.raw_path", ""))
-        except ValueError as e:
-            raise ApiError(400, "bad_path", str(e)) from None
-        path = env.get("PATH_INFO", "/")
-        if len(path) > 1 and path.endswith("/"):
-            env["PATH_INFO"] = path.rstrip("/") or "/"
-        if "\x00" in env["PATH_INFO"]:
-            raise ApiError(400, "bad_path", "the path holds a NUL character")
-        length = env.get("CONTENT_LENGTH") or "0"
-        if not (length.isascii() and length.isdigit()):
-            raise ApiError(400, "bad_request", "Content-Length is not a number")
-        if int(length) > MAX_BODY:
-            raise ApiError(413, "body_too_large",
-                           f"the body has {length} bytes; the limit is {MAX_BODY}")
-        try:
-            # a journal deleted or replaced under the server: every answer says so
-            db.check_file()
-        except errors.MipError as e:
-            raise answer(e) from None
 
-    def auth_plugin(callback):
-        def wrapper(*args, **kwargs):
-            if cfg.auth:
-                env = bottle.request.environ
-                try:
-                    ok = credentials.check(env.get("HTTP_AUTHORIZATION", ""),
-                                           env.get("REMOTE_ADDR", ""))
-                except auth.Refused as e:
-                    raise refused(429, e) from None
-                if not ok:
-                    raise ApiError(401, "unauthorized",
-                                   "no or wrong credentials: use basic auth (MIP_CLIENT_USER "
-                                   "and MIP_CLIENT_PASSWORD for mip_client.py)",
-                                   headers={"WWW-Authenticate": 'Basic realm="mip"'})
-            return callback(*args, **kwargs)
-        return wrapper
-
-    def route(method, path, summary="", body=None, answer=None, auth=True, errors=(),
-              query=None, headers=None, answer_headers=None):
-        """Register a route, and its row of the table the OpenAPI document is built from.
-        `errors`: the statuses it can answer beyond those openapi.statuses() adds to every
-        route (400, 405, 413; 401 and 429 with auth; 404 with a path parameter).
-        `headers`: the request headers it reads (name -> OpenAPI parameter fields);
-        `answer_headers`: those of its 200 answer (name -> OpenAPI header object)."""
-        def register(fn):
-            routes.append(openapi.Route(method, path, summary or fn.__doc__.split("\n")[0],
-                                        body, answer, auth, errors, query, headers,
-                                        answer_headers))
-            app.route(path.replace("{", "<").replace("}", ">"), method, fn,
-                      apply=[core_errors, auth_plugin] if auth else [core_errors])
-            return fn
-        return register
-
-    def send(data, status=200):
-        bottle.response.status = status
-        bottle.response.content_type = "application/json"
-        return json.dumps(data)
-
-    def read_body() -> bytes:
-        """The raw body; raises 413 past MAX_BODY (for a body sent without a length)."""
-        raw = bottle.request.body.read(MAX_BODY + 1)
-        if len(raw) > MAX_BODY:
-            raise ApiError(413, "body_too_large", f"the body is over the {MAX_BODY} byte limit")
-        return raw
-
-    def read_json(optional: bool = False):
-        """The body as JSON, whatever the Content-Type says (None for an optional empty
-        one). Raises 400 for an empty or malformed body."""
-        raw = read_body()
-        if not raw.strip():
-            if optional:
-                return None
-            raise ApiError(400, "empty_body", "the body is empty; send a JSON object")
-        return read_json_bytes(raw)
-
-    def query_int(name, default, high):
-        raw = bottle.request.query.get(name)
-        if raw is None:
-            return default
-        # isascii: isdigit() is also true of "²", which int() refuses
-        if not (raw.isascii() and raw.isdigit()) or int(raw) > high:
-            raise ApiError(400, "bad_query", f"?{name}= must be a whole number from 0 to {high}")
-        return int(raw)
-
-    def get_run(run_id):
-        run = db.run(checked_name("run", run_id))
-        if run is None:
-            raise ApiError(404, "unknown_run", f"no run {run_id!r}; GET /runs lists them")
-        return run
-
-    def get_job(job):
-        checked_name("job", job)
-        if db.job_map(job) is None:
-            raise ApiError(404, "unknown_job", f"no job {job!r}; GET /jobs lists them")
-        return job
-
-    def get_module(job, module):
-        checked_name("module", module)
-        execution = db.latest_execution(checked_name("job", job), module)
-        if execution is not None:
-            return execution
-        get_job(job)
-        if module not in catalogue:
-            raise ApiError(404, "unknown_module",
-                           f"no module {module!r}; GET /modules lists them")
-        raise ApiError(404, "module_not_run", f"module {module!r} has not run in job {job!r}")
-
-    keys = idempotency.Keys(db, queue.keystore.derived_key("idempotency"))
-
-    def submit(payload, key):
-        run_id = keys.submit(payload, key, lambda: queue.submit(payload, key))
-        settled.drop_job(payload["job"])
-        # a replayed key's run may have been deleted since: a 404 says so
-        run = get_run(run_id)
-        bottle.response.set_header("Location", f"/runs/{run_id}")
-        return send(run_status(db, run))
-
-    # ------------------------------------------------------------------ routes
-
-    @route("GET", "/health", auth=False, answer={"type": "object"})
-    def health():
-        """Liveness: 200 when the server answers (no auth); 503 journal_unavailable once
-        its journal was deleted or replaced."""
-        return send({"status": "ok"})
-
-    @route("GET", "/", answer=({"type": "object", "required": ["tls"], "properties": {
-        "tls": {"type": "boolean", "description": "this request came over HTTPS (at the "
-                "proxy named by MIP_TRUSTED_PROXY, if any)"}}}, "text/html"))
-    def info():
-        """Service info: version, modules, limits, queue (a browser gets the console)."""
-        return send({"name": "mip", "version": VERSION, "modules": list(catalogue),
-                     "limits": {"max_runs": cfg.max_runs, "max_queued": cfg.max_queued,
-                                "workers": settings.workers,
-                                "max_body_bytes": MAX_BODY,
-                                "max_downloads": cfg.max_downloads},
-                     "runs": {"running": len(db.run_ids(status=Status.RUNNING.value)),
-                              "queued": len(db.waiting_runs())},
-                     "cdr": link.status() if link else None,
-                     "tls": proxy.over_tls(bottle.request.environ),
-                     "free_mb": retention.free_space(settings),
-                     "openapi": "/openapi.json"})
-
-    @route("GET", "/openapi.json", answer={"type": "object"})
-    def openapi_json():
-        """This API as an OpenAPI 3 document."""
-        return send(openapi.document(routes, {n: d for n, (d, _) in schemas.items()},
-                                     VERSION, list(catalogue)))
-
-    @route("GET", "/schema/{name}", answer={"type": "object"})
-    def schema(name):
-        """One JSON Schema of schema/ (RunPayload, RunStatus, ...). Raises 404 if unknown."""
-        name = name.removesuffix(".json")
-        if name not in schemas:
-            raise ApiError(404, "unknown_schema",
-                           f"no schema {name!r}; known: {', '.join(SCHEMA_NAMES)}")
-        return send(schemas[name][0])
-
-    @route("POST", "/runs", body="RunPayload", answer="RunStatus",
-           errors=(404, 409, 422, 503, 507), headers=idempotency.HEADERS)
-    def post_run():
-        """Submit a run; answers at once with its RunStatus. 404 unknown map, 409 job bound
-        to another map, 422 invalid payload, a map GDAL cannot read (unreadable_map) or
-        GPU modules on a host without a GPU under MIP_REQUIRE_GPU=1 (gpu_required)."""
-        payload = read_json()
-        validate(schemas, "RunPayload", payload)
-        key = payload.pop("openai_key", None)
-        payload.setdefault("force_rerun", False)
-        return submit(payload, key)
-
-    @route("GET", "/runs", answer={"type": "array", "items": {"type": "string"}},
-           query={"job": openapi.NAME, "status": {"enum": [s.value for s in Status]},
-                  "limit": openapi.whole(10**9), "offset": openapi.whole(10**12)})
-    def list_runs():
-        """Run ids, oldest first; ?job= ?status= ?limit= ?offset=."""
-        job = bottle.request.query.get("job")
-        status = bottle.request.query.get("status")
-        if job is not None:
-            checked_name("job", job)
-        if status is not None and status not in {s.value for s in Status}:
-            raise ApiError(400, "bad_query",
-                           f"?status= must be one of {', '.join(s.value for s in Status)}")
-        bottle.response.content_type = "application/json"
-        return db.run_ids_json(job, status, query_int("limit", None, 10**9),
-                               query_int("offset", 0, 10**12))
-
-    @route("GET", "/runs/{run_id}", answer="RunStatus")
-    def get_run_status(run_id):
-        """A run's RunStatus. Raises 404 if unknown."""
-        bottle.response.content_type = "application/json"
-        body = done_runs.get(("run", run_id))
-        if body is None:
-            run = get_run(run_id)
-            status = run_status(db, run)
-            body = json.dumps(status)
-            if (run["status"] in FINISHED and run_id not in queue.running
-                    and all(s in FINISHED for s in status["module_status"].values())):
-                done_runs.put(("run", run_id), body)
-        return body
-
-    @route("POST", "/runs/{run_id}/cancel", answer="RunStatus")
-    def cancel_run(run_id):
-        """Stop a run and every module it runs; a no-op on a finished run."""
-        run = get_run(run_id)
-        queue.cancel(run["run_id"])
-        settled.drop_job(run["job"])
-        return send(run_status(db, db.run(run["run_id"])))
-
-    @route("POST", "/runs/{run_id}/rerun", body=openapi.RERUN_BODY, answer="RunStatus",
-           errors=(409, 422, 503, 507), headers=idempotency.HEADERS)
-    def rerun(run_id):
-        """Submit a new run with the same payload: what failed or was cancelled runs again,
-        what passed is skipped. Optional body: {"openai_key": ...}."""
-        run = get_run(run_id)
-        body = read_json(optional=True)
-        body = {} if body is None else body
-        if not isinstance(body, dict) or set(body) - {"openai_key"}:
-            raise ApiError(422, "invalid_payload", 'body: optional, {"openai_key": "<key>"} only')
-        # the key obeys RunPayload's rule here too (a 100 KB key was taken)
-        validate(schemas, "RunPayload", dict(run["payload"], **body))
-        return submit(dict(run["payload"], force_rerun=False), body.get("openai_key"))
-
-    @route("GET", "/jobs", answer={"type": "array", "items": {"type": "string"}},
-           query={"limit": openapi.whole(10**9), "offset": openapi.whole(10**12)})
-    def list_jobs():
-        """Job names; ?limit= ?offset=."""
-        offset = query_int("offset", 0, 10**12)
-        bottle.response.content_type = "application/json"
-        return db.jobs_json(query_int("limit", None, 10**9), offset)
-
-    @route("GET", "/jobs/{job}", answer="JobStatus")
-    def job_status(job):
-        """A job's JobStatus (that of its latest run). Raises 404 if unknown."""
-        bottle.response.content_type = "application/json"
-        body = settled.get(("job", job))
-        if body is not None:
-            return body
-        run = db.latest_run(checked_name("job", job))
-        if run is None:
-            get_job(job)  # raises the 404
-            # the job was being deleted: its record outlived its runs for a moment
-            raise ApiError(404, "unknown_job", f"no job {job!r}; GET /jobs lists them")
-        finished = run["status"] in FINISHED
-        answer = {
-            "status": run["status"], "job": job, "modules": run["modules"],
-            "start_time": run["start_time"], "stop_time": run["stop_time"],
-            "log": log_tail(run["log_path"]) if finished else None,
-            "force_rerun": run["force_rerun"], "map": run["map"], "run_id": run["run_id"],
-            "module_status": db.job_module_status(job),
-            "cdr": {kind: {k: row[k] for k in ("status", "result_id", "cdr_job_id", "message",
-                                               "time")}
-                    for kind, row in db.publications(job).items()} or None,
-        }
-        body = json.dumps(answer)
-        if (finished and run["run_id"] not in queue.running
-                and all(s in FINISHED for s in answer["module_status"].values())
-                and all(p["status"] != "pending" for p in (answer["cdr"] or {}).values())):
-            settled.put(("job", job), body)
-        return body
-
-    @route("GET", "/modules", answer={"type": "array", "items": "ModuleDescription"})
-    def list_modules():
-        """The catalogue: ModuleDescription of every module."""
-        return send([{"module_name": m.name, "version": m.version, "requires": list(m.requires)}
-                     for m in catalogue.values()])
-
-    @route("GET", "/modules/{job}", answer={"type": "array", "items": {"type": "string"}})
-    def job_modules(job):
-        """Names of the modules run in a job. Raises 404 if the job is unknown."""
-        return send(db.job_modules(get_job(job)))
-
-    @route("GET", "/modules/{job}/{module}", answer="ModuleStatus")
-    def get_module_status(job, module):
-        """The latest execution of a module in a job. Raises 404 if none."""
-        bottle.response.content_type = "application/json"
-        body = settled.get(("module", job, module))
-        if body is not None:
-            return body
-        execution = get_module(job, module)
-        body = json.dumps(module_status(execution))
-        uploading = (settings.s3_bucket and execution["status"] == Status.PASSED
-                     and execution["upload_status"] is None)
-        if execution["status"] in FINISHED and not uploading:
-            settled.put(("module", job, module), body)
-        return body
-
-    s3 = {}  # the S3 client, made on first use
-
-    def s3_entries(job, module, kind, prefix):
-        """(archive name, opener) of the module's objects of that kind in S3.
-        Raises 502 when the store cannot be listed."""
-        from botocore.exceptions import BotoCoreError
-        from botocore.exceptions import ClientError
-
-        folder = f"{s3_key_prefix(settings, job, module)}/{kind}/"
-        try:
-            if "client" not in s3:
-                s3["client"] = s3_client()
-            client = s3["client"]
-            return [(f"{prefix}/{obj['Key'][len(folder):]}",
-                     s3_opener(client, settings.s3_bucket, obj))
-                    for obj in list_objects(client, settings.s3_bucket, folder)]
-        except (BotoCoreError, ClientError) as e:
-            log.warning("S3 listing of %s failed: %s", folder, e)
-            raise ApiError(502, "storage_unavailable",
-                           f"the local copy is gone and S3 could not be read: {e}") from None
-
-    def download(job, module, kind):
-        """A zip of the module's logs, outputs or temps, streamed as it is written; from S3
-        when the local copy has been cleaned away."""
-        execution = get_module(job, module)
-        prefix = f"{job}_{module}_{kind}"
-        files = kind_files(settings, job, module, kind)
-        entries = []
-        if files is not None:
-            # lazily: the first bytes go out before a big folder is fully listed
-            entries = ((f"{prefix}/{name}", local_opener(f)) for name, f in files)
-        elif settings.s3_bucket and execution["upload_status"] == "uploaded":
-            entries = s3_entries(job, module, kind, prefix)
-        # an empty temps folder is a fine answer; no folder at all is not
-        if files is None and not entries:
-            raise ApiError(404, f"no_{kind}", f"module {module!r} of job {job!r} has no {kind} "
-                                              "(not produced, or cleaned away)")
-        try:
-            body = downloads.hold(zip_stream(entries))
-        except auth.Refused as e:
-            raise refused(503, e) from None
-        bottle.response.content_type = "application/zip"
-        bottle.response.set_header("Content-Disposition", f'attachment; filename="{prefix}.zip"')
-        return body
-
-    for prefix in ("/modules", "/jobs"):
-        for kind in ("logs", "outputs", "temps"):
-            route("GET", f"{prefix}/{{job}}/{{module}}/{kind}", answer="application/zip",
-                  errors=(502, 503),
-                  summary=f"A zip of the module's {kind}, streamed. Raises 404 if none, "
-                          "503 when MIP_MAX_DOWNLOADS zips are being sent.")(
-                lambda job, module, kind=kind: download(job, module, kind))
-
-    # ------------------------------------------------------------------ CDR
-
-    def need_link():
-        if link is None:
-            raise ApiError(404, "cdr_not_configured",
-                           "the CDR link is off: set MIP_CDR_URL, MIP_CDR_TOKEN, MIP_CDR_SECRET "
-                           "and MIP_CDR_CALLBACK_URL")
-        return link
-
-    @route("POST", "/cdr", auth=False, body={"type": "object"}, answer={"type": "object"},
-           errors=(403, 404, 422, 503))
-    def cdr_webhook():
-        """The CDR's webhook: signed with x-cdr-signature-256 instead of basic auth.
-        Raises 403 for a missing or wrong signature, 404 when the CDR link is off, 503
-        (with Retry-After) when MIP_CDR_INBOX_MAX events already wait."""
-        need_link()
-        raw = read_body()
-        if not cdr.verify(cfg.cdr_settings.secret, raw,
-                          bottle.request.get_header("x-cdr-signature-256")):
-            raise ApiError(403, "bad_signature",
-                           "missing or wrong x-cdr-signature-256 (HMAC-SHA256 of the body)")
-        try:
-            link.deliver(read_json_bytes(raw))
-        except cdr.BadEvent as e:
-            raise ApiError(422, "bad_event", str(e)) from None
-        return send({"ok": "success"})
-
-    @route("POST", "/cdr/cogs/{cog_id}", answer={"type": "object"}, errors=(422, 502, 503))
-    def cdr_cog(cog_id):
-        """Process a CDR cog by hand: its URL is looked up in the CDR, then as a delivery.
-        Raises 404 for a cog the CDR does not know, 502 when the CDR cannot be asked, 503
-        when the CDR inbox is full."""
-        need_link()
-        checked_name("cog", cog_id)
-        try:
-            url = link.client.cog_url(cog_id)
-        except cdr.CdrError as e:
-            if e.status == 404:
-                raise ApiError(404, "unknown_cog", f"the CDR has no cog {cog_id!r}") from None
-            raise ApiError(502, "cdr_unavailable", f"the CDR could not be asked: {e}") from None
-        event_id = f"manual-{secrets.token_hex(8)}"
-        try:
-            status = link.take(event_id, cog_id, url, again=True)
-        except cdr.BadEvent as e:
-            raise ApiError(422, "bad_cog", str(e)) from None
-        return send({"cog_id": cog_id, "event_id": event_id, "status": status})
-
-    @route("GET", "/cdr/events", answer={"type": "array", "items": {"type": "object"}},
-           errors=(404,), query={"limit": openapi.whole(10000)})
-    def cdr_events():
-        """CDR events received, newest first; ?limit= (default 100)."""
-        need_link()
-        return send(db.events_page(query_int("limit", 100, 10000)))
-
-    @route("POST", "/jobs/{job}/publish", answer="JobStatus", errors=(409,))
-    def publish_job(job):
-        """Publish a passed job's results to the CDR again (in the background); its JobStatus.
-        Raises 404 if unknown, 409 if its latest run has not passed."""
-        need_link()
-        get_job(job)
-        if db.latest_run(job)["status"] != Status.PASSED:
-            raise ApiError(409, "job_not_passed", f"job {job!r} has not passed; nothing to publish")
-        link.queue_publish(job)
-        settled.drop_job(job)
-        return job_status(job)
-
-    @route("GET", "/maps", answer={"type": "array", "items": {"type": "string"}})
-    def map_names():
-        """Names of the maps on the server."""
-        return send(maps.list_maps(settings))
-
-    # What a concern kept in its own file needs to add its routes and hooks: each such file
-    # has an add_routes(api), called below, so make_app stays the core API.
-    api = Api(app=app, route=route, send=send, read_body=read_body, read_json=read_json,
-              query_int=query_int, get_run=get_run, get_job=get_job, get_module=get_module,
-              submit=submit, cfg=cfg, db=db, queue=queue, link=link, catalogue=catalogue,
-              schemas=schemas, settled=settled, done_runs=done_runs)
-    console.add_routes(api)
-    follow.add_routes(api)
-    swagger.add_routes(api)
-    notices.add_routes(api)
-    retention.add_routes(api)
-    metrics.add_routes(api)  # last: it wraps the app as a whole
+def build_app(ctx: Context, writer: LineWriter | None = None) -> bottle.Bottle:
+    """A Bottle app serving ctx.routes, with every plugin of install()."""
+    app = bottle.Bottle()
+    app.default_error_handler = render_http_error
+    for row in ctx.routes:
+        app.route(row.path.replace("{", "<").replace("}", ">"), row.method,
+                  functools.partial(row.handler, ctx, **(row.bound or {})), auth=row.auth)
+    install(app, ctx, writer)
     return app
 
 
-@dataclass(frozen=True)
-class Api:
-    """The app and make_app's request helpers, for the files that add routes of their own.
-    Errors are answered by raising errors.ApiError (status, code, message)."""
-    app: bottle.Bottle
-    route: object
-    send: object
-    read_body: object
-    read_json: object
-    query_int: object
-    get_run: object
-    get_job: object
-    get_module: object
-    submit: object
-    cfg: "Config"
-    db: journal.Journal
-    queue: "RunQueue"
-    link: object
-    catalogue: dict
-    schemas: dict
-    settled: "AnswerCache"
-    done_runs: "AnswerCache"
+def make_app(cfg: Config, db: journal.Journal, queue: RunQueue,
+             link: cdr.CdrLink | None = None) -> bottle.Bottle:
+    """The Bottle app with every route and every check (auth and CSRF included), as a
+    WSGI app; main() serves the same app with the request log around it."""
+    return build_app(make_context(cfg, db, queue, link))
 
 
-def read_json_bytes(raw: bytes):
-    """The body as JSON. Raises 400: bad_json when nested too deep, malformed_json when
-    not JSON at all."""
+# ---------------------------------------------------------------------------- handlers
+
+# Each handler is called as handler(ctx, **path_args); its docstring's first line is its
+# summary in /openapi.json. Core errors (NotFound, Conflict, ...) become answers by ERRORS.
+
+def submit(ctx: Context, payload: dict, openai_key: str | None) -> str:
+    """Submit a checked payload, or replay the run its Idempotency-Key made; the RunStatus."""
+    key = idempotency_key()
+    user = (bottle.request.auth or ("",))[0] if key else ""  # the auth plugin has checked it
+    run_id, replayed = ctx.keys.submit(
+        user, key, f"{bottle.request.method} {bottle.request.path}", payload, openai_key,
+        lambda: ctx.queue.submit(payload, openai_key))
+    if replayed:
+        bottle.response.set_header("Idempotent-Replayed", "true")
+    ctx.settled.drop_job(payload["job"])
+    # a replayed key's run may have been deleted since: a 404 says so
+    run = get_run(ctx, run_id)
+    bottle.response.set_header("Location", f"/runs/{run_id}")
+    return send(run_status(ctx.db, run))
+
+
+def idempotency_key() -> str | None:
+    """The request's Idempotency-Key, or None without one. Raises 400 when it is not 1 to
+    255 printable ASCII characters (the message does not repeat it)."""
+    key = bottle.request.environ.get("HTTP_IDEMPOTENCY_KEY")
+    if key is None:
+        return None
+    if not idempotency.KEY_RE.fullmatch(key):
+        raise ApiError(400, "bad_idempotency_key",
+                       f"{idempotency.HEADER} must be 1 to 255 printable ASCII characters "
+                       "without spaces (a UUID will do)")
+    return key
+
+
+def want_s3() -> bool:
+    """?s3= of a delete: 1 deletes the S3 copies too. Raises 400 for another value."""
+    raw = bottle.request.query.get("s3", "0")
+    if raw not in ("0", "1"):
+        raise ApiError(400, "bad_query", "?s3= must be 0 (keep S3 copies) or 1 (delete them)")
+    return raw == "1"
+
+
+def need_link(ctx: Context) -> cdr.CdrLink:
+    """The CDR link. Raises 404 when it is off."""
+    if ctx.link is None:
+        raise ApiError(404, "cdr_not_configured",
+                       "the CDR link is off: set MIP_CDR_URL, MIP_CDR_TOKEN, MIP_CDR_SECRET "
+                       "and MIP_CDR_CALLBACK_URL")
+    return ctx.link
+
+
+def health(ctx):
+    """Liveness: 200 when the server answers (no auth); 503 journal_unavailable once
+    its journal was deleted or replaced."""
+    return send({"status": "ok"})
+
+
+def info(ctx):
+    """Service info: version, modules, limits, queue (a browser gets the console)."""
+    cfg, db, link = ctx.cfg, ctx.db, ctx.link
+    return send({"name": "mip", "version": VERSION, "modules": list(ctx.catalogue),
+                 "limits": {"max_runs": cfg.max_runs, "max_queued": cfg.max_queued,
+                            "workers": cfg.settings.workers,
+                            "max_body_bytes": MAX_BODY,
+                            "max_downloads": cfg.max_downloads},
+                 "runs": {"running": len(db.run_ids(status=Status.RUNNING.value)),
+                          "queued": len(db.waiting_runs())},
+                 "cdr": link.status() if link else None,
+                 "tls": proxy.over_tls(bottle.request.environ),
+                 "free_mb": retention.free_space(cfg.settings),
+                 "openapi": "/openapi.json"})
+
+
+def openapi_json(ctx):
+    """This API as an OpenAPI 3 document."""
+    return send(openapi.document(ctx.routes, {n: d for n, (d, _) in ctx.schemas.items()},
+                                 VERSION, list(ctx.catalogue)))
+
+
+def schema(ctx, name):
+    """One JSON Schema of schema/ (RunPayload, RunStatus, ...). Raises 404 if unknown."""
+    name = name.removesuffix(".json")
+    if name not in ctx.schemas:
+        raise ApiError(404, "unknown_schema",
+                       f"no schema {name!r}; known: {', '.join(SCHEMA_NAMES)}")
+    return send(ctx.schemas[name][0])
+
+
+def post_run(ctx):
+    """Submit a run; answers at once with its RunStatus. 404 unknown map, 409 job bound
+    to another map, 422 invalid payload, a map GDAL cannot read (unreadable_map) or
+    GPU modules on a host without a GPU under MIP_REQUIRE_GPU=1 (gpu_required)."""
+    payload = read_json()
+    validate(ctx.schemas, "RunPayload", payload)
+    key = payload.pop("openai_key", None)
+    payload.setdefault("force_rerun", False)
+    return submit(ctx, payload, key)
+
+
+def list_runs(ctx):
+    """Run ids, oldest first; ?job= ?status= ?limit= ?offset=."""
+    job = bottle.request.query.get("job")
+    status = bottle.request.query.get("status")
+    if job is not None:
+        checked_name("job", job)
+    if status is not None and status not in {s.value for s in Status}:
+        raise ApiError(400, "bad_query",
+                       f"?status= must be one of {', '.join(s.value for s in Status)}")
+    bottle.response.content_type = "application/json"
+    return ctx.db.run_ids_json(job, status, query_int("limit", None, 10**9),
+                               query_int("offset", 0, 10**12))
+
+
+def get_run_status(ctx, run_id):
+    """A run's RunStatus. Raises 404 if unknown."""
+    bottle.response.content_type = "application/json"
+    body = ctx.done_runs.get(("run", run_id))
+    if body is None:
+        run = get_run(ctx, run_id)
+        status = run_status(ctx.db, run)
+        # bytes: waitress is handed the cached answer with no encoding per request
+        body = json.dumps(status).encode()
+        if (run["status"] in FINISHED and run_id not in ctx.queue.running
+                and all(s in FINISHED for s in status["module_status"].values())):
+            ctx.done_runs.put(("run", run_id), body)
+    return body
+
+
+def cancel_run(ctx, run_id):
+    """Stop a run and every module it runs; a no-op on a finished run."""
+    run = get_run(ctx, run_id)
+    ctx.queue.cancel(run["run_id"])
+    ctx.settled.drop_job(run["job"])
+    return send(run_status(ctx.db, ctx.db.run(run["run_id"])))
+
+
+def rerun(ctx, run_id):
+    """Submit a new run with the same payload: what failed or was cancelled runs again,
+    what passed is skipped. Optional body: {"openai_key": ...}."""
+    run = get_run(ctx, run_id)
+    body = read_json(optional=True)
+    body = {} if body is None else body
+    if not isinstance(body, dict) or set(body) - {"openai_key"}:
+        raise ApiError(422, "invalid_payload", 'body: optional, {"openai_key": "<key>"} only')
+    # the key obeys RunPayload's rule here too (a 100 KB key was taken)
+    validate(ctx.schemas, "RunPayload", dict(run["payload"], **body))
+    return submit(ctx, dict(run["payload"], force_rerun=False), body.get("openai_key"))
+
+
+def run_notices(ctx, run_id):
+    """The run's completion notices: where each goes, its state, tries and last error.
+    Raises 404 if the run is unknown."""
+    run = get_run(ctx, run_id)
+    bottle.response.set_header("Cache-Control", "no-store")
+    return send(notices.deliveries(ctx.db, run["run_id"]))
+
+
+def delete_run(ctx, run_id):
+    """Remove a finished run's record and log. Raises 404 if unknown, 409 while a run
+    of its job is queued or running, or if the run holds its job's state (its latest
+    run, or a module's latest execution): DELETE the job or the module instead."""
+    return send(ctx.remover.delete_run(get_run(ctx, run_id)))
+
+
+def list_jobs(ctx):
+    """Job names; ?limit= ?offset=."""
+    offset = query_int("offset", 0, 10**12)
+    bottle.response.content_type = "application/json"
+    return ctx.db.jobs_json(query_int("limit", None, 10**9), offset)
+
+
+def job_status(ctx, job):
+    """A job's JobStatus (that of its latest run). Raises 404 if unknown."""
+    bottle.response.content_type = "application/json"
+    body = ctx.settled.get(("job", job))
+    if body is not None:
+        return body
+    db = ctx.db
+    run = db.latest_run(checked_name("job", job))
+    if run is None:
+        get_job(ctx, job)  # raises the 404
+        # the job was being deleted: its record outlived its runs for a moment
+        raise ApiError(404, "unknown_job", f"no job {job!r}; GET /jobs lists them")
+    finished = run["status"] in FINISHED
+    status = {
+        "status": run["status"], "job": job, "modules": run["modules"],
+        "start_time": run["start_time"], "stop_time": run["stop_time"],
+        "log": log_tail(run["log_path"]) if finished else None,
+        "force_rerun": run["force_rerun"], "map": run["map"], "run_id": run["run_id"],
+        "module_status": db.job_module_status(job),
+        "cdr": {kind: {k: row[k] for k in ("status", "result_id", "cdr_job_id", "message",
+                                           "time")}
+                for kind, row in db.publications(job).items()} or None,
+    }
+    body = json.dumps(status).encode()
+    if (finished and run["run_id"] not in ctx.queue.running
+            and all(s in FINISHED for s in status["module_status"].values())
+            and all(p["status"] != "pending" for p in (status["cdr"] or {}).values())):
+        ctx.settled.put(("job", job), body)
+    return body
+
+
+def delete_job(ctx, job):
+    """Remove a whole job: its outputs, temps, runs' records and logs. ?s3=1 deletes
+    its S3 copies too. Raises 404 if unknown, 409 while a run of it is queued or
+    running, 502 if S3 cannot be reached."""
+    s3 = want_s3()
+    return send(ctx.remover.delete_job(get_job(ctx, job), s3))
+
+
+def delete_module(ctx, job, module):
+    """Remove a module's outputs, temps and log; it reads not_started and runs again
+    next time. ?s3=1 deletes its S3 copies too. Raises 404 if it has not run in the
+    job, 409 while a run of the job is queued or running, 502 if S3 cannot be reached."""
+    s3 = want_s3()
+    execution = get_module(ctx, job, module)
+    return send(ctx.remover.delete_module(execution["job"], execution["module"], s3))
+
+
+def publish_job(ctx, job):
+    """Publish a passed job's results to the CDR again (in the background); its JobStatus.
+    Raises 404 if unknown, 409 if its latest run has not passed."""
+    link = need_link(ctx)
+    get_job(ctx, job)
+    if ctx.db.latest_run(job)["status"] != Status.PASSED:
+        raise ApiError(409, "job_not_passed", f"job {job!r} has not passed; nothing to publish")
+    link.queue_publish(job)
+    ctx.settled.drop_job(job)
+    return job_status(ctx, job)
+
+
+def list_modules(ctx):
+    """The catalogue: ModuleDescription of every module."""
+    return send([{"module_name": m.name, "version": m.version, "requires": list(m.requires)}
+                 for m in ctx.catalogue.values()])
+
+
+def job_modules(ctx, job):
+    """Names of the modules run in a job. Raises 404 if the job is unknown."""
+    return send(ctx.db.job_modules(get_job(ctx, job)))
+
+
+def get_module_status(ctx, job, module):
+    """The latest execution of a module in a job. Raises 404 if none."""
+    bottle.response.content_type = "application/json"
+    body = ctx.settled.get(("module", job, module))
+    if body is not None:
+        return body
+    execution = get_module(ctx, job, module)
+    body = json.dumps(module_status(execution)).encode()
+    uploading = (ctx.cfg.settings.s3_bucket and execution["status"] == Status.PASSED
+                 and execution["upload_status"] is None)
+    if execution["status"] in FINISHED and not uploading:
+        ctx.settled.put(("module", job, module), body)
+    return body
+
+
+def s3_entries(ctx, job, module, kind, prefix):
+    """(archive name, opener) of the module's objects of that kind in S3.
+    Raises 502 when the store cannot be listed."""
+    from botocore.exceptions import BotoCoreError
+    from botocore.exceptions import ClientError
+
+    settings = ctx.cfg.settings
+    folder = f"{s3_key_prefix(settings, job, module)}/{kind}/"
     try:
-        return sanitize.parse_json(raw)
-    except sanitize.TooDeep as e:
-        raise ApiError(400, "bad_json", str(e)) from None
-    except ValueError as e:
-        raise ApiError(400, "malformed_json", f"the body is not valid JSON: {e}") from None
+        if "client" not in ctx.s3:
+            ctx.s3["client"] = s3_client()
+        client = ctx.s3["client"]
+        return [(f"{prefix}/{obj['Key'][len(folder):]}",
+                 s3_opener(client, settings.s3_bucket, obj))
+                for obj in list_objects(client, settings.s3_bucket, folder)]
+    except (BotoCoreError, ClientError) as e:
+        log.warning("S3 listing of %s failed: %s", folder, e)
+        raise ApiError(502, "storage_unavailable",
+                       f"the local copy is gone and S3 could not be read: {e}") from None
+
+
+def download(ctx, job, module, kind):
+    """A zip of the module's logs, outputs or temps, streamed as it is written; from S3
+    when the local copy has been cleaned away."""
+    settings = ctx.cfg.settings
+    execution = get_module(ctx, job, module)
+    prefix = f"{job}_{module}_{kind}"
+    files = kind_files(settings, job, module, kind)
+    entries = []
+    if files is not None:
+        # lazily: the first bytes go out before a big folder is fully listed
+        entries = ((f"{prefix}/{name}", local_opener(f)) for name, f in files)
+    elif settings.s3_bucket and execution["upload_status"] == "uploaded":
+        entries = s3_entries(ctx, job, module, kind, prefix)
+    # an empty temps folder is a fine answer; no folder at all is not
+    if files is None and not entries:
+        raise ApiError(404, f"no_{kind}", f"module {module!r} of job {job!r} has no {kind} "
+                                          "(not produced, or cleaned away)")
+    try:
+        body = ctx.downloads.hold(zip_stream(entries))
+    except auth.Refused as e:
+        raise refused(503, e) from None
+    bottle.response.content_type = "application/zip"
+    bottle.response.set_header("Content-Disposition", f'attachment; filename="{prefix}.zip"')
+    return body
+
+
+def map_names(ctx):
+    """Names of the maps on the server."""
+    return send(maps.list_maps(ctx.cfg.settings))
+
+
+def cdr_webhook(ctx):
+    """The CDR's webhook: signed with x-cdr-signature-256 instead of basic auth.
+    Raises 403 for a missing or wrong signature, 404 when the CDR link is off, 503
+    (with Retry-After) when MIP_CDR_INBOX_MAX events already wait."""
+    link = need_link(ctx)
+    raw = read_body()
+    if not cdr.verify(ctx.cfg.cdr_settings.secret, raw,
+                      bottle.request.get_header("x-cdr-signature-256")):
+        raise ApiError(403, "bad_signature",
+                       "missing or wrong x-cdr-signature-256 (HMAC-SHA256 of the body)")
+    try:
+        link.deliver(read_json_bytes(raw))
+    except cdr.BadEvent as e:
+        raise ApiError(422, "bad_event", str(e)) from None
+    return send({"ok": "success"})
+
+
+def cdr_cog(ctx, cog_id):
+    """Process a CDR cog by hand: its URL is looked up in the CDR, then as a delivery.
+    Raises 404 for a cog the CDR does not know, 502 when the CDR cannot be asked, 503
+    when the CDR inbox is full."""
+    link = need_link(ctx)
+    checked_name("cog", cog_id)
+    try:
+        url = link.client.cog_url(cog_id)
+    except cdr.CdrError as e:
+        if e.status == 404:
+            raise ApiError(404, "unknown_cog", f"the CDR has no cog {cog_id!r}") from None
+        raise ApiError(502, "cdr_unavailable", f"the CDR could not be asked: {e}") from None
+    event_id = f"manual-{secrets.token_hex(8)}"
+    try:
+        status = link.take(event_id, cog_id, url, again=True)
+    except cdr.BadEvent as e:
+        raise ApiError(422, "bad_cog", str(e)) from None
+    return send({"cog_id": cog_id, "event_id": event_id, "status": status})
+
+
+def cdr_events(ctx):
+    """CDR events received, newest first; ?limit= (default 100)."""
+    need_link(ctx)
+    return send(ctx.db.events_page(query_int("limit", 100, 10000)))
+
+
+# ---------------------------------------------------------------------------- routes
+
+INFO = ({"type": "object", "required": ["tls"], "properties": {
+    "tls": {"type": "boolean", "description": "this request came over HTTPS (at the proxy "
+            "named by MIP_TRUSTED_PROXY, if any)"}}}, "text/html")
+STRINGS = {"type": "array", "items": {"type": "string"}}
+PAGING = {"limit": openapi.whole(10**9), "offset": openapi.whole(10**12)}
+S3_QUERY = {"s3": {"type": "integer", "enum": [0, 1]}}
+KINDS = ("logs", "outputs", "temps")
+
+
+def route(method: str, path: str, handler, summary: str | None = None,
+          **fields) -> openapi.Route:
+    """One row of the route table; its summary is the handler's docstring's first line.
+    `errors`: the statuses it can answer beyond those openapi.statuses() adds to every
+    route (400, 405, 413; 401 and 429 with auth; 404 with a path parameter; 403 on POST
+    and DELETE). `headers`: the request headers it reads (name -> OpenAPI parameter
+    fields); `answer_headers`: those of its 200 answer; `bound`: fixed handler arguments."""
+    return openapi.Route(method, path, summary or handler.__doc__.split("\n")[0],
+                         handler=handler, **fields)
+
+
+def route_table(cfg: Config) -> list:
+    """Every route of the server, API and console, one row each; GET /openapi.json is made
+    from these rows, and build_app registers them."""
+    return [
+        # the service
+        route("GET", "/health", health, auth=False, answer={"type": "object"}),
+        route("GET", "/", info, answer=INFO),
+        route("GET", "/openapi.json", openapi_json, answer={"type": "object"}),
+        route("GET", "/schema/{name}", schema, answer={"type": "object"}),
+        route("GET", "/metrics", metrics.get_metrics, answer="text/plain",
+              auth=not cfg.metrics_open),
+        # runs
+        route("POST", "/runs", post_run, body="RunPayload", answer="RunStatus",
+              errors=(404, 409, 422, 503, 507), headers=idempotency.HEADERS),
+        route("GET", "/runs", list_runs, answer=STRINGS,
+              query={"job": openapi.NAME, "status": {"enum": [s.value for s in Status]},
+                     **PAGING}),
+        route("GET", "/runs/{run_id}", get_run_status, answer="RunStatus"),
+        route("DELETE", "/runs/{run_id}", delete_run, answer=retention.REMOVED, errors=(409,)),
+        route("POST", "/runs/{run_id}/cancel", cancel_run, answer="RunStatus"),
+        route("POST", "/runs/{run_id}/rerun", rerun, body=openapi.RERUN_BODY,
+              answer="RunStatus", errors=(409, 422, 503, 507), headers=idempotency.HEADERS),
+        route("GET", "/runs/{run_id}/log", follow.run_log, answer="text/plain",
+              query=follow.OFFSET_QUERY, answer_headers=follow.OFFSET_HEADER),
+        route("GET", "/runs/{run_id}/notices", run_notices,
+              answer={"type": "array", "items": notices.NOTICE}),
+        # jobs
+        route("GET", "/jobs", list_jobs, answer=STRINGS, query=PAGING),
+        route("GET", "/jobs/{job}", job_status, answer="JobStatus"),
+        route("DELETE", "/jobs/{job}", delete_job, answer=retention.REMOVED,
+              errors=(409, 502), query=S3_QUERY),
+        route("DELETE", "/jobs/{job}/{module}", delete_module, answer=retention.REMOVED,
+              errors=(409, 502), query=S3_QUERY),
+        route("POST", "/jobs/{job}/publish", publish_job, answer="JobStatus", errors=(409,)),
+        # modules
+        route("GET", "/modules", list_modules,
+              answer={"type": "array", "items": "ModuleDescription"}),
+        route("GET", "/modules/{job}", job_modules, answer=STRINGS),
+        route("GET", "/modules/{job}/{module}", get_module_status, answer="ModuleStatus"),
+        route("GET", "/modules/{job}/{module}/log", follow.module_log, answer="text/plain",
+              query=follow.OFFSET_QUERY, answer_headers=follow.OFFSET_HEADER),
+        *(route("GET", f"{prefix}/{{job}}/{{module}}/{kind}", download, bound={"kind": kind},
+                answer="application/zip", errors=(502, 503),
+                summary=f"A zip of the module's {kind}, streamed. Raises 404 if none, "
+                        "503 when MIP_MAX_DOWNLOADS zips are being sent.")
+          for prefix in ("/modules", "/jobs") for kind in KINDS),
+        # maps
+        route("GET", "/maps", map_names, answer=STRINGS),
+        # the CDR
+        route("POST", "/cdr", cdr_webhook, auth=False, body={"type": "object"},
+              answer={"type": "object"}, errors=(403, 404, 422, 503)),
+        route("POST", "/cdr/cogs/{cog_id}", cdr_cog, answer={"type": "object"},
+              errors=(422, 502, 503)),
+        route("GET", "/cdr/events", cdr_events, answer={"type": "array",
+                                                        "items": {"type": "object"}},
+              errors=(404,), query={"limit": openapi.whole(10000)}),
+        # the console (mip/web/console.py)
+        *(route("GET", path, console.runs_page, answer="text/html", query=console.RUNS_QUERY)
+          for path in ("/ui", "/ui/runs")),
+        route("GET", "/ui/runs/{run_id}", console.run_page, answer="text/html"),
+        route("GET", "/ui/jobs", console.jobs_page, answer="text/html",
+              query={"page": console.PAGE}),
+        route("GET", "/ui/jobs/{job}", console.job_page, answer="text/html"),
+        route("GET", "/ui/maps", console.maps_page, answer="text/html",
+              query={"page": console.PAGE}),
+        route("GET", "/ui/modules", console.modules_page, answer="text/html"),
+        *(route("GET", f"/ui/{name}", console.static, bound={"name": name, "media": media},
+                answer=media.split(";")[0], auth=False,
+                summary=f"Console: its {name} (no auth: public code)")
+          for name, media in console.STATIC_FILES.items()),
+        # Swagger UI (mip/web/swagger.py)
+        route("GET", "/docs", swagger.docs, answer="text/html"),
+        route("GET", "/docs/static/{file}", swagger.docs_static, answer=swagger.STATIC_TYPES),
+    ]
 
 
 # ---------------------------------------------------------------------------- main
@@ -721,10 +830,6 @@ def main(argv=None) -> int:
         print(f"mip_server: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     found = journal_warnings(cfg.settings, db, key_file_found)
-    # the links hook into the queue, which never imports them: a payload's notify_url is
-    # checked before the run is recorded, and its notices are recorded with it
-    queue.checks.append(functools.partial(notices.check_payload, cfg.notify))
-    queue.submitted.append(functools.partial(notices.record, db, cfg.notify))
     link = None
     if cfg.cdr_settings:
         link = cdr.CdrLink(cfg.cdr_settings, cfg.settings, db, queue.submit)
@@ -732,13 +837,14 @@ def main(argv=None) -> int:
     notifier = notices.Notifier(cfg.notify, db, lambda run_id: notice_status(db, run_id),
                                 queue.running)
     queue.finished.append(notifier.run_ended)
-    app = make_app(cfg, db, queue, link)
-    # nothing is logged before the port line below, which must come first
+    ctx = make_context(cfg, db, queue, link)
+    # lines are only queued until the port line below, which must come first, is printed
     writer = setup_logging()
     files_warning = open_files_for(cfg.connection_limit)
+    app = build_app(ctx, writer)
     try:
         server = waitress.create_server(
-            RequestLog(app, writer), host=cfg.host, port=cfg.port, threads=cfg.threads,
+            app, host=cfg.host, port=cfg.port, threads=cfg.threads,
             expose_tracebacks=False, ident="mip",
             # bodies over MAX_BODY get our JSON 413; far larger ones are refused by waitress
             # itself (plain text) before it buffers them
@@ -777,7 +883,7 @@ def main(argv=None) -> int:
     notifier.start()
     if link:
         link.start()
-    sweeper = app.config["retention.sweeper"]
+    sweeper = ctx.sweeper
     sweeper.start()
 
     def stop(signum, frame):

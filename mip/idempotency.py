@@ -1,7 +1,8 @@
 """idempotency: the `Idempotency-Key` header of POST /runs and POST /runs/{run_id}/rerun.
 
-Not run directly: make_app makes one `Keys(db, secret)` and hands every submission to
-`Keys.submit`. A client that sends a key with a submission and sends it again (its answer
+Not run directly: the server makes one `Keys(db, secret)` and hands every submission to
+`Keys.submit`, with the user, the key (its header checked by the web layer) and the route.
+A client that sends a key with a submission and sends it again (its answer
 was lost, the server was busy) gets the run the first one made, never a second run: the
 same key and the same submission within KEEP_HOURS answer 200 with that run's RunStatus;
 the same key with another submission is 409 `idempotency_key_reused`.
@@ -10,7 +11,8 @@ Submissions are compared by an HMAC, under a key derived from MIP_KEY_FILE, of t
 canonical JSON (sorted keys, the OpenAI key and the route included), so neither the
 payload's OpenAI key nor a digest anyone could recompute is stored. Keys live in the
 journal (table idempotency_keys), so they survive a restart; each user has their own.
-Its SQL is in journal.py; this file never starts a run itself, nor logs a key or a payload.
+Its SQL is in journal.py; this file never starts a run itself, nor logs a key or a payload,
+and knows nothing of HTTP: it raises mip/errors.py's Conflict and DiskFull.
 """
 
 import contextlib
@@ -25,11 +27,10 @@ from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
 
-import bottle
-
 from mip import journal
+from mip.errors import Conflict
+from mip.errors import DiskFull
 from mip.errors import JournalUnavailable
-from mip.web.apierror import ApiError
 
 HEADER = "Idempotency-Key"
 KEY_RE = re.compile(r"[!-~]{1,255}")  # printable ASCII, no spaces, as Stripe's keys
@@ -56,23 +57,20 @@ class Keys:
         # gone, so a retry must be free to make the run
         db.forget_unbound_idempotency_keys()
 
-    def submit(self, payload: dict, openai_key: str | None, make_run) -> str:
-        """The run id of this request's submission: `make_run()`'s when the request has no
-        Idempotency-Key or a new one, else the run its key made (and the answer says
-        `Idempotent-Replayed: true`). Raises ApiError 400 for a malformed key, 409 for a key
-        used with another submission or still being answered, and what make_run raises."""
-        key = header_key()
+    def submit(self, user: str, key: str | None, route: str, payload: dict,
+               openai_key: str | None, make_run) -> tuple:
+        """(run id, replayed) of this submission: `make_run()`'s run when there is no key
+        or a new one, else the run its key made (replayed True). `route` is the method and
+        path the submission came by. Raises Conflict (idempotency_key_reused,
+        idempotency_key_in_use), DiskFull, and what make_run raises."""
         if key is None:
-            return make_run()
-        request = bottle.request
-        user = (request.auth or ("",))[0]  # the auth plugin has checked it
-        digest = self.digest(f"{request.method} {request.path}", payload, openai_key)
-        with full_is_507():
+            return make_run(), False
+        digest = self.digest(route, payload, openai_key)
+        with full_is_disk_full():
             run_id = self.claim(user, key, digest)
         if run_id is not None:
             log.info("run %s: the same submission again, with its Idempotency-Key", run_id)
-            bottle.response.set_header("Idempotent-Replayed", "true")
-            return run_id
+            return run_id, True
         try:
             run_id = make_run()
         except BaseException:
@@ -83,7 +81,7 @@ class Keys:
         except (sqlite3.Error, JournalUnavailable) as e:
             # the run is made and is the answer; a repeat will find the key still claimed
             log.warning("run %s: its Idempotency-Key could not be recorded: %s", run_id, e)
-        return run_id
+        return run_id, False
 
     def digest(self, route: str, payload: dict, openai_key: str | None) -> str:
         """The HMAC of a submission's canonical form. ASCII JSON: a lone surrogate in a
@@ -95,22 +93,21 @@ class Keys:
     def claim(self, user: str, key: str, digest: str) -> str | None:
         """Take `key` for a new submission (None), or the run id of the same submission
         already made with it. A repeat that arrives while the first is still being answered
-        waits for its run. Raises ApiError 409."""
+        waits for its run. Raises Conflict."""
         deadline = time.monotonic() + WAIT
         while True:
             row = self.db.claim_idempotency_key(user, key, digest, expiry())
             if row is None:
                 return None
             if not hmac.compare_digest(row["hmac"], digest):
-                raise ApiError(409, "idempotency_key_reused",
-                               f"this {HEADER} was sent with another submission in the last "
-                               f"{KEEP_HOURS} hours; use a new key for a new submission")
+                raise Conflict(f"this {HEADER} was sent with another submission in the last "
+                               f"{KEEP_HOURS} hours; use a new key for a new submission",
+                               "idempotency_key_reused")
             if row["run_id"]:
                 return row["run_id"]
             if time.monotonic() > deadline:
-                raise ApiError(409, "idempotency_key_in_use",
-                               f"a request with this {HEADER} is still being answered; try "
-                               "again later with the same key")
+                raise Conflict(f"a request with this {HEADER} is still being answered; try "
+                               "again later with the same key", "idempotency_key_in_use")
             time.sleep(POLL)
 
     def forget(self, user: str, key: str) -> None:
@@ -122,27 +119,14 @@ class Keys:
 
 
 @contextlib.contextmanager
-def full_is_507():
-    """A journal on a full disk answers 507, as a submission does, not 500."""
+def full_is_disk_full():
+    """A journal on a full disk is DiskFull (507), as a submission's is, not a 500."""
     try:
         yield
     except sqlite3.Error as e:
         if getattr(e, "sqlite_errorcode", 0) & 0xFF != sqlite3.SQLITE_FULL:
             raise
-        raise ApiError(507, "insufficient_storage", "the journal's disk is full") from None
-
-
-def header_key() -> str | None:
-    """The request's Idempotency-Key, or None without one. Raises ApiError 400 when it is
-    not 1 to 255 printable ASCII characters (the message does not repeat it)."""
-    key = bottle.request.environ.get("HTTP_IDEMPOTENCY_KEY")
-    if key is None:
-        return None
-    if not KEY_RE.fullmatch(key):
-        raise ApiError(400, "bad_idempotency_key",
-                       f"{HEADER} must be 1 to 255 printable ASCII characters without spaces "
-                       "(a UUID will do)")
-    return key
+        raise DiskFull("the journal's disk is full") from None
 
 
 def expiry() -> str:

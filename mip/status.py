@@ -65,7 +65,7 @@ class AnswerCache:
             return item[1]
         return None
 
-    def put(self, key, body: str) -> str:
+    def put(self, key, body: str | bytes) -> str | bytes:
         with self.lock:
             self._drop(key)
             if len(body) > self.item_max:

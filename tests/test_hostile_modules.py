@@ -72,7 +72,8 @@ class Site:
         self.db = journal.Journal(self.settings.journal_path)
         self.db.migrate()
         self.queue = mip_server.RunQueue(self.cfg, self.db)
-        self.app = mip_server.make_app(self.cfg, self.db, self.queue)
+        self.ctx = mip_server.make_context(self.cfg, self.db, self.queue)
+        self.app = mip_server.build_app(self.ctx)
         self.runs = {}
 
     def passed(self, job: str, module: str = "map_crop", payload: dict | None = None) -> str:
@@ -421,7 +422,7 @@ def test_the_answer_cache_is_bounded_by_bytes():
 def test_huge_finished_answers_are_served_but_not_kept(mip_env):
     s = Site(mip_env, answer_cache_mb=1)
     try:
-        cache = s.app.config["retention.sweeper"].remover.caches[1]
+        cache = s.ctx.done_runs
         huge = {"job": "j0", "modules": ["map_crop"], "map": MAP, "notes": "x" * 2**20}
         big = dict(huge, notes="y" * 40_000)
         for i in range(4):

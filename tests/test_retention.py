@@ -88,9 +88,9 @@ def test_old_temps_outputs_and_runs_go_by_age(server_env):
         runners_log = os.path.join(env["TA1_RUNS_DIR"], "runners.log")
         with open(runners_log, encoding="utf-8") as f:
             recent = f.read()  # empty with the inline runner: a line of now is added
-        recent += time.strftime("%Y-%m-%d %H:%M:%S,000 live a recent line\n")
+        recent += time.strftime("%Y-%m-%dT%H:%M:%S.000Z live a recent line\n", time.gmtime())
         with open(runners_log, "w", encoding="utf-8") as f:
-            f.write("2001-01-01 00:00:00,000 aged an old line\n" + recent)
+            f.write("2001-01-01T00:00:00.000Z aged an old line\n" + recent)
 
         set_stop_time(env, days_ago(4), first, second)
         aged = paths(env, "aged", "georeference")

@@ -1,8 +1,8 @@
 """Completion notices: when a run ends, its RunStatus is POSTed to the run's `notify_url`
 and to `MIP_NOTIFY_URL`, signed, retried with backoff, and kept in the journal.
 
-Not run directly: mip_server.py checks payloads with check_payload(), records who is to
-be told with record(), and runs one Notifier thread. Receivers verify
+Not run directly: the server hooks check_payload() and record() into the run queue, runs
+one Notifier thread, and answers GET /runs/{run_id}/notices from deliveries(). Receivers verify
 `X-Mip-Signature-256: sha256=<hex HMAC-SHA256 of the body under MIP_NOTIFY_SECRET>`.
 
 An API user names the URL, so the server must never be made to call its own network:
@@ -26,13 +26,11 @@ from datetime import UTC
 from datetime import datetime
 from datetime import timedelta
 
-import bottle
-
 from mip import journal
+from mip.errors import Invalid
 from mip.errors import MipError
 from mip.settings import NoticeSettings
 from mip.settings import origin
-from mip.web.apierror import ApiError
 
 MAX_URL = 2048
 POLL = 2.0  # seconds between looks for runs that ended without telling us (a queued cancel)
@@ -184,7 +182,7 @@ def checked_addresses(url: str, allow: tuple, timeout: float = 10) -> tuple:
 
 
 def check_payload(settings: NoticeSettings, payload: dict) -> None:
-    """Refuse a payload's notify_url that the server would not call. Raises ApiError 422
+    """Refuse a payload's notify_url that the server would not call. Raises Invalid
     notify_url_refused."""
     url = payload.get("notify_url")
     if url is None:
@@ -192,7 +190,7 @@ def check_payload(settings: NoticeSettings, payload: dict) -> None:
     try:
         checked_addresses(url, settings.allow, settings.timeout)
     except Refused as e:
-        raise ApiError(422, "notify_url_refused", f"notify_url: {e}") from None
+        raise Invalid(f"notify_url: {e}", "notify_url_refused") from None
 
 
 # ---------------------------------------------------------------------------- journal
@@ -419,8 +417,9 @@ class Notifier:
         self.db.end_delivery(row["id"], state, error)
 
 
-# ---------------------------------------------------------------------------- routes
+# ---------------------------------------------------------------------------- answers
 
+# the answer of GET /runs/{run_id}/notices, items of deliveries()
 NOTICE = {"type": "object", "properties": {
     "delivery_id": {"type": "string"}, "url": {"type": "string"},
     "source": {"enum": ["payload", "server"]},
@@ -428,15 +427,3 @@ NOTICE = {"type": "object", "properties": {
     "attempts": {"type": "integer"}, "next_try": {"type": ["string", "null"]},
     "last_error": {"type": ["string", "null"]}, "updated": {"type": "string"}},
     "required": ["delivery_id", "url", "source", "state", "attempts"]}
-
-
-def add_routes(api) -> None:
-    """GET /runs/{run_id}/notices."""
-
-    @api.route("GET", "/runs/{run_id}/notices", answer={"type": "array", "items": NOTICE})
-    def run_notices(run_id):
-        """The run's completion notices: where each goes, its state, tries and last error.
-        Raises 404 if the run is unknown."""
-        run = api.get_run(run_id)
-        bottle.response.set_header("Cache-Control", "no-store")
-        return api.send(deliveries(api.db, run["run_id"]))

@@ -1,10 +1,12 @@
 """retention: deleting jobs, modules' files and runs, and the sweeper that keeps the disk.
 
-Not run directly: mip_server.make_app calls add_routes(api), which adds
-DELETE /jobs/{job}, DELETE /jobs/{job}/{module} and DELETE /runs/{run_id} and makes the
-Sweeper that mip_server.main() starts. The sweeper removes what MIP_RETAIN_*_DAYS say is
-old (the maps the CDR link downloaded go with the temps), and temps (then, with
-MIP_SWEEP_OUTPUTS=1, outputs already in S3) when free space falls below MIP_SWEEP_FREE_MB.
+Not run directly: the server's DELETE /jobs/{job}, DELETE /jobs/{job}/{module} and
+DELETE /runs/{run_id} call Remover.delete_job, delete_module and delete_run, and
+mip_server.main() starts the Sweeper. They raise mip/errors.py's exceptions (JobBusy,
+Conflict, NotFound, Unavailable), never HTTP answers. The sweeper removes what
+MIP_RETAIN_*_DAYS say is old (the maps the CDR link downloaded go with the temps), and
+temps (then, with MIP_SWEEP_OUTPUTS=1, outputs already in S3) when free space falls below
+MIP_SWEEP_FREE_MB.
 
 It never touches a job with a run queued or running: every removal happens under the run
 queue's lock, after that check, so a run submitted meanwhile waits and then finds the job
@@ -21,9 +23,11 @@ import time
 from datetime import UTC
 from datetime import datetime
 
-import bottle
-
+from mip.errors import Conflict
+from mip.errors import JobBusy
 from mip.errors import NotAFolder
+from mip.errors import NotFound
+from mip.errors import Unavailable
 from mip.files import free_mb
 from mip.files import open_folder
 from mip.journal import Status
@@ -32,7 +36,6 @@ from mip.s3 import s3_client
 from mip.s3 import s3_key_prefix
 from mip.settings import RetentionSettings
 from mip.settings import Settings
-from mip.web.apierror import ApiError
 
 log = logging.getLogger("mip.retention")
 
@@ -60,7 +63,6 @@ REMOVED = {
                        "description": "S3 objects removed (only with ?s3=1)"},
     },
 }
-S3_QUERY = {"s3": {"type": "integer", "enum": [0, 1]}}
 
 
 def free_space(settings: Settings) -> dict:
@@ -231,7 +233,7 @@ class Remover:
 
     def s3(self, job: str, module: str | None = None) -> int:
         """Delete the S3 objects under the job's (or the module's) prefix; how many.
-        Raises ApiError 502 when the store cannot be reached."""
+        Raises Unavailable when the store cannot be reached."""
         from botocore.exceptions import BotoCoreError
         from botocore.exceptions import ClientError
 
@@ -256,88 +258,70 @@ class Remover:
                                     f"{failed[0].get('Message')}")
         except (BotoCoreError, ClientError, S3Refused) as e:
             log.warning("S3 deletion under %s failed after %d objects: %s", prefix, count, e)
-            raise ApiError(502, "storage_unavailable",
-                           f"S3 objects under {prefix} could not be deleted ({count} were): "
-                           f"{e}; nothing on the server was removed") from None
+            raise Unavailable(f"S3 objects under {prefix} could not be deleted ({count} were): "
+                              f"{e}; nothing on the server was removed") from None
         return count
 
+    # ------------------------------------------------------------------ on request
 
-# ---------------------------------------------------------------------------- routes
+    def refuse_busy(self, job: str) -> None:
+        """Raises JobBusy while a run of the job is queued or running."""
+        if self.busy(job):
+            raise JobBusy(f"job {job!r} has a run queued or running; cancel it or wait for "
+                          "its end, then delete")
 
-def add_routes(api) -> None:
-    """The DELETE routes, and the sweeper (app.config["retention.sweeper"]) for main()."""
-    remover = Remover(api.cfg, api.db, api.queue, (api.settled, api.done_runs))
-    api.app.config["retention.sweeper"] = Sweeper(api.cfg.retention_settings, remover)
-    route, send, db, queue = api.route, api.send, api.db, api.queue
-
-    def want_s3() -> bool:
-        raw = bottle.request.query.get("s3", "0")
-        if raw not in ("0", "1"):
-            raise ApiError(400, "bad_query", "?s3= must be 0 (keep S3 copies) or 1 (delete them)")
-        return raw == "1"
-
-    def refuse_busy(job: str) -> None:
-        if remover.busy(job):
-            raise ApiError(409, "job_busy", f"job {job!r} has a run queued or running; cancel "
-                                            "it or wait for its end, then delete")
-
-    def answer(kind: str, removed: list, runs=(), s3_objects: int = 0) -> str:
-        return send({"deleted": kind, "removed": removed, "runs": list(runs),
-                     "s3_objects": s3_objects})
-
-    @route("DELETE", "/jobs/{job}/{module}", answer=REMOVED, errors=(409, 502), query=S3_QUERY)
-    def delete_module(job, module):
-        """Remove a module's outputs, temps and log; it reads not_started and runs again
-        next time. ?s3=1 deletes its S3 copies too. Raises 404 if it has not run in the
-        job, 409 while a run of the job is queued or running, 502 if S3 cannot be reached."""
-        s3 = want_s3()
-        execution = api.get_module(job, module)
-        job, module = execution["job"], execution["module"]
-        remover.settle(job)
-        with queue.lock:
-            refuse_busy(job)
-            count = remover.s3(job, module) if s3 else 0
-            removed = remover.module(job, module, f"deleted on request at {now_text()}",
-                                     forget_upload=s3)
+    def delete_module(self, job: str, module: str, s3: bool) -> dict:
+        """Remove a module's files (and with `s3` its S3 copies) for DELETE
+        /jobs/{job}/{module}; the answer. Raises JobBusy, Unavailable."""
+        self.settle(job)
+        with self.queue.lock:
+            self.refuse_busy(job)
+            count = self.s3(job, module) if s3 else 0
+            removed = self.module(job, module, f"deleted on request at {now_text()}",
+                                  forget_upload=s3)
         log.info("deleted module %s of job %s: %s; %d S3 objects", module, job,
                  " ".join(removed) or "no files", count)
         return answer("module", removed, s3_objects=count)
 
-    @route("DELETE", "/jobs/{job}", answer=REMOVED, errors=(409, 502), query=S3_QUERY)
-    def delete_job(job):
-        """Remove a whole job: its outputs, temps, runs' records and logs. ?s3=1 deletes
-        its S3 copies too. Raises 404 if unknown, 409 while a run of it is queued or
-        running, 502 if S3 cannot be reached."""
-        s3 = want_s3()
-        job = api.get_job(job)
-        remover.settle(job)
-        with queue.lock:
-            api.get_job(job)  # again: another delete may have taken it meanwhile
-            refuse_busy(job)
-            count = remover.s3(job) if s3 else 0
-            removed, runs = remover.job(job)
+    def delete_job(self, job: str, s3: bool) -> dict:
+        """Remove a whole job for DELETE /jobs/{job}; the answer. Raises NotFound (another
+        delete took it meanwhile), JobBusy, Unavailable."""
+        self.settle(job)
+        with self.queue.lock:
+            if self.db.job_map(job) is None:
+                raise NotFound(f"no job {job!r}; GET /jobs lists them", "unknown_job")
+            self.refuse_busy(job)
+            count = self.s3(job) if s3 else 0
+            removed, runs = self.job(job)
         log.info("deleted job %s: %s; %d run records; %d S3 objects", job,
                  " ".join(removed) or "no files", len(runs), count)
         return answer("job", removed, runs, count)
 
-    @route("DELETE", "/runs/{run_id}", answer=REMOVED, errors=(409,))
-    def delete_run(run_id):
-        """Remove a finished run's record and log. Raises 404 if unknown, 409 while a run
-        of its job is queued or running, or if the run holds its job's state (its latest
-        run, or a module's latest execution): DELETE the job or the module instead."""
-        run = api.get_run(run_id)
-        remover.settle(run["job"])
-        with queue.lock:
-            run = api.get_run(run_id)  # again: another delete may have taken it meanwhile
-            refuse_busy(run["job"])
-            if db.holds_job_state(run["run_id"]):
-                raise ApiError(409, "run_holds_job_state",
-                               f"run {run_id!r} is job {run['job']!r}'s latest run or holds "
+    def delete_run(self, run: dict) -> dict:
+        """Remove a finished run's record and log for DELETE /runs/{run_id}; the answer.
+        Raises NotFound (another delete took it meanwhile), JobBusy, or Conflict
+        run_holds_job_state when it is its job's latest run or holds a module's latest
+        state."""
+        run_id = run["run_id"]
+        self.settle(run["job"])
+        with self.queue.lock:
+            run = self.db.run(run_id)
+            if run is None:
+                raise NotFound(f"no run {run_id!r}; GET /runs lists them", "unknown_run")
+            self.refuse_busy(run["job"])
+            if self.db.holds_job_state(run_id):
+                raise Conflict(f"run {run_id!r} is job {run['job']!r}'s latest run or holds "
                                "the latest state of one of its modules; DELETE "
-                               f"/jobs/{run['job']} (or /jobs/{run['job']}/MODULE) instead")
-            removed = remover.run(run)
-        log.info("deleted run %s of job %s", run["run_id"], run["job"])
-        return answer("run", removed, [run["run_id"]])
+                               f"/jobs/{run['job']} (or /jobs/{run['job']}/MODULE) instead",
+                               "run_holds_job_state")
+            removed = self.run(run)
+        log.info("deleted run %s of job %s", run_id, run["job"])
+        return answer("run", removed, [run_id])
+
+
+def answer(kind: str, removed: list, runs=(), s3_objects: int = 0) -> dict:
+    """What a delete removed (REMOVED)."""
+    return {"deleted": kind, "removed": removed, "runs": list(runs), "s3_objects": s3_objects}
 
 
 def now_text() -> str:
@@ -457,14 +441,14 @@ class Sweeper:
         """Drop the lines of runners.log older than `cutoff`, while no run writes to it
         (a running mipper holds it open and would go on writing to the old file)."""
         path = os.path.join(self.remover.settings.runs_dir, "runners.log")
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(cutoff))
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(cutoff))
         with self.remover.queue.lock:
             if self.remover.queue.running or self.remover.db.runs_with_status(Status.RUNNING):
                 return
             dropped = 0
             try:
                 with open(path, "rb") as f:
-                    # lines start with logging's local time stamp, oldest first
+                    # lines start with their ISO 8601 UTC time stamp, oldest first
                     for line in iter(f.readline, b""):
                         if line[:19].decode("ascii", "replace") >= stamp:
                             f.seek(-len(line), os.SEEK_CUR)

@@ -115,12 +115,13 @@ class Credentials:
         """True for valid credentials, False for none or wrong ones.
         Raises Refused when the address has spent its failures or a check is running;
         a header in the cache is never refused."""
+        token = hmac.new(self.key, header.encode(), "sha256").digest()
+        # the cache first: a header in it was parsed when it was found valid
+        if self.cached(token):
+            return True
         parsed = parse_basic(header)
         if parsed is None:
             return False  # nothing to hash: costs nothing, counts nothing
-        token = hmac.new(self.key, header.encode(), "sha256").digest()
-        if self.cached(token):
-            return True
         with self.lock:
             self.refuse_spent(address)
             clean = self.left(address) >= self.burst
@@ -184,6 +185,11 @@ class Credentials:
                        CHECK_BUSY_RETRY)
 
     def cached(self, token: bytes) -> bool:
+        # a fresh entry is read without the lock (one dict read is atomic): every request
+        # of every thread passed here, and a contended lock cost more than the read
+        when = self.verified.get(token)
+        if when is not None and self.clock() - when < CACHE_SECONDS:
+            return True
         with self.lock:
             when = self.verified.get(token)
             if when is None:

@@ -1,9 +1,10 @@
 """console: the browser's pages under /ui: runs, a run with its module graph and live log,
 jobs, maps and the module catalogue.
 
-Not run directly: mip_server.make_app calls add_routes(api). Pages are rendered by the server
-with bottle's SimpleTemplate (templates/, which escapes every {{value}}); static/ holds the
-one script and style sheet, served from here (nothing from the internet, no build step). The
+View functions of mip_server.py's route table, whose rows for /ui name them. Pages are
+rendered by the server with bottle's SimpleTemplate (templates/, which escapes every
+{{value}}); static/ holds the one script and style sheet, served from here (nothing from
+the internet, no build step). The
 script polls the JSON API and, when an answer changes, swaps in the page's fresh regions; it
 never writes except through the API's own POST routes (cancel, rerun), which guards.py
 guards. A browser asking for `/` (Accept: text/html) gets the console's home; API clients
@@ -26,9 +27,11 @@ from mip.journal import FINISHED
 from mip.journal import Status
 from mip.maps import listed_maps
 from mip.maps import map_file
-from mip.web import guards
 from mip.web import openapi
 from mip.web.apierror import ApiError
+from mip.web.context import get_job
+from mip.web.context import get_run
+from mip.web.context import query_int
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TEMPLATES = os.path.join(HERE, "templates")
@@ -47,110 +50,99 @@ STATIC_FILES = {"console.js": "text/javascript; charset=utf-8",
 # a filter left empty in the page's form arrives as ?job=&status=, meaning no filter
 OPTIONAL_NAME = {"type": "string", "pattern": "^$|^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"}
 PAGE = openapi.whole(10**6)
+# the query of the runs page (/ui, /ui/runs)
+RUNS_QUERY = {"status": {"enum": ["", *(s.value for s in Status)]}, "job": OPTIONAL_NAME,
+              "page": PAGE}
 SECRET_KEY = re.compile(r"key|secret|token|password|credential", re.I)
 # the graph: one row per dependency level, at most this many boxes a row
 BOX_W, BOX_H, GAP_X, GAP_Y = 186, 78, 14, 40
 
 
-def add_routes(api) -> None:
-    """Register the console's pages and static files, the browser's `/`, and guards.py's
-    guard of every POST and DELETE."""
-    app, route, db, catalogue = api.app, api.route, api.db, api.catalogue
-    settings = api.cfg.settings
-    app.add_hook("before_request", guards.check)
-    app.add_hook("before_request", browser_home)
+# ---------------------------------------------------------------------------- pages
 
-    def runs_page():
-        """The runs, newest first; ?status= ?job= ?page=."""
-        status = query_status()
-        job = query_job()
-        total = db.count_runs(job, status)
-        pages, number = paging(total, api.query_int("page", 1, 10**6))
-        rows = [run_row(r) for r in db.runs_page(job, status, PAGE_SIZE,
-                                                 (number - 1) * PAGE_SIZE)]
-        args = "".join(f"&{k}={v}" for k, v in (("job", job), ("status", status)) if v)
-        # the status filter stays out of what is polled: every change of state passes
-        # through these lists, and /runs?status=passed would be every passed run, each poll
-        of_job = f"&job={job}" if job else ""
-        watch = [f"/runs?status=not_started{of_job}", f"/runs?status=running{of_job}",
-                 f"/runs?offset={db.count_runs(job) if status else total}{of_job}"]
-        return render("runs", "Runs", watch, rows=rows, total=total, page=number, pages=pages,
-                      job=job or "", status=status or "", statuses=[s.value for s in Status],
-                      link_args=args)
+def runs_page(ctx):
+    """Console: the runs, newest first, filtered by ?status= and ?job=, paged by ?page="""
+    db = ctx.db
+    status = query_status()
+    job = query_job()
+    total = db.count_runs(job, status)
+    pages, number = paging(total, query_int("page", 1, 10**6))
+    rows = [run_row(r) for r in db.runs_page(job, status, PAGE_SIZE, (number - 1) * PAGE_SIZE)]
+    args = "".join(f"&{k}={v}" for k, v in (("job", job), ("status", status)) if v)
+    # the status filter stays out of what is polled: every change of state passes
+    # through these lists, and /runs?status=passed would be every passed run, each poll
+    of_job = f"&job={job}" if job else ""
+    watch = [f"/runs?status=not_started{of_job}", f"/runs?status=running{of_job}",
+             f"/runs?offset={db.count_runs(job) if status else total}{of_job}"]
+    return render("runs", "Runs", watch, rows=rows, total=total, page=number, pages=pages,
+                  job=job or "", status=status or "", statuses=[s.value for s in Status],
+                  link_args=args)
 
-    for path in ("/ui", "/ui/runs"):
-        route("GET", path, answer="text/html",
-              query={"status": {"enum": ["", *(s.value for s in Status)]}, "job": OPTIONAL_NAME,
-                     "page": PAGE},
-              summary="Console: the runs, newest first, filtered by ?status= and ?job=, "
-                      "paged by ?page=")(runs_page)
 
-    @route("GET", "/ui/runs/{run_id}", answer="text/html")
-    def run_page(run_id):
-        """Console: one run, its module graph, downloads and live log. Raises 404 if unknown."""
-        run = api.get_run(run_id)
-        executions = {e["module"]: e for e in db.executions(run["run_id"])}
-        names = drawn_modules(catalogue, run["modules"], executions)
-        modules = [module_row(name, executions.get(name), run["status"]) for name in names]
-        finished = run["status"] in FINISHED
-        # an ended run changes no more: its open page stops polling
-        watch = [] if finished else [f"/runs/{run['run_id']}"]
-        return render("run", f"Run {run['run_id']}", watch,
-                      run=run_row(run), finished=finished, modules=modules,
-                      graph=graph(catalogue, modules),
-                      payload=json.dumps(shown(run["payload"]), indent=2, sort_keys=True))
+def run_page(ctx, run_id):
+    """Console: one run, its module graph, downloads and live log. Raises 404 if unknown."""
+    run = get_run(ctx, run_id)
+    catalogue = ctx.catalogue
+    executions = {e["module"]: e for e in ctx.db.executions(run["run_id"])}
+    names = drawn_modules(catalogue, run["modules"], executions)
+    modules = [module_row(name, executions.get(name), run["status"]) for name in names]
+    finished = run["status"] in FINISHED
+    # an ended run changes no more: its open page stops polling
+    watch = [] if finished else [f"/runs/{run['run_id']}"]
+    return render("run", f"Run {run['run_id']}", watch,
+                  run=run_row(run), finished=finished, modules=modules,
+                  graph=graph(catalogue, modules),
+                  payload=json.dumps(shown(run["payload"]), indent=2, sort_keys=True))
 
-    @route("GET", "/ui/jobs", answer="text/html", query={"page": PAGE})
-    def jobs_page():
-        """Console: the jobs, newest first, with their latest run; ?page=."""
-        total = db.count_jobs()
-        pages, number = paging(total, api.query_int("page", 1, 10**6))
-        jobs = db.jobs_page(PAGE_SIZE, (number - 1) * PAGE_SIZE)
-        return render("jobs", "Jobs", ["/runs?status=not_started", "/runs?status=running",
-                                       f"/jobs?offset={total}"],
-                      jobs=jobs, total=total, page=number, pages=pages)
 
-    @route("GET", "/ui/jobs/{job}", answer="text/html")
-    def job_page(job):
-        """Console: a job's modules (the latest state of each, downloads) and its latest runs.
-        Raises 404 if unknown."""
-        api.get_job(job)
-        latest = db.latest_run(job)
-        if latest is None:  # the job was deleted since the line above
-            raise ApiError(404, "unknown_job", f"no job {job!r}; GET /jobs lists them")
-        statuses = db.job_module_status(job)
-        modules = [module_row(name, db.latest_execution(job, name), latest["status"])
-                   for name in statuses]
-        runs = [run_row(r) for r in db.runs_page(job, None, 10, 0)]
-        return render("job", f"Job {job}", [f"/jobs/{job}"], job=job, map=db.job_map(job),
-                      modules=modules, runs=runs, total=db.count_runs(job))
+def jobs_page(ctx):
+    """Console: the jobs, newest first, with their latest run; ?page=."""
+    total = ctx.db.count_jobs()
+    pages, number = paging(total, query_int("page", 1, 10**6))
+    jobs = ctx.db.jobs_page(PAGE_SIZE, (number - 1) * PAGE_SIZE)
+    return render("jobs", "Jobs", ["/runs?status=not_started", "/runs?status=running",
+                                   f"/jobs?offset={total}"],
+                  jobs=jobs, total=total, page=number, pages=pages)
 
-    @route("GET", "/ui/maps", answer="text/html", query={"page": PAGE})
-    def maps_page():
-        """Console: the maps on the server, by name, and the jobs bound to each; ?page=."""
-        names = listed_maps(settings)
-        pages, number = paging(len(names), api.query_int("page", 1, 10**6))
-        # the listing may hold a map removed since: the page checks its own
-        shown = [n for n in names[(number - 1) * PAGE_SIZE:number * PAGE_SIZE]
-                 if os.path.isfile(map_file(settings, n))]
-        jobs = db.jobs_of_maps(shown)
-        # new jobs, not GET /maps: that stats every map, each poll
-        return render("maps", "Maps", [f"/jobs?offset={db.count_jobs()}"],
-                      maps=[(name, jobs.get(name, [])) for name in shown], total=len(names),
-                      page=number, pages=pages)
 
-    @route("GET", "/ui/modules", answer="text/html")
-    def modules_page():
-        """Console: the module catalogue, with what each module requires and is required by."""
-        needed_by = {name: [m.name for m in catalogue.values() if name in m.requires]
-                     for name in catalogue}
-        return render("modules", "Modules", [], modules=list(catalogue.values()),
-                      needed_by=needed_by)
+def job_page(ctx, job):
+    """Console: a job's modules (the latest state of each, downloads) and its latest runs.
+    Raises 404 if unknown."""
+    db = ctx.db
+    get_job(ctx, job)
+    latest = db.latest_run(job)
+    if latest is None:  # the job was deleted since the line above
+        raise ApiError(404, "unknown_job", f"no job {job!r}; GET /jobs lists them")
+    statuses = db.job_module_status(job)
+    modules = [module_row(name, db.latest_execution(job, name), latest["status"])
+               for name in statuses]
+    runs = [run_row(r) for r in db.runs_page(job, None, 10, 0)]
+    return render("job", f"Job {job}", [f"/jobs/{job}"], job=job, map=db.job_map(job),
+                  modules=modules, runs=runs, total=db.count_runs(job))
 
-    for name, media in STATIC_FILES.items():
-        route("GET", f"/ui/{name}", answer=media.split(";")[0], auth=False,
-              summary=f"Console: its {name} (no auth: public code)")(
-            lambda name=name, media=media: static(name, media))
+
+def maps_page(ctx):
+    """Console: the maps on the server, by name, and the jobs bound to each; ?page=."""
+    settings = ctx.cfg.settings
+    names = listed_maps(settings)
+    pages, number = paging(len(names), query_int("page", 1, 10**6))
+    # the listing may hold a map removed since: the page checks its own
+    shown = [n for n in names[(number - 1) * PAGE_SIZE:number * PAGE_SIZE]
+             if os.path.isfile(map_file(settings, n))]
+    jobs = ctx.db.jobs_of_maps(shown)
+    # new jobs, not GET /maps: that stats every map, each poll
+    return render("maps", "Maps", [f"/jobs?offset={ctx.db.count_jobs()}"],
+                  maps=[(name, jobs.get(name, [])) for name in shown], total=len(names),
+                  page=number, pages=pages)
+
+
+def modules_page(ctx):
+    """Console: the module catalogue, with what each module requires and is required by."""
+    catalogue = ctx.catalogue
+    needed_by = {name: [m.name for m in catalogue.values() if name in m.requires]
+                 for name in catalogue}
+    return render("modules", "Modules", [], modules=list(catalogue.values()),
+                  needed_by=needed_by)
 
 
 # ---------------------------------------------------------------------------- requests
@@ -201,7 +193,8 @@ def render(name: str, title: str, watch: list, **values) -> str:
                            watch=" ".join(watch), poll_ms=POLL_MS, **values)
 
 
-def static(name: str, media: str) -> bytes:
+def static(ctx, name: str, media: str) -> bytes:
+    """Console: one of its static files (no auth: public code)."""
     with open(os.path.join(STATIC, name), "rb") as f:
         body = f.read()
     bottle.response.content_type = media

@@ -1,7 +1,7 @@
-"""logs: a run's log and a module's own log, read from a byte offset so that a client can
+"""follow: a run's log and a module's own log, read from a byte offset so that a client can
 follow them as they grow (GET /runs/{run_id}/log?offset=N, GET /modules/{job}/{module}/log).
 
-Added to the app by mip_server.make_app (`logs.add_routes(api)`). The answer is the bytes
+Handlers of two rows of mip_server.py's route table (run_log, module_log). The answer is the bytes
 from N to the log's size when the request came, and `X-Log-Offset` is where the next
 request starts. It serves only the paths the journal records for a run or an execution,
 and only inside their own folders: never runners.log, nor a file a module linked there.
@@ -13,6 +13,9 @@ import stat
 import bottle
 
 from mip.web import openapi
+from mip.web.context import get_module
+from mip.web.context import get_run
+from mip.web.context import query_int
 
 MAX_OFFSET = 10**12  # far past any log; larger offsets are refused as nonsense
 CHUNK = 64 * 1024
@@ -23,27 +26,20 @@ OFFSET_HEADER = {"X-Log-Offset": {
     "required": True, "schema": {"type": "integer", "minimum": 0}}}
 
 
-def add_routes(api) -> None:
-    """GET /runs/{run_id}/log and GET /modules/{job}/{module}/log."""
-    settings = api.cfg.settings
+def run_log(ctx, run_id):
+    """The run log, whole or from ?offset= (bytes); X-Log-Offset says where to go on.
+    Raises 404 if the run is unknown, 400 for a bad offset."""
+    run = get_run(ctx, run_id)
+    folder = os.path.join(ctx.cfg.settings.runs_dir, "logs")
+    return answer(run["log_path"], folder, query_int("offset", 0, MAX_OFFSET))
 
-    @api.route("GET", "/runs/{run_id}/log", answer="text/plain", query=OFFSET_QUERY,
-               answer_headers=OFFSET_HEADER)
-    def run_log(run_id):
-        """The run log, whole or from ?offset= (bytes); X-Log-Offset says where to go on.
-        Raises 404 if the run is unknown, 400 for a bad offset."""
-        run = api.get_run(run_id)
-        folder = os.path.join(settings.runs_dir, "logs")
-        return answer(run["log_path"], folder, api.query_int("offset", 0, MAX_OFFSET))
 
-    @api.route("GET", "/modules/{job}/{module}/log", answer="text/plain", query=OFFSET_QUERY,
-               answer_headers=OFFSET_HEADER)
-    def module_log(job, module):
-        """The module's own log in its latest execution, while it runs and after, whole or
-        from ?offset= (bytes). Raises 404 if the module has not run in the job."""
-        execution = api.get_module(job, module)
-        folder = os.path.join(settings.outputs_dir, execution["job"])
-        return answer(execution["log_path"], folder, api.query_int("offset", 0, MAX_OFFSET))
+def module_log(ctx, job, module):
+    """The module's own log in its latest execution, while it runs and after, whole or
+    from ?offset= (bytes). Raises 404 if the module has not run in the job."""
+    execution = get_module(ctx, job, module)
+    folder = os.path.join(ctx.cfg.settings.outputs_dir, execution["job"])
+    return answer(execution["log_path"], folder, query_int("offset", 0, MAX_OFFSET))
 
 
 def answer(path: str | None, folder: str, offset: int):

@@ -1,6 +1,6 @@
 """origin: refuses POST and DELETE requests that a browser sends from another site's page.
 
-Not run directly: console.add_routes installs `check` as a before_request hook, so it guards
+Not run directly: mip_server.install adds `check` as a before_request hook, so it guards
 every POST and DELETE route of the API, not only the console's. A browser sends the basic-auth
 credentials it has stored for this server with any request to it, whichever page made the
 request; such a request carries an `Origin` header (or at least a `Referer`) naming that page's

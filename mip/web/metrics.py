@@ -5,8 +5,9 @@
 Runs by state, the queue, running modules and free disk space are read when scraped.
 Module durations are observed from the journal: mipper, not the server, records a module's
 end, so each scrape reads the executions that ended since the last one. Requests are
-counted by a wrapper around the app's WSGI callable, labelled by route template (never the
-raw path). Each app has a registry of its own, so that several apps can live in one process.
+counted by a wrapper around the app's WSGI callable (RequestMetrics.wrap, which mip_server
+installs with the other middleware), labelled by route template (never the raw path). Each
+app has a registry of its own (Metrics), so that several apps can live in one process.
 This file only reads: it never changes runs, files or the journal.
 """
 
@@ -14,6 +15,7 @@ import os
 import re
 import threading
 import time
+from collections import deque
 
 import bottle
 from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4
@@ -37,26 +39,28 @@ MODULE_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400
 ENDED = tuple(s.value for s in FINISHED)
 
 
-def add_routes(api) -> None:
-    """GET /metrics, and the request counting around api.app."""
-    # a `_created` series per labelled histogram doubles the series and says little here
-    # (process-wide in prometheus_client; this process serves one app)
-    disable_created_metrics()
-    registry = CollectorRegistry()
-    counting = RequestMetrics(registry)
-    # bottle has no middleware slot; Bottle.__call__ calls self.wsgi, so every request of
-    # this app passes here, whichever server or test drives it
-    api.app.wsgi = counting.wrap(api.app.wsgi)
-    registry.register(JournalCollector(api.db, api.queue, api.cfg.settings, api.catalogue))
+class Metrics:
+    """One app's registry: the request counting, which mip_server installs around the app
+    (`requests.wrap`), and what the journal and the disk say at scrape time. Each app has
+    its own, so that several apps can live in one process."""
 
-    @api.route("GET", "/metrics", answer="text/plain", auth=not api.cfg.metrics_open)
-    def get_metrics():
-        """Runs by state, the queue, running modules, module durations, requests by route
-        and status, and free disk space, in Prometheus's text format."""
-        body = generate_latest(registry)
-        # the classic text format (0.0.4): every Prometheus version reads it
-        bottle.response.content_type = CONTENT_TYPE_PLAIN_0_0_4
-        return body
+    def __init__(self, db, queue, settings, catalogue: dict):
+        # a `_created` series per labelled histogram doubles the series and says little here
+        # (process-wide in prometheus_client; this process serves one app)
+        disable_created_metrics()
+        self.registry = CollectorRegistry()
+        self.requests = RequestMetrics(self.registry)
+        self.registry.register(JournalCollector(db, queue, settings, catalogue))
+
+
+def get_metrics(ctx):
+    """Runs by state, the queue, running modules, module durations, requests by route
+    and status, and free disk space, in Prometheus's text format."""
+    ctx.metrics.requests.fold()  # the requests' observations waiting to be counted
+    body = generate_latest(ctx.metrics.registry)
+    # the classic text format (0.0.4): every Prometheus version reads it
+    bottle.response.content_type = CONTENT_TYPE_PLAIN_0_0_4
+    return body
 
 
 def route_template(route) -> str:
@@ -69,7 +73,13 @@ def route_template(route) -> str:
 class RequestMetrics:
     """A latency histogram per (method, route template, status); its _count is the number
     of requests. Labels come from the app's own route table and status codes, so a client
-    cannot make new series by inventing paths or methods."""
+    cannot make new series by inventing paths or methods. A request only appends its
+    observation to a deque (no lock); they are counted into the histograms at the next
+    scrape (get_metrics), or by the request that finds BATCH of them waiting:
+    prometheus_client takes a lock per observation, and that lock, contended by every
+    request thread, cost a status read more than the rest of the metrics."""
+
+    BATCH = 4096
 
     def __init__(self, registry: CollectorRegistry):
         self.latency = Histogram("mip_http_request_duration_seconds",
@@ -78,32 +88,42 @@ class RequestMetrics:
                                  ("method", "route", "status"), buckets=LATENCY_BUCKETS,
                                  registry=registry)
         # the labelled children, found again without prometheus_client's lock and label
-        # checks: a dict read is all a request pays besides the observation itself
+        # checks: a dict read is all an observation pays besides the observation itself
         self.children = {}
+        self.waiting = deque()  # (method, route, status, seconds) not yet counted
+        self.fold_lock = threading.Lock()
 
     def wrap(self, wsgi):
+        waiting = self.waiting
+
         def instrumented(environ, start_response):
             started = time.perf_counter()
 
             def start(status, headers, exc_info=None):
-                self.observe(environ, status[:3], time.perf_counter() - started)
+                waiting.append((environ.get("REQUEST_METHOD", ""),
+                                environ.get("bottle.route"),  # set once a route matched
+                                status[:3], time.perf_counter() - started))
+                if len(waiting) >= self.BATCH:
+                    self.fold()
                 return start_response(status, headers, exc_info)
 
             return wsgi(environ, start)
         return instrumented
 
-    def observe(self, environ: dict, status: str, seconds: float) -> None:
-        method = environ.get("REQUEST_METHOD", "")
-        if method not in METHODS:
-            method = "other"
-        route = environ.get("bottle.route")  # set by bottle once a route matched
-        key = (method, route, status)
-        child = self.children.get(key)
-        if child is None:
-            child = self.children[key] = self.latency.labels(method, route_template(route),
-                                                             status)
-        child.observe(seconds)
-
+    def fold(self) -> None:
+        """Count the waiting observations into their histograms."""
+        with self.fold_lock:
+            waiting = self.waiting
+            for _ in range(len(waiting)):
+                method, route, status, seconds = waiting.popleft()
+                if method not in METHODS:
+                    method = "other"
+                key = (method, route, status)
+                child = self.children.get(key)
+                if child is None:
+                    child = self.children[key] = self.latency.labels(
+                        method, route_template(route), status)
+                child.observe(seconds)
 
 class JournalCollector:
     """What the journal and the disk say at scrape time. Module durations are observed

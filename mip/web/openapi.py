@@ -1,9 +1,10 @@
 """openapi: the OpenAPI 3.1 document of the server's API (GET /openapi.json).
 
-mip_server.py declares each route once, with what it reads and every status it can answer
-(`route(..., errors=(404, 409))`); this file turns that route table, the module catalogue
-and schema/*.json into the document, which openapi-spec-validator accepts and which
-schemathesis fuzzes in the test suite (tests/test_openapi.py).
+mip_server.py declares each route once, as a row of its route table, with its handler,
+what it reads and every status it can answer (`route(..., errors=(404, 409))`); this file
+turns that route table, the module catalogue and schema/*.json into the document, which
+openapi-spec-validator accepts and which schemathesis fuzzes in the test suite
+(tests/test_openapi.py).
 """
 
 import re
@@ -57,6 +58,8 @@ class Route(NamedTuple):
     query: dict | None = None  # query parameter name -> schema
     headers: dict | None = None  # request header name -> {"description", "schema"}
     answer_headers: dict | None = None  # headers of the 200 answer: name -> header object
+    handler: object = None  # called as handler(ctx, **path_args, **bound) (mip_server.py)
+    bound: dict | None = None  # fixed keyword arguments of the handler for this route
 
 
 def statuses(route: Route) -> list:

@@ -1,7 +1,8 @@
 """requestlog: the server's log lines, written by one thread, and one line per request.
 
-Installed by mip_server.main (RequestLog wraps the app; setup_logging starts the writer).
-Every value a client controls is escaped before it is written, so it cannot forge a line.
+Installed by mip_server.install (RequestLog wraps the app's WSGI callable), with the writer
+that main() starts (setup_logging). Every value a client controls is escaped before it is
+written, so it cannot forge a line.
 """
 
 import logging
@@ -9,6 +10,8 @@ import logging.handlers
 import sys
 import threading
 import time
+from collections import deque
+from queue import Empty
 from queue import SimpleQueue
 
 from mip import sanitize
@@ -29,47 +32,63 @@ class RequestLog:
 
         def start(status, headers, exc_info=None):
             # all three may come from a client (the address through X-Forwarded-For):
-            # escaped, so they cannot forge a line
-            self.writer.line(f"{sanitize.escape(environ.get('REMOTE_ADDR', ''))} "
-                             f"{sanitize.escape(environ.get('REQUEST_METHOD', ''))} "
-                             f"{sanitize.escape(environ.get('PATH_INFO', ''))} "
-                             f"{status[:3]} {(time.monotonic() - started) * 1000:.1f} ms")
+            # escaped, so they cannot forge a line. Text that isprintable() holds none of
+            # the characters escape() replaces, and is by far the most common: one check
+            # then stands for three regular expressions.
+            said = (f"{environ.get('REMOTE_ADDR', '')} {environ.get('REQUEST_METHOD', '')} "
+                    f"{environ.get('PATH_INFO', '')}")
+            if not said.isprintable():
+                said = sanitize.escape(said)
+            self.writer.line(f"{said} {status[:3]} {(time.monotonic() - started) * 1000:.1f} ms")
             return start_response(status, headers, exc_info)
 
         return self.app(environ, start)
 
 
+# seconds between two writes of the request lines: a writer woken for every line took the
+# GIL from the request threads once per request, which cost a status read a third of its
+# rate (bench/plugins.py, figure 1 of bench/run.py)
+PAUSE = 0.05
+
+
 class LineWriter:
-    """One thread that writes the log lines request threads queue (formatted by logging's
-    QueueHandler), as many as are waiting in one write: under load, request threads that
-    each wrote and flushed their own line fought over the stream and the GIL, and halved
-    the request rate."""
+    """One thread that writes the log lines request threads queue, as many as are waiting
+    in one write: under load, request threads that each wrote and flushed their own line
+    fought over the stream and the GIL, and halved the request rate. logging's records
+    (through its QueueHandler, into `lines`) wake the writer at once; the request lines
+    (`line()`) only gather, and go out with the next record or within PAUSE seconds."""
 
     def __init__(self, stream):
         self.stream = stream
         self.lines = SimpleQueue()
+        self.requests = deque()  # appending wakes nobody, unlike a queue's put
         self.second = (0, "")  # the last second's time stamp, made once a second
         self.thread = threading.Thread(target=self.run, daemon=True, name="log-writer")
         self.thread.start()
 
     def run(self) -> None:
         while True:
-            batch = [self.lines.get()]
+            try:
+                records = [self.lines.get(timeout=PAUSE)]
+            except Empty:
+                records = []
             while not self.lines.empty():
-                batch.append(self.lines.get())
-            done = None in batch
-            self.stream.write("".join((r if isinstance(r, str) else r.msg) + "\n"
-                                      for r in batch if r is not None))
-            self.stream.flush()
-            if done:
+                records.append(self.lines.get())
+            # the request lines gathered so far were mostly queued before these records
+            batch = [self.requests.popleft() for _ in range(len(self.requests))]
+            batch += [r.msg for r in records if r is not None]
+            if batch:
+                self.stream.write("".join(line + "\n" for line in batch))
+                self.stream.flush()
+            if None in records:
                 return
 
     def line(self, text: str) -> None:
-        """Queue an INFO line, stamped like logging's lines."""
+        """Queue an INFO line, stamped like logging's lines (ISO 8601 UTC with a Z)."""
         now = time.time()
         if int(now) != self.second[0]:
-            self.second = (int(now), time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(now)))
-        self.lines.put(f"{self.second[1]},{int(now % 1 * 1000):03d} INFO {text}")
+            self.second = (int(now), time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)))
+        self.requests.append(f"{self.second[1]}.{int(now % 1 * 1000):03d}Z INFO {text}")
 
     def stop(self, timeout: float = 5) -> None:
         """Write what is queued, then end the thread."""

@@ -1,7 +1,7 @@
-"""docs_ui: Swagger UI 5 at GET /docs, on the server's own /openapi.json, behind the same
+"""swagger: Swagger UI 5 at GET /docs, on the server's own /openapi.json, behind the same
 basic auth, with nothing loaded from the internet.
 
-Added to the app by mip_server.make_app (`docs_ui.add_routes(api)`). The document is
+Handlers of two rows of mip_server.py's route table (docs, docs_static). The document is
 OpenAPI 3.1, which Swagger UI 4 (PyPI's swagger-ui-bundle) refuses; the files of Swagger UI
 5 come from the installed openapi-ui-bundles package (requirements.txt), never from this
 repository. GET /docs/static/{file} serves only the script, style and icon files found in
@@ -10,6 +10,7 @@ the disk from a request. The page has no inline script: the call that starts Swa
 a file of its own (INIT), so a Content-Security-Policy may forbid inline scripts.
 """
 
+import functools
 import os
 
 import bottle
@@ -66,32 +67,37 @@ CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' 
        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'")
 
 
-def add_routes(api) -> None:
-    """GET /docs and GET /docs/static/{file}."""
+@functools.cache
+def served_files() -> dict:
+    """vendor_files(), read once: no path from a request ever reaches the disk."""
     files = vendor_files()
     files.pop(INIT, None)
+    return files
 
-    @api.route("GET", "/docs", answer="text/html")
-    def docs():
-        """Swagger UI on this API's OpenAPI document, for a browser."""
-        bottle.response.content_type = "text/html; charset=utf-8"
-        bottle.response.set_header("Content-Security-Policy", CSP)
-        bottle.response.set_header("X-Content-Type-Options", "nosniff")
-        return PAGE
 
-    @api.route("GET", "/docs/static/{file}", answer=tuple(t.split(";")[0] for t in
-                                                           TYPES.values()))
-    def docs_static(file):
-        """A script, style or icon of the Swagger UI page. Raises 404 for any other name."""
-        bottle.response.set_header("X-Content-Type-Options", "nosniff")
-        bottle.response.set_header("Cache-Control", "private, max-age=3600")
-        if file == INIT:
-            bottle.response.content_type = TYPES[".js"]
-            return INIT_JS
-        path = files.get(file)
-        if path is None:
-            raise ApiError(404, "unknown_file",
-                           f"no file {file!r} among Swagger UI's; GET /docs loads those it needs")
-        bottle.response.content_type = TYPES[os.path.splitext(file)[1]]
-        bottle.response.set_header("Content-Length", str(os.path.getsize(path)))
-        return open(path, "rb")
+def docs(ctx):
+    """Swagger UI on this API's OpenAPI document, for a browser."""
+    bottle.response.content_type = "text/html; charset=utf-8"
+    bottle.response.set_header("Content-Security-Policy", CSP)
+    bottle.response.set_header("X-Content-Type-Options", "nosniff")
+    return PAGE
+
+
+def docs_static(ctx, file):
+    """A script, style or icon of the Swagger UI page. Raises 404 for any other name."""
+    bottle.response.set_header("X-Content-Type-Options", "nosniff")
+    bottle.response.set_header("Cache-Control", "private, max-age=3600")
+    if file == INIT:
+        bottle.response.content_type = TYPES[".js"]
+        return INIT_JS
+    path = served_files().get(file)
+    if path is None:
+        raise ApiError(404, "unknown_file",
+                       f"no file {file!r} among Swagger UI's; GET /docs loads those it needs")
+    bottle.response.content_type = TYPES[os.path.splitext(file)[1]]
+    bottle.response.set_header("Content-Length", str(os.path.getsize(path)))
+    return open(path, "rb")
+
+
+# the media types GET /docs/static/{file} answers in
+STATIC_TYPES = tuple(t.split(";")[0] for t in TYPES.values())
