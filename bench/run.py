@@ -1380,7 +1380,7 @@ def run_rate_case(b: Bench, runner: str, max_runs: int, aws_env: dict) -> None:
                      "in flight")
 
 
-def mipper_costs(b: Bench, aws_env: dict, repeats: int = 5) -> None:
+def mipper_costs(b: Bench, aws_env: dict, repeats: int = 3) -> None:
     """CPU seconds (mipper and its children, from RUSAGE_CHILDREN) and wall time of one
     zero-work run of the whole graph by mipper itself, inline and on ECS, and of mipper's
     start-up (`--list-modules`); medians."""
