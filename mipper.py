@@ -14,6 +14,7 @@ S3 and the journal live in the mip package, which never imports luigi.
 import argparse
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import shlex
@@ -395,6 +396,10 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
         RUN = Run(settings, catalogue, db, run_id, job, map_name, graph, to_run, extra,
                   module_env(settings, env, settings.openai_key),
                   {n: db.last_pass(job, n) for n in to_run})
+        # luigi forks a worker per module: with what is loaded by now kept out of the
+        # collector's reach, a worker's collections do not write to (and so copy) every
+        # page it shares with this process
+        gc.freeze()
         try:
             result = luigi.build([ModuleTask(job=job, module=t) for t in targets],
                                  workers=settings.workers, detailed_summary=True,

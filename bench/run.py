@@ -1421,7 +1421,7 @@ def figure_11(b: Bench, sizes: tuple = (8, 32, 64)) -> None:
             for size in sizes:
                 run_rate_case(b, runner, size, aws_env)
     finally:
-        proc.terminate()
+        proc.kill()  # moto's server may take its time over SIGTERM, and keeps nothing
         proc.wait(10)
 
 
