@@ -1295,9 +1295,13 @@ def wait_runs(b: Bench, url: str, ids: list, timeout: float) -> list:
     return failed
 
 
-def children_cpu(pid: int) -> float:
+def children_cpu(pid: int, timeout: float = 30) -> float:
     """CPU seconds of the process's reaped children (cutime + cstime): the server's
-    mippers, with their luigi workers and modules."""
+    mippers, with their luigi workers and modules. Waits (bounded) until it has no child
+    left, since a run reads as ended a moment before its mipper exits and is reaped."""
+    deadline = time.monotonic() + timeout
+    while tree_pss(pid, python_only=False)[1] and time.monotonic() < deadline:
+        time.sleep(0.1)
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
     return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
@@ -1357,10 +1361,10 @@ def run_rate_case(b: Bench, runner: str, max_runs: int, aws_env: dict) -> None:
             ids = submit_runs(b, server.url, f"held-{runner}-{max_runs}", max_runs)
             pss, procs = in_flight_pss(b, server, ids, held, 30 + 3 * max_runs)
             os.remove(hold)
-            failed = wait_runs(b, server.url, ids, 60 + 3 * max_runs)
+            failed = wait_runs(b, server.url, ids, 60 + 6 * max_runs)
             started, cpu = time.monotonic(), children_cpu(server.pid)
             ids = submit_runs(b, server.url, f"rate-{runner}-{max_runs}", max_runs)
-            failed += wait_runs(b, server.url, ids, 60 + 3 * max_runs)
+            failed += wait_runs(b, server.url, ids, 60 + 6 * max_runs)
             rate = len(ids) / (time.monotonic() - started) * 60
             cpu = (children_cpu(server.pid) - cpu) / len(ids)
     finally:
