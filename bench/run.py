@@ -1295,12 +1295,27 @@ def wait_runs(b: Bench, url: str, ids: list, timeout: float) -> list:
     return failed
 
 
+def mippers(parent: int) -> int:
+    """How many mipper processes `parent` has (the server's runs, not yet reaped)."""
+    found = 0
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                if int(f.read().rsplit(b")", 1)[1].split()[1]) != parent:
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                found += b"mipper.py" in f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
 def children_cpu(pid: int, timeout: float = 30) -> float:
     """CPU seconds of the process's reaped children (cutime + cstime): the server's
     mippers, with their luigi workers and modules. Waits (bounded) until it has no child
     left, since a run reads as ended a moment before its mipper exits and is reaped."""
     deadline = time.monotonic() + timeout
-    while tree_pss(pid, python_only=False)[1] and time.monotonic() < deadline:
+    while mippers(pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     with open(f"/proc/{pid}/stat", "rb") as f:
         fields = f.read().rsplit(b")", 1)[1].split()
