@@ -1239,16 +1239,25 @@ class EcsPlayer:
         self.thread.join(30)
 
     def loop(self) -> None:
+        from botocore.exceptions import BotoCoreError
+        from botocore.exceptions import ClientError
+
         while not self.stopping.wait(0.1):
-            arns = []
-            for page in self.ecs.get_paginator("list_tasks").paginate(
-                    cluster=ECS_CLUSTER, desiredStatus="RUNNING"):
-                arns += page["taskArns"]
-            self.running = len(arns)
-            if self.hold and os.path.exists(self.hold):
-                continue
-            for arn in arns:
-                self.ecs.stop_task(cluster=ECS_CLUSTER, task=arn, reason="exited")
+            try:
+                self.play()
+            except (BotoCoreError, ClientError):
+                continue  # moto busy, or stopped under a figure that failed
+
+    def play(self) -> None:
+        arns = []
+        for page in self.ecs.get_paginator("list_tasks").paginate(
+                cluster=ECS_CLUSTER, desiredStatus="RUNNING"):
+            arns += page["taskArns"]
+        self.running = len(arns)
+        if self.hold and os.path.exists(self.hold):
+            return
+        for arn in arns:
+            self.ecs.stop_task(cluster=ECS_CLUSTER, task=arn, reason="exited")
 
 
 def hold_catalogue(b: Bench, hold: str) -> str:
