@@ -12,7 +12,8 @@ Prints the machine, then one line per figure: value, baseline, ratio, goal, met.
 A benchmark, not a test: it exits 0 whether or not the goals are met.
 
 Sections: tools (processes, HTTP, load), fixtures, figures 1-6, figure 7 (a big map),
-figures 8-9 (attacks), figure 10 (the console), main.
+figures 8-9 (attacks), figure 10 (the console), figure 11 (a cheaper run: issue 22,
+run on moto for ECS), main.
 """
 
 import argparse
