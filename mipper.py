@@ -14,17 +14,21 @@ S3 and the journal live in the mip package, which never imports luigi.
 import argparse
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import shlex
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from dataclasses import field
 
 import luigi
+import luigi.interface
+import luigi.worker
 
 from mip import VERSION
 from mip import checks
@@ -232,6 +236,64 @@ def task_broken(task, exception) -> None:
               type(exception).__name__, exception)
 
 
+class ModuleThread:
+    """A luigi task process run as a thread of this process instead of a forked child.
+
+    For runs whose modules all run on ECS: each module then only starts a task and polls
+    it, and a process per module in flight (each loading boto3) costs the host tens of MB
+    while doing nothing. luigi still keeps the graph, its order and `workers` modules at
+    once; only where each task's run() executes changes. Cancelling stops the thread's
+    module through the runner's cleanups (a thread cannot be killed)."""
+
+    use_multiprocessing = True  # so that luigi calls start(), not run(), and goes on
+
+    def __init__(self, process):
+        self.process = process
+        self.thread = threading.Thread(target=process.run, daemon=True,
+                                       name=f"module-{process.task.module}")
+
+    def __getattr__(self, name):
+        return getattr(self.process, name)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    @property
+    def exitcode(self) -> int | None:
+        # the task's run() reports its own end, failed or not, on luigi's result queue
+        return None if self.thread.is_alive() else 0
+
+    def terminate(self) -> None:
+        if self.thread.ident is not None:
+            runners.terminate(self.thread.ident)
+
+
+class ThreadWorker(luigi.worker.Worker):
+    def _create_task_process(self, task):
+        return ModuleThread(super()._create_task_process(task))
+
+
+class ThreadWorkers(luigi.interface._WorkerSchedulerFactory):
+    """luigi.build's factory (its documented `worker_scheduler_factory` hook; the class is
+    luigi's own default, pinned with luigi 3.8) with workers that run tasks in threads."""
+
+    def create_worker(self, scheduler, worker_processes, assistant=False):
+        return ThreadWorker(scheduler=scheduler, worker_processes=worker_processes,
+                            assistant=assistant)
+
+
+def worker_options(settings: Settings, catalogue: dict, graph: list, to_run: set) -> dict:
+    """Threads for a run whose modules to execute all run on ECS; otherwise luigi's own
+    process per module, which keeps a local module's failures (and GPU slot) its own."""
+    names = [n for n in graph if n in to_run]
+    if names and all(module_runner(settings, catalogue[n]) == "ecs" for n in names):
+        return {"worker_scheduler_factory": ThreadWorkers()}
+    return {}
+
+
 def scheduler_options(settings: Settings) -> dict:
     """luigi's local scheduler, or the central one (luigid) that mippers on several hosts
     share, so that a job's module never runs twice at once. With the central one, a worker
@@ -338,10 +400,15 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
         RUN = Run(settings, catalogue, db, run_id, job, map_name, graph, to_run, extra,
                   module_env(settings, env, settings.openai_key),
                   {n: db.last_pass(job, n) for n in to_run})
+        # luigi forks a worker per module: with what is loaded by now kept out of the
+        # collector's reach, a worker's collections do not write to (and so copy) every
+        # page it shares with this process
+        gc.freeze()
         try:
             result = luigi.build([ModuleTask(job=job, module=t) for t in targets],
                                  workers=settings.workers, detailed_summary=True,
-                                 log_level="CRITICAL", **scheduler_options(settings))
+                                 log_level="CRITICAL", **scheduler_options(settings),
+                                 **worker_options(settings, catalogue, graph, to_run))
             status = Status.PASSED if judge(RUN) else Status.FAILED
         except KeyboardInterrupt:
             db.end_running_executions(run_id, Status.CANCELLED, "interrupted")

@@ -14,11 +14,13 @@ A benchmark, not a test: it exits 0 whether or not the goals are met.
 Sections: tools (processes, HTTP, load), fixtures, figures 1-6, figure 7 (a big map),
 figures 8-9 (attacks), figure 10 (the console), figure 11 (issue 22: a burst of CDR
 events against the stand-in CDR; BENCH_CDR_EVENTS=N sends N instead of 1,000), figure 12
-(a long history: 100,000 CDR maps), main.
+(a long history: 100,000 CDR maps), figure 13 (a cheaper run: runs a minute,
+CPU and memory per run in flight, inline and on moto for ECS), main.
 """
 
 import argparse
 import base64
+import contextlib
 import http.client
 import json
 import os
@@ -1387,8 +1389,338 @@ def figure_12(b: Bench, total: int = 100_000) -> None:
         shutil.rmtree(root, ignore_errors=True)
 
 
+
+# ------------------------------------------------------------ figure 13 (a cheaper run)
+
+ECS_CLUSTER = "mip-bench"
+ECS_LOG_GROUP = "/ecs/ta1-bench"
+
+
+def tree_pss(root: int, python_only: bool = True) -> tuple:
+    """(bytes, processes): summed PSS (smaps_rollup) of root's descendants that run Python
+    (mipper and its luigi workers, not the modules' shells), root itself excluded."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, count, todo = 0, 0, list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            with open(f"/proc/{pid}/comm") as f:
+                if python_only and not f.read().startswith("python"):
+                    continue
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += sum(int(line.split()[1]) * 1024 for line in f
+                             if line.startswith("Pss:"))
+            count += 1
+        except (OSError, ValueError, IndexError):
+            continue
+    return total, count
+
+
+def moto_ecs(scratch: str) -> tuple:
+    """A moto server on loopback with an ECS cluster, the nine task definitions and the log
+    group; (its process, the AWS part of the environment). moto keeps tasks RUNNING until
+    stopped, as real ones do until their container exits."""
+    import boto3
+    import requests
+
+    port = free_port()
+    log = open(os.path.join(scratch, "moto.log"), "wb")  # noqa: SIM115 - the server's lifetime
+    proc = subprocess.Popen([PY, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "bench",
+           "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+           "MIP_RUNNER": "ecs", "MIP_ECS_CLUSTER": ECS_CLUSTER,
+           "MIP_ECS_LOG_GROUP": ECS_LOG_GROUP, "MIP_ECS_POLL_SECONDS": "0.5"}
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            requests.post(f"{url}/moto-api/state-manager/set-transition", timeout=5, json={
+                "model_name": "ecs::task",
+                "transition": {"progression": "manual", "times": 10**9}})
+            break
+        except requests.ConnectionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise BenchError("moto server did not start") from None
+            time.sleep(0.1)
+    ecs = boto3.client("ecs", endpoint_url=url, region_name="us-east-1",
+                       aws_access_key_id="bench", aws_secret_access_key="bench")
+    ec2 = boto3.client("ec2", endpoint_url=url, region_name="us-east-1",
+                       aws_access_key_id="bench", aws_secret_access_key="bench")
+    vpc = ec2.create_vpc(CidrBlock="10.9.0.0/16")["Vpc"]["VpcId"]
+    # moto names a task's network interface only in a VPC with DNS host names
+    ec2.modify_vpc_attribute(VpcId=vpc, EnableDnsHostnames={"Value": True})
+    env["MIP_ECS_SUBNETS"] = ec2.create_subnet(VpcId=vpc, CidrBlock="10.9.1.0/24")[
+        "Subnet"]["SubnetId"]
+    env["MIP_ECS_SECURITY_GROUPS"] = ec2.create_security_group(
+        GroupName="mip-bench", Description="mip", VpcId=vpc)["GroupId"]
+    ecs.create_cluster(clusterName=ECS_CLUSTER)
+    for module in MODULE_NAMES:
+        ecs.register_task_definition(
+            family=f"ta1_{module}", networkMode="awsvpc", requiresCompatibilities=["FARGATE"],
+            cpu="1024", memory="2048",
+            containerDefinitions=[{"name": module, "image": f"inferlink/ta1_{module}",
+                                   "cpu": 256, "memory": 512, "essential": True}])
+    return proc, env
+
+
+MODULE_NAMES = ("legend_segment", "georeference", "legend_item_segment", "map_crop",
+                "legend_item_description", "polygon_extract", "line_extract", "point_extract",
+                "geopackage")
+
+
+class EcsPlayer:
+    """Plays the ECS tasks the runs start: stops each (exit code 0) at once, or, while
+    `hold` exists, leaves it running."""
+
+    def __init__(self, aws_env: dict, hold: str | None = None):
+        import boto3
+
+        self.ecs = boto3.client("ecs", endpoint_url=aws_env["AWS_ENDPOINT_URL"],
+                                region_name="us-east-1", aws_access_key_id="bench",
+                                aws_secret_access_key="bench")
+        self.hold = hold
+        self.running = 0
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.loop, daemon=True, name="ecs-player")
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stopping.set()
+        self.thread.join(30)
+
+    def loop(self) -> None:
+        from botocore.exceptions import BotoCoreError
+        from botocore.exceptions import ClientError
+
+        while not self.stopping.wait(0.1):
+            try:
+                self.play()
+            except (BotoCoreError, ClientError):
+                continue  # moto busy, or stopped under a figure that failed
+
+    def play(self) -> None:
+        arns = []
+        for page in self.ecs.get_paginator("list_tasks").paginate(
+                cluster=ECS_CLUSTER, desiredStatus="RUNNING"):
+            arns += page["taskArns"]
+        self.running = len(arns)
+        if self.hold and os.path.exists(self.hold):
+            return
+        for arn in arns:
+            self.ecs.stop_task(cluster=ECS_CLUSTER, task=arn, reason="exited")
+
+
+def hold_catalogue(b: Bench, hold: str) -> str:
+    """The zero-work catalogue whose modules wait while `hold` exists (zero work once it
+    is gone); its path."""
+    path = os.path.join(b.scratch, "config-hold.yml")
+    with open(os.path.join(b.scratch, "config.yml"), encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    for module in data["modules"]:
+        module["command"] = ["sh", "-c", f"while [ -e {hold} ]; do sleep 0.1; done"]
+    with open(path, "w", encoding="utf-8") as f:
+        yaml.safe_dump(data, f, sort_keys=False)
+    return path
+
+
+def submit_runs(b: Bench, url: str, prefix: str, count: int) -> list:
+    client = Client(url, b.auth)
+    ids = []
+    try:
+        for i in range(count):
+            payload = {"job": f"{prefix}-{i}", "modules": ["ALL"], "map": MAP}
+            ids.append(client.json("POST", "/runs", payload)["run_id"])
+    finally:
+        client.close()
+    return ids
+
+
+def wait_runs(b: Bench, url: str, ids: list, timeout: float) -> list:
+    """Wait for the runs to end; the last lines of the log of each that did not pass (at
+    many runs at once, journal writes may fail: issue 22 point 3)."""
+    client = Client(url, b.auth)
+    deadline = time.monotonic() + timeout
+    failed = []
+    try:
+        for run_id in ids:
+            while (run := client.json("GET", f"/runs/{run_id}"))["status"] not in FINISHED:
+                if time.monotonic() > deadline:
+                    raise BenchError(f"run {run_id} still {run['status']} after {timeout} s")
+                time.sleep(0.2)
+            if run["status"] != "passed":
+                failed.append(run["log"].strip().splitlines()[-3:])
+    finally:
+        client.close()
+    return failed
+
+
+def mippers(parent: int) -> int:
+    """How many mipper processes `parent` has (the server's runs, not yet reaped)."""
+    found = 0
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                if int(f.read().rsplit(b")", 1)[1].split()[1]) != parent:
+                    continue
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                found += b"mipper.py" in f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def children_cpu(pid: int, timeout: float = 30) -> float:
+    """CPU seconds of the process's reaped children (cutime + cstime): the server's
+    mippers, with their luigi workers and modules. Waits (bounded) until it has no child
+    left, since a run reads as ended a moment before its mipper exits and is reaped."""
+    deadline = time.monotonic() + timeout
+    while mippers(pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def in_flight_pss(b: Bench, server: Server, ids: list, held: callable,
+                  timeout: float) -> tuple:
+    """(PSS bytes per run, python processes per run) once every run holds its first
+    modules (`held()` counts the modules holding)."""
+    client = Client(server.url, b.auth)
+    deadline = time.monotonic() + timeout
+    try:
+        while not (all(client.json("GET", f"/runs/{i}")["status"] == "running" for i in ids)
+                   and held() >= 2 * len(ids)):  # the graph's two roots, in every run
+            if time.monotonic() > deadline:
+                raise BenchError(f"the runs did not all hold within {timeout} s "
+                                 f"({held()} modules held)")
+            time.sleep(0.5)
+    finally:
+        client.close()
+    time.sleep(1)
+    samples = [tree_pss(server.pid) for _ in range(3) if not time.sleep(0.3)]
+    pss, count = max(samples)
+    return pss / len(ids), count / len(ids)
+
+
+def held_inline(hold: str) -> callable:
+    def count():
+        found = 0
+        for entry in os.listdir("/proc"):
+            try:
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    argv = f.read()
+            except OSError:
+                continue
+            found += argv.startswith(b"sh\0-c\0while") and hold.encode() in argv
+        return found
+    return count
+
+
+def run_rate_case(b: Bench, runner: str, max_runs: int, aws_env: dict) -> None:
+    """One server at MIP_MAX_RUNS=max_runs: PSS per run in flight with max_runs runs
+    holding their first modules, then runs a minute for max_runs zero-work runs."""
+    hold = os.path.join(b.scratch, "hold")
+    runs_dir = os.path.join(b.scratch, f"runs-{runner}-{max_runs}")
+    env = dict(b.env, MIP_MAX_RUNS=str(max_runs), MIP_MAX_QUEUED=str(4 * max_runs),
+               MIP_MIN_FREE_MB="1", MIP_CONFIG=hold_catalogue(b, hold), TA1_RUNS_DIR=runs_dir)
+    if runner == "ecs":
+        env.update(aws_env)
+    log_path = os.path.join(b.scratch, f"mip-{runner}-{max_runs}.log")
+    server = Server([PY, "mip_server.py", "--port", "0"], env, log_path).start()
+    open(hold, "w").close()
+    try:
+        player = EcsPlayer(aws_env, hold) if runner == "ecs" else contextlib.nullcontext()
+        with player:
+            held = (lambda: player.running) if runner == "ecs" else held_inline(hold)
+            ids = submit_runs(b, server.url, f"held-{runner}-{max_runs}", max_runs)
+            pss, procs = in_flight_pss(b, server, ids, held, 30 + 3 * max_runs)
+            os.remove(hold)
+            failed = wait_runs(b, server.url, ids, 60 + 6 * max_runs)
+            started, cpu = time.monotonic(), children_cpu(server.pid)
+            ids = submit_runs(b, server.url, f"rate-{runner}-{max_runs}", max_runs)
+            failed += wait_runs(b, server.url, ids, 60 + 6 * max_runs)
+            rate = len(ids) / (time.monotonic() - started) * 60
+            cpu = (children_cpu(server.pid) - cpu) / len(ids)
+    finally:
+        if os.path.exists(hold):
+            os.remove(hold)
+        server.stop()
+        kill_leftover_runs(os.path.join(runs_dir, "journal.db"))
+    b.row(f"11 {runner}, MIP_MAX_RUNS {max_runs}: runs/min", f"{rate:.0f}")
+    b.row(f"11 {runner}, MIP_MAX_RUNS {max_runs}: CPU s/run", f"{cpu:.2f}")
+    if failed:
+        b.details.append(f"11: {runner} at {max_runs}: {len(failed)} of {2 * max_runs} runs "
+                         f"failed, e.g. {' / '.join(failed[0])}")
+    goal = "<= 60 MB" if runner == "ecs" else "-"
+    b.row(f"11 {runner}, MIP_MAX_RUNS {max_runs}: PSS MB/run in flight",
+          f"{pss / 2**20:.0f}", goal=goal, met=pss <= 60 * 2**20 if runner == "ecs" else None)
+    b.details.append(f"11: {runner} at {max_runs}: {procs:.1f} Python processes per run "
+                     "in flight")
+
+
+def mipper_costs(b: Bench, aws_env: dict, repeats: int = 3) -> None:
+    """CPU seconds (mipper and its children, from RUSAGE_CHILDREN) and wall time of one
+    zero-work run of the whole graph by mipper itself, inline and on ECS, and of mipper's
+    start-up (`--list-modules`); medians."""
+    import resource
+
+    def cost(argv: list, env: dict) -> tuple:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        started = time.perf_counter()
+        done = subprocess.run([PY, "mipper.py", *argv], env=env, cwd=ROOT,
+                              capture_output=True, text=True, timeout=120)
+        wall = time.perf_counter() - started
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0:
+            raise BenchError(f"mipper {' '.join(argv)}: {done.stderr[-300:]}")
+        return (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime), wall
+
+    cases = [("start-up (--list-modules)", ["--list-modules"], b.env, None),
+             ("zero-work run inline", None, b.env, None),
+             ("zero-work run ecs", None, {**b.env, **aws_env}, aws_env)]
+    for label, argv, env, player_env in cases:
+        with EcsPlayer(player_env) if player_env else contextlib.nullcontext():
+            figures = [cost(argv or ["--job", f"cost-{label[-3:]}-{i}", "--map", MAP,
+                                     "--module", "ALL"], env) for i in range(repeats)]
+        cpu = statistics.median(f[0] for f in figures)
+        wall = statistics.median(f[1] for f in figures)
+        goal, met = ("<= 0.40 s", cpu <= 0.4) if "inline" in label else ("-", None)
+        b.row(f"11 mipper {label}: CPU s", f"{cpu:.2f}", goal=goal, met=met)
+        b.details.append(f"11: mipper {label}: wall {wall:.2f} s (median of {repeats})")
+
+
+def figure_13(b: Bench, sizes: tuple = (8, 32, 64)) -> None:
+    """Runs a minute and PSS per run in flight on the zero-work catalogue, inline and on
+    ECS (moto), at MIP_MAX_RUNS 8, 32 and 64; each with a server of its own."""
+    proc, aws_env = moto_ecs(b.scratch)
+    try:
+        mipper_costs(b, aws_env)
+        for runner in ("inline", "ecs"):
+            for size in sizes:
+                run_rate_case(b, runner, size, aws_env)
+    finally:
+        proc.kill()  # moto's server may take its time over SIGTERM, and keeps nothing
+        proc.wait(10)
+
+
 FIGURES = {1: figure_1, 2: figure_2, 3: figure_3, 4: figure_4, 5: figure_5, 6: figure_6,
-           7: figure_7, 8: figure_8, 9: figure_9, 10: figure_10, 11: figure_11, 12: figure_12}
+           7: figure_7, 8: figure_8, 9: figure_9, 10: figure_10, 11: figure_11, 12: figure_12,
+           13: figure_13}
 
 
 # ---------------------------------------------------------------------------- main
@@ -1414,7 +1746,7 @@ def table(rows: list) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="", help="comma-separated figure numbers (1-12)")
+    parser.add_argument("--only", default="", help="comma-separated figure numbers (1-13)")
     parser.add_argument("--python-load", action="store_true",
                         help="use the Python load generator even when wrk is installed")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")

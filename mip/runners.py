@@ -67,22 +67,27 @@ class Launch:
 
 # ---------------------------------------------------------------------------- cancelling
 
-_cleanups = []
+# thread id -> its cleanups: mipper may run several modules in threads of one process (ECS
+# runs), each forgetting only its own when its module ends. Plain dict operations, which
+# are atomic, rather than a lock, since terminate() runs in a signal handler.
+_cleanups = {}
 
 
 def on_terminate(cleanup) -> None:
-    """Call `cleanup` if this process is told to stop while the module runs."""
-    _cleanups.append(cleanup)
+    """Call `cleanup` if this process (or this thread's module) is told to stop while the
+    module runs."""
+    _cleanups.setdefault(threading.get_ident(), []).append(cleanup)
 
 
-def terminate() -> None:
-    """Stop whatever this process's runners started (SIGTERM handler)."""
-    while _cleanups:
-        cleanup = _cleanups.pop()
-        try:
-            cleanup()
-        except Exception as e:  # noqa: BLE001 - the other cleanups must still run
-            log.warning("stopping a module failed: %s", e)
+def terminate(thread: int | None = None) -> None:
+    """Stop whatever this process's runners started (SIGTERM handler), or only what the
+    runner in thread `thread` started."""
+    for ident in [thread] if thread is not None else list(_cleanups):
+        for cleanup in reversed(_cleanups.pop(ident, [])):
+            try:
+                cleanup()
+            except Exception as e:  # noqa: BLE001 - the other cleanups must still run
+                log.warning("stopping a module failed: %s", e)
 
 
 def run(runner: str, launch: Launch, out, settings: RunnerSettings,
@@ -100,7 +105,7 @@ def run(runner: str, launch: Launch, out, settings: RunnerSettings,
             code = run_inline(launch, out, usage)
         return code, exit_message(code)
     finally:
-        _cleanups.clear()
+        _cleanups.pop(threading.get_ident(), None)
 
 
 def exit_message(code: int) -> str | None:
@@ -316,11 +321,10 @@ def run_ecs(launch: Launch, out, settings: RunnerSettings) -> int:
     overrides; waits for it to stop, copies its CloudWatch log stream into the module's log
     and returns the container's exit code. The data folders reach the task through a
     shared file system (EFS) mounted at the same paths as here."""
-    import boto3
     from botocore.exceptions import BotoCoreError
     from botocore.exceptions import ClientError
 
-    ecs = boto3.client("ecs")
+    ecs = aws_client("ecs")
     request = {
         "cluster": settings.ecs_cluster,
         "taskDefinition": launch.task_definition,
@@ -370,6 +374,24 @@ def run_ecs(launch: Launch, out, settings: RunnerSettings) -> int:
     return code
 
 
+_clients = {}
+_clients_lock = threading.Lock()
+
+
+def aws_client(service: str):
+    """A boto3 client, made once per process and environment: a client costs tens of
+    milliseconds and megabytes to make, and the ECS modules of a run share one process
+    (clients are thread-safe; the default session that makes them is not, hence the lock).
+    boto3 is imported here, never at mipper's start: most runs never need it."""
+    key = (service, *sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    with _clients_lock:
+        if key not in _clients:
+            import boto3
+
+            _clients[key] = boto3.client(service)
+        return _clients[key]
+
+
 def wait_stopped(ecs, settings: RunnerSettings, arn: str) -> dict:
     """Poll the task until it has stopped, waiting longer each time (up to the setting)."""
     from botocore.exceptions import BotoCoreError
@@ -391,11 +413,10 @@ def wait_stopped(ecs, settings: RunnerSettings, arn: str) -> dict:
 
 def copy_task_log(launch: Launch, arn: str, out, settings: RunnerSettings) -> None:
     """Append the task's CloudWatch log stream (awslogs: prefix/container/task id)."""
-    import boto3
     from botocore.exceptions import BotoCoreError
     from botocore.exceptions import ClientError
 
-    logs = boto3.client("logs")
+    logs = aws_client("logs")
     stream = f"{settings.ecs_log_prefix}/{launch.container_name}/{arn.rsplit('/', 1)[1]}"
     token = None
     try:

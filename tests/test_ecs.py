@@ -5,6 +5,7 @@ containers: for each task it runs the stand-in module with the task's overrides 
 same paths, as with EFS), writes its output to the task's awslogs stream, and stops it.
 """
 
+import json
 import os
 import re
 import signal
@@ -180,3 +181,18 @@ def test_aws_errors_fail_the_module_with_the_aws_message(ecs_env):
     assert row["status"] == "failed" and row["exit_code"] is None
     assert row["message"].startswith("ECS did not start the task:")
     assert "ClusterNotFoundException" in row["message"]
+
+
+def test_an_ecs_run_supervises_its_modules_in_mippers_own_process(ecs_env, tmp_path):
+    """No process per module in flight (issue 22 point 5): each module's task is started
+    and watched by a thread of the process that runs luigi."""
+    result = tmp_path / "seen.jsonl"
+    with Cluster(ecs_env):
+        done = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "import_probe.py"),
+                               str(result), "--job", "ecs4", "--map", MAP, "--module", "ALL"],
+                              env=ecs_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    *modules, main = [json.loads(line) for line in result.read_text().splitlines()]
+    assert sorted(m["module"] for m in modules) == sorted(MODULES)
+    assert {m["pid"] for m in modules} == {main["pid"]}
+    assert all(r["status"] == "passed" for r in latest(ecs_env, "ecs4").values())
