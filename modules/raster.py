@@ -26,7 +26,10 @@ from rasterio.windows import Window
 # GDAL's block cache defaults to 5% of the machine's memory per process: with several
 # modules running at once that alone would pass the graph's memory budget. A band of
 # patches (640 rows of a 12,000 px map) fits in this, so overlapping bands decode once.
-GDAL_CACHE_MB = 96
+# In BYTES: rasterio hands an integer straight to GDALSetCacheMax64, so 96 would be a
+# 96-byte cache (every decimated read of a tiled map then decodes each tile again per
+# output row); only the GDAL_CACHEMAX environment variable reads a small number as MB.
+GDAL_CACHE_BYTES = 96 * 1024 * 1024
 # decimated reads for the layout keep the longer side at most this long
 LAYOUT_SIDE = 2000
 # the longer side of the decimated read that fixes a non-8-bit file's range
@@ -45,7 +48,7 @@ RGB = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
 def open_map(path: str):
     """Yield a MapReader for the map at path; raises ModuleFailed if GDAL cannot open it."""
     common.require(path, "map GeoTIFF")
-    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB), warnings.catch_warnings():
+    with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), warnings.catch_warnings():
         # most scanned maps carry no georeferencing; georeference handles that case itself
         warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
         try:
