@@ -22,6 +22,7 @@ from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.errors import RasterioError
 from rasterio.windows import Window
+from scipy import ndimage
 
 # GDAL's block cache defaults to 5% of the machine's memory per process: with several
 # modules running at once that alone would pass the graph's memory budget. A band of
@@ -52,7 +53,10 @@ def open_map(path: str):
         # most scanned maps carry no georeferencing; georeference handles that case itself
         warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
         try:
-            dataset = rasterio.open(path)
+            # A file does not record how its overviews were resampled (GDAL's COG driver
+            # uses CUBIC, whose halos blur gaps and invent colours): decimated reads come
+            # from the full-resolution pixels, nearest, whatever overviews the file has.
+            dataset = rasterio.open(path, OVERVIEW_LEVEL="NONE")
         except RasterioError as exc:
             raise common.ModuleFailed(f"GDAL cannot read the map {path}: {exc}") from exc
         with dataset:
@@ -68,6 +72,13 @@ class MapReader:
         self.height = dataset.height
         self.kind, self.bands, self.alpha = band_layout(dataset)
         self.lut = palette_lut(dataset) if self.kind == "palette" else None
+        # GDAL hands MINISWHITE grey over raw (0 is white); a 1-bit MINISWHITE file comes
+        # as a palette that already says so
+        self.inverted = self.kind == "grey" and \
+            dataset.tags(ns="IMAGE_STRUCTURE").get("MINISWHITE") == "YES"
+        # nodata, an internal mask band or alpha: GDAL's mask covers all three
+        self.masked = any(flag.name in ("nodata", "per_dataset", "alpha")
+                          for flag in dataset.mask_flag_enums[0])
         self.range = None if dataset.dtypes[0] == "uint8" or self.lut is not None \
             else self.value_range()
 
@@ -75,7 +86,9 @@ class MapReader:
         ds = self.dataset
         structure = ds.tags(ns="IMAGE_STRUCTURE")
         return (f"{self.width} x {self.height}, {ds.count} band(s) of {ds.dtypes[0]}, "
-                f"{self.kind}{' with alpha' if self.alpha else ''}, "
+                f"{self.kind}{' with alpha' if self.alpha else ''}"
+                f"{', MINISWHITE' if self.inverted else ''}"
+                f"{', masked' if self.masked else ''}, "
                 f"{structure.get('COMPRESSION', 'uncompressed')}, "
                 f"{structure.get('INTERLEAVE', '?').lower()}-interleaved"
                 + (f", range {self.range[0]:g}..{self.range[1]:g} scaled to 0..255"
@@ -83,7 +96,25 @@ class MapReader:
 
     def rgb(self, window=None, out_shape=None) -> np.ndarray:
         """(h, w, 3) uint8 of a window (x0, y0, x1, y1) or the whole map, optionally
-        decimated (nearest pixel) to out_shape (h, w)."""
+        decimated (nearest pixel) to out_shape (h, w). Masked pixels are white paper."""
+        rgb = self.colour(window, out_shape)
+        if self.masked:
+            rgb[~self.valid(window, out_shape)] = 255
+        return rgb
+
+    def valid(self, window=None, out_shape=None) -> np.ndarray:
+        """(h, w) bool: True where GDAL's mask (nodata, mask band, alpha) keeps the pixel."""
+        x0, y0, x1, y1 = window or (0, 0, self.width, self.height)
+        shape = out_shape or (y1 - y0, x1 - x0)
+        if not self.masked:
+            return np.ones(shape, dtype=bool)
+        # the dataset's mask, not band 1's: with nodata, a pixel is out only when every
+        # band says so (black ink on one band is not a collar)
+        mask = self.dataset.dataset_mask(window=Window(x0, y0, x1 - x0, y1 - y0),
+                                         out_shape=shape, resampling=Resampling.nearest)
+        return mask > 0
+
+    def colour(self, window=None, out_shape=None) -> np.ndarray:
         x0, y0, x1, y1 = window or (0, 0, self.width, self.height)
         win = Window(x0, y0, x1 - x0, y1 - y0)
         shape = out_shape or (y1 - y0, x1 - x0)
@@ -103,8 +134,12 @@ class MapReader:
         this file scales it the same way."""
         scale = max(1, math.ceil(max(self.width, self.height) / RANGE_SIDE))
         shape = (len(self.bands), math.ceil(self.height / scale), math.ceil(self.width / scale))
-        sample = self.dataset.read(list(self.bands), out_shape=shape,
-                                   resampling=Resampling.nearest)
+        # masked: a nodata collar (often 0 or -9999) must not stretch the range
+        sample = self.dataset.read(list(self.bands), out_shape=shape, masked=True,
+                                   resampling=Resampling.nearest).compressed()
+        sample = sample[np.isfinite(sample)]
+        if not sample.size:
+            raise common.ModuleFailed("the map holds no valid pixels (all masked)")
         low, high = float(sample.min()), float(sample.max())
         return low, max(high, low + 1)
 
@@ -117,6 +152,8 @@ class MapReader:
             if self.kind == "cmyk":
                 channels = cmyk_to_rgb(channels)
             elif self.kind == "grey":
+                if self.inverted:
+                    channels = [255 - channels[0]]
                 channels = channels * 3
             rgb = np.stack(channels, axis=-1)
         if self.alpha:
@@ -261,8 +298,30 @@ def widest(blocks: list) -> tuple:
     return max(blocks, key=lambda block: block[1] - block[0])
 
 
+def sheet_mask(ink: np.ndarray, rgb: np.ndarray, threshold: int) -> np.ndarray:
+    """(h, w) bool: the paper sheet and all it encloses, apart from a scanner bed or
+    collar around it, which is left out when it is one flat colour touching the border.
+    A map printed to the image's edge has no such surround and keeps the whole image."""
+    paper = ~ink
+    labels, count = ndimage.label(paper)
+    if not count:
+        return np.ones(ink.shape, dtype=bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    sheet = ndimage.binary_fill_holes(labels == int(np.argmax(sizes)))
+    outside = ~sheet
+    if not outside.any() or not (outside[0].any() or outside[-1].any()
+                                 or outside[:, 0].any() or outside[:, -1].any()):
+        return np.ones(ink.shape, dtype=bool)
+    surround = rgb[outside]
+    median = np.median(surround, axis=0)
+    flat = (np.abs(surround.astype(np.int16) - median).max(axis=1) <= threshold).mean()
+    # a bed or collar is one colour; a map area reaching the edge is many
+    return sheet if flat >= 0.9 else np.ones(ink.shape, dtype=bool)
+
+
 class Layout:
-    """The map on a decimated read: paper, ink, and the column blocks of ink.
+    """The map on a decimated read: paper, ink, the sheet, the map area and the legend.
 
     Positions found here are in overview pixels; `box` turns them into map pixels,
     widened by one overview pixel where the read was decimated.
@@ -273,11 +332,18 @@ class Layout:
         scale = max(1, math.ceil(max(self.width, self.height) / LAYOUT_SIDE))
         shape = (math.ceil(self.height / scale), math.ceil(self.width / scale))
         self.rgb = reader.rgb(out_shape=shape) if scale > 1 else reader.rgb()
+        valid = reader.valid(out_shape=self.rgb.shape[:2])
         self.sx = self.width / self.rgb.shape[1]
         self.sy = self.height / self.rgb.shape[0]
-        self.paper, self.threshold = estimate_paper(self.rgb)
-        self.ink = ink_mask(self.rgb, self.paper, self.threshold)
-        self.min_gap = max(2, round(max(8, self.width // 50) / self.sx))
+        self.paper, self.threshold = estimate_paper(self.rgb[valid] if valid.any()
+                                                    else self.rgb)
+        ink = ink_mask(self.rgb, self.paper, self.threshold) & valid
+        self.sheet = sheet_mask(ink, self.rgb, self.threshold) & valid
+        self.ink = ink & self.sheet
+        # gaps narrower than this are bridged: a map's frame and the legend beside it
+        # stand further apart (the fixture: 26 columns on 1,000), but a blurred or
+        # decimated read must not bring the figure down to the threshold, so half of it
+        self.min_gap = max(2, round(max(3, self.width // 100) / self.sx))
         self.columns = runs(self.ink.any(axis=0), self.min_gap)
 
     def row_blocks(self, x0: int, x1: int, min_gap: int) -> list:
@@ -285,10 +351,35 @@ class Layout:
         return runs(self.ink[:, x0:x1].any(axis=1), min_gap)
 
     def map_area(self) -> tuple:
-        """(x0, y0, x1, y1) of the map area in overview pixels: the widest ink block."""
-        x0, x1 = widest(self.columns)
-        y0, y1 = widest(self.row_blocks(x0, x1, self.min_gap))
-        return x0, y0, x1, y1
+        """(x0, y0, x1, y1) of the map area in overview pixels: cut the ink into column
+        blocks and row blocks in turn, keeping the biggest, until the box stands still;
+        the legend may lie on any side."""
+        box = (0, 0, self.ink.shape[1], self.ink.shape[0])
+        for _ in range(6):
+            x0, y0, x1, y1 = box
+            a, b = widest(runs(self.ink[y0:y1, x0:x1].any(axis=0), self.min_gap))
+            cx0, cx1 = x0 + a, x0 + b
+            a, b = widest(runs(self.ink[y0:y1, cx0:cx1].any(axis=1), self.min_gap))
+            if (cx0, y0 + a, cx1, y0 + b) == box:
+                break
+            box = (cx0, y0 + a, cx1, y0 + b)
+        return box
+
+    def legend_side(self, map_box: tuple):
+        """(side, (x0, y0, x1, y1)) of the legend: the side of the map area holding the
+        most ink outside it, or None when there is none."""
+        x0, y0, x1, y1 = map_box
+        height, width = self.ink.shape
+        strips = {"right": (x1, 0, width, height), "left": (0, 0, x0, height),
+                  "below": (0, y1, width, height), "above": (0, 0, width, y0)}
+        counts = {side: int(self.ink[b:d, a:c].sum()) for side, (a, b, c, d) in strips.items()}
+        side = max(counts, key=counts.get)
+        if not counts[side]:
+            return None
+        a, b, c, d = strips[side]
+        ys, xs = np.nonzero(self.ink[b:d, a:c])
+        return side, (a + int(xs.min()), b + int(ys.min()), a + int(xs.max()) + 1,
+                      b + int(ys.max()) + 1)
 
     def box(self, x0, y0, x1, y1) -> tuple:
         """An overview-pixel box in map pixels (exact when the read was not decimated)."""
