@@ -291,10 +291,11 @@ def geotiff_profile(width: int, height: int, georeferenced: bool = True) -> dict
 
 
 def write_raster(path: str, bands: numpy.ndarray, profile: dict, colormap=None,
-                 colorinterp=None) -> str:
+                 colorinterp=None, mask=None) -> str:
     """Write (bands, rows, columns) pixels with rasterio to path atomically, with a colour
-    map for band 1 ({index: (r, g, b, a)}) and the bands' colour interpretations (a list of
-    rasterio ColorInterp) when given; path."""
+    map for band 1 ({index: (r, g, b, a)}), the bands' colour interpretations (a list of
+    rasterio ColorInterp) and a (rows, columns) bool mask band (True: valid) when given;
+    path."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = path + ".tmp"
@@ -308,6 +309,8 @@ def write_raster(path: str, bands: numpy.ndarray, profile: dict, colormap=None,
                     dst.write_colormap(1, colormap)
                 if colorinterp:
                     dst.colorinterp = colorinterp
+                if mask is not None:
+                    dst.write_mask(mask)
         os.replace(tmp, path)
     finally:
         for leftover in (tmp, tmp + ".aux.xml"):
