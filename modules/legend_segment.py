@@ -20,6 +20,7 @@ are widened by one decimation step, e.g. 6 px on a 12,000 px map). The model and
 switches are accepted and only logged.
 """
 
+import math
 import os
 import sys
 
@@ -34,8 +35,10 @@ import raster  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
 NAME = "legend_segment"
-# overview pixels: smaller ink is a speck, not a symbol
+# pixels of the legend's read: smaller ink is a speck, not a symbol
 MIN_SYMBOL = 3
+# the legend is read with its map's longer side at most this long
+LEGEND_SIDE = 4000
 
 
 def parse_args(argv):
@@ -81,26 +84,32 @@ def swatch_columns(found: list) -> list:
     return columns
 
 
-def legend_areas(layout, legend: tuple) -> list:
-    """[(label, (x0, y0, x1, y1))] in overview pixels: for each legend column, the box of
-    its polygon swatches and the box of its point and line symbols, each reaching right
-    to the next column so that the labels are inside."""
-    lx0, ly0, lx1, ly1 = legend
-    found = [(x0 + lx0, y0 + ly0, x1 + lx0, y1 + ly0, kind) for x0, y0, x1, y1, kind
-             in symbols(layout.ink[ly0:ly1, lx0:lx1])]
+def legend_areas(reader, layout, legend: tuple) -> list:
+    """[(label, (x0, y0, x1, y1))] in map pixels: for each legend column, the box of its
+    polygon swatches and the box of its point and line symbols, each reaching right to
+    the next column so that the labels are inside. The legend is read again, finer than
+    the layout: a decimated read thins a small map's line symbol to its text's strokes."""
+    lx0, ly0, lx1, ly1 = layout.box(*legend)
+    step = max(1, math.ceil(max(reader.width, reader.height) / LEGEND_SIDE))
+    shape = (math.ceil((ly1 - ly0) / step), math.ceil((lx1 - lx0) / step))
+    window = (lx0, ly0, lx1, ly1)
+    rgb = reader.rgb(window, out_shape=shape)
+    ink = raster.ink_mask(rgb, layout.paper, layout.threshold) & reader.valid(window, shape)
+    found = symbols(ink)
     columns = swatch_columns(found)
     areas = []
     for n, (cx0, cx1) in enumerate(columns):
-        right = columns[n + 1][0] - 1 if n + 1 < len(columns) else lx1
-        rows = layout.row_blocks(cx0, right, 1)
+        right = columns[n + 1][0] - 1 if n + 1 < len(columns) else ink.shape[1]
+        rows = raster.runs(ink[:, cx0:right].any(axis=1), 1)
         for label, kinds in (("legend_polygons", ("polygon",)),
                              ("legend_points_lines", ("line", "point"))):
             mine = [f for f in found if cx0 <= f[0] < cx1 and f[4] in kinds]
             if not mine:
                 continue
             spans = [row_of(rows, (f[1] + f[3]) // 2, f[1], f[3]) for f in mine]
-            areas.append((label, (cx0, min(a for a, _ in spans), right,
-                                  max(b for _, b in spans))))
+            box = (cx0, min(a for a, _ in spans), right, max(b for _, b in spans))
+            areas.append((label, (lx0 + box[0] * step, ly0 + box[1] * step,
+                                  min(lx1, lx0 + box[2] * step), min(ly1, ly0 + box[3] * step))))
     return areas
 
 
@@ -123,21 +132,19 @@ def work(args, log) -> None:
         log.info("read %s (%s); model %s and workdir %s are not used by the stand-in",
                  tif, reader.describe(), args.model, args.workdir)
         layout = raster.Layout(reader)
-    log.info("paper colour %s, ink beyond %d per channel (on a %d x %d read)",
-             common.hex_colour(layout.paper), layout.threshold, layout.rgb.shape[1],
-             layout.rgb.shape[0])
-
-    map_box = layout.map_area()
-    shapes = [shape("map", *layout.box(*map_box))]
-    legend = layout.legend_side(map_box)
-    areas = legend_areas(layout, legend[1]) if legend else []
+        log.info("paper colour %s, ink beyond %d per channel (on a %d x %d read)",
+                 common.hex_colour(layout.paper), layout.threshold, layout.rgb.shape[1],
+                 layout.rgb.shape[0])
+        map_box = layout.map_area()
+        shapes = [shape("map", *layout.box(*map_box))]
+        legend = layout.legend_side(map_box)
+        areas = legend_areas(reader, layout, legend[1]) if legend else []
     if areas:
         log.info("legend %s of the map area, %d column(s)", legend[0],
                  len({box[0] for _, box in areas}))
     else:
         log.warning("no legend found beside the map area")
-    for label, box in areas:
-        shapes.append(shape(label, *layout.box(*box)))
+    shapes += [shape(label, *box) for label, box in areas]
     for item in shapes:
         log.info("found %s at %s", item["label"], item["points"])
 
