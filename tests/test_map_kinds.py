@@ -1,18 +1,206 @@
 """The stand-in modules on maps as the world sends them (issue 23): how raster.py reads
-GDAL's files (block cache, overviews, masks, MINISWHITE, 1-bit), and the whole chain of
-modules, called in process, on small maps of several drawings written as real files.
+GDAL's files (block cache, overviews, masks, MINISWHITE, 1-bit), and the chain of all the
+catalogue's modules, called in process (a subprocess adds nothing here), on small maps of
+several drawings written as real files by tests/map_variants.py.
 
-Run: .venv/bin/python -m pytest tests/test_map_kinds.py   (the slow kinds: -m slow)
+For each map the checks are what a GIS user would see: every unit the drawing has, in its
+colour, and no unit of the paper's colour; line and point counts within a factor of the
+drawn ones; the GeoPackage opens through GDAL with valid geometries.
+
+Run: .venv/bin/python -m pytest tests/test_map_kinds.py   (every kind: -m slow)
 """
 
+import importlib
+import logging
+import os
+import sys
 import warnings
 
 import numpy as np
+import pyogrio
+import pytest
 import raster
 import rasterio
 import rasterio.env
 import sample_map
+import shapely
+import yaml
+from map_variants import ALL
+from map_variants import describe
+from map_variants import write_variant
 from rasterio.errors import NotGeoreferencedWarning
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MAP = "kind_map"
+SIZE = (600, 450)
+# a found count may differ from the drawn one by this factor either way: crossing faults
+# make one stroke, a symbol on a fault may merge with it
+FACTOR = 2
+# the largest channel difference between a drawn unit colour and the one found
+COLOUR_TOLERANCE = 40
+
+
+# ---------------------------------------------------------------- the chain, in process
+
+
+def catalogue() -> list:
+    with open(os.path.join(ROOT, "config.yml"), encoding="utf-8") as f:
+        return yaml.safe_load(f)["modules"]
+
+
+def module_argv(module: dict, tokens: dict) -> list:
+    """The switches of one catalogue entry, as the runner builds them (no program)."""
+    def fill(value) -> str:
+        text = str(value)
+        for token, replacement in tokens.items():
+            text = text.replace(token, replacement)
+        return text
+
+    argv = []
+    for name, value in module["options"].items():
+        argv.append(f"--{name}")
+        if isinstance(value, list):
+            argv += [fill(v) for v in value]
+        elif value != "":
+            argv.append(fill(value))
+    return argv
+
+
+def load(name: str):
+    """A stand-in module imported in this process, leaving boto3 importable: the modules
+    block it for their own start-up (common.lighter_rasterio)."""
+    blocked = "boto3" in sys.modules
+    module = importlib.import_module(name)
+    if not blocked and sys.modules.get("boto3", False) is None:
+        del sys.modules["boto3"]
+    return module
+
+
+class Records(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+
+class Chain:
+    """Every catalogue module, in order, on one map file: outputs under base."""
+
+    def __init__(self, tif: str, base, grey: bool = False):
+        self.grey = grey
+        folder = base / "inputs" / "maps" / MAP
+        folder.mkdir(parents=True)
+        os.link(tif, folder / f"{MAP}.tif")
+        self.out = base / "outputs"
+        tokens = {"$MAP_NAME": MAP, "$INPUT_DIR": str(base / "inputs"),
+                  "$OUTPUT_DIR": str(self.out), "$TEMP_DIR": str(base / "temps"),
+                  "$REPO_DIR": str(base / "repos"), "$GPU_ID": "0"}
+        self.log = {}
+        for entry in catalogue():
+            self.run(entry, module_argv(entry, tokens))
+
+    def run(self, entry: dict, argv: list) -> None:
+        name = entry["name"]
+        module = load(os.path.splitext(os.path.basename(entry["command"][-1]))[0])
+        records = Records()
+        log = logging.getLogger(f"mip.test.{name}")
+        log.propagate = False
+        log.setLevel(logging.INFO)
+        log.addHandler(records)
+        self.log[name] = records.lines
+        (self.out / name).mkdir(parents=True, exist_ok=True)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                module.work(module.parse_args(argv), log)
+        except module.common.ModuleFailed as exc:
+            pytest.fail(f"{name} failed: {exc}\n" + "\n".join(records.lines[-20:]),
+                        pytrace=False)
+        finally:
+            log.removeHandler(records)
+
+    def json(self, *parts):
+        return sample_map_json(self.out.joinpath(*parts))
+
+
+def sample_map_json(path):
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------- checks
+
+
+def within(found: int, drawn: int) -> bool:
+    return drawn / FACTOR <= found <= drawn * FACTOR
+
+
+def drawn_colours(chain: Chain, drawing) -> list:
+    """The drawing's unit colours as the file holds them: grey levels in a grey file."""
+    if chain.grey:
+        return [(round(0.299 * r + 0.587 * g + 0.114 * b),) * 3 for r, g, b in drawing.colours]
+    return list(drawing.colours)
+
+
+def check_units(chain: Chain, drawing) -> list:
+    """Every drawn unit colour found as a unit, and no unit of the paper's colour;
+    the found units' colours."""
+    descriptions = chain.json("legend_item_description", f"{MAP}_polygon.json")
+    segmentation = chain.json("legend_segment", f"{MAP}_map_segmentation.json")
+    paper = np.array(segmentation["paper"])
+    found = [np.array(sample_map_hex(d["color"])) for d in descriptions.values()]
+    for colour in found:
+        assert np.abs(colour - paper).max() > segmentation["ink_threshold"], \
+            f"a unit of the paper's colour {colour.tolist()} (paper {paper.tolist()})"
+    for drawn in drawn_colours(chain, drawing):
+        assert any(np.abs(colour - drawn).max() <= COLOUR_TOLERANCE for colour in found), \
+            f"no unit of the drawn colour {drawn}: found {[c.tolist() for c in found]}"
+    assert len(found) <= len(drawing.colours) + 1, [c.tolist() for c in found]
+    return found
+
+
+def sample_map_hex(text: str) -> tuple:
+    return tuple(int(text[i:i + 2], 16) for i in (1, 3, 5))
+
+
+def counts(chain: Chain) -> dict:
+    lines = chain.json("line_extract", f"{MAP}_lines.geojson")["features"]
+    points = chain.json("point_extract", "output-per-symbol", f"{MAP}_points.geojson")
+    return {"lines": len(lines), "points": len(points["features"])}
+
+
+def check_geopackage(chain: Chain, layers=("points", "lines", "polygons")) -> None:
+    gpkg = str(chain.out / "geopackage" / "gpkg_outputs" / f"{MAP}.gpkg")
+    for layer in layers:
+        _, _, wkb, _ = pyogrio.raw.read(gpkg, layer=layer, read_geometry=True)
+        geometries = list(shapely.from_wkb(wkb))
+        assert geometries, f"the {layer} layer is empty"
+        assert all(g.is_valid and not g.is_empty for g in geometries), layer
+
+
+def check_map(chain: Chain, drawing) -> dict:
+    check_units(chain, drawing)
+    found = counts(chain)
+    assert within(found["lines"], len(drawing.faults)), (found, len(drawing.faults))
+    assert within(found["points"], len(drawing.points)), (found, len(drawing.points))
+    check_geopackage(chain)
+    return found
+
+
+def kind_chain(tmp_path, kind: str, drawing, size=SIZE) -> Chain:
+    v = ALL[kind]
+    path = write_variant(v, sample_map.draw_sample_map(*size, drawing), str(tmp_path / "k.tif"))
+    facts = describe(path)
+    assert {k: facts[k] for k in v.expect} == v.expect, f"{kind} is not what it claims"
+    grey = facts["count"] <= 2 and facts["colorinterp"][0] in ("gray", "undefined")
+    return Chain(path, tmp_path / "run", grey)
+
+
+# ---------------------------------------------------------------- reading
 
 
 def write_rgb(path, rgb: np.ndarray, **profile) -> str:
@@ -27,9 +215,6 @@ def write_rgb(path, rgb: np.ndarray, **profile) -> str:
     return str(path)
 
 
-# ---------------------------------------------------------------- reading
-
-
 def test_the_block_cache_is_given_in_bytes(tmp_path):
     """GDAL's own figure, read back inside the modules' Env, is megabytes, not bytes."""
     path = write_rgb(tmp_path / "map.tif", sample_map.draw_sample_map(300, 240))
@@ -37,3 +222,29 @@ def test_the_block_cache_is_given_in_bytes(tmp_path):
         cache = int(rasterio.env.get_gdal_config("GDAL_CACHEMAX"))
     assert cache == raster.GDAL_CACHE_BYTES
     assert 32 * 2**20 <= cache <= 256 * 2**20
+
+
+# ---------------------------------------------------------------- the chain on kinds
+
+
+DEFAULT_KINDS = [
+    # (kind, drawing): each a different reading path, none on the fixture's drawing
+    ("cog_cubic", sample_map.LEFT),
+    ("collar", sample_map.COLUMNS),
+    ("miniswhite", sample_map.LEFT),
+    ("lzw", sample_map.BELOW),
+]
+
+
+@pytest.fixture
+def decimated(monkeypatch):
+    """The layout read at half size, as on a map of 1,200 px and more: on a COG, a read
+    GDAL would serve from the first overview."""
+    monkeypatch.setattr(raster, "LAYOUT_SIDE", max(SIZE) // 2)
+
+
+@pytest.mark.parametrize("kind,drawing", DEFAULT_KINDS,
+                         ids=[f"{k}-{d.name}" for k, d in DEFAULT_KINDS])
+def test_chain_on_map_kinds(tmp_path, decimated, kind, drawing):
+    found = check_map(kind_chain(tmp_path, kind, drawing), drawing)
+    print(kind, drawing.name, found)
