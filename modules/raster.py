@@ -298,12 +298,16 @@ def widest(blocks: list) -> tuple:
     return max(blocks, key=lambda block: block[1] - block[0])
 
 
-def sheet_mask(ink: np.ndarray, rgb: np.ndarray, threshold: int) -> np.ndarray:
+def dense(share: np.ndarray) -> np.ndarray:
+    """True where a line's share of ink is at least half the fullest line's."""
+    return share >= 0.5 * share.max() if share.size and share.max() > 0 else share > 0
+
+
+def sheet_mask(ink: np.ndarray, rgb: np.ndarray, paper, threshold: int) -> np.ndarray:
     """(h, w) bool: the paper sheet and all it encloses, apart from a scanner bed or
     collar around it, which is left out when it is one flat colour touching the border.
     A map printed to the image's edge has no such surround and keeps the whole image."""
-    paper = ~ink
-    labels, count = ndimage.label(paper)
+    labels, count = ndimage.label(~ink)
     if not count:
         return np.ones(ink.shape, dtype=bool)
     sizes = np.bincount(labels.ravel())
@@ -316,8 +320,10 @@ def sheet_mask(ink: np.ndarray, rgb: np.ndarray, threshold: int) -> np.ndarray:
     surround = rgb[outside]
     median = np.median(surround, axis=0)
     flat = (np.abs(surround.astype(np.int16) - median).max(axis=1) <= threshold).mean()
-    # a bed or collar is one colour; a map area reaching the edge is many
-    return sheet if flat >= 0.9 else np.ones(ink.shape, dtype=bool)
+    # a bed or collar is one colour, and not the paper's (then the biggest stretch of
+    # paper was inside a frame); a map area reaching the edge is many colours
+    unlike_paper = np.abs(median - np.asarray(paper)).max() > threshold
+    return sheet if flat >= 0.9 and unlike_paper else np.ones(ink.shape, dtype=bool)
 
 
 class Layout:
@@ -338,7 +344,7 @@ class Layout:
         self.paper, self.threshold = estimate_paper(self.rgb[valid] if valid.any()
                                                     else self.rgb)
         ink = ink_mask(self.rgb, self.paper, self.threshold) & valid
-        self.sheet = sheet_mask(ink, self.rgb, self.threshold) & valid
+        self.sheet = sheet_mask(ink, self.rgb, self.paper, self.threshold) & valid
         self.ink = ink & self.sheet
         # gaps narrower than this are bridged: a map's frame and the legend beside it
         # stand further apart (the fixture: 26 columns on 1,000), but a blurred or
@@ -351,33 +357,43 @@ class Layout:
         return runs(self.ink[:, x0:x1].any(axis=1), min_gap)
 
     def map_area(self) -> tuple:
-        """(x0, y0, x1, y1) of the map area in overview pixels: cut the ink into column
-        blocks and row blocks in turn, keeping the biggest, until the box stands still;
-        the legend may lie on any side."""
+        """(x0, y0, x1, y1) of the map area in overview pixels, the legend on any side.
+
+        The ink with its holes filled (a neatline makes even a line drawing solid) is cut
+        into blocks of dense columns, then of dense rows, keeping the biggest, until the
+        box stands still. Dense: at least half as much ink as the fullest line, so that a
+        legend beside the map, its swatches apart, stays out, and a sheet skewed by a few
+        degrees loses only slivers at the map's corners.
+        """
+        solid = ndimage.binary_fill_holes(self.ink)
         box = (0, 0, self.ink.shape[1], self.ink.shape[0])
         for _ in range(6):
             x0, y0, x1, y1 = box
-            a, b = widest(runs(self.ink[y0:y1, x0:x1].any(axis=0), self.min_gap))
+            a, b = widest(runs(dense(solid[y0:y1, x0:x1].mean(axis=0)), self.min_gap))
             cx0, cx1 = x0 + a, x0 + b
-            a, b = widest(runs(self.ink[y0:y1, cx0:cx1].any(axis=1), self.min_gap))
+            a, b = widest(runs(dense(solid[y0:y1, cx0:cx1].mean(axis=1)), self.min_gap))
             if (cx0, y0 + a, cx1, y0 + b) == box:
                 break
             box = (cx0, y0 + a, cx1, y0 + b)
         return box
 
     def legend_side(self, map_box: tuple):
-        """(side, (x0, y0, x1, y1)) of the legend: the side of the map area holding the
-        most ink outside it, or None when there is none."""
+        """(side, (x0, y0, x1, y1)) of the legend: of the ink not joined to the map area
+        (a skewed map's corners stick out of its box), the side of the map holding the
+        most; None when there is none."""
         x0, y0, x1, y1 = map_box
-        height, width = self.ink.shape
+        labels, _ = ndimage.label(self.ink, structure=np.ones((3, 3), dtype=bool))
+        joined = np.unique(labels[y0:y1, x0:x1])
+        apart = self.ink & ~np.isin(labels, joined[joined > 0])
+        height, width = apart.shape
         strips = {"right": (x1, 0, width, height), "left": (0, 0, x0, height),
                   "below": (0, y1, width, height), "above": (0, 0, width, y0)}
-        counts = {side: int(self.ink[b:d, a:c].sum()) for side, (a, b, c, d) in strips.items()}
+        counts = {side: int(apart[b:d, a:c].sum()) for side, (a, b, c, d) in strips.items()}
         side = max(counts, key=counts.get)
         if not counts[side]:
             return None
         a, b, c, d = strips[side]
-        ys, xs = np.nonzero(self.ink[b:d, a:c])
+        ys, xs = np.nonzero(apart[b:d, a:c])
         return side, (a + int(xs.min()), b + int(ys.min()), a + int(xs.max()) + 1,
                       b + int(ys.max()) + 1)
 
