@@ -37,6 +37,8 @@ from scipy import ndimage  # noqa: E402
 NAME = "legend_segment"
 # pixels of the legend's read: smaller ink is a speck, not a symbol
 MIN_SYMBOL = 3
+# the share of its box a polygon swatch fills at least
+SOLID = 0.7
 # the legend is read with its map's longer side at most this long
 LEGEND_SIDE = 4000
 
@@ -67,8 +69,9 @@ def symbols(ink: np.ndarray) -> list:
         width = where[1].stop - where[1].start
         if thickness[n] < max(2, 1.5 * text) or max(width, height) < MIN_SYMBOL:
             continue
-        fill = float((labels[where] == n + 1).mean())
-        kind = "line" if width >= 3 * height else "polygon" if fill >= 0.85 else "point"
+        # a lossy file nibbles a swatch's edges and pits its inside; a triangle fills half
+        fill = float(ndimage.binary_fill_holes(labels[where] == n + 1).mean())
+        kind = "line" if width >= 3 * height else "polygon" if fill >= SOLID else "point"
         found.append((where[1].start, where[0].start, where[1].stop, where[0].stop, kind))
     return found
 
