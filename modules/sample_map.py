@@ -121,13 +121,15 @@ class Drawing:
         return slots
 
 
+# Each drawing's unit colours, symbol and line colours have grey levels at least 15 apart
+# (as the fixture's), so that a grey copy still tells them apart.
 # The fixture: the map every other test uses, legend right in one column
 PEACH = Drawing("peach")
 # legend on the left, map on the right: wide and narrow units, a polygon unit, dark ink
 LEFT = Drawing(
     "left", map_area=(300, 30, 980, 770),
-    colours=((200, 230, 240), (240, 200, 80), (150, 200, 110), (230, 140, 160),
-             (110, 120, 200), (120, 80, 60)),
+    colours=((200, 230, 240), (240, 200, 80), (150, 200, 110), (230, 120, 150),
+             (110, 120, 200), (140, 100, 70)),
     labels=("Qt  Terrace", "Tgr  Green River", "Kf  Frontier", "Jn  Nugget", "Pp  Park City",
             "Wr  Gneiss"),
     shapes=(("rect", 1, (340, 60, 940, 200)),
@@ -143,14 +145,14 @@ LEFT = Drawing(
 # legend below the map, in two columns
 BELOW = Drawing(
     "below", map_area=(30, 20, 970, 520),
-    colours=((235, 235, 170), (250, 180, 180), (170, 210, 240), (200, 170, 120),
-             (140, 190, 140), (90, 90, 160)),
+    colours=((235, 235, 170), (250, 190, 170), (150, 190, 240), (200, 160, 100),
+             (120, 170, 120), (90, 90, 160)),
     shapes=(("rect", 1, (60, 50, 400, 250)), ("ellipse", 2, (650, 180, 200, 110)),
             ("polygon", 3, ((100, 300), (420, 330), (380, 500), (80, 480))),
             ("ellipse", 4, (820, 420, 90, 70)), ("rect", 5, (500, 380, 640, 500))),
     faults=(((50, 280), (950, 300)), ((480, 40), (520, 500)), ((700, 500), (950, 340))),
     points=((200, 150), (800, 100), (250, 400), (600, 300), (900, 250)),
-    line_colour=BLACK, point_colour=(230, 60, 0),
+    line_colour=BLACK, point_colour=(200, 0, 0),
     legend_origin=(60, 560), legend_rows=4, column_pitch=420, row_pitch=45,
     legend_side="below")
 # legend right in two columns, small units
