@@ -26,6 +26,8 @@ import sample_map
 import shapely
 import yaml
 from map_variants import ALL
+from map_variants import BILEVEL_CUT
+from map_variants import KINDS
 from map_variants import describe
 from map_variants import write_variant
 from rasterio.errors import NotGeoreferencedWarning
@@ -88,8 +90,8 @@ class Records(logging.Handler):
 class Chain:
     """Every catalogue module, in order, on one map file: outputs under base."""
 
-    def __init__(self, tif: str, base, grey: bool = False):
-        self.grey = grey
+    def __init__(self, tif: str, base, kind: str, grey: bool = False):
+        self.kind, self.grey = kind, grey
         folder = base / "inputs" / "maps" / MAP
         folder.mkdir(parents=True)
         os.link(tif, folder / f"{MAP}.tif")
@@ -139,10 +141,18 @@ def within(found: int, drawn: int) -> bool:
     return drawn / FACTOR <= found <= drawn * FACTOR
 
 
+def luma(colour) -> int:
+    r, g, b = colour
+    return round(0.299 * r + 0.587 * g + 0.114 * b)
+
+
 def drawn_colours(chain: Chain, drawing) -> list:
-    """The drawing's unit colours as the file holds them: grey levels in a grey file."""
+    """The drawing's unit colours as the file holds them: grey levels in a grey file;
+    in a 1-bit file only the units dark enough to turn black (the rest are paper)."""
+    if chain.kind == "g4":
+        return [(0, 0, 0)] * any(luma(c) < BILEVEL_CUT for c in drawing.colours)
     if chain.grey:
-        return [(round(0.299 * r + 0.587 * g + 0.114 * b),) * 3 for r, g, b in drawing.colours]
+        return [(luma(c),) * 3 for c in drawing.colours]
     return list(drawing.colours)
 
 
@@ -183,11 +193,11 @@ def check_geopackage(chain: Chain, layers=("points", "lines", "polygons")) -> No
 
 
 def check_map(chain: Chain, drawing) -> dict:
-    check_units(chain, drawing)
+    units = check_units(chain, drawing)
     found = counts(chain)
     assert within(found["lines"], len(drawing.faults)), (found, len(drawing.faults))
     assert within(found["points"], len(drawing.points)), (found, len(drawing.points))
-    check_geopackage(chain)
+    check_geopackage(chain, ("points", "lines", "polygons") if units else ("points", "lines"))
     return found
 
 
@@ -197,7 +207,7 @@ def kind_chain(tmp_path, kind: str, drawing, size=SIZE) -> Chain:
     facts = describe(path)
     assert {k: facts[k] for k in v.expect} == v.expect, f"{kind} is not what it claims"
     grey = facts["count"] <= 2 and facts["colorinterp"][0] in ("gray", "undefined")
-    return Chain(path, tmp_path / "run", grey)
+    return Chain(path, tmp_path / "run", kind, grey)
 
 
 # ---------------------------------------------------------------- reading
@@ -230,10 +240,16 @@ def test_the_block_cache_is_given_in_bytes(tmp_path):
 DEFAULT_KINDS = [
     # (kind, drawing): each a different reading path, none on the fixture's drawing
     ("cog_cubic", sample_map.LEFT),
+    ("cog_jpeg75", sample_map.COLUMNS),
     ("collar", sample_map.COLUMNS),
+    ("scanner_bed", sample_map.BELOW),
     ("miniswhite", sample_map.LEFT),
+    ("g4", sample_map.BELOW),
     ("lzw", sample_map.BELOW),
 ]
+DRAWINGS = list(sample_map.DRAWINGS.values())
+SLOW_KINDS = [(kind, drawing) for kind in [*KINDS, "lzw", "palette", "cmyk", "tinted"]
+              for drawing in DRAWINGS if (kind, drawing) not in DEFAULT_KINDS]
 
 
 @pytest.fixture
@@ -248,3 +264,33 @@ def decimated(monkeypatch):
 def test_chain_on_map_kinds(tmp_path, decimated, kind, drawing):
     found = check_map(kind_chain(tmp_path, kind, drawing), drawing)
     print(kind, drawing.name, found)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind,drawing", SLOW_KINDS,
+                         ids=[f"{k}-{d.name}" for k, d in SLOW_KINDS])
+def test_chain_on_every_kind_and_drawing(tmp_path, decimated, kind, drawing):
+    check_map(kind_chain(tmp_path, kind, drawing), drawing)
+
+
+# COLUMNS is left out: at this size the text's 10 px floor runs its first column's labels
+# into the second column's swatches (the drawing itself breaks down)
+TINY = [sample_map.PEACH, sample_map.LEFT, sample_map.BELOW]
+
+
+@pytest.mark.parametrize("drawing", TINY, ids=[d.name for d in TINY])
+def test_a_tiny_map(tmp_path, drawing):
+    """300 x 225 px: lines and symbols at their size floor, text at its own."""
+    check_map(kind_chain(tmp_path, "lzw", drawing, size=(300, 225)), drawing)
+
+
+@pytest.mark.parametrize("drawing", DRAWINGS, ids=[d.name for d in DRAWINGS])
+def test_drawings_tell_their_units_apart_in_grey(drawing):
+    """Every unit, the symbols and the lines at least 15 grey levels apart, so the grey
+    kinds can be held to the drawn colours."""
+    levels = sorted(luma(c) for c in [*drawing.colours, drawing.point_colour,
+                                      drawing.line_colour])
+    assert min(b - a for a, b in zip(levels, levels[1:], strict=False)) >= 15, levels
+    pixels = sample_map.draw_sample_map(*SIZE, drawing)
+    colours = {tuple(c) for c in np.unique(pixels.reshape(-1, 3), axis=0)}
+    assert set(drawing.colours) | {drawing.point_colour, drawing.line_colour} <= colours
