@@ -214,7 +214,7 @@ def over_white(rgb: np.ndarray, alpha: np.ndarray, full) -> np.ndarray:
 # ---------------------------------------------------------------- paper and ink
 
 
-def estimate_paper(rgb: np.ndarray) -> tuple:
+def estimate_paper(rgb: np.ndarray, border=None) -> tuple:
     """((r, g, b) of the paper, ink threshold) estimated from the map's own pixels.
 
     The paper is the whitest colour that covers a real share of the map: colours are
@@ -224,18 +224,20 @@ def estimate_paper(rgb: np.ndarray) -> tuple:
     from a pale unit that shares its coarse bin (a grey scan's lightest unit); scanner noise
     spreads paper over many fine bins, and then the coarse bin stands. The paper colour is
     the median of the pixels near the winner; the threshold grows with the paper's own
-    noise, so noisy scans do not turn into ink.
+    noise, so noisy scans do not turn into ink. Where two bins tie (a pale unit and
+    yellowed paper), the one holding more of `border`, pixels from the sheet's edge
+    (n, 3), wins: the margin is paper.
     """
     pixels = rgb.reshape(-1, 3)
     if len(pixels) > SAMPLE_PIXELS:
         pixels = pixels[::len(pixels) // SAMPLE_PIXELS]
     share = max(1, 0.02 * len(pixels))
-    centre, radius = whitest_bin(pixels, 5, share), 32
+    centre, radius = whitest_bin(pixels, 5, share, border), 32
     if centre is None:
-        centre = whitest_bin(pixels, 5, 1)
+        centre = whitest_bin(pixels, 5, 1, border)
     signed = pixels.astype(np.int16)
     near = pixels[np.abs(signed - centre).max(axis=1) <= radius]
-    fine = whitest_bin(near, 3, share)
+    fine = whitest_bin(near, 3, share, border)
     if fine is not None:
         centre, radius = fine, 12
         near = pixels[np.abs(signed - centre).max(axis=1) <= radius]
@@ -249,20 +251,27 @@ def estimate_paper(rgb: np.ndarray) -> tuple:
     return tuple(int(v) for v in paper), threshold
 
 
-def whitest_bin(pixels: np.ndarray, shift: int, share: float):
-    """The centre of the bin (2**shift levels a channel) holding at least `share` pixels
-    whose darkest channel is lightest (ties: lightest in all, then fullest); None if no
-    bin holds that many."""
+def bin_keys(pixels: np.ndarray, shift: int) -> np.ndarray:
     per = 256 >> shift
     levels = (pixels >> shift).astype(np.int32)
-    keys = (levels[:, 0] * per + levels[:, 1]) * per + levels[:, 2]
-    counts = np.bincount(keys, minlength=per ** 3)
+    return (levels[:, 0] * per + levels[:, 1]) * per + levels[:, 2]
+
+
+def whitest_bin(pixels: np.ndarray, shift: int, share: float, border=None):
+    """The centre of the bin (2**shift levels a channel) holding at least `share` pixels
+    whose darkest channel is lightest (ties: lightest in all, then most of `border`, then
+    fullest); None if no bin holds that many."""
+    per = 256 >> shift
+    counts = np.bincount(bin_keys(pixels, shift), minlength=per ** 3)
+    edge = np.zeros_like(counts) if border is None or not len(border) else \
+        np.bincount(bin_keys(border, shift), minlength=per ** 3)
     candidates = np.flatnonzero(counts >= share)
     if not candidates.size:
         return None
     bins = np.stack([candidates // (per * per), candidates // per % per, candidates % per],
                     axis=1)
-    order = np.lexsort((counts[candidates], bins.sum(axis=1), bins.min(axis=1)))
+    order = np.lexsort((counts[candidates], edge[candidates], bins.sum(axis=1),
+                        bins.min(axis=1)))
     return (bins[order[-1]] << shift) + (1 << shift) // 2
 
 
@@ -296,6 +305,15 @@ def widest(blocks: list) -> tuple:
     if not blocks:
         raise common.ModuleFailed("the map image is blank: no ink found on the paper")
     return max(blocks, key=lambda block: block[1] - block[0])
+
+
+def edge_pixels(rgb: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(n, 3) of the valid pixels within 2% of the image's edge."""
+    height, width = valid.shape
+    ring = np.zeros_like(valid)
+    dy, dx = max(1, height // 50), max(1, width // 50)
+    ring[:dy], ring[-dy:], ring[:, :dx], ring[:, -dx:] = True, True, True, True
+    return rgb[ring & valid]
 
 
 def dense(share: np.ndarray) -> np.ndarray:
@@ -341,8 +359,8 @@ class Layout:
         valid = reader.valid(out_shape=self.rgb.shape[:2])
         self.sx = self.width / self.rgb.shape[1]
         self.sy = self.height / self.rgb.shape[0]
-        self.paper, self.threshold = estimate_paper(self.rgb[valid] if valid.any()
-                                                    else self.rgb)
+        self.paper, self.threshold = estimate_paper(
+            self.rgb[valid] if valid.any() else self.rgb, edge_pixels(self.rgb, valid))
         ink = ink_mask(self.rgb, self.paper, self.threshold) & valid
         self.sheet = sheet_mask(ink, self.rgb, self.paper, self.threshold) & valid
         self.ink = ink & self.sheet
