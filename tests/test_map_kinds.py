@@ -234,6 +234,66 @@ def test_the_block_cache_is_given_in_bytes(tmp_path):
     assert 32 * 2**20 <= cache <= 256 * 2**20
 
 
+def test_decimated_reads_ignore_the_files_overviews(tmp_path):
+    """A COG's CUBIC overview blurs and invents colours; a half-size read of it is the
+    nearest full-resolution pixels, exactly as from the same pixels without overviews."""
+    drawn = sample_map.draw_sample_map(*SIZE, sample_map.LEFT)
+    cog = write_variant(ALL["cog_cubic"], drawn, str(tmp_path / "cog.tif"))
+    plain = write_rgb(tmp_path / "plain.tif", drawn)
+    assert describe(cog)["overviews"]
+    half = (SIZE[1] // 2, SIZE[0] // 2)
+    with raster.open_map(cog) as reader:
+        from_cog = reader.rgb(out_shape=half)
+    with raster.open_map(plain) as reader:
+        from_plain = reader.rgb(out_shape=half)
+    assert (from_cog == from_plain).all()
+    drawn_colours = {tuple(c) for c in np.unique(drawn.reshape(-1, 3), axis=0)}
+    assert {tuple(c) for c in np.unique(from_cog.reshape(-1, 3), axis=0)} <= drawn_colours
+
+
+@pytest.mark.parametrize("kind", ["collar", "mask_band", "grey_alpha"])
+def test_masked_pixels_read_as_paper(tmp_path, kind):
+    """Nodata, a mask band and alpha: whatever the surround holds, it reads white."""
+    path = write_variant(ALL[kind], sample_map.draw_sample_map(*SIZE), str(tmp_path / "m.tif"))
+    with raster.open_map(path) as reader:
+        rgb, valid = reader.rgb(), reader.valid()
+    assert reader.masked and 0.05 < (~valid).mean() < 0.5
+    assert (rgb[~valid] == 255).all()
+
+
+def test_miniswhite_grey_is_inverted(tmp_path):
+    drawn = sample_map.draw_sample_map(*SIZE, sample_map.LEFT)
+    path = write_variant(ALL["miniswhite"], drawn, str(tmp_path / "w.tif"))
+    with raster.open_map(path) as reader:
+        assert reader.inverted
+        grey = reader.rgb()[..., 0].astype(int)
+    expected = ALL["grey"].bands(drawn)[0][0].astype(int)
+    assert np.abs(grey - expected).max() == 0
+
+
+def test_one_bit_reads_as_black_ink_on_white(tmp_path):
+    drawn = sample_map.draw_sample_map(*SIZE, sample_map.BELOW)
+    path = write_variant(ALL["g4"], drawn, str(tmp_path / "g4.tif"))
+    with raster.open_map(path) as reader:
+        rgb = reader.rgb()
+    assert {tuple(c) for c in np.unique(rgb.reshape(-1, 3), axis=0)} == {(0, 0, 0),
+                                                                         (255, 255, 255)}
+    assert (rgb == 0).all(axis=-1).mean() < 0.3  # ink is the minority: not a negative
+
+
+def test_paper_is_the_margin_when_a_pale_unit_ties_with_it():
+    """A pale blue unit covering most of the sheet and yellowed paper both have a
+    darkest channel of about 200: the colour of the sheet's edge is the paper."""
+    rng = np.random.default_rng(3)
+    image = np.empty((200, 300, 3), dtype=np.uint8)
+    image[:] = (236, 226, 198)
+    image[20:180, 20:280] = (200, 230, 240)
+    noisy = np.clip(image + rng.normal(0, 6, image.shape), 0, 255).astype(np.uint8)
+    valid = np.ones(image.shape[:2], dtype=bool)
+    paper, _ = raster.estimate_paper(noisy, raster.edge_pixels(noisy, valid))
+    assert np.abs(np.array(paper) - (236, 226, 198)).max() <= 4, paper
+
+
 # ---------------------------------------------------------------- the chain on kinds
 
 
