@@ -108,7 +108,7 @@ def work(args, log) -> None:
              seg_path, *swatch_files, len(features), args.temp_dir)
 
     by_kind = {"point": {}, "line": {}, "polygon": {}}
-    with raster.open_map(tif) as reader:
+    with raster.open_map(tif, log) as reader:
         log.info("map %s (%s)", tif, reader.describe())
         for feature in features:
             kind = feature["properties"]["type"]

@@ -128,7 +128,7 @@ def work(args, log) -> None:
     boxes = {label: found[0] for label, found in areas.items()}
     paper = segmentation.get("paper", (255, 255, 255))
     threshold = int(segmentation.get("ink_threshold", 24))
-    with raster.open_map(args.input_image) as reader:
+    with raster.open_map(args.input_image, log) as reader:
         log.info("read %s (%s) and %s with areas %s; paper %s, ink threshold %d",
                  args.input_image, reader.describe(), args.input_legend_segmentation,
                  sorted(boxes), common.hex_colour(paper), threshold)

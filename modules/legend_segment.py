@@ -131,7 +131,7 @@ def shape(label: str, x0: int, y0: int, x1: int, y1: int) -> dict:
 def work(args, log) -> None:
     tif = common.find_map_tif(args.input)
     map_name = os.path.splitext(os.path.basename(tif))[0]
-    with raster.open_map(tif) as reader:
+    with raster.open_map(tif, log) as reader:
         log.info("read %s (%s); model %s and workdir %s are not used by the stand-in",
                  tif, reader.describe(), args.model, args.workdir)
         layout = raster.Layout(reader)

@@ -85,7 +85,7 @@ def work(args, log) -> None:
     patches.patch_grid(folder)
     map_name = folder.rsplit("_g", 1)[0]
     tif = os.path.join(args.map_dir, map_name, f"{map_name}.tif")
-    with raster.open_map(tif) as reader:
+    with raster.open_map(tif, log) as reader:
         size = (reader.width, reader.height)
     legend_path = os.path.join(args.map_metadata_dir, f"{map_name}_point.json")
     legend = common.read_json(legend_path, "legend_item_description output")

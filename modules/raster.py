@@ -46,21 +46,61 @@ RGB = (ColorInterp.red, ColorInterp.green, ColorInterp.blue)
 
 
 @contextlib.contextmanager
-def open_map(path: str):
-    """Yield a MapReader for the map at path; raises ModuleFailed if GDAL cannot open it."""
+def open_map(path: str, log=None):
+    """Yield a MapReader for the map at path, logging to log (when given) a WARNING for a
+    file that is not what its name says; raises ModuleFailed, in one line carrying GDAL's
+    reason, if GDAL cannot open it or, later, read it (a truncated file opens)."""
     common.require(path, "map GeoTIFF")
     with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_BYTES), warnings.catch_warnings():
         # most scanned maps carry no georeferencing; georeference handles that case itself
         warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
-        try:
+        with gdal_errors(path):
             # A file does not record how its overviews were resampled (GDAL's COG driver
             # uses CUBIC, whose halos blur gaps and invent colours): decimated reads come
             # from the full-resolution pixels, nearest, whatever overviews the file has.
             dataset = rasterio.open(path, OVERVIEW_LEVEL="NONE")
-        except RasterioError as exc:
-            raise common.ModuleFailed(f"GDAL cannot read the map {path}: {exc}") from exc
         with dataset:
-            yield MapReader(dataset)
+            reader = MapReader(dataset)
+            for note in surprises(dataset, path):
+                if log is not None:
+                    log.warning("%s", note)
+            yield reader
+
+
+@contextlib.contextmanager
+def gdal_errors(path: str):
+    """Turn GDAL's errors into ModuleFailed, one line with GDAL's own reason."""
+    try:
+        yield
+    except RasterioError as exc:
+        raise common.ModuleFailed(f"GDAL cannot read the map {path}: {gdal_reason(exc)}") \
+            from None
+
+
+def gdal_reason(exc: BaseException) -> str:
+    """GDAL's messages along an exception's chain, the first cause first, on one line:
+    rasterio's own ("Read failed. See previous exception") says nothing by itself."""
+    messages = []
+    while exc is not None:
+        text = " ".join(str(exc).split())
+        if text and text not in messages:
+            messages.append(text)
+        exc = exc.__cause__ or exc.__context__
+    return "; ".join(reversed(messages)) or "no reason given"
+
+
+def surprises(dataset, path: str) -> list:
+    """Why the file is not quite what its name says: another format under a .tif name,
+    or a TIFF of several pages (only the first is read)."""
+    notes = []
+    if dataset.driver != "GTiff":
+        notes.append(f"{path} is not a TIFF but a {dataset.driver} file under a .tif name; "
+                     f"GDAL reads it as {dataset.driver}")
+    pages = [name for name in dataset.subdatasets if name.startswith("GTIFF_DIR:")]
+    if pages:
+        notes.append(f"{path} is a multi-page TIFF of {len(pages)} pages: page 1 is used, "
+                     f"the other {len(pages) - 1} are ignored")
+    return notes
 
 
 class MapReader:
@@ -110,11 +150,16 @@ class MapReader:
             return np.ones(shape, dtype=bool)
         # the dataset's mask, not band 1's: with nodata, a pixel is out only when every
         # band says so (black ink on one band is not a collar)
-        mask = self.dataset.dataset_mask(window=Window(x0, y0, x1 - x0, y1 - y0),
-                                         out_shape=shape, resampling=Resampling.nearest)
+        with gdal_errors(self.dataset.name):
+            mask = self.dataset.dataset_mask(window=Window(x0, y0, x1 - x0, y1 - y0),
+                                             out_shape=shape, resampling=Resampling.nearest)
         return mask > 0
 
     def colour(self, window=None, out_shape=None) -> np.ndarray:
+        with gdal_errors(self.dataset.name):
+            return self.read_colour(window, out_shape)
+
+    def read_colour(self, window=None, out_shape=None) -> np.ndarray:
         x0, y0, x1, y1 = window or (0, 0, self.width, self.height)
         win = Window(x0, y0, x1 - x0, y1 - y0)
         shape = out_shape or (y1 - y0, x1 - x0)
@@ -135,8 +180,9 @@ class MapReader:
         scale = max(1, math.ceil(max(self.width, self.height) / RANGE_SIDE))
         shape = (len(self.bands), math.ceil(self.height / scale), math.ceil(self.width / scale))
         # masked: a nodata collar (often 0 or -9999) must not stretch the range
-        sample = self.dataset.read(list(self.bands), out_shape=shape, masked=True,
-                                   resampling=Resampling.nearest).compressed()
+        with gdal_errors(self.dataset.name):
+            sample = self.dataset.read(list(self.bands), out_shape=shape, masked=True,
+                                       resampling=Resampling.nearest).compressed()
         sample = sample[np.isfinite(sample)]
         if not sample.size:
             raise common.ModuleFailed("the map holds no valid pixels (all masked)")
