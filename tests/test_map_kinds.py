@@ -13,6 +13,7 @@ Run: .venv/bin/python -m pytest tests/test_map_kinds.py   (every kind: -m slow)
 import importlib
 import logging
 import os
+import subprocess
 import sys
 import warnings
 
@@ -30,6 +31,7 @@ from map_variants import BILEVEL_CUT
 from map_variants import KINDS
 from map_variants import describe
 from map_variants import write_variant
+from PIL import Image
 from rasterio.errors import NotGeoreferencedWarning
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -354,3 +356,59 @@ def test_drawings_tell_their_units_apart_in_grey(drawing):
     pixels = sample_map.draw_sample_map(*SIZE, drawing)
     colours = {tuple(c) for c in np.unique(pixels.reshape(-1, 3), axis=0)}
     assert set(drawing.colours) | {drawing.point_colour, drawing.line_colour} <= colours
+
+
+# ---------------------------------------------------------------- files not what they claim
+
+
+def test_a_truncated_map_fails_at_once_in_one_line_with_gdals_reason(tmp_path):
+    """The file opens (its header is whole) and fails on the first read: legend_segment,
+    the graph's first module, exits 1 with one FAILED line naming GDAL's reason."""
+    drawn = sample_map.draw_sample_map(*SIZE, sample_map.COLUMNS)
+    whole = write_variant(ALL["lzw"], drawn, str(tmp_path / "whole.tif"))
+    folder = tmp_path / "maps" / MAP
+    folder.mkdir(parents=True)
+    with open(whole, "rb") as f:
+        data = f.read()
+    (folder / f"{MAP}.tif").write_bytes(data[:len(data) // 2])
+    out = tmp_path / "out"
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "modules", "legend_segment.py"), "--input",
+         str(folder), "--model", "m", "--output", str(out), "--workdir", str(tmp_path / "w")],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stdout + done.stderr
+    failed = [line for line in done.stdout.splitlines() if "FAILED" in line]
+    assert len(failed) == 1, done.stdout
+    assert "GDAL cannot read the map" in failed[0]
+    # GDAL's own words (the codec's complaint), not only rasterio's "Read failed"
+    reason = failed[0].split("GDAL cannot read the map", 1)[1]
+    assert "LZW" in reason or "TIFF" in reason or "scanline" in reason, failed[0]
+
+
+def warnings_of(chain: Chain) -> list:
+    return [line for line in chain.log["legend_segment"] if line.startswith("WARNING")]
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "JPEG"])
+def test_a_png_or_jpeg_named_tif_runs_with_a_warning(tmp_path, image_format):
+    drawing = sample_map.LEFT
+    drawn = sample_map.draw_sample_map(*SIZE, drawing)
+    path = tmp_path / "scan.tif"
+    Image.fromarray(drawn).save(path, format=image_format, quality=95)
+    chain = Chain(str(path), tmp_path / "run", "lzw")
+    assert any(f"not a TIFF but a {image_format} file" in line for line in warnings_of(chain))
+    check_map(chain, drawing)
+
+
+def test_a_multi_page_tiff_runs_page_one_with_a_warning(tmp_path):
+    """Three pages written by GDAL (APPEND_SUBDATASET): the first is the map."""
+    drawing = sample_map.BELOW
+    path = str(tmp_path / "pages.tif")
+    write_rgb(path, sample_map.draw_sample_map(*SIZE, drawing))
+    for other in (sample_map.LEFT, sample_map.COLUMNS):
+        write_rgb(path, sample_map.draw_sample_map(*SIZE, other), APPEND_SUBDATASET="YES")
+    chain = Chain(path, tmp_path / "run", "lzw")
+    assert any("multi-page TIFF of 3 pages: page 1 is used" in line
+               for line in warnings_of(chain)), warnings_of(chain)
+    check_map(chain, drawing)
