@@ -309,6 +309,17 @@ DEFAULT_KINDS = [
     ("g4", sample_map.BELOW),
     ("lzw", sample_map.BELOW),
 ]
+def test_a_one_bit_map_gives_lines_and_points_not_a_paper_unit(tmp_path):
+    """Black on white: the faults are lines, the symbols points, and no black mark that is
+    not symbol-sized (a fault, a dark unit) counts as a point."""
+    drawing = sample_map.LEFT
+    chain = kind_chain(tmp_path, "g4", drawing)
+    check_units(chain, drawing)
+    found = counts(chain)
+    assert 1 <= found["lines"] <= 2 * len(drawing.faults), found
+    assert len(drawing.points) / 2 <= found["points"] <= len(drawing.points), found
+
+
 DRAWINGS = list(sample_map.DRAWINGS.values())
 SLOW_KINDS = [(kind, drawing) for kind in [*KINDS, "lzw", "palette", "cmyk", "tinted"]
               for drawing in DRAWINGS if (kind, drawing) not in DEFAULT_KINDS]
