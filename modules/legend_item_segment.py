@@ -7,10 +7,12 @@ Run: python modules/legend_item_segment.py --input_image MAP.tif
      [--sleep S] [--fail] [--fail-unless-exists PATH]
 
 Reads only the legend areas that legend_segment reported (windows of the map, on a grid
-of 2 px, coarser on maps over 8,000 px), marks ink (pixels further from the paper than
+of 2 px, coarser on maps over 8,000 px; a legend in several columns has an area of each
+kind per column), marks ink (pixels further from the paper than
 legend_segment's threshold), and groups it into 8-connected blobs (GDAL's polygonize).
 The blobs starting in the legend's leftmost column are the swatches (the blobs right of
-them are label text); each swatch's colour is read at its centre. Swatches in the
+them are label text); each swatch's colour is read at its centre. Specks (at most 6 px)
+and paper-coloured swatches are dropped and logged. Swatches in the
 polygon legend become polygon units; in the point/line legend a wide, thin swatch is a
 line and anything else a point.
 Writes, in pixel coordinates (x right, y down):

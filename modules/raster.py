@@ -3,9 +3,13 @@
 Not run on its own: the modules import it (after common). `open_map(path)` opens a map
 with rasterio; `MapReader.rgb(window, out_shape)` reads a window, or a decimated view,
 as an (height, width, 3) uint8 array whatever the file holds: palette (through its colour
-map), grey (replicated), RGB, RGBA (alpha composited on white paper), CMYK (converted),
-8- or 16-bit (16-bit scaled by the file's real range), pixel- or band-interleaved,
-compressed, tiled, COG or BigTIFF. Reads of a part of the map touch only that part.
+map; a 1-bit file comes as a black and white one), grey (replicated; MINISWHITE
+inverted), RGB, RGBA (alpha composited on white paper), CMYK (converted), 8-, 16-bit or
+float (scaled by the file's real range), pixel- or band-interleaved, compressed, tiled,
+COG or BigTIFF. Pixels GDAL's mask leaves out (nodata, a mask band, alpha) read as white
+paper. Decimated reads take the nearest full-resolution pixels, never the file's
+overviews. Reads of a part of the map touch only that part. A file GDAL cannot read fails
+in one line with GDAL's reason; one that is not what its name says is logged as a WARNING.
 
 Sections: opening, reading, paper and ink, layout.
 """
@@ -411,10 +415,9 @@ class Layout:
         self.sheet = sheet_mask(ink, self.rgb, self.paper, self.threshold) & valid
         self.ink = ink & self.sheet
         # gaps narrower than this are bridged: a map's frame and the legend beside it
-        # stand further apart (the fixture: 26 columns on 1,000), but a blurred or
-        # decimated read must not bring the figure down to the threshold, so half of it
+        # stand further apart (the fixture: 26 columns on 1,000), with a margin of more
+        # than two so that a blurred or decimated read does not bring the gap down to it
         self.min_gap = max(2, round(max(3, self.width // 100) / self.sx))
-        self.columns = runs(self.ink.any(axis=0), self.min_gap)
 
     def row_blocks(self, x0: int, x1: int, min_gap: int) -> list:
         """[y0, y1) blocks (overview pixels) of rows holding ink between columns x0, x1."""
