@@ -165,7 +165,22 @@ COLUMNS = Drawing(
     faults=(((40, 360), (540, 330)), ((300, 40), (330, 760))),
     points=((100, 300), (500, 420), (150, 700), (450, 60), (540, 760), (260, 560), (80, 80)),
     legend_origin=(610, 60), legend_rows=4, column_pitch=190, legend_side="right")
-DRAWINGS = {d.name: d for d in (PEACH, LEFT, BELOW, COLUMNS)}
+# legend above the map, in three columns of three, big units
+ABOVE = Drawing(
+    "above", map_area=(20, 200, 980, 780),
+    colours=((250, 225, 140), (180, 220, 200), (240, 170, 170), (160, 160, 220),
+             (210, 140, 60), (80, 120, 80)),
+    labels=("Qa  Alluvium", "Tv  Volcanics", "Kp  Pierre Sh.", "Jsm  Sundance",
+            "Pmc  Minnelusa", "Xgr  Granite"),
+    shapes=(("rect", 1, (40, 220, 480, 480)), ("ellipse", 2, (740, 360, 200, 130)),
+            ("polygon", 3, ((60, 540), (500, 520), (560, 760), (40, 760))),
+            ("rect", 4, (620, 560, 960, 760)), ("ellipse", 5, (780, 660, 80, 60))),
+    faults=(((30, 500), (970, 520)), ((560, 210), (600, 770))),
+    points=((200, 300), (400, 420), (850, 260), (300, 650), (700, 700), (900, 560)),
+    line_colour=BLACK, point_colour=(0, 0, 200),
+    legend_origin=(40, 30), legend_rows=3, column_pitch=320, row_pitch=45,
+    legend_side="above")
+DRAWINGS = {d.name: d for d in (PEACH, LEFT, BELOW, COLUMNS, ABOVE)}
 
 # Wyoming/Colorado border country: 0.5 x 0.4 degrees whatever the pixel size
 WEST_LONGITUDE = -106.5

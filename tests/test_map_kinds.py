@@ -308,6 +308,7 @@ DEFAULT_KINDS = [
     ("miniswhite", sample_map.LEFT),
     ("g4", sample_map.BELOW),
     ("lzw", sample_map.BELOW),
+    ("lzw", sample_map.ABOVE),
 ]
 def test_a_one_bit_map_gives_lines_and_points_not_a_paper_unit(tmp_path):
     """Black on white: the faults are lines, the symbols points, and no black mark that is
@@ -348,7 +349,7 @@ def test_chain_on_every_kind_and_drawing(tmp_path, decimated, kind, drawing):
 
 # COLUMNS is left out: at this size the text's 10 px floor runs its first column's labels
 # into the second column's swatches (the drawing itself breaks down)
-TINY = [sample_map.PEACH, sample_map.LEFT, sample_map.BELOW]
+TINY = [sample_map.PEACH, sample_map.LEFT, sample_map.BELOW, sample_map.ABOVE]
 
 
 @pytest.mark.parametrize("drawing", TINY, ids=[d.name for d in TINY])
