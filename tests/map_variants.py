@@ -1,8 +1,15 @@
 """The sample map written the ways real maps come: each kind of TIFF GDAL reads, written
 with rasterio from the pixels modules/sample_map.py draws.
 
-    from map_variants import VARIANTS, write_variant, describe
+    from map_variants import VARIANTS, KINDS, write_variant, describe
     write_variant(VARIANTS["cog"], sample_map.draw_sample_map(), "/tmp/cog.tif")
+    write_variant(KINDS["collar"], sample_map.draw_sample_map(600, 450, sample_map.LEFT),
+                  "/tmp/collar.tif")
+
+VARIANTS are the formats (test_real_maps.py runs each through mipper); KINDS are the maps
+of issue 23 (COGs with the COG driver's own overviews, JPEG q75, ZSTD, WEBP, LERC; a
+nodata collar, a mask band, a scanner bed around a skewed sheet; MINISWHITE, grey+alpha,
+float32 and 1-bit G4), which test_map_kinds.py runs on every drawing of sample_map.
 
 Each Variant names what it is, how rasterio writes it (a creation profile, and how the RGB
 pixels become its bands) and what reading it back must show (`expect`, compared with
@@ -11,7 +18,7 @@ modules make of it. Georeferenced variants use the sample map's EPSG:4267 bounds
 the projected ones, the same ground in a UTM zone (so that GCPs must be converted to
 EPSG:4326 degrees). Run as a script to write every variant into a folder:
 
-    python tests/map_variants.py DEST_DIR [--width 1000 --height 800]
+    python tests/map_variants.py DEST_DIR [--width 1000 --height 800] [--drawing left]
 """
 
 import argparse

@@ -236,6 +236,14 @@ def test_the_block_cache_is_given_in_bytes(tmp_path):
     assert 32 * 2**20 <= cache <= 256 * 2**20
 
 
+def test_kinds_are_what_they_claim(tmp_path):
+    """Each kind's file reads back, through GDAL, as its variant says."""
+    drawn = sample_map.draw_sample_map(300, 225, sample_map.BELOW)
+    for name, v in KINDS.items():
+        facts = describe(write_variant(v, drawn, str(tmp_path / f"{name}.tif")))
+        assert {k: facts[k] for k in v.expect} == v.expect, name
+
+
 def test_decimated_reads_ignore_the_files_overviews(tmp_path):
     """A COG's CUBIC overview blurs and invents colours; a half-size read of it is the
     nearest full-resolution pixels, exactly as from the same pixels without overviews."""
