@@ -35,6 +35,8 @@ from scipy import ndimage
 # 96-byte cache (every decimated read of a tiled map then decodes each tile again per
 # output row); only the GDAL_CACHEMAX environment variable reads a small number as MB.
 GDAL_CACHE_BYTES = 96 * 1024 * 1024
+# rows a decimated read decodes at a time (a tile row of the usual 256 px tiles)
+DECIMATE_ROWS = 256
 # decimated reads for the layout keep the longer side at most this long
 LAYOUT_SIDE = 2000
 # the longer side of the decimated read that fixes a non-8-bit file's range
@@ -160,13 +162,37 @@ class MapReader:
         return mask > 0
 
     def colour(self, window=None, out_shape=None) -> np.ndarray:
-        with gdal_errors(self.dataset.name):
-            return self.read_colour(window, out_shape)
-
-    def read_colour(self, window=None, out_shape=None) -> np.ndarray:
         x0, y0, x1, y1 = window or (0, 0, self.width, self.height)
+        shape = tuple(out_shape or (y1 - y0, x1 - x0))
+        with gdal_errors(self.dataset.name):
+            if shape == (y1 - y0, x1 - x0):
+                return self.read_colour((x0, y0, x1, y1))
+            return self.decimate((x0, y0, x1, y1), shape)
+
+    def decimate(self, window: tuple, shape: tuple) -> np.ndarray:
+        """The pixel at each cell's centre, from full-resolution reads of a few rows at a
+        time. GDAL's own decimated read of a pixel-interleaved file decodes every tile
+        again for each band (a 20,000 x 15,000 scan: 59 s, against 16 s this way)."""
+        x0, y0, x1, y1 = window
+        rows = y0 + centres(y1 - y0, shape[0])
+        cols = centres(x1 - x0, shape[1])
+        out = np.empty((*shape, 3), dtype=np.uint8)
+        # tiles and tall strips hold several wanted rows: read runs of rows; thin strips
+        # between two wanted rows are not decoded at all
+        tall = self.dataset.block_shapes[0][0] * shape[0] >= y1 - y0
+        i = 0
+        while i < len(rows):
+            top = int(rows[i])
+            j = int(np.searchsorted(rows, top + DECIMATE_ROWS)) if tall else i + 1
+            band = self.read_colour((x0, top, x1, int(rows[j - 1]) + 1))
+            out[i:j] = band[rows[i:j] - top][:, cols]
+            i = j
+        return out
+
+    def read_colour(self, window: tuple) -> np.ndarray:
+        x0, y0, x1, y1 = window
         win = Window(x0, y0, x1 - x0, y1 - y0)
-        shape = out_shape or (y1 - y0, x1 - x0)
+        shape = (y1 - y0, x1 - x0)
         if self.kind == "rgb" and self.range is None and not self.alpha:
             # GDAL writes straight into a pixel-interleaved array: no band-first copy
             out = np.empty((*shape, 3), dtype=np.uint8)
@@ -174,9 +200,7 @@ class MapReader:
                               resampling=Resampling.nearest)
             return out
         indexes = list(self.bands) + ([self.alpha] if self.alpha else [])
-        raw = self.dataset.read(indexes, window=win, out_shape=(len(indexes), *shape),
-                                resampling=Resampling.nearest)
-        return self.to_rgb(raw)
+        return self.to_rgb(self.dataset.read(indexes, window=win))
 
     def value_range(self) -> tuple:
         """(low, high) of the colour bands on a small decimated read: every module reading
@@ -217,6 +241,12 @@ class MapReader:
         low, high = self.range
         scaled = (band.astype(np.float32) - low) * (255.0 / (high - low))
         return np.clip(scaled + 0.5, 0, 255).astype(np.uint8)
+
+
+def centres(length: int, cells: int) -> np.ndarray:
+    """The index of each of `cells` equal cells' centre pixel along `length` pixels."""
+    return np.minimum(((np.arange(cells) + 0.5) * (length / cells)).astype(np.int64),
+                      length - 1)
 
 
 def band_layout(dataset) -> tuple:
