@@ -260,6 +260,21 @@ def test_decimated_reads_ignore_the_files_overviews(tmp_path):
     assert colours_of(from_cog) <= colours_of(drawn)
 
 
+@pytest.mark.parametrize("kind", ["lzw", "strips", "cmyk", "uint16", "g4"])
+def test_a_decimated_read_is_the_cells_centre_pixels(tmp_path, kind):
+    """Tiles, thin strips (only the wanted rows decoded), and the converting paths: a
+    decimated read, whole or of a window, holds each cell's centre pixel of a full read."""
+    path = write_variant(ALL[kind], sample_map.draw_sample_map(*SIZE, sample_map.ABOVE),
+                         str(tmp_path / "d.tif"))
+    with raster.open_map(path) as reader:
+        full = reader.rgb()
+        small = reader.rgb(out_shape=(45, 70))
+        part = reader.rgb((100, 50, 433, 301), out_shape=(21, 37))
+    assert (small == full[raster.centres(SIZE[1], 45)][:, raster.centres(SIZE[0], 70)]).all()
+    window = full[50:301, 100:433]
+    assert (part == window[raster.centres(251, 21)][:, raster.centres(333, 37)]).all()
+
+
 @pytest.mark.parametrize("kind", ["collar", "mask_band", "grey_alpha"])
 def test_masked_pixels_read_as_paper(tmp_path, kind):
     """Nodata, a mask band and alpha: whatever the surround holds, it reads white."""
