@@ -15,7 +15,8 @@ Sections: tools (processes, HTTP, load), fixtures, figures 1-6, figure 7 (a big 
 figures 8-9 (attacks), figure 10 (the console), figure 11 (issue 22: a burst of CDR
 events against the stand-in CDR; BENCH_CDR_EVENTS=N sends N instead of 1,000), figure 12
 (a long history: 100,000 CDR maps), figure 13 (a cheaper run: runs a minute,
-CPU and memory per run in flight, inline and on moto for ECS), main.
+CPU and memory per run in flight, inline and on moto for ECS), figure 14 (a 20,000 x 15,000
+scan through the whole graph), main.
 """
 
 import argparse
@@ -1718,9 +1719,91 @@ def figure_13(b: Bench, sizes: tuple = (8, 32, 64)) -> None:
         proc.wait(10)
 
 
+
+SCAN_MAP = "bench_scan"
+SCAN_SIZE = (20_000, 15_000)
+SCAN_ROWS = 1024  # rows of the scan noised and written at a time
+
+
+def write_scan(path: str, size: tuple) -> None:
+    """The sample map drawn at size on tinted paper with scanner noise, written as a tiled
+    LZW TIFF (256 px tiles) a band of rows at a time, so that no float copy of the whole
+    scan is ever held."""
+    import numpy
+    import rasterio
+    from rasterio.windows import Window
+
+    sys.path.insert(0, os.path.join(ROOT, "modules"))
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import map_variants
+    import sample_map
+
+    rgb = sample_map.draw_sample_map(*size)
+    width, height = size
+    rng = numpy.random.default_rng(map_variants.NOISE_SEED)
+    profile = {"driver": "GTiff", "width": width, "height": height, "count": 3,
+               "dtype": "uint8", "compress": "lzw", "tiled": True, "blockxsize": 256,
+               "blockysize": 256}
+    tint = numpy.array(map_variants.TINT, dtype=numpy.int16)
+    with rasterio.open(path, "w", **profile) as dst:
+        for top in range(0, height, SCAN_ROWS):
+            band = rgb[top:top + SCAN_ROWS].astype(numpy.int16)
+            paper = (band == 255).all(axis=2)
+            band[paper] = tint
+            noise = rng.normal(0, map_variants.NOISE_SIGMA, band.shape).astype(numpy.float32)
+            noisy = numpy.clip(band + numpy.rint(noise), 0, 255).astype(numpy.uint8)
+            dst.write(noisy.transpose(2, 0, 1),
+                      window=Window(0, top, width, noisy.shape[0]))
+
+
+def figure_14(b: Bench) -> None:
+    """The whole graph (config.yml, 4 workers) on a 20,000 x 15,000 scan, tiled LZW with
+    tinted paper and scanner noise: wall time against one full decode in the same run, and
+    peak memory of mipper and all its children."""
+    base = os.path.join(b.scratch, "scan")
+    dirs = {name: os.path.join(base, name)
+            for name in ("inputs", "outputs", "temps", "runs", "repos")}
+    for path in dirs.values():
+        os.makedirs(path)
+    tif = os.path.join(dirs["inputs"], "maps", SCAN_MAP, f"{SCAN_MAP}.tif")
+    os.makedirs(os.path.dirname(tif))
+    started = time.perf_counter()
+    write_scan(tif, SCAN_SIZE)
+    made = time.perf_counter() - started
+    decode = decode_seconds(tif, repeats=1)
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MIP_", "TA1_")) and "proxy" not in k.lower()}
+    env.update({f"TA1_{name.upper()}_DIR": path for name, path in dirs.items()})
+    env.update(MIP_CONFIG=os.path.join(ROOT, "config.yml"), MIP_WORKERS="4",
+               PYTHONUNBUFFERED="1")
+    job = "scan-job"
+    run = run_sampled([PY, "mipper.py", "--job", job, "--map", SCAN_MAP, "--module", "ALL"],
+                      env, os.path.join(base, "mipper.log"), timeout=1800)
+    if run["code"] != 0:
+        with open(os.path.join(base, "mipper.log")) as f:
+            raise BenchError(f"the graph failed on the 20k scan: {f.read()[-400:]}")
+    db = journal.Journal(os.path.join(dirs["runs"], "journal.db"))
+    spans = {}
+    for module in db.job_modules(job):
+        row = db.latest_execution(job, module)
+        spans[module] = parse_time(row["stop_time"]) - parse_time(row["start_time"])
+    db.close()
+    graph, peak_gb = run["seconds"], run["bytes"] / 1e9
+    slowest = sorted(spans.items(), key=lambda kv: -kv[1])[:4]
+    b.details.append(
+        f"11: scan {SCAN_SIZE[0]} x {SCAN_SIZE[1]} tiled LZW, noisy, "
+        f"{os.path.getsize(tif) / 1e6:.0f} MB, made in {made:.1f} s; decode {decode:.2f} s; "
+        f"graph {graph:.1f} s, longest modules "
+        f"{', '.join(f'{m} {s:.1f} s' for m, s in slowest)}; peak {peak_gb:.2f} GB in "
+        f"{run['processes']} processes at {run['at']:.1f} s")
+    b.row("11 20k scan: graph s", f"{graph:.1f}", f"{decode:.2f} decode", graph / decode,
+          "<= 20 x decode", graph / decode <= 20)
+    b.row("11 20k scan: peak memory GB", f"{peak_gb:.2f}", goal="<= 1.2 GB", met=peak_gb <= 1.2)
+
+
 FIGURES = {1: figure_1, 2: figure_2, 3: figure_3, 4: figure_4, 5: figure_5, 6: figure_6,
            7: figure_7, 8: figure_8, 9: figure_9, 10: figure_10, 11: figure_11, 12: figure_12,
-           13: figure_13}
+           13: figure_13, 14: figure_14}
 
 
 # ---------------------------------------------------------------------------- main
@@ -1746,7 +1829,7 @@ def table(rows: list) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bench/run.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--only", default="", help="comma-separated figure numbers (1-13)")
+    parser.add_argument("--only", default="", help="comma-separated figure numbers (1-14)")
     parser.add_argument("--python-load", action="store_true",
                         help="use the Python load generator even when wrk is installed")
     parser.add_argument("--keep", action="store_true", help="keep the scratch folder")

@@ -247,12 +247,19 @@ def rectangle(x0: float, y0: float, x1: float, y1: float) -> list:
 
 
 def segmentation_boxes(segmentation: dict) -> dict:
-    """legend_segment's labelme-style shapes as {label: (x0, y0, x1, y1)}."""
-    boxes = {}
+    """legend_segment's labelme-style shapes as {label: (x0, y0, x1, y1)}, the first of
+    each label (a legend in several columns has several boxes of a label)."""
+    return {label: boxes[0] for label, boxes in segmentation_areas(segmentation).items()}
+
+
+def segmentation_areas(segmentation: dict) -> dict:
+    """legend_segment's labelme-style shapes as {label: [(x0, y0, x1, y1), ...]}."""
+    areas = {}
     for shape in segmentation.get("shapes", []):
         (x0, y0), (x1, y1) = shape["points"]
-        boxes[shape["label"]] = (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
-    return boxes
+        areas.setdefault(shape["label"], []).append(
+            (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
+    return areas
 
 
 def hex_colour(rgb) -> str:

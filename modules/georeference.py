@@ -105,7 +105,7 @@ def placeholders(area: tuple) -> list:
 
 def work(args, log) -> None:
     map_name = os.path.splitext(os.path.basename(args.input_path))[0]
-    with raster.open_map(args.input_path) as reader:
+    with raster.open_map(args.input_path, log) as reader:
         log.info("read %s (%s); support data %s, temp %s and gpu %s are not used",
                  args.input_path, reader.describe(), args.support_data_dir, args.temp_dir,
                  args.gpu_id)

@@ -79,12 +79,23 @@ def describe(reader, feature, right_edge: int, paper, threshold: int) -> tuple:
     }
 
 
+def legend_area(boxes: list, feature):
+    """The legend box (of one column) holding the swatch's centre, else None."""
+    ring = feature["geometry"]["coordinates"][0]
+    cx = sum(p[0] for p in ring[:4]) / 4
+    cy = sum(p[1] for p in ring[:4]) / 4
+    for x0, y0, x1, y1 in boxes:
+        if x0 <= cx <= x1 and y0 <= cy <= y1:
+            return x0, y0, x1, y1
+    return None
+
+
 def work(args, log) -> None:
     key_state = "set" if os.environ.get("OPENAI_API_KEY") else "not set"
     log.info("OPENAI_API_KEY is %s; the stand-in never calls the API", key_state)
     seg_path = os.path.join(args.legend_json_dir, f"{args.map_name}_map_segmentation.json")
     segmentation = common.read_json(seg_path, "legend_segment output")
-    boxes = common.segmentation_boxes(segmentation)
+    areas = common.segmentation_areas(segmentation)
     paper = segmentation.get("paper", (255, 255, 255))
     threshold = int(segmentation.get("ink_threshold", 24))
     swatch_files = [os.path.join(args.symbol_json_dir, f"{args.map_name}_{kind}.geojson")
@@ -97,11 +108,12 @@ def work(args, log) -> None:
              seg_path, *swatch_files, len(features), args.temp_dir)
 
     by_kind = {"point": {}, "line": {}, "polygon": {}}
-    with raster.open_map(tif) as reader:
+    with raster.open_map(tif, log) as reader:
         log.info("map %s (%s)", tif, reader.describe())
         for feature in features:
             kind = feature["properties"]["type"]
-            area = boxes.get("legend_polygons" if kind == "polygon" else "legend_points_lines")
+            area = legend_area(areas.get("legend_polygons" if kind == "polygon"
+                                         else "legend_points_lines", []), feature)
             right_edge = min(int(area[2]), reader.width) if area else reader.width
             name, record = describe(reader, feature, right_edge, paper, threshold)
             by_kind[kind][name] = record

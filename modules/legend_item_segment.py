@@ -7,10 +7,12 @@ Run: python modules/legend_item_segment.py --input_image MAP.tif
      [--sleep S] [--fail] [--fail-unless-exists PATH]
 
 Reads only the legend areas that legend_segment reported (windows of the map, on a grid
-of 2 px, coarser on maps over 8,000 px), marks ink (pixels further from the paper than
+of 2 px, coarser on maps over 8,000 px; a legend in several columns has an area of each
+kind per column), marks ink (pixels further from the paper than
 legend_segment's threshold), and groups it into 8-connected blobs (GDAL's polygonize).
 The blobs starting in the legend's leftmost column are the swatches (the blobs right of
-them are label text); each swatch's colour is read at its centre. Swatches in the
+them are label text); each swatch's colour is read at its centre. Specks (at most 6 px)
+and paper-coloured swatches are dropped and logged. Swatches in the
 polygon legend become polygon units; in the point/line legend a wide, thin swatch is a
 line and anything else a point.
 Writes, in pixel coordinates (x right, y down):
@@ -40,6 +42,8 @@ MIN_CELLS = 4
 # blobs starting within this share of the legend's width from its left edge anchor the
 # swatch column
 COLUMN_SHARE = 0.1
+# map pixels: a swatch no longer than this either way is a speck
+MIN_SWATCH_PX = 6
 
 
 def parse_args(argv):
@@ -64,7 +68,19 @@ def legend_grid(reader, box) -> tuple:
     return reader.rgb(box, out_shape=shape), step
 
 
-def find_swatches(reader, box, paper, threshold: int) -> list:
+def junk(swatch, paper, threshold: int):
+    """Why a swatch is no legend item (None if it is one): a speck a few pixels wide, or
+    paper-coloured (a hole, a halo, an outline's inside: a unit of paper would claim the
+    whole blank map)."""
+    x0, y0, x1, y1, colour = swatch
+    if max(x1 - x0, y1 - y0) < MIN_SWATCH_PX:
+        return f"a speck of {x1 - x0} x {y1 - y0} px"
+    if raster.ink_mask(np.array([colour], dtype=np.uint8), paper, threshold)[0] == 0:
+        return "the paper's colour"
+    return None
+
+
+def find_swatches(reader, box, paper, threshold: int, log) -> list:
     """[(x0, y0, x1, y1, (r, g, b))] of the swatches in a legend box, top to bottom."""
     x0, y0, _, _ = box
     rgb, step = legend_grid(reader, box)
@@ -84,9 +100,14 @@ def find_swatches(reader, box, paper, threshold: int) -> list:
     for gx0, gy0, gx1, gy1 in blobs:
         if gx0 >= column_right:
             continue  # label text right of the swatch column
-        colour = rgb[(gy0 + gy1) // 2, (gx0 + gx1) // 2]
-        swatches.append((x0 + gx0 * step, y0 + gy0 * step, x0 + gx1 * step, y0 + gy1 * step,
-                         tuple(int(v) for v in colour)))
+        colour = tuple(int(v) for v in rgb[(gy0 + gy1) // 2, (gx0 + gx1) // 2])
+        swatch = (x0 + gx0 * step, y0 + gy0 * step, x0 + gx1 * step, y0 + gy1 * step, colour)
+        why = junk(swatch, paper, threshold)
+        if why:
+            log.info("dropped a swatch at %s colour %s: %s", swatch[:4],
+                     common.hex_colour(colour), why)
+            continue
+        swatches.append(swatch)
     swatches.sort(key=lambda s: (s[1], s[0]))
     return swatches
 
@@ -104,20 +125,21 @@ def feature(name: str, kind: str, swatch) -> dict:
 def work(args, log) -> None:
     segmentation = common.read_json(args.input_legend_segmentation, "legend_segment output")
     map_name = os.path.splitext(os.path.basename(args.input_image))[0]
-    boxes = {label: tuple(int(v) for v in box)
-             for label, box in common.segmentation_boxes(segmentation).items()}
+    areas = {label: [tuple(int(v) for v in box) for box in boxes]
+             for label, boxes in common.segmentation_areas(segmentation).items()}
+    boxes = {label: found[0] for label, found in areas.items()}
     paper = segmentation.get("paper", (255, 255, 255))
     threshold = int(segmentation.get("ink_threshold", 24))
-    with raster.open_map(args.input_image) as reader:
+    with raster.open_map(args.input_image, log) as reader:
         log.info("read %s (%s) and %s with areas %s; paper %s, ink threshold %d",
                  args.input_image, reader.describe(), args.input_legend_segmentation,
                  sorted(boxes), common.hex_colour(paper), threshold)
-        polygon_swatches = point_line_swatches = []
-        if "legend_polygons" in boxes:
-            polygon_swatches = find_swatches(reader, boxes["legend_polygons"], paper, threshold)
-        if "legend_points_lines" in boxes and not args.only_poly:
-            point_line_swatches = find_swatches(reader, boxes["legend_points_lines"], paper,
-                                                threshold)
+        polygon_swatches = []
+        for box in areas.get("legend_polygons", []):
+            polygon_swatches += find_swatches(reader, box, paper, threshold, log)
+        point_line_swatches = []
+        for box in [] if args.only_poly else areas.get("legend_points_lines", []):
+            point_line_swatches += find_swatches(reader, box, paper, threshold, log)
     log.info("version %s, postprocessing_for_crs=%s, competition_custom=%s: coordinates "
              "stay in pixels; intermediate folder %s is not used", args.version,
              args.postprocessing_for_crs, args.competition_custom, args.path_to_intermediate)

@@ -86,7 +86,7 @@ def work(args, log) -> None:
     seg_path = os.path.join(args.legend_dir, f"{args.map_name}_map_segmentation.json")
     boxes = common.segmentation_boxes(common.read_json(seg_path, "legend_segment output"))
     tif = common.find_map_tif(args.input_dir)
-    with raster.open_map(tif) as reader:
+    with raster.open_map(tif, log) as reader:
         log.info("read %s (%s) and %s", tif, reader.describe(), seg_path)
         whole = (0, 0, reader.width, reader.height)
         grids = zip(args.patch_sizes, args.strides, args.only_crop_map_area, strict=True)

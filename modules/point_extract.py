@@ -10,7 +10,8 @@ The switches name no map, so the map name comes from PATCH_DIR
 map size (GDAL reads only its header). Reads the point legend items and colours from
 legend_item_description's <map>_point.json, samples the patches (one at a time, with
 Pillow) on a 3-pixel grid in whole-map coordinates, labels the samples near a point colour
-into 8-connected blobs (GDAL's polygonize) and reports each blob's centre and bbox.
+into 8-connected blobs (GDAL's polygonize) and reports the centre and bbox of each blob
+about the size of the legend's symbol (within a factor of 2.5).
 Writes OUT/output-per-symbol/<map>_points.geojson (Points in pixel coordinates, x right,
 y down) and OUT/run.log. The model folders, symbol info and GPU are only logged.
 """
@@ -34,6 +35,8 @@ NAME = "point_extract"
 STEP = 3
 TOLERANCE = 90
 MIN_CELLS = 2
+# a symbol on the map is within this factor of the legend's in size, either way
+SIZE_FACTOR = 2.5
 
 
 def parse_args(argv):
@@ -63,8 +66,10 @@ def scan_patches(folder: str, size: tuple, colours: list) -> list:
     return grids
 
 
-def symbols(grid: np.ndarray) -> list:
-    """[(centre x, centre y, bbox)] in map pixels of each blob of at least MIN_CELLS."""
+def symbols(grid: np.ndarray, size=None) -> list:
+    """[(centre x, centre y, bbox)] in map pixels of each blob of at least MIN_CELLS and,
+    given the legend symbol's size in px, of about that size (a fault, a unit or a
+    dithered dot of the same ink is no symbol)."""
     found = []
     # GDAL polygonises the 8-connected blobs, in grid cells (cell i spans [i, i + 1))
     for geometry, _ in rio_features.shapes(grid.astype(np.uint8), mask=grid, connectivity=8):
@@ -72,6 +77,8 @@ def symbols(grid: np.ndarray) -> list:
         if blob.area < MIN_CELLS:
             continue
         x0, y0, x1, y1 = (int(round(v)) * STEP for v in blob.bounds)
+        if size and not size / SIZE_FACTOR <= max(x1 - x0, y1 - y0) <= size * SIZE_FACTOR:
+            continue
         centre = blob.centroid
         # the centre of mass of the cells' own positions, as the samples were taken
         found.append((round((centre.x - 0.5) * STEP, 1), round((centre.y - 0.5) * STEP, 1),
@@ -80,12 +87,20 @@ def symbols(grid: np.ndarray) -> list:
     return found
 
 
+def symbol_size(record: dict):
+    """The longer side in px of the legend's symbol (its swatch bbox), or None."""
+    bbox = record.get("bbox")
+    if not bbox:
+        return None
+    return max(bbox[2] - bbox[0], bbox[3] - bbox[1]) or None
+
+
 def work(args, log) -> None:
     folder = os.path.basename(os.path.normpath(args.map_patches_dir))
     patches.patch_grid(folder)
     map_name = folder.rsplit("_g", 1)[0]
     tif = os.path.join(args.map_dir, map_name, f"{map_name}.tif")
-    with raster.open_map(tif) as reader:
+    with raster.open_map(tif, log) as reader:
         size = (reader.width, reader.height)
     legend_path = os.path.join(args.map_metadata_dir, f"{map_name}_point.json")
     legend = common.read_json(legend_path, "legend_item_description output")
@@ -101,7 +116,7 @@ def work(args, log) -> None:
     grids = scan_patches(args.map_patches_dir, size, colours)
     features = []
     for name, grid in zip(names, grids, strict=True):
-        blobs = symbols(grid)
+        blobs = symbols(grid, symbol_size(legend[name]))
         for x, y, bbox in blobs:
             features.append({
                 "type": "Feature",

@@ -97,7 +97,7 @@ def work(args, log) -> None:
     units = [common.hex_to_rgb(descriptions[name]["color"]) for name in names]
     x0, y0, x1, y1 = (int(v) for v in internal["map_area"])
     cell = max(4, 2 * args.trade_off)
-    with raster.open_map(args.path_to_tif) as reader:
+    with raster.open_map(args.path_to_tif, log) as reader:
         log.info("read %s (%s), %s (%d units), %s (%d swatches), %s", args.path_to_tif,
                  reader.describe(), args.path_to_legend_description, len(descriptions),
                  args.path_to_legend_solution, len(solution["features"]), args.path_to_json)

@@ -20,6 +20,7 @@ import argparse
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 
 import numpy
 import rasterio
@@ -56,7 +57,8 @@ LINE_LABEL = "Fault"
 POINT_LABEL = "Mine or prospect"
 
 MAP_AREA = (20, 20, 740, 780)
-# (kind, colour index, shape): ellipses are (cx, cy, rx, ry), rectangles (x0, y0, x1, y1)
+# (kind, colour index, shape): ellipses are (cx, cy, rx, ry), rectangles (x0, y0, x1, y1),
+# polygons a tuple of (x, y) vertices
 UNIT_SHAPES = [
     ("ellipse", 1, (200, 200, 140, 110)),
     ("ellipse", 2, (560, 420, 150, 120)),
@@ -74,6 +76,111 @@ LEGEND_UNIT_PITCH = 50
 LEGEND_SWATCH_HEIGHT = 30
 LEGEND_LINE_Y = 435
 LEGEND_POINT_Y = 485
+# design pixels from a swatch's right edge to its label, and from the last unit's slot to
+# the line's: the fixture's own spacing
+LABEL_GUTTER = LEGEND_LABEL_X - LEGEND_SWATCH_X[1]
+LEGEND_GROUP_GAP = LEGEND_LINE_Y - LEGEND_SWATCH_HEIGHT // 2 - LEGEND_UNIT_TOP \
+    - len(UNIT_COLOURS) * LEGEND_UNIT_PITCH
+
+
+@dataclass(frozen=True)
+class Drawing:
+    """One toy map in design coordinates (1000 x 800): its units (colour 0 fills the map
+    area), faults and point symbols, and a legend whose items (units, then the line, then
+    the point) run down columns from `legend_origin`, `legend_rows` items a column,
+    `column_pitch` design px apart; the line item comes after a wider gap."""
+
+    name: str
+    map_area: tuple = MAP_AREA
+    colours: tuple = tuple(UNIT_COLOURS)
+    labels: tuple = tuple(UNIT_LABELS)
+    shapes: tuple = tuple(UNIT_SHAPES)
+    faults: tuple = tuple(FAULTS)
+    points: tuple = tuple(POINT_SYMBOLS)
+    line_colour: tuple = BLACK
+    point_colour: tuple = RED
+    legend_origin: tuple = (LEGEND_SWATCH_X[0], LEGEND_UNIT_TOP)
+    legend_rows: int = 8
+    column_pitch: int = 0
+    row_pitch: int = LEGEND_UNIT_PITCH
+    swatch_size: tuple = (LEGEND_SWATCH_X[1] - LEGEND_SWATCH_X[0], LEGEND_SWATCH_HEIGHT)
+    legend_side: str = "right"
+
+    def legend_slots(self) -> list:
+        """[(kind, design x, top y)] of each legend item: 'unit' n, 'line', 'point'."""
+        kinds = [("unit", n) for n in range(len(self.colours))] + [("line", 0), ("point", 0)]
+        slots = []
+        for n, kind in enumerate(kinds):
+            column, row = divmod(n, self.legend_rows)
+            x = self.legend_origin[0] + column * self.column_pitch
+            y = self.legend_origin[1] + row * self.row_pitch
+            # the line and points sit below a wider gap when they share a column with units
+            if kind[0] != "unit" and row >= len(self.colours) - column * self.legend_rows > 0:
+                y += LEGEND_GROUP_GAP
+            slots.append((kind, x, y))
+        return slots
+
+
+# Each drawing's unit colours, symbol and line colours have grey levels at least 15 apart
+# (as the fixture's), so that a grey copy still tells them apart.
+# The fixture: the map every other test uses, legend right in one column
+PEACH = Drawing("peach")
+# legend on the left, map on the right: wide and narrow units, a polygon unit, dark ink
+LEFT = Drawing(
+    "left", map_area=(300, 30, 980, 770),
+    colours=((200, 230, 240), (240, 200, 80), (150, 200, 110), (230, 120, 150),
+             (110, 120, 200), (140, 100, 70)),
+    labels=("Qt  Terrace", "Tgr  Green River", "Kf  Frontier", "Jn  Nugget", "Pp  Park City",
+            "Wr  Gneiss"),
+    shapes=(("rect", 1, (340, 60, 940, 200)),
+            ("polygon", 2, ((360, 260), (620, 240), (700, 420), (420, 480))),
+            ("ellipse", 3, (820, 380, 110, 150)),
+            ("rect", 4, (360, 560, 560, 740)),
+            ("ellipse", 5, (760, 650, 60, 60))),
+    faults=(((320, 520), (960, 500)), ((640, 60), (700, 740))),
+    points=((420, 220), (880, 240), (500, 330), (900, 560), (420, 520), (620, 600),
+            (860, 740), (700, 120), (560, 700)),
+    line_colour=(60, 40, 30), point_colour=(200, 0, 160),
+    legend_origin=(40, 80), row_pitch=60, swatch_size=(70, 36), legend_side="left")
+# legend below the map, in two columns
+BELOW = Drawing(
+    "below", map_area=(30, 20, 970, 520),
+    colours=((235, 235, 150), (250, 180, 160), (150, 190, 240), (200, 160, 100),
+             (120, 170, 120), (90, 90, 160)),
+    shapes=(("rect", 1, (60, 50, 400, 250)), ("ellipse", 2, (650, 180, 200, 110)),
+            ("polygon", 3, ((100, 300), (420, 330), (380, 500), (80, 480))),
+            ("ellipse", 4, (820, 420, 90, 70)), ("rect", 5, (500, 380, 640, 500))),
+    faults=(((50, 280), (950, 300)), ((480, 40), (520, 500)), ((700, 500), (950, 340))),
+    points=((200, 150), (800, 100), (250, 400), (600, 300), (900, 250)),
+    line_colour=BLACK, point_colour=(200, 0, 0),
+    legend_origin=(60, 560), legend_rows=4, column_pitch=420, row_pitch=45,
+    legend_side="below")
+# legend right in two columns, small units
+COLUMNS = Drawing(
+    "columns", map_area=(20, 20, 560, 780),
+    labels=("Qs  Sand", "Tb  Basalt", "Kc  Chalk", "Js  Shale", "Tr  Redbed", "Xq  Quartz"),
+    shapes=(("ellipse", 1, (150, 150, 80, 70)), ("rect", 2, (350, 100, 560, 300)),
+            ("ellipse", 3, (200, 450, 120, 100)), ("rect", 4, (380, 520, 560, 740)),
+            ("polygon", 5, ((60, 600), (250, 640), (200, 760), (50, 750)))),
+    faults=(((40, 360), (540, 330)), ((300, 40), (330, 760))),
+    points=((100, 300), (500, 420), (150, 700), (450, 60), (540, 760), (260, 560), (80, 80)),
+    legend_origin=(610, 60), legend_rows=4, column_pitch=190, legend_side="right")
+# legend above the map, in three columns of three, big units
+ABOVE = Drawing(
+    "above", map_area=(20, 200, 980, 780),
+    colours=((250, 225, 140), (180, 220, 200), (240, 170, 170), (160, 160, 220),
+             (210, 140, 60), (80, 120, 80)),
+    labels=("Qa  Alluvium", "Tv  Volcanics", "Kp  Pierre Sh.", "Jsm  Sundance",
+            "Pmc  Minnelusa", "Xgr  Granite"),
+    shapes=(("rect", 1, (40, 220, 480, 480)), ("ellipse", 2, (740, 360, 200, 130)),
+            ("polygon", 3, ((60, 540), (500, 520), (560, 760), (40, 760))),
+            ("rect", 4, (620, 560, 960, 760)), ("ellipse", 5, (780, 660, 80, 60))),
+    faults=(((30, 500), (970, 520)), ((560, 210), (600, 770))),
+    points=((200, 300), (400, 420), (850, 260), (300, 650), (700, 700), (900, 560)),
+    line_colour=BLACK, point_colour=(0, 0, 200),
+    legend_origin=(40, 30), legend_rows=3, column_pitch=320, row_pitch=45,
+    legend_side="above")
+DRAWINGS = {d.name: d for d in (PEACH, LEFT, BELOW, COLUMNS, ABOVE)}
 
 # Wyoming/Colorado border country: 0.5 x 0.4 degrees whatever the pixel size
 WEST_LONGITUDE = -106.5
@@ -130,45 +237,53 @@ class Sheet:
         self.draw.text(self.xy(x, middle), text, fill=LABEL_GREY, font=font, anchor="lm")
 
 
-def draw_map_area(sheet: Sheet, thickness: int, symbol: int) -> None:
-    sheet.rect(MAP_AREA, UNIT_COLOURS[0])
-    for kind, unit, shape in UNIT_SHAPES:
+def draw_map_area(sheet: Sheet, drawing: Drawing, thickness: int, symbol: int) -> None:
+    sheet.rect(drawing.map_area, drawing.colours[0])
+    for kind, unit, shape in drawing.shapes:
         if kind == "rect":
-            sheet.rect(shape, UNIT_COLOURS[unit])
+            sheet.rect(shape, drawing.colours[unit])
+        elif kind == "polygon":
+            sheet.draw.polygon([sheet.xy(*p) for p in shape], fill=drawing.colours[unit])
         else:
-            sheet.ellipse(shape, UNIT_COLOURS[unit])
-    for start, end in FAULTS:
-        sheet.line(start, end, thickness, BLACK)
-    for centre in POINT_SYMBOLS:
-        sheet.triangle(centre, symbol, RED)
+            sheet.ellipse(shape, drawing.colours[unit])
+    for start, end in drawing.faults:
+        sheet.line(start, end, thickness, drawing.line_colour)
+    for centre in drawing.points:
+        sheet.triangle(centre, symbol, drawing.point_colour)
     frame = max(2, round(2 * sheet.scale))
-    sheet.draw.rectangle(sheet.box(*MAP_AREA), outline=FRAME_GREY, width=frame)
+    sheet.draw.rectangle(sheet.box(*drawing.map_area), outline=FRAME_GREY, width=frame)
 
 
-def draw_legend(sheet: Sheet, thickness: int, symbol: int) -> None:
+def draw_legend(sheet: Sheet, drawing: Drawing, thickness: int, symbol: int) -> None:
     font = ImageFont.load_default(size=max(10, round(14 * sheet.scale)))
-    sx0, sx1 = LEGEND_SWATCH_X
-    for n, (colour, text) in enumerate(zip(UNIT_COLOURS, UNIT_LABELS, strict=True)):
-        top = LEGEND_UNIT_TOP + n * LEGEND_UNIT_PITCH
-        sheet.rect((sx0, top, sx1, top + LEGEND_SWATCH_HEIGHT), colour)
-        sheet.label(LEGEND_LABEL_X, top + LEGEND_SWATCH_HEIGHT / 2, text, font)
-    sheet.line((sx0 + 2, LEGEND_LINE_Y), (sx1 - 2, LEGEND_LINE_Y), thickness, BLACK)
-    sheet.label(LEGEND_LABEL_X, LEGEND_LINE_Y, LINE_LABEL, font)
-    sheet.triangle(((sx0 + sx1) / 2, LEGEND_POINT_Y), symbol, RED)
-    sheet.label(LEGEND_LABEL_X, LEGEND_POINT_Y, POINT_LABEL, font)
+    width, height = drawing.swatch_size
+    texts = list(drawing.labels) + [LINE_LABEL, POINT_LABEL]
+    for ((kind, n), x, top), text in zip(drawing.legend_slots(), texts, strict=True):
+        middle = top + height / 2
+        if kind == "unit":
+            sheet.rect((x, top, x + width, top + height), drawing.colours[n])
+        elif kind == "line":
+            middle = top + LEGEND_SWATCH_HEIGHT // 2
+            sheet.line((x + 2, middle), (x + width - 2, middle), thickness,
+                       drawing.line_colour)
+        else:
+            middle = top + LEGEND_SWATCH_HEIGHT // 2
+            sheet.triangle((x + width / 2, middle), symbol, drawing.point_colour)
+        sheet.label(x + width + LABEL_GUTTER, middle, text, font)
 
 
-def draw_sample_map(width: int = 1000, height: int = 800) -> numpy.ndarray:
-    """The sample map's pixels: a (height, width, 3) uint8 RGB array.
-    Raises ValueError below 200 x 160 pixels."""
+def draw_sample_map(width: int = 1000, height: int = 800,
+                    drawing: Drawing = PEACH) -> numpy.ndarray:
+    """A drawing's pixels (the fixture's by default): a (height, width, 3) uint8 RGB
+    array. Raises ValueError below 200 x 160 pixels."""
     if width < MIN_WIDTH or height < MIN_HEIGHT:
         raise ValueError(f"the sample map needs at least {MIN_WIDTH} x {MIN_HEIGHT} pixels")
     sheet = Sheet(width, height)
     # line and symbol sizes keep a floor so small test maps stay detectable
     thickness = max(4, round(4 * sheet.scale))
     symbol = max(11, round(15 * sheet.scale))
-    draw_map_area(sheet, thickness, symbol)
-    draw_legend(sheet, thickness, symbol)
+    draw_map_area(sheet, drawing, thickness, symbol)
+    draw_legend(sheet, drawing, thickness, symbol)
     return numpy.asarray(sheet.image)
 
 
@@ -193,10 +308,11 @@ def geotiff_profile(width: int, height: int, georeferenced: bool = True) -> dict
 
 
 def write_raster(path: str, bands: numpy.ndarray, profile: dict, colormap=None,
-                 colorinterp=None) -> str:
+                 colorinterp=None, mask=None) -> str:
     """Write (bands, rows, columns) pixels with rasterio to path atomically, with a colour
-    map for band 1 ({index: (r, g, b, a)}) and the bands' colour interpretations (a list of
-    rasterio ColorInterp) when given; path."""
+    map for band 1 ({index: (r, g, b, a)}), the bands' colour interpretations (a list of
+    rasterio ColorInterp) and a (rows, columns) bool mask band (True: valid) when given;
+    path."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = path + ".tmp"
@@ -210,6 +326,8 @@ def write_raster(path: str, bands: numpy.ndarray, profile: dict, colormap=None,
                     dst.write_colormap(1, colormap)
                 if colorinterp:
                     dst.colorinterp = colorinterp
+                if mask is not None:
+                    dst.write_mask(mask)
         os.replace(tmp, path)
     finally:
         for leftover in (tmp, tmp + ".aux.xml"):

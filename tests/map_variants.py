@@ -1,8 +1,15 @@
 """The sample map written the ways real maps come: each kind of TIFF GDAL reads, written
 with rasterio from the pixels modules/sample_map.py draws.
 
-    from map_variants import VARIANTS, write_variant, describe
+    from map_variants import VARIANTS, KINDS, write_variant, describe
     write_variant(VARIANTS["cog"], sample_map.draw_sample_map(), "/tmp/cog.tif")
+    write_variant(KINDS["collar"], sample_map.draw_sample_map(600, 450, sample_map.LEFT),
+                  "/tmp/collar.tif")
+
+VARIANTS are the formats (test_real_maps.py runs each through mipper); KINDS are the maps
+of issue 23 (COGs with the COG driver's own overviews, JPEG q75, ZSTD, WEBP, LERC; a
+nodata collar, a mask band, a scanner bed around a skewed sheet; MINISWHITE, grey+alpha,
+float32 and 1-bit G4), which test_map_kinds.py runs on every drawing of sample_map.
 
 Each Variant names what it is, how rasterio writes it (a creation profile, and how the RGB
 pixels become its bands) and what reading it back must show (`expect`, compared with
@@ -11,7 +18,7 @@ modules make of it. Georeferenced variants use the sample map's EPSG:4267 bounds
 the projected ones, the same ground in a UTM zone (so that GCPs must be converted to
 EPSG:4326 degrees). Run as a script to write every variant into a folder:
 
-    python tests/map_variants.py DEST_DIR [--width 1000 --height 800]
+    python tests/map_variants.py DEST_DIR [--width 1000 --height 800] [--drawing left]
 """
 
 import argparse
@@ -39,6 +46,9 @@ TINT = (236, 226, 198)  # aged, yellowed paper
 NOISE_SIGMA = 6  # grey levels of scanner noise on every channel
 NOISE_SEED = 11
 JPEG_QUALITY = 90
+# grey levels below this are black in the 1-bit variant: the faults, the symbols' red, the
+# label grey and the darkest unit
+BILEVEL_CUT = 140
 
 
 # ---------------------------------------------------------------- pixels
@@ -95,6 +105,76 @@ def tinted_bands(rgb: numpy.ndarray) -> tuple:
     noise = numpy.random.default_rng(NOISE_SEED).normal(0, NOISE_SIGMA, rgb.shape)
     noisy = numpy.clip(tinted + numpy.rint(noise), 0, 255).astype(numpy.uint8)
     return noisy.transpose(2, 0, 1), None
+
+
+def skewed(rgb: numpy.ndarray, degrees: float, surround, pad: float = 0.04) -> tuple:
+    """(pixels, sheet mask): the sheet turned by `degrees` inside a surround of one colour
+    (a scanner bed, a warped map's collar), `pad` of the size added on each side."""
+    sheet = Image.fromarray(rgb).rotate(degrees, resample=Image.Resampling.NEAREST,
+                                        expand=True, fillcolor=tuple(surround))
+    inside = Image.new("L", (rgb.shape[1], rgb.shape[0]), 255).rotate(
+        degrees, resample=Image.Resampling.NEAREST, expand=True, fillcolor=0)
+    margin = (round(pad * rgb.shape[1]), round(pad * rgb.shape[0]))
+    size = (sheet.width + 2 * margin[0], sheet.height + 2 * margin[1])
+    canvas = Image.new("RGB", size, tuple(surround))
+    canvas.paste(sheet, margin)
+    mask = Image.new("L", size, 0)
+    mask.paste(inside, margin)
+    return numpy.asarray(canvas), numpy.asarray(mask) > 0
+
+
+def noisy(rgb: numpy.ndarray, sigma: float = NOISE_SIGMA) -> numpy.ndarray:
+    noise = numpy.random.default_rng(NOISE_SEED).normal(0, sigma, rgb.shape)
+    return numpy.clip(rgb + numpy.rint(noise), 0, 255).astype(numpy.uint8)
+
+
+def collar_bands(rgb: numpy.ndarray) -> tuple:
+    """A warped map: the sheet turned 3 degrees in a collar of 0, nodata 0. Its darkest
+    ink is lifted off 0, as a resampled scan's is, so that only the collar is nodata."""
+    lifted = numpy.maximum(rgb, 12)
+    pixels, _ = skewed(lifted, 3, (0, 0, 0))
+    return pixels.transpose(2, 0, 1), None
+
+
+def mask_band_bands(rgb: numpy.ndarray) -> tuple:
+    """The sheet turned 2 degrees in a dark noisy surround that an internal mask band
+    (GDAL's per-dataset mask) marks invalid."""
+    pixels, sheet = skewed(rgb, 2, (40, 40, 40))
+    surround = noisy(pixels, 20)
+    pixels = numpy.where(sheet[..., None], pixels, surround)
+    return pixels.transpose(2, 0, 1), None, sheet
+
+
+def bed_bands(rgb: numpy.ndarray) -> tuple:
+    """A scan: the sheet turned 2 degrees on a grey scanner bed, noise on everything, and
+    no mask at all."""
+    pixels, _ = skewed(rgb, 2, (96, 96, 100), pad=0.06)
+    return noisy(pixels, 4).transpose(2, 0, 1), None
+
+
+def miniswhite_bands(rgb: numpy.ndarray) -> tuple:
+    """Grey stored as MINISWHITE (0 is white), as some scanners write it."""
+    grey, _ = grey_bands(rgb)
+    return 255 - grey, None
+
+
+def grey_alpha_bands(rgb: numpy.ndarray) -> tuple:
+    """Grey plus alpha: the sheet turned 2 degrees, transparent (and black) around it."""
+    pixels, sheet = skewed(rgb, 2, (0, 0, 0))
+    grey = numpy.asarray(Image.fromarray(pixels).convert("L"))
+    alpha = numpy.where(sheet, 255, 0).astype(numpy.uint8)
+    return numpy.stack([grey, alpha]), None
+
+
+def float32_bands(rgb: numpy.ndarray) -> tuple:
+    """RGB as 32-bit floats from 0 to 1 (what a processing chain leaves)."""
+    return (rgb.transpose(2, 0, 1) / 255.0).astype(numpy.float32), None
+
+
+def bilevel_bands(rgb: numpy.ndarray) -> tuple:
+    """One bit a pixel, black ink (0) on white (1): a fax-style scan, luma below 140."""
+    grey, _ = grey_bands(rgb)
+    return (grey >= BILEVEL_CUT).astype(numpy.uint8), None
 
 
 # ---------------------------------------------------------------- the variants
@@ -166,7 +246,45 @@ VARIANT_LIST = [
             {**GTIFF, **TILED, "compress": "lzw"}, {"crs": None, "transform": False},
             crs=None),
 ]
+COG = {"driver": "COG", "blocksize": 256}
+# The kinds of issue 23: COGs as GDAL's COG driver writes them by default (CUBIC
+# overviews), masks, collars and beds, and the odd photometrics
+KIND_LIST = [
+    Variant("cog_cubic", "COG, deflate, with the driver's default (CUBIC) overviews",
+            {**COG, "compress": "deflate"}, {"compress": "deflate", "overviews": True}),
+    Variant("cog_jpeg75", "COG, YCbCr JPEG at quality 75",
+            {**COG, "compress": "jpeg", "quality": 75},
+            {"compress": "jpeg", "photometric": "ycbcr", "overviews": True}),
+    Variant("cog_zstd", "COG, ZSTD", {**COG, "compress": "zstd"}, {"compress": "zstd"}),
+    Variant("cog_webp", "COG, WEBP (lossy, level 75)", {**COG, "compress": "webp"},
+            {"compress": "webp"}),
+    Variant("cog_lerc", "COG, LERC", {**COG, "compress": "lerc"}, {"compress": "lerc"}),
+    Variant("collar", "warped: turned 3 degrees in a nodata collar (0)",
+            {**GTIFF, **TILED, "compress": "lzw", "nodata": 0}, {"compress": "lzw"},
+            bands=collar_bands),
+    Variant("mask_band", "turned 2 degrees, the surround masked by an internal mask band",
+            {**GTIFF, **TILED, "compress": "deflate"}, {"compress": "deflate"},
+            bands=mask_band_bands),
+    Variant("scanner_bed", "a noisy scan turned 2 degrees on a grey scanner bed",
+            {**GTIFF, **TILED, "compress": "lzw"}, {"compress": "lzw"}, bands=bed_bands,
+            crs=None),
+    Variant("miniswhite", "one band of grey stored MINISWHITE",
+            {**GTIFF, "compress": "lzw", "photometric": "miniswhite"},
+            {"count": 1, "colorinterp": ["undefined"]}, bands=miniswhite_bands, crs=None),
+    Variant("grey_alpha", "grey plus alpha, transparent around a turned sheet",
+            {**GTIFF, "compress": "lzw", "photometric": "minisblack", "alpha": "YES"},
+            {"count": 2, "colorinterp": ["gray", "alpha"]}, bands=grey_alpha_bands),
+    Variant("float32", "RGB as 32-bit floats 0..1", {**GTIFF, "compress": "lzw",
+                                                     "photometric": "rgb"},
+            {"dtype": "float32"}, bands=float32_bands),
+    Variant("g4", "1-bit black and white, CCITT G4",
+            {**GTIFF, "compress": "ccittfax4", "nbits": 1},
+            {"count": 1, "compress": "ccittfax4", "colorinterp": ["palette"]},
+            bands=bilevel_bands, crs=None),
+]
 VARIANTS = {v.name: v for v in VARIANT_LIST}
+KINDS = {v.name: v for v in KIND_LIST}
+ALL = {**VARIANTS, **KINDS}
 
 
 # ---------------------------------------------------------------- writing and reading back
@@ -181,8 +299,8 @@ def bounds_in(crs: str) -> tuple:
 
 def write_variant(v: Variant, rgb: numpy.ndarray, path: str) -> str:
     """Write the (rows, columns, 3) RGB pixels as variant v at path; path."""
-    bands, colormap = v.bands(rgb)
-    height, width = rgb.shape[:2]
+    bands, colormap, *mask = v.bands(rgb)
+    height, width = bands.shape[1:]
     profile = {**v.profile, "width": width, "height": height, "count": bands.shape[0],
                "dtype": bands.dtype.name}
     if v.georeferenced:
@@ -191,7 +309,7 @@ def write_variant(v: Variant, rgb: numpy.ndarray, path: str) -> str:
     # the COG driver copies a scratch dataset that does not say its bands are RGB
     colorinterp = RGB if v.profile["driver"] == "COG" else None
     return sample_map.write_raster(path, bands, profile, colormap=colormap,
-                                   colorinterp=colorinterp)
+                                   colorinterp=colorinterp, mask=mask[0] if mask else None)
 
 
 def describe(path: str) -> dict:
@@ -233,11 +351,13 @@ def main(argv=None) -> int:
     parser.add_argument("--width", type=int, default=1000)
     parser.add_argument("--height", type=int, default=800)
     parser.add_argument("--only", nargs="*", help="variant names (default: all)")
+    parser.add_argument("--drawing", default="peach", choices=sorted(sample_map.DRAWINGS))
     args = parser.parse_args(argv)
-    rgb = sample_map.draw_sample_map(args.width, args.height)
-    for name in args.only or VARIANTS:
-        path = write_variant(VARIANTS[name], rgb, os.path.join(args.dest, f"{name}.tif"))
-        print(f"{name:18} {os.path.getsize(path):>10} bytes  {VARIANTS[name].what}")
+    rgb = sample_map.draw_sample_map(args.width, args.height,
+                                     sample_map.DRAWINGS[args.drawing])
+    for name in args.only or ALL:
+        path = write_variant(ALL[name], rgb, os.path.join(args.dest, f"{name}.tif"))
+        print(f"{name:18} {os.path.getsize(path):>10} bytes  {ALL[name].what}")
     return 0
 
 
