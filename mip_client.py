@@ -844,16 +844,15 @@ def watch_run(session: requests.Session, status_url: str, first: dict,
         show_json(final, args.output)
     if final.get("status") != "passed":
         hint = "" if args.follow else f"; its log: GET {status_url}/log"
-        print(f"mip_client: error: run {final.get('run_id')} {final.get('status')}{hint}",
-              file=sys.stderr)
-        for line in failure_lines(session, status_url, final, args.timeout):
-            print(f"mip_client: error: {line}", file=sys.stderr)
+        why = "; ".join(failure_reasons(session, status_url, final, args.timeout))
+        print(f"mip_client: error: run {final.get('run_id')} {final.get('status')}"
+              f"{f' ({why})' if why else ''}{hint}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
 
-def failure_lines(session: requests.Session, status_url: str, final: dict,
-                  timeout: float) -> list:
+def failure_reasons(session: requests.Session, status_url: str, final: dict,
+                    timeout: float) -> list:
     """`module X failed: <why>` for each failed module of a run, from its ModuleStatus; the
     reason is what the module itself logged, so the user need not open its log to know."""
     job = (final.get("payload") or {}).get("job")

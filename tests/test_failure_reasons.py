@@ -63,9 +63,12 @@ def test_a_failed_run_says_why_everywhere(server, tmp_path):
     proc = client("--post", "--url", f"{server.url}/runs", "--data", data, "--wait",
                   env=client_env(server), cwd=tmp_path)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "module georeference failed: exited with code 1: FAILED: asked to fail by --fail" \
-        in proc.stderr, proc.stderr
     final = json.loads(proc.stdout)
+    last = proc.stderr.strip().splitlines()[-1]
+    # the client's final error line names the run, and why its module failed
+    assert last.startswith(f"mip_client: error: run {final['run_id']} failed (module "
+                           "georeference failed: exited with code 1: FAILED: asked to fail "
+                           "by --fail)"), proc.stderr
     module = server.get("/modules/why/georeference").json()
     assert module["message"] == "exited with code 1: FAILED: asked to fail by --fail"
     log = server.get(f"/runs/{final['run_id']}/log").text
