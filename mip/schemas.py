@@ -28,6 +28,15 @@ def load_schemas() -> dict:
     return out
 
 
+# what each pattern of the schemas asks, said to the person whose value breaks it
+PATTERNS = {
+    "^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$": "is not a valid name: use letters, digits, '_', "
+                                          "'.', '-', at most 64, not starting with '.'",
+    "^https?://[^\\s]+$": "is not a notice URL: expected http:// or https:// and no spaces",
+    "^[^\\u0000]*$": "holds a NUL character, which cannot reach a command line",
+}
+
+
 def validate(schemas: dict, name: str, data) -> None:
     """Raises Invalid naming the failing field."""
     error = jsonschema.exceptions.best_match(schemas[name][1].iter_errors(data))
@@ -38,8 +47,8 @@ def validate(schemas: dict, name: str, data) -> None:
         if error.schema.get("writeOnly"):  # a secret: never echoed back
             message = f"does not satisfy {error.validator} {json.dumps(error.validator_value)}"
         elif error.validator == "pattern":
-            message = (f"{json.dumps(error.instance)[:80]} is not a valid name: use letters, "
-                       "digits, '_', '.', '-', at most 64, not starting with '.'")
+            what = PATTERNS.get(error.validator_value, f"does not match {error.validator_value}")
+            message = f"{json.dumps(error.instance)[:80]} {what}"
         elif error.validator == "additionalProperties" and not error.absolute_path:
             message += f"; {name} allows {', '.join(schemas[name][0]['properties'])}"
         raise Invalid(f"{where}: {message}")
