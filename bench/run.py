@@ -1350,9 +1350,9 @@ def figure_12(b: Bench, total: int = 100_000) -> None:
         server.stop()
         took = fill_history(os.path.join(dirs["runs"], "journal.db"), dirs["inputs"], total)
         server, start = started_in(argv, env, log_path, b.auth)
-        b.row(f"11 start-up, {total // 1000}k jobs s", f"{start:.2f}", f"{empty:.2f} empty",
+        b.row(f"12 start-up, {total // 1000}k jobs s", f"{start:.2f}", f"{empty:.2f} empty",
               start / empty, "< 1 s", start < 1)
-        b.details.append(f"11: journal and {total} map folders filled in {took:.0f} s")
+        b.details.append(f"12: journal and {total} map folders filled in {took:.0f} s")
         client = Client(server.url, b.auth, timeout=120)
         last = -(-total // 50)
         for label, path in (("GET /jobs?limit=100", "/jobs?limit=100"),
@@ -1370,9 +1370,9 @@ def figure_12(b: Bench, total: int = 100_000) -> None:
             first, took = answers[0][2], answers[1][2]
             # a page that takes seconds is measured once: 30 would take minutes
             times = [took] if took > 1 else client.timings("GET", path, 30)
-            b.row(f"11 {label}, {total // 1000}k jobs ms", f"{median_ms(times):.1f}",
+            b.row(f"12 {label}, {total // 1000}k jobs ms", f"{median_ms(times):.1f}",
                   goal="< 20 ms", met=median_ms(times) < 20)
-            b.details.append(f"11: {path} p95 {pct_ms(times, 0.95):.1f} ms, {len(raw)} bytes,"
+            b.details.append(f"12: {path} p95 {pct_ms(times, 0.95):.1f} ms, {len(raw)} bytes,"
                              f" the first after start {first * 1000:.0f} ms")
         # a map arriving changes the maps folder, which the next page lists again
         name = f"cog{total + 1:06d}"
@@ -1381,7 +1381,7 @@ def figure_12(b: Bench, total: int = 100_000) -> None:
         status, raw, took = client.send("GET", f"/ui/maps?page={last + 1}")
         if status != 200 or f'data-map="{name}"'.encode() not in raw:
             raise BenchError(f"/ui/maps?page={last + 1} does not show the new map {name}")
-        b.row(f"11 GET /ui/maps after a new map, {total // 1000}k maps ms", f"{took * 1000:.0f}")
+        b.row(f"12 GET /ui/maps after a new map, {total // 1000}k maps ms", f"{took * 1000:.0f}")
         client.close()
     finally:
         if server:
@@ -1662,15 +1662,15 @@ def run_rate_case(b: Bench, runner: str, max_runs: int, aws_env: dict) -> None:
             os.remove(hold)
         server.stop()
         kill_leftover_runs(os.path.join(runs_dir, "journal.db"))
-    b.row(f"11 {runner}, MIP_MAX_RUNS {max_runs}: runs/min", f"{rate:.0f}")
-    b.row(f"11 {runner}, MIP_MAX_RUNS {max_runs}: CPU s/run", f"{cpu:.2f}")
+    b.row(f"13 {runner}, MIP_MAX_RUNS {max_runs}: runs/min", f"{rate:.0f}")
+    b.row(f"13 {runner}, MIP_MAX_RUNS {max_runs}: CPU s/run", f"{cpu:.2f}")
     if failed:
-        b.details.append(f"11: {runner} at {max_runs}: {len(failed)} of {2 * max_runs} runs "
+        b.details.append(f"13: {runner} at {max_runs}: {len(failed)} of {2 * max_runs} runs "
                          f"failed, e.g. {' / '.join(failed[0])}")
     goal = "<= 60 MB" if runner == "ecs" else "-"
-    b.row(f"11 {runner}, MIP_MAX_RUNS {max_runs}: PSS MB/run in flight",
+    b.row(f"13 {runner}, MIP_MAX_RUNS {max_runs}: PSS MB/run in flight",
           f"{pss / 2**20:.0f}", goal=goal, met=pss <= 60 * 2**20 if runner == "ecs" else None)
-    b.details.append(f"11: {runner} at {max_runs}: {procs:.1f} Python processes per run "
+    b.details.append(f"13: {runner} at {max_runs}: {procs:.1f} Python processes per run "
                      "in flight")
 
 
@@ -1701,8 +1701,8 @@ def mipper_costs(b: Bench, aws_env: dict, repeats: int = 3) -> None:
         cpu = statistics.median(f[0] for f in figures)
         wall = statistics.median(f[1] for f in figures)
         goal, met = ("<= 0.40 s", cpu <= 0.4) if "inline" in label else ("-", None)
-        b.row(f"11 mipper {label}: CPU s", f"{cpu:.2f}", goal=goal, met=met)
-        b.details.append(f"11: mipper {label}: wall {wall:.2f} s (median of {repeats})")
+        b.row(f"13 mipper {label}: CPU s", f"{cpu:.2f}", goal=goal, met=met)
+        b.details.append(f"13: mipper {label}: wall {wall:.2f} s (median of {repeats})")
 
 
 def figure_13(b: Bench, sizes: tuple = (8, 32, 64)) -> None:
@@ -1791,14 +1791,14 @@ def figure_14(b: Bench) -> None:
     graph, peak_gb = run["seconds"], run["bytes"] / 1e9
     slowest = sorted(spans.items(), key=lambda kv: -kv[1])[:4]
     b.details.append(
-        f"11: scan {SCAN_SIZE[0]} x {SCAN_SIZE[1]} tiled LZW, noisy, "
+        f"14: scan {SCAN_SIZE[0]} x {SCAN_SIZE[1]} tiled LZW, noisy, "
         f"{os.path.getsize(tif) / 1e6:.0f} MB, made in {made:.1f} s; decode {decode:.2f} s; "
         f"graph {graph:.1f} s, longest modules "
         f"{', '.join(f'{m} {s:.1f} s' for m, s in slowest)}; peak {peak_gb:.2f} GB in "
         f"{run['processes']} processes at {run['at']:.1f} s")
-    b.row("11 20k scan: graph s", f"{graph:.1f}", f"{decode:.2f} decode", graph / decode,
+    b.row("14 20k scan: graph s", f"{graph:.1f}", f"{decode:.2f} decode", graph / decode,
           "<= 20 x decode", graph / decode <= 20)
-    b.row("11 20k scan: peak memory GB", f"{peak_gb:.2f}", goal="<= 1.2 GB", met=peak_gb <= 1.2)
+    b.row("14 20k scan: peak memory GB", f"{peak_gb:.2f}", goal="<= 1.2 GB", met=peak_gb <= 1.2)
 
 
 FIGURES = {1: figure_1, 2: figure_2, 3: figure_3, 4: figure_4, 5: figure_5, 6: figure_6,
