@@ -710,7 +710,7 @@ def route(method: str, path: str, handler, summary: str | None = None,
     route (400, 405, 413; 401 and 429 with auth; 404 with a path parameter; 403 on POST
     and DELETE). `headers`: the request headers it reads (name -> OpenAPI parameter
     fields); `answer_headers`: those of its 200 answer; `bound`: fixed handler arguments."""
-    return openapi.Route(method, path, summary or handler.__doc__.split("\n")[0],
+    return openapi.Route(method, path, summary or openapi.first_sentence(handler.__doc__),
                          handler=handler, **fields)
 
 

@@ -103,8 +103,26 @@ def document(routes: list, schemas: dict, version: str, modules=()) -> dict:
                            "securitySchemes": {"basic": {"type": "http", "scheme": "basic"}}}}
 
 
+# the tag of each route, by the first part of its path: /docs groups the routes by these
+TAGS = {"runs": "runs", "jobs": "jobs", "modules": "modules", "maps": "maps", "cdr": "cdr",
+        "ui": "console", "docs": "console"}
+
+
+def tag(path: str) -> str:
+    """runs, jobs, modules, maps, cdr, console, or operations (health, info, schemas, ...)."""
+    return TAGS.get(path.strip("/").split("/")[0], "operations")
+
+
+def first_sentence(doc: str) -> str:
+    """A docstring's first sentence, whole even where it wraps onto the next lines."""
+    text = " ".join(doc.split("\n\n")[0].split())
+    end = re.search(r"[.!?](\s|$)", text)
+    return text[:end.start() + 1] if end else text
+
+
 def operation(route: Route, schemas: dict) -> dict:
-    op = {"summary": route.summary, "responses": {"200": answer(route.answer)}}
+    op = {"summary": route.summary, "tags": [tag(route.path)],
+          "responses": {"200": answer(route.answer)}}
     if route.answer_headers:
         op["responses"]["200"]["headers"] = route.answer_headers
     params = [{"name": p, "in": "path", "required": True, "schema": path_schema(p, schemas)}

@@ -16,7 +16,7 @@
 <a href="/ui/jobs">Jobs</a>
 <a href="/ui/maps">Maps</a>
 <a href="/ui/modules">Modules</a>
-<a href="/openapi.json">API</a>
+<a href="/docs">API</a>
 </nav>
 </header>
 <main id="page" data-watch="{{watch}}" data-poll-ms="{{poll_ms}}">
