@@ -1,4 +1,5 @@
-"""/docs groups the routes by tag, with whole summaries, and the console's API link opens it."""
+"""/docs groups the routes by tag, with whole summaries; the console's API link opens it, and
+its downloads say what each one is."""
 
 TAGS = {"runs", "jobs", "modules", "maps", "cdr", "console", "operations"}
 
@@ -24,3 +25,15 @@ def test_every_operation_has_one_known_tag_and_a_whole_summary(inproc):
 def test_the_console_header_links_the_api_to_swagger_ui(inproc):
     page = inproc.get("/ui/runs", headers={"Accept": "text/html"}).text
     assert '<a href="/docs">API</a>' in page
+
+
+def test_downloads_say_what_each_is(inproc):
+    run = inproc.post("/runs", json={"job": "labels", "map": "WY_CO_Peach",
+                                     "modules": ["georeference"]}).json()
+    inproc.wait_run(run["run_id"])
+    for page in (f"/ui/runs/{run['run_id']}", "/ui/jobs/labels"):
+        text = inproc.get(page, headers={"Accept": "text/html"}).text
+        for label, kind in (("module log", "log"), ("logs (zip)", "logs"),
+                            ("outputs (zip)", "outputs"), ("temps (zip)", "temps")):
+            assert f'/modules/labels/georeference/{kind}"' in text, page
+            assert f">{label}</a>" in text, (page, label)

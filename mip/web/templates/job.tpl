@@ -18,10 +18,7 @@
 <td data-label="Message" class="message">{{m['message']}}</td>
 <td data-label="Resources" class="resources">{{m['resources']}}</td>
 <td data-label="Downloads">
-<a href="/modules/{{job}}/{{m['name']}}/log">log</a>
-<a href="/modules/{{job}}/{{m['name']}}/logs" download>logs</a>
-<a href="/modules/{{job}}/{{m['name']}}/outputs" download>outputs</a>
-<a href="/modules/{{job}}/{{m['name']}}/temps" download>temps</a>
+% include('downloads', job=job, name=m['name'])
 </td>
 </tr>
 % end

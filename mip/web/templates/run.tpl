@@ -35,10 +35,7 @@
 <td data-label="Resources" class="resources">{{m['resources']}}</td>
 <td data-label="Downloads">
 % if m['ran']:
-<a href="/modules/{{run['job']}}/{{m['name']}}/log">log</a>
-<a href="/modules/{{run['job']}}/{{m['name']}}/logs" download>logs</a>
-<a href="/modules/{{run['job']}}/{{m['name']}}/outputs" download>outputs</a>
-<a href="/modules/{{run['job']}}/{{m['name']}}/temps" download>temps</a>
+% include('downloads', job=run['job'], name=m['name'])
 % end
 </td>
 </tr>
