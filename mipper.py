@@ -55,12 +55,12 @@ from mip.errors import EXIT_FAILED
 from mip.errors import EXIT_OK
 from mip.errors import EXIT_USAGE
 from mip.errors import CatalogueError
+from mip.errors import Invalid
 from mip.errors import MipError
 from mip.errors import ModuleFailed
 from mip.errors import UsageError
 from mip.journal import Status
 from mip.maps import check_map
-from mip.maps import map_file
 from mip.s3 import record_upload
 from mip.s3 import upload_missing
 from mip.settings import Settings
@@ -362,7 +362,7 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
     if run_id is None:
         # a run the server started was checked at its door; one started by hand is checked
         # here, before any module meets it
-        check_map_readable(settings, map_name)
+        maps.check_readable(settings, map_name, in_child=True)
     refusal = gpu_refusal(settings, catalogue, targets)
     if refusal:
         raise UsageError(refusal)
@@ -425,15 +425,6 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
             status = Status(db.run(run_id)["status"])
         log.info("run %s %s (luigi: %s)", run_id, status.value, result.status.name)
         return EXIT_OK if status == Status.PASSED else EXIT_FAILED
-
-
-def check_map_readable(settings: Settings, map_name: str) -> None:
-    """Raises UsageError with GDAL's reason when it cannot read the map, asked in a child
-    process so that mipper never loads GDAL itself."""
-    shown = f"$TA1_INPUTS_DIR/maps/{map_name}/{map_name}.tif"
-    reason = maps.unreadable_in_child(map_file(settings, map_name), shown)
-    if reason:
-        raise UsageError(f"map {map_name!r}: GDAL cannot read {shown}: {reason}")
 
 
 def mipper_journal(settings: Settings) -> journal.Journal:
@@ -604,7 +595,7 @@ def main(argv=None) -> int:
             parser.error("--job, --map and --module are required to run modules")
         return run(settings, args.job, args.map, args.module, args.force_rerun,
                    parse_extra(args.extra_switch), args.run_id)
-    except (UsageError, CatalogueError, switches.Refused) as e:
+    except (UsageError, CatalogueError, Invalid) as e:  # Invalid: a refused switch, a bad map
         print(f"mipper: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except MipError as e:

@@ -186,11 +186,12 @@ def check_map(settings: Settings, map_name: str) -> None:
                          f"{map_name}.tif; maps present: {known}")
 
 
-def check_readable(settings: Settings, map_name: str) -> None:
+def check_readable(settings: Settings, map_name: str, in_child: bool = False) -> None:
     """Refuse a map GDAL cannot read (Invalid unreadable_map, with GDAL's reason) before any
-    module meets it."""
+    module meets it; `in_child` asks a short-lived child process (unreadable_in_child)."""
     shown = f"$TA1_INPUTS_DIR/maps/{map_name}/{map_name}.tif"
-    reason = unreadable(map_file(settings, map_name), shown)
+    ask = unreadable_in_child if in_child else unreadable
+    reason = ask(map_file(settings, map_name), shown)
     if reason:
         raise Invalid(f"map {map_name!r}: GDAL cannot read {shown}: {reason}", "unreadable_map")
 

@@ -32,7 +32,8 @@ def test_a_truncated_map_fails_at_once_with_gdals_reason(mip_env, sample_tif, tm
 
 def test_mipper_never_loads_gdal_itself(mip_env):
     code = ("import sys, mipper; from mip.settings import Settings; import os;"
-            "mipper.check_map_readable(Settings.from_env(os.environ), 'WY_CO_Peach');"
+            "from mip import maps;"
+            "maps.check_readable(Settings.from_env(os.environ), 'WY_CO_Peach', in_child=True);"
             "assert 'rasterio' not in sys.modules")
     done = subprocess.run([sys.executable, "-c", code], env=mip_env, capture_output=True,
                           text=True, timeout=120,
