@@ -180,6 +180,12 @@ def test_jobs_maps_and_modules_pages(inproc):
     assert 'href="/ui/jobs/jp"' in jobs and f'href="/ui/runs/{run_id}"' in jobs
     job = page(inproc, "/ui/jobs/jp").text
     assert 'href="/modules/jp/georeference/outputs"' in job and "st-passed" in job
+    # times: UTC in the text and tooltip, for console.js to show in the browser's zone
+    times = re.findall(r'<time datetime="([^"]+)" title="([^"]+)">([^<]+)</time>', jobs + job)
+    assert len(times) >= 4
+    for stamp, title, text in times:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stamp)
+        assert title == text == stamp.replace("T", " ").replace("Z", " UTC")
     maps = page(inproc, "/ui/maps").text
     assert payload("x")["map"] in maps and 'href="/ui/jobs/jp"' in maps
     modules = page(inproc, "/ui/modules").text
@@ -305,6 +311,15 @@ def test_module_tables_show_what_each_module_used(inproc):
     text = page(inproc, "/ui/jobs/use").text
     assert ("CPU 12.3 s · RSS 84 MB · GPU &lt;b&gt;1&lt;/b&gt; · GPU memory 2100 MB · "
             "GPU use 43% · waited 3.0 s") in text
+
+
+def test_times_as_shown():
+    assert console.time_tag("2026-12-04T21:31:05.123456Z") == (
+        '<time datetime="2026-12-04T21:31:05Z" title="2026-12-04 21:31:05 UTC">'
+        "2026-12-04 21:31:05 UTC</time>")
+    assert console.time_tag("2026-12-04 21:31:05") == console.time_tag("2026-12-04T21:31:05Z")
+    assert console.time_tag(None) == console.time_tag("") == ""
+    assert console.time_tag("<b>") == "&lt;b&gt;"
 
 
 def test_usage_leaves_out_what_is_unknown():

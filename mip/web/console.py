@@ -9,12 +9,15 @@ script polls the JSON API and, when an answer changes, swaps in the page's fresh
 never writes except through the API's own POST routes (cancel, rerun), which guards.py
 guards. A browser asking for `/` (Accept: text/html) gets the console's home; API clients
 keep their JSON. Pages never show a secret: a payload is shown without its keys and tokens.
+Times are written in UTC (time_tag), which the script shows in the browser's own zone.
 """
 
+import html
 import json
 import math
 import os
 import re
+from datetime import UTC
 from datetime import datetime
 
 import bottle
@@ -190,7 +193,8 @@ def render(name: str, title: str, watch: list, **values) -> str:
     response.set_header("Referrer-Policy", "same-origin")
     response.set_header("Cache-Control", "no-store")
     return bottle.template(name, template_lookup=LOOKUP, title=title,
-                           watch=" ".join(watch), poll_ms=POLL_MS, **values)
+                           watch=" ".join(watch), poll_ms=POLL_MS, time_tag=time_tag,
+                           iso_z=iso_z, **values)
 
 
 def static(ctx, name: str, media: str) -> bytes:
@@ -250,6 +254,32 @@ def duration(start: str | None, stop: str | None) -> str:
 def short_time(text: str | None) -> str:
     """ISO UTC time as `YYYY-MM-DD HH:MM:SS`."""
     return text[:19].replace("T", " ") if text else ""
+
+
+def utc(text: str | None) -> datetime | None:
+    """A journal time (ISO with Z, or short_time's, which is UTC too) as an aware datetime."""
+    when = parse_time(text)
+    if when is None:
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
+
+
+def iso_z(text: str | None) -> str:
+    """A journal time as `YYYY-MM-DDTHH:MM:SSZ`, what a <time datetime> and console.js read;
+    empty when there is none."""
+    when = utc(text)
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if when else ""
+
+
+def time_tag(text: str | None) -> str:
+    """A journal time as `<time>` markup: its text and tooltip the UTC time with its zone
+    named, which console.js rewrites into the browser's own zone (keeping the tooltip).
+    Escaped here: templates insert it with {{!...}}."""
+    when = utc(text)
+    if when is None:
+        return html.escape(text or "")
+    shown = when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f'<time datetime="{iso_z(text)}" title="{shown}">{shown}</time>'
 
 
 def run_row(run: dict) -> dict:

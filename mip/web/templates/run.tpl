@@ -5,9 +5,9 @@
 <dt>Job</dt><dd><a href="/ui/jobs/{{run['job']}}">{{run['job']}}</a></dd>
 <dt>Map</dt><dd>{{run['map']}}</dd>
 <dt>Modules</dt><dd>{{run['modules']}}</dd>
-<dt>Submitted</dt><dd>{{run['submitted']}}</dd>
-<dt>Started</dt><dd>{{run['started']}}</dd>
-<dt>Ended</dt><dd>{{run['ended']}}</dd>
+<dt>Submitted</dt><dd>{{!time_tag(run['submitted'])}}</dd>
+<dt>Started</dt><dd>{{!time_tag(run['started'])}}</dd>
+<dt>Ended</dt><dd>{{!time_tag(run['ended'])}}</dd>
 <dt>Duration</dt><dd>{{run['duration']}}</dd>
 </dl>
 <p class="actions">
@@ -27,8 +27,8 @@
 <tr data-module="{{m['name']}}">
 <td data-label="Module">{{m['name']}}</td>
 <td data-label="State"><span class="state st-{{m['state']}}">{{m['state'].replace('_', ' ')}}</span></td>
-<td data-label="Started">{{m['started']}}</td>
-<td data-label="Ended">{{m['ended']}}</td>
+<td data-label="Started">{{!time_tag(m['started'])}}</td>
+<td data-label="Ended">{{!time_tag(m['ended'])}}</td>
 <td data-label="Duration">{{m['duration']}}</td>
 <td data-label="Exit code">{{'' if m['exit_code'] is None else m['exit_code']}}</td>
 <td data-label="Message" class="message">{{m['message']}}</td>
