@@ -50,7 +50,7 @@ def test_pages_carry_a_strict_content_security_policy(inproc):
     run_id = inproc.post("/runs", json=payload("csp", "georeference")).json()["run_id"]
     inproc.wait_run(run_id)
     for path in ("/ui", "/ui/runs", f"/ui/runs/{run_id}", "/ui/jobs", "/ui/jobs/csp",
-                 "/ui/maps", "/ui/modules"):
+                 "/ui/maps", "/ui/modules", "/ui/modules/csp/georeference/log"):
         resp = page(inproc, path)
         csp = resp.headers["Content-Security-Policy"]
         directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
@@ -186,6 +186,20 @@ def test_jobs_maps_and_modules_pages(inproc):
     for stamp, title, text in times:
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stamp)
         assert title == text == stamp.replace("T", " ").replace("Z", " UTC")
+    # the module log's size (one stat), its page and its raw text; a zip's size is not known
+    log = inproc.get("/modules/jp/georeference/log")
+    size = console.size_text(len(log.content))
+    assert re.search(r"\d+ B|\d+(\.\d)? [kM]B", size)
+    assert ('<a href="/ui/modules/jp/georeference/log" title="the module\'s own log, '
+            f'followed live">module log</a>\n<span class="size">({size})</span>') in job
+    assert 'href="/modules/jp/georeference/log"' in job
+    log_page = page(inproc, "/ui/modules/jp/georeference/log").text
+    assert "<title>Log of georeference in job jp · mip</title>" in log_page
+    assert 'data-log="/modules/jp/georeference/log"' in log_page
+    assert f'href="/ui/runs/{run_id}"' in log_page and 'data-finished="yes"' in log_page
+    assert f'raw text</a>\n<span class="size">({size})</span>' in log_page
+    missing = inproc.get("/ui/modules/jp/map_crop/log", headers=HTML)
+    assert missing.status_code == 404 and "has not run in job" in missing.text
     maps = page(inproc, "/ui/maps").text
     assert payload("x")["map"] in maps and 'href="/ui/jobs/jp"' in maps
     modules = page(inproc, "/ui/modules").text
@@ -261,7 +275,7 @@ def test_origin_parsing():
 def test_openapi_declares_the_pages_and_403_on_every_post(inproc):
     spec = inproc.get("/openapi.json").json()
     for path in ("/ui", "/ui/runs", "/ui/runs/{run_id}", "/ui/jobs", "/ui/jobs/{job}",
-                 "/ui/maps", "/ui/modules"):
+                 "/ui/maps", "/ui/modules", "/ui/modules/{job}/{module}/log"):
         assert "text/html" in spec["paths"][path]["get"]["responses"]["200"]["content"]
     assert set(spec["paths"]["/"]["get"]["responses"]["200"]["content"]) == {
         "application/json", "text/html"}
@@ -313,7 +327,9 @@ def test_module_tables_show_what_each_module_used(inproc):
             "GPU use 43% · waited 3.0 s") in text
 
 
-def test_times_as_shown():
+def test_sizes_and_times_as_shown():
+    assert [console.size_text(n) for n in (None, 0, 999, 1000, 12_345, 4_200_000, 5 * 10**9)] \
+        == ["", "0 B", "999 B", "1.0 kB", "12 kB", "4.2 MB", "5.0 GB"]
     assert console.time_tag("2026-12-04T21:31:05.123456Z") == (
         '<time datetime="2026-12-04T21:31:05Z" title="2026-12-04 21:31:05 UTC">'
         "2026-12-04 21:31:05 UTC</time>")

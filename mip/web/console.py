@@ -1,5 +1,5 @@
 """console: the browser's pages under /ui: runs, a run with its module graph and live log,
-jobs, maps and the module catalogue.
+jobs, maps, the module catalogue and a module's live log.
 
 View functions of mip_server.py's route table, whose rows for /ui name them. Pages are
 rendered by the server with bottle's SimpleTemplate (templates/, which escapes every
@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import stat
 from datetime import UTC
 from datetime import datetime
 
@@ -33,6 +34,7 @@ from mip.maps import map_file
 from mip.web import openapi
 from mip.web.apierror import ApiError
 from mip.web.context import get_job
+from mip.web.context import get_module
 from mip.web.context import get_run
 from mip.web.context import query_int
 
@@ -137,6 +139,17 @@ def maps_page(ctx):
     return render("maps", "Maps", [f"/jobs?offset={ctx.db.count_jobs()}"],
                   maps=[(name, jobs.get(name, [])) for name in shown], total=len(names),
                   page=number, pages=pages)
+
+
+def module_log_page(ctx, job, module):
+    """Console: a module's own log in its latest execution, followed live. Raises 404 if
+    the module has not run in the job."""
+    execution = get_module(ctx, job, module)
+    finished = execution["status"] in FINISHED
+    return render("module_log", f"Log of {module} in job {job}",
+                  [] if finished else [f"/modules/{job}/{module}"],
+                  job=job, module=module, finished=finished,
+                  row=module_row(module, execution, ""), run_id=execution["run_id"])
 
 
 def modules_page(ctx):
@@ -282,6 +295,29 @@ def time_tag(text: str | None) -> str:
     return f'<time datetime="{iso_z(text)}" title="{shown}">{shown}</time>'
 
 
+def size_text(size: int | None) -> str:
+    """A size in bytes as `310 B`, `12 kB`, `4.2 MB` (powers of 1000, as usage() counts);
+    empty when unknown."""
+    if size is None:
+        return ""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{size} B"
+
+
+def log_size(path: str | None) -> int | None:
+    """The size of a module's log, from one lstat (never a read of its folder); None when
+    there is none, or it is not a plain file (a link the module put there may point
+    anywhere, and the log route would not serve it)."""
+    try:
+        info = os.lstat(path) if path else None
+    except OSError:
+        return None
+    return info.st_size if info and stat.S_ISREG(info.st_mode) else None
+
+
 def run_row(run: dict) -> dict:
     return {"run_id": run["run_id"], "status": run["status"], "job": run["job"],
             "map": run["map"], "modules": ", ".join(run["modules"]),
@@ -306,13 +342,15 @@ def module_row(name: str, execution: dict | None, run_status: str) -> dict:
     if execution is None:
         state = "not_run" if run_status in FINISHED else "waiting"
         return {"name": name, "state": state, "started": "", "ended": "", "duration": "",
-                "exit_code": None, "message": "", "resources": "", "ran": False}
+                "exit_code": None, "message": "", "resources": "", "ran": False,
+                "log_size": ""}
     return {"name": name, "state": execution["status"],
             "started": short_time(execution["start_time"]),
             "ended": short_time(execution["stop_time"]),
             "duration": duration(execution["start_time"], execution["stop_time"]),
             "exit_code": execution["exit_code"], "message": execution["message"] or "",
-            "resources": usage(execution.get("resources")), "ran": True}
+            "resources": usage(execution.get("resources")), "ran": True,
+            "log_size": size_text(log_size(execution.get("log_path")))}
 
 
 def usage(recorded: str | None) -> str:

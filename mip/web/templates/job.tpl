@@ -18,7 +18,7 @@
 <td data-label="Message" class="message">{{m['message']}}</td>
 <td data-label="Resources" class="resources">{{m['resources']}}</td>
 <td data-label="Downloads">
-% include('downloads', job=job, name=m['name'])
+% include('downloads', job=job, name=m['name'], log_size=m['log_size'])
 </td>
 </tr>
 % end

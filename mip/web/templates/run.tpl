@@ -35,7 +35,7 @@
 <td data-label="Resources" class="resources">{{m['resources']}}</td>
 <td data-label="Downloads">
 % if m['ran']:
-% include('downloads', job=run['job'], name=m['name'])
+% include('downloads', job=run['job'], name=m['name'], log_size=m['log_size'])
 % end
 </td>
 </tr>
