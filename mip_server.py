@@ -275,8 +275,9 @@ def every_answer() -> None:
 
 def install(app: bottle.Bottle, ctx: Context, writer: LineWriter | None = None) -> None:
     """The plugins and middleware, all here. A request meets them from the outside in:
-    metrics, the request log, then the before_request hooks in the order added (limits,
-    CSRF, the console's browser home), then the route plugins (auth, the ERRORS table)."""
+    metrics, the request log, the console's error pages (a browser's 401, 404, 500), then
+    the before_request hooks in the order added (limits, CSRF, the console's browser home),
+    then the route plugins (auth, the ERRORS table)."""
     app.install(AuthPlugin(ctx.credentials, ctx.cfg.auth))         # auth (401, 429)
     app.install(core_errors)                                       # core errors -> ERRORS
     app.add_hook("before_request", limits)                         # limits (400, 413)
@@ -287,7 +288,7 @@ def install(app: bottle.Bottle, ctx: Context, writer: LineWriter | None = None) 
     # bottle has no middleware slot: Bottle.__call__ calls self.wsgi (which bottle lets be
     # set once), so every request of this app passes these, whichever server or test
     # drives it
-    wsgi = app.wsgi
+    wsgi = console.error_pages(app.wsgi)                           # a browser's 401/404/500
     if writer is not None:
         wsgi = RequestLog(wsgi, writer)                            # request log (main only)
     app.wsgi = ctx.metrics.requests.wrap(wsgi)                     # metrics

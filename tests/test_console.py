@@ -14,6 +14,7 @@ from conftest import zero_work
 from mip import journal
 from mip.web import console
 from mip.web import guards
+from mip.web.apierror import error_body
 
 
 @pytest.fixture
@@ -166,11 +167,81 @@ def test_runs_page_is_newest_first_filtered_and_paged(inproc, monkeypatch):
     ("/ui/jobs?page=x", 400, "bad_query"),
     ("/ui/nosuchpage", 404, "not_found"),
 ])
-def test_bad_input_gets_a_json_error(inproc, path, status, code):
-    resp = inproc.get(path, headers=HTML)
-    assert resp.status_code == status, resp.text
-    assert resp.headers["Content-Type"] == "application/json"
-    assert resp.json()["error"] == code
+def test_bad_input_gets_a_json_error_and_a_browser_a_page_for_404(inproc, path, status, code):
+    """API clients get the JSON error whatever they accept; a browser gets a 404 as a
+    console page saying the same, and every other error as the same JSON."""
+    answers = [inproc.get(path, headers=headers)
+               for headers in ({}, {"Accept": "*/*"}, {"Accept": "application/json"})]
+    for resp in answers:
+        assert resp.status_code == status, resp.text
+        assert resp.headers["Content-Type"] == "application/json"
+        assert resp.json()["error"] == code
+        assert resp.content == answers[0].content
+    browser = inproc.get(path, headers=HTML)
+    assert browser.status_code == status
+    if status == 404:
+        error_page(browser, answers[0].json())
+    else:
+        assert browser.content == answers[0].content
+
+
+def error_page(resp, error: dict) -> str:
+    """Assert that `resp` is the console page of the JSON error `error`; its text."""
+    assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+    assert int(resp.headers["Content-Length"]) == len(resp.content)
+    text = resp.text
+    assert f"<title>{console.ERROR_TITLES[resp.status_code]} · mip</title>" in text
+    notice = re.search(r'<p class="notice">([^<]*)</p>', text).group(1)
+    assert html.unescape(notice) == error["message"]
+    assert f"HTTP {resp.status_code} · {error['error']}" in text
+    assert 'href="/ui"' in text and 'href="/ui/runs"' in text  # a way back, the header
+    return text
+
+
+def test_browsers_get_401_and_500_as_pages_clients_keep_json(inproc):
+    # 401: the browser still asks for the password, and shows the page if it is cancelled
+    for path in ("/ui/runs", "/runs"):
+        client = inproc.get(path, auth=None)
+        assert client.status_code == 401 and client.headers["Content-Type"] == "application/json"
+        browser = inproc.get(path, headers=HTML, auth=None)
+        assert browser.status_code == 401
+        assert browser.headers["WWW-Authenticate"] == client.headers["WWW-Authenticate"] == \
+            'Basic realm="mip"'
+        error_page(browser, client.json())
+    # 500: a journal row damaged behind the server's back (as test_server.py does it)
+    run_id = inproc.post("/runs", json=payload("broken", "georeference")).json()["run_id"]
+    inproc.wait_run(run_id)
+    # and its watcher done with it: it reads the row once more as it lets the run go
+    wait_for(lambda: not inproc.queue.running)
+    db = journal.Journal(inproc.env["TA1_RUNS_DIR"] + "/journal.db")
+    with db.transaction() as conn:
+        conn.execute("UPDATE runs SET payload = '{broken' WHERE run_id = ?", (run_id,))
+    db.close()
+    for path in ("/jobs/broken", f"/ui/runs/{run_id}"):
+        client = inproc.get(path)
+        assert client.status_code == 500
+        assert client.content == error_body(
+            "internal_error", "internal error; the server log has the details").encode()
+        browser = inproc.get(path, headers=HTML)
+        assert browser.status_code == 500
+        text = error_page(browser, client.json())
+        assert "Traceback" not in text and "JSONDecodeError" not in text
+
+
+@pytest.mark.parametrize("accept, html_page", [
+    (HTML["Accept"], True),
+    ("text/html", True),
+    ("text/html;q=0.5, application/json", False),
+    ("application/json, text/html;q=0.9", False),
+    ("text/*;q=0.9, application/json;q=0.5", True),
+    ("*/*", False),
+    ("", False),
+    ("text/html;q=0, */*", False),
+    ("text/html;q=nan, */*;q=0.1", False),
+])
+def test_prefers_html_reads_accept_as_a_browser_means_it(accept, html_page):
+    assert console.prefers_html(accept) is html_page
 
 
 def test_jobs_maps_and_modules_pages(inproc):
@@ -215,8 +286,8 @@ def test_a_job_caught_mid_deletion_is_a_404(inproc):
         conn.execute("INSERT INTO jobs (job, map, created) VALUES ('going', ?, ?)",
                      (payload("x")["map"], journal.utcnow()))
     db.close()
-    for path, headers in (("/ui/jobs/going", HTML), ("/jobs/going", {})):
-        resp = inproc.get(path, headers=headers)
+    for path in ("/ui/jobs/going", "/jobs/going"):
+        resp = inproc.get(path)
         assert resp.status_code == 404, (path, resp.text)
         assert resp.json()["error"] == "unknown_job"
 
@@ -277,6 +348,10 @@ def test_openapi_declares_the_pages_and_403_on_every_post(inproc):
     for path in ("/ui", "/ui/runs", "/ui/runs/{run_id}", "/ui/jobs", "/ui/jobs/{job}",
                  "/ui/maps", "/ui/modules", "/ui/modules/{job}/{module}/log"):
         assert "text/html" in spec["paths"][path]["get"]["responses"]["200"]["content"]
+    # a browser gets 401 and 404 as pages: declared beside the JSON error
+    for path, code in (("/runs/{run_id}", "404"), ("/runs", "401")):
+        content = spec["paths"][path]["get"]["responses"][code]["content"]
+        assert set(content) == {"application/json", "text/html"}
     assert set(spec["paths"]["/"]["get"]["responses"]["200"]["content"]) == {
         "application/json", "text/html"}
     posts = [(p, op) for p, ops in spec["paths"].items() for m, op in ops.items()

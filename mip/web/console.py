@@ -1,5 +1,6 @@
 """console: the browser's pages under /ui: runs, a run with its module graph and live log,
-jobs, maps, the module catalogue and a module's live log.
+jobs, maps, the module catalogue and a module's live log; and a browser's 401, 404 and 500
+as pages (error_pages).
 
 View functions of mip_server.py's route table, whose rows for /ui name them. Pages are
 rendered by the server with bottle's SimpleTemplate (templates/, which escapes every
@@ -61,6 +62,12 @@ RUNS_QUERY = {"status": {"enum": ["", *(s.value for s in Status)]}, "job": OPTIO
 SECRET_KEY = re.compile(r"key|secret|token|password|credential", re.I)
 # the graph: one row per dependency level, at most this many boxes a row
 BOX_W, BOX_H, GAP_X, GAP_Y = 186, 78, 14, 40
+# what every page carries, error pages too
+PAGE_HEADERS = {"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": CSP,
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
+                "Cache-Control": "no-store"}
+# the answers a browser gets as a console page (error_pages), with the page's title
+ERROR_TITLES = {401: "Not logged in", 404: "Not found", 500: "Server error"}
 
 
 # ---------------------------------------------------------------------------- pages
@@ -199,15 +206,14 @@ def paging(total: int, page: int) -> tuple:
 
 def render(name: str, title: str, watch: list, **values) -> str:
     """A page in the base layout, with the headers every page carries."""
-    response = bottle.response
-    response.content_type = "text/html; charset=utf-8"
-    response.set_header("Content-Security-Policy", CSP)
-    response.set_header("X-Content-Type-Options", "nosniff")
-    response.set_header("Referrer-Policy", "same-origin")
-    response.set_header("Cache-Control", "no-store")
-    return bottle.template(name, template_lookup=LOOKUP, title=title,
-                           watch=" ".join(watch), poll_ms=POLL_MS, time_tag=time_tag,
-                           iso_z=iso_z, **values)
+    for header, value in PAGE_HEADERS.items():
+        bottle.response.set_header(header, value)
+    return page_text(name, title, watch, **values)
+
+
+def page_text(name: str, title: str, watch: list, **values) -> str:
+    return bottle.template(name, template_lookup=LOOKUP, title=title, watch=" ".join(watch),
+                           poll_ms=POLL_MS, time_tag=time_tag, iso_z=iso_z, **values)
 
 
 def static(ctx, name: str, media: str) -> bytes:
@@ -218,6 +224,93 @@ def static(ctx, name: str, media: str) -> bytes:
     bottle.response.set_header("X-Content-Type-Options", "nosniff")
     bottle.response.set_header("Cache-Control", "max-age=60")
     return body
+
+
+# ---------------------------------------------------------------------------- error pages
+
+def error_pages(wsgi):
+    """WSGI middleware: a GET whose Accept prefers text/html (a browser's navigation) that
+    is answered 401, 404 or 500 in the one JSON error shape gets a console page saying the
+    same, with the same status and headers (401 keeps WWW-Authenticate, so the browser still
+    asks for the password). Every other request passes through untouched: API clients, curl
+    (*/*) and the console's own fetches keep their JSON byte for byte."""
+    def app(environ, start_response):
+        if (environ.get("REQUEST_METHOD") != "GET"
+                or not prefers_html(environ.get("HTTP_ACCEPT", ""))):
+            return wsgi(environ, start_response)
+        held = {}
+
+        def hold(status, headers, exc_info=None):
+            kind = next((v for k, v in headers if k.lower() == "content-type"), "")
+            if (not held and int(status[:3]) in ERROR_TITLES
+                    and kind.startswith("application/json")):
+                # bottle passes a crash's exc_info along with its 500: passed on below
+                held.update(status=status, headers=headers, exc_info=exc_info)
+                return lambda data: None  # bottle never writes through it
+            return start_response(status, headers, exc_info)
+
+        body = wsgi(environ, hold)
+        if not held:
+            return body
+        try:
+            data = b"".join(body)
+        finally:
+            if hasattr(body, "close"):
+                body.close()
+        status, headers, exc_info = held["status"], held["headers"], held["exc_info"]
+        page = error_page(int(status[:3]), data)
+        if page is None:  # not the error shape after all: sent as it came
+            start_response(status, headers, exc_info)
+            return [data]
+        kept = [(k, v) for k, v in headers
+                if k.lower() not in {"content-length", *(h.lower() for h in PAGE_HEADERS)}]
+        start_response(status, kept + list(PAGE_HEADERS.items())
+                       + [("Content-Length", str(len(page)))], exc_info)
+        return [page]
+    return app
+
+
+def error_page(status: int, data: bytes) -> bytes | None:
+    """The console page of an error answer's JSON body, None when it is not
+    {"error": code, "message": text}. Only the message the JSON carries is shown: a 500's is
+    the generic one, never a traceback."""
+    try:
+        error = json.loads(data)
+    except ValueError:
+        return None
+    if not (isinstance(error, dict) and isinstance(error.get("error"), str)
+            and isinstance(error.get("message"), str)):
+        return None
+    return page_text("error", ERROR_TITLES[status], [], status=status, code=error["error"],
+                     message=error["message"]).encode("utf-8")
+
+
+def prefers_html(accept: str) -> bool:
+    """True when Accept ranks text/html above application/json, as a browser's navigation
+    does; no Accept, or */* alone (curl, requests), ranks them even: JSON."""
+    return quality(accept, "text/html") > quality(accept, "application/json")
+
+
+def quality(accept: str, media: str) -> float:
+    """The q that Accept gives `media`: that of its most specific matching range (RFC 9110
+    12.5.1), 0 when none matches."""
+    best, q_best = -1, 0.0
+    for item in accept.split(","):
+        media_range, *params = (p.strip() for p in item.split(";"))
+        media_range = media_range.lower()
+        rank = {media: 2, media.split("/")[0] + "/*": 1, "*/*": 0}.get(media_range, -1)
+        if rank <= best:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        best, q_best = rank, q if 0.0 <= q <= 1.0 else 0.0
+    return q_best
 
 
 # ---------------------------------------------------------------------------- views

@@ -154,6 +154,13 @@
     }
   }
 
+  // an error page's way back, shown only where there is a page to go back to
+  const back = document.querySelector("button[data-back]");
+  if (back && history.length > 1) {
+    back.hidden = false;
+    back.addEventListener("click", function () { history.back(); });
+  }
+
   document.addEventListener("click", async function (event) {
     const button = event.target.closest("button[data-post]");
     if (!button || !window.confirm(button.dataset.confirm)) {
