@@ -11,6 +11,7 @@ from conftest import payload
 from conftest import wait_for
 from conftest import zero_work
 
+from mip import gpus
 from mip import journal
 from mip.web import console
 from mip.web import guards
@@ -315,3 +316,40 @@ def test_usage_leaves_out_what_is_unknown():
     assert console.usage(json.dumps({"cpu_seconds": True, "gpu_device": "0",
                                      "gpu_util_mean": "x"})) == "GPU 0"
     assert console.usage("not json") == console.usage("[1]") == ""
+
+
+def test_warnings_and_a_wait_for_a_gpu_are_shown(inproc):
+    """A run's warnings in a box on its page and its job's, each module's in its row and
+    graph box (escaped); a module waiting for a GPU has its own badge, not `running`."""
+    run_id, now = journal.new_run_id(), journal.utcnow()
+    warned = ["the GeoPackage m.gpkg holds no features", "no <b>GPU</b>"]
+    db = journal.Journal(inproc.env["TA1_RUNS_DIR"] + "/journal.db")
+    with db.transaction() as conn:  # made by hand: no run need be paid for
+        conn.execute("INSERT INTO jobs (job, map, created) VALUES ('warn', 'm', ?)", (now,))
+        conn.execute("INSERT INTO runs (run_id, job, map, modules, payload, status,"
+                     " submit_time, start_time, log_path, warnings) VALUES (?, 'warn', 'm',"
+                     " '[\"map_crop\"]', '{}', 'running', ?, ?, '/nonexistent.log', ?)",
+                     (run_id, now, now, json.dumps(warned)))
+        for module, message, says in (("legend_segment", None, ["no legend found"]),
+                                      ("map_crop", gpus.WAITING, None)):
+            conn.execute("INSERT INTO executions (run_id, job, module, status, start_time,"
+                         " log_path, message, warnings) VALUES (?, 'warn', ?, ?, ?,"
+                         " '/nonexistent.log', ?, ?)",
+                         (run_id, module, "running" if message else "passed", now, message,
+                          says and json.dumps(says)))
+    db.close()
+    text = page(inproc, f"/ui/runs/{run_id}").text
+    box = re.search(r'<div class="warnings" id="warnings".*?</div>', text, re.S).group(0)
+    assert "3 warnings" in box and "no &lt;b&gt;GPU&lt;/b&gt;" in box and "<b>GPU" not in box
+    assert "legend_segment: no legend found" in box
+    row = re.search(r'<tr data-module="legend_segment">.*?</tr>', text, re.S).group(0)
+    assert "⚠ no legend found" in row
+    assert re.search(r'data-module="legend_segment" data-state="passed"[^>]*>\s*<title>'
+                     r'[^<]*warning: no legend found', text)
+    assert 'data-module="map_crop" data-state="waiting_gpu"' in text
+    waiting = re.search(r'<tr data-module="map_crop">.*?</tr>', text, re.S).group(0)
+    assert '<span class="state st-waiting_gpu">waiting for a GPU</span>' in waiting
+    assert ">running<" not in waiting
+    job = page(inproc, "/ui/jobs/warn").text
+    assert "3 warnings" in job and '<span class="state st-waiting_gpu">' in job
+    assert ".st-waiting_gpu" in inproc.get("/ui/console.css", auth=None).text

@@ -19,6 +19,7 @@ from datetime import datetime
 
 import bottle
 
+from mip import gpus
 from mip.catalogue import ALL
 from mip.catalogue import ancestors
 from mip.catalogue import check_name
@@ -27,6 +28,8 @@ from mip.journal import FINISHED
 from mip.journal import Status
 from mip.maps import listed_maps
 from mip.maps import map_file
+from mip.status import listed
+from mip.status import run_warnings
 from mip.web import openapi
 from mip.web.apierror import ApiError
 from mip.web.context import get_job
@@ -54,6 +57,9 @@ PAGE = openapi.whole(10**6)
 RUNS_QUERY = {"status": {"enum": ["", *(s.value for s in Status)]}, "job": OPTIONAL_NAME,
               "page": PAGE}
 SECRET_KEY = re.compile(r"key|secret|token|password|credential", re.I)
+# a running module still waiting for a device (its message is gpus.WAITING)
+WAITING_GPU = "waiting_gpu"
+STATE_LABELS = {WAITING_GPU: gpus.WAITING}
 # the graph: one row per dependency level, at most this many boxes a row
 BOX_W, BOX_H, GAP_X, GAP_Y = 186, 78, 14, 40
 
@@ -86,11 +92,12 @@ def run_page(ctx, run_id):
     executions = {e["module"]: e for e in ctx.db.executions(run["run_id"])}
     names = drawn_modules(catalogue, run["modules"], executions)
     modules = [module_row(name, executions.get(name), run["status"]) for name in names]
+    warnings = run_warnings(run, list(executions.values()))
     finished = run["status"] in FINISHED
     # an ended run changes no more: its open page stops polling
     watch = [] if finished else [f"/runs/{run['run_id']}"]
     return render("run", f"Run {run['run_id']}", watch,
-                  run=run_row(run), finished=finished, modules=modules,
+                  run=run_row(run), finished=finished, modules=modules, warnings=warnings,
                   graph=graph(catalogue, modules),
                   payload=json.dumps(shown(run["payload"]), indent=2, sort_keys=True))
 
@@ -118,7 +125,8 @@ def job_page(ctx, job):
                for name in statuses]
     runs = [run_row(r) for r in db.runs_page(job, None, 10, 0)]
     return render("job", f"Job {job}", [f"/jobs/{job}"], job=job, map=db.job_map(job),
-                  modules=modules, runs=runs, total=db.count_runs(job))
+                  modules=modules, runs=runs, total=db.count_runs(job),
+                  warnings=run_warnings(latest, db.executions(latest["run_id"])))
 
 
 def maps_page(ctx):
@@ -275,13 +283,22 @@ def module_row(name: str, execution: dict | None, run_status: str) -> dict:
     is over, `waiting` while its run may still start it), times, exit code and message."""
     if execution is None:
         state = "not_run" if run_status in FINISHED else "waiting"
-        return {"name": name, "state": state, "started": "", "ended": "", "duration": "",
-                "exit_code": None, "message": "", "resources": "", "ran": False}
-    return {"name": name, "state": execution["status"],
+        return {"name": name, "state": state, "label": state.replace("_", " "), "started": "",
+                "ended": "", "duration": "", "exit_code": None, "message": "",
+                "resources": "", "ran": False, "warnings": []}
+    state = execution["status"]
+    if state == Status.RUNNING and execution["message"] == gpus.WAITING:
+        # not running yet: its own badge, so that a host's GPU queue reads as one
+        state = WAITING_GPU
+    return {"name": name, "state": state,
+            "label": STATE_LABELS.get(state, state.replace("_", " ")),
+            "warnings": listed(execution.get("warnings")),
             "started": short_time(execution["start_time"]),
             "ended": short_time(execution["stop_time"]),
             "duration": duration(execution["start_time"], execution["stop_time"]),
-            "exit_code": execution["exit_code"], "message": execution["message"] or "",
+            "exit_code": execution["exit_code"],
+            # the badge says it: a waiting module's message is that same wait
+            "message": "" if state == WAITING_GPU else execution["message"] or "",
             "resources": usage(execution.get("resources")), "ran": True}
 
 

@@ -1,6 +1,7 @@
 % rebase('base', title=title, watch=watch, poll_ms=poll_ms)
 <p>Map <b>{{map}}</b> · {{total}} run{{'' if total == 1 else 's'}} · <a href="/ui/runs?job={{job}}">all its runs</a></p>
 <section id="job-modules" data-live>
+% include('warnings', warnings=warnings)
 <h2>Modules (latest state)</h2>
 % if not modules:
 <p class="empty">No module has run in this job yet.</p>
@@ -11,7 +12,7 @@
 % for m in modules:
 <tr data-module="{{m['name']}}">
 <td data-label="Module">{{m['name']}}</td>
-<td data-label="State"><span class="state st-{{m['state']}}">{{m['state'].replace('_', ' ')}}</span></td>
+<td data-label="State"><span class="state st-{{m['state']}}">{{m['label']}}</span></td>
 <td data-label="Started">{{m['started']}}</td>
 <td data-label="Ended">{{m['ended']}}</td>
 <td data-label="Exit code">{{'' if m['exit_code'] is None else m['exit_code']}}</td>

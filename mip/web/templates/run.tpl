@@ -10,6 +10,7 @@
 <dt>Ended</dt><dd>{{run['ended']}}</dd>
 <dt>Duration</dt><dd>{{run['duration']}}</dd>
 </dl>
+% include('warnings', warnings=warnings)
 <p class="actions">
 % if not finished:
 <button type="button" id="cancel" data-post="/runs/{{run['run_id']}}/cancel" data-confirm="Cancel run {{run['run_id']}}? Its running modules are stopped.">Cancel</button>
@@ -26,12 +27,14 @@
 % for m in modules:
 <tr data-module="{{m['name']}}">
 <td data-label="Module">{{m['name']}}</td>
-<td data-label="State"><span class="state st-{{m['state']}}">{{m['state'].replace('_', ' ')}}</span></td>
+<td data-label="State"><span class="state st-{{m['state']}}">{{m['label']}}</span></td>
 <td data-label="Started">{{m['started']}}</td>
 <td data-label="Ended">{{m['ended']}}</td>
 <td data-label="Duration">{{m['duration']}}</td>
 <td data-label="Exit code">{{'' if m['exit_code'] is None else m['exit_code']}}</td>
-<td data-label="Message" class="message">{{m['message']}}</td>
+<td data-label="Message" class="message">{{m['message']}}
+% include('warnings', warnings=m['warnings'], of_module=True)
+</td>
 <td data-label="Resources" class="resources">{{m['resources']}}</td>
 <td data-label="Downloads">
 % if m['ran']:
