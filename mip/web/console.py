@@ -1,13 +1,13 @@
 """console: the browser's pages under /ui: runs, a run with its module graph and live log,
-jobs, maps and the module catalogue.
+jobs, maps, the module catalogue and the New run form.
 
 View functions of mip_server.py's route table, whose rows for /ui name them. Pages are
 rendered by the server with bottle's SimpleTemplate (templates/, which escapes every
 {{value}}); static/ holds the one script and style sheet, served from here (nothing from
 the internet, no build step). The
 script polls the JSON API and, when an answer changes, swaps in the page's fresh regions; it
-never writes except through the API's own POST routes (cancel, rerun), which guards.py
-guards. A browser asking for `/` (Accept: text/html) gets the console's home; API clients
+never writes except through the API's own POST routes (runs, cancel, rerun), which
+guards.py guards. A browser asking for `/` (Accept: text/html) gets the console's home; API clients
 keep their JSON. Pages never show a secret: a payload is shown without its keys and tokens.
 """
 

@@ -34,12 +34,11 @@ This run's hidden parts: {{', '.join(form['hidden'])}}.
 <span class="field-error" data-error-for="extra_switches" hidden></span>
 <label class="all"><input type="checkbox" id="all-modules" value="{{all_name}}" data-modules-all{{' checked' if all_name in form['modules'] else ''}}> {{all_name}}: every module</label>
 <table class="cards">
-<thead><tr><th>Run</th><th>Module</th><th>Extra switches</th></tr></thead>
+<thead><tr><th>Module</th><th>Extra switches</th></tr></thead>
 <tbody>
 % for name in modules:
 <tr data-module="{{name}}">
-<td data-label="Run"><input type="checkbox" id="module-{{name}}" value="{{name}}" data-module-box aria-label="run {{name}}"{{' checked' if name in form['modules'] else ''}}></td>
-<td data-label="Module"><label for="module-{{name}}">{{name}}</label></td>
+<td data-label="Module" class="module-name"><label><input type="checkbox" id="module-{{name}}" value="{{name}}" data-module-box{{' checked' if name in form['modules'] else ''}}> {{name}}</label></td>
 <td data-label="Extra switches"><textarea rows="1" data-switches="{{name}}" aria-label="extra switches of {{name}}" spellcheck="false">{{form['switches'].get(name, '')}}</textarea>
 <span class="field-error" data-error-for="extra_switches.{{name}}" hidden></span></td>
 </tr>
