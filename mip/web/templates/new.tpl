@@ -7,23 +7,24 @@
 This run's hidden parts: {{', '.join(form['hidden'])}}.
 % end
 </p>
+% # no name= on any field: were the script missing, a plain submit sends nothing (no key in a URL)
 <form id="new-run" class="new-run" data-submit="/runs" novalidate>
 <p class="field">
 <label for="job">Job name</label>
-<input id="job" name="job" value="{{form['job']}}" maxlength="64" autocomplete="off" spellcheck="false" data-field="job">
+<input id="job" value="{{form['job']}}" maxlength="64" autocomplete="off" spellcheck="false">
 <span class="help">letters, digits, _ . -; a job keeps the map of its first run, and what passed in it is skipped</span>
 <span class="field-error" data-error-for="job" hidden></span>
 </p>
 <p class="field">
 <label for="map">Map</label>
 % if maps:
-<select id="map" name="map" data-field="map">
+<select id="map">
 % for name in maps:
 <option value="{{name}}"{{' selected' if name == form['map'] else ''}}>{{name}}</option>
 % end
 </select>
 % else:
-<select id="map" name="map" data-field="map" disabled><option value="">no maps on the server</option></select>
+<select id="map" disabled><option value="">no maps on the server</option></select>
 % end
 <span class="field-error" data-error-for="map" hidden></span>
 </p>
@@ -47,18 +48,18 @@ This run's hidden parts: {{', '.join(form['hidden'])}}.
 </table>
 </fieldset>
 <p class="field">
-<label><input type="checkbox" id="force_rerun" name="force_rerun" data-field="force_rerun"{{' checked' if form['force_rerun'] else ''}}> Force rerun: run the chosen modules again even if they passed in this job</label>
+<label><input type="checkbox" id="force_rerun"{{' checked' if form['force_rerun'] else ''}}> Force rerun: run the chosen modules again even if they passed in this job</label>
 <span class="field-error" data-error-for="force_rerun" hidden></span>
 </p>
 <p class="field">
 <label for="notify_url">Notify URL</label>
-<input id="notify_url" name="notify_url" type="url" value="{{form['notify_url']}}" maxlength="2048" placeholder="optional: https://..." autocomplete="off" spellcheck="false" data-field="notify_url">
+<input id="notify_url" type="url" value="{{form['notify_url']}}" maxlength="2048" placeholder="optional: https://..." autocomplete="off" spellcheck="false">
 <span class="help">when the run ends, its RunStatus is POSTed here, signed</span>
 <span class="field-error" data-error-for="notify_url" hidden></span>
 </p>
 <p class="field">
 <label for="openai_key">OpenAI key</label>
-<input id="openai_key" name="openai_key" type="password" maxlength="512" placeholder="optional" autocomplete="off" data-field="openai_key">
+<input id="openai_key" type="password" maxlength="512" placeholder="optional" autocomplete="off">
 <span class="help">handed to the modules, never stored in clear or shown</span>
 <span class="field-error" data-error-for="openai_key" hidden></span>
 </p>
