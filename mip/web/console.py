@@ -7,8 +7,8 @@ rendered by the server with bottle's SimpleTemplate (templates/, which escapes e
 the internet, no build step). The
 script polls the JSON API and, when an answer changes, swaps in the page's fresh regions; it
 never writes except through the API's own POST routes (runs, cancel, rerun), which
-guards.py guards. A browser asking for `/` (Accept: text/html) gets the console's home; API clients
-keep their JSON. Pages never show a secret: a payload is shown without its keys and tokens.
+guards.py guards. A browser asking for `/` (Accept: text/html) gets the console's home; API
+clients keep their JSON. Pages never show a secret: a payload is shown without its keys and tokens.
 """
 
 import json
