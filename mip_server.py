@@ -782,6 +782,8 @@ def route_table(cfg: Config) -> list:
         route("GET", "/ui/maps", console.maps_page, answer="text/html",
               query={"page": console.PAGE}),
         route("GET", "/ui/modules", console.modules_page, answer="text/html"),
+        route("GET", "/ui/new", console.new_page, answer="text/html", query=console.NEW_QUERY,
+              errors=(404,)),
         *(route("GET", f"/ui/{name}", console.static, bound={"name": name, "media": media},
                 answer=media.split(";")[0], auth=False,
                 summary=f"Console: its {name} (no auth: public code)")

@@ -538,6 +538,16 @@ class Journal:
             (job,))
         return [r[0] for r in rows]
 
+    def passes_before(self, job: str, run_id: str) -> dict:
+        """{module: its latest execution in the job before run `run_id`}, for those whose
+        latest one then had passed: what that run found done and skipped (run ids sort as
+        runs were recorded)."""
+        rows = self.connect().execute(
+            "SELECT e.* FROM executions e JOIN (SELECT MAX(id) AS last FROM executions"
+            " WHERE job = ? AND run_id < ? GROUP BY module) m ON e.id = m.last"
+            " WHERE e.status = 'passed'", (job, run_id))
+        return {r["module"]: dict(r) for r in rows}
+
     # ---------------------------------------------------------------- deleting (retention.py)
 
     def job_busy(self, job: str) -> bool:

@@ -16,6 +16,7 @@
 <button type="button" id="cancel" data-post="/runs/{{run['run_id']}}/cancel" data-confirm="Cancel run {{run['run_id']}}? Its running modules are stopped.">Cancel</button>
 % end
 <button type="button" id="rerun" data-post="/runs/{{run['run_id']}}/rerun" data-confirm="Submit run {{run['run_id']}} again? What passed is skipped." data-then="open">Rerun</button>
+<a id="edit-rerun" href="/ui/new?from={{run['run_id']}}">Edit and rerun</a>
 </p>
 </section>
 <h2>Modules</h2>
@@ -27,7 +28,11 @@
 % for m in modules:
 <tr data-module="{{m['name']}}">
 <td data-label="Module">{{m['name']}}</td>
-<td data-label="State"><span class="state st-{{m['state']}}">{{m['label']}}</span></td>
+<td data-label="State"><span class="state st-{{m['state']}}">{{m['label']}}</span>
+% if m['earlier']:
+<a class="earlier" href="/ui/runs/{{m['earlier']}}" title="this run found it passed and skipped it">in run {{m['earlier']}}</a>
+% end
+</td>
 <td data-label="Started">{{m['started']}}</td>
 <td data-label="Ended">{{m['ended']}}</td>
 <td data-label="Duration">{{m['duration']}}</td>
