@@ -813,7 +813,9 @@ def run(args: argparse.Namespace, env) -> int:
         with send_with_retries(session, method, args.url, body, args.timeout, headers,
                                args.tries) as resp:
             if not (args.wait or args.follow):
-                show_resources(show_answer(resp, args.url, args.output))
+                data = show_answer(resp, args.url, args.output)
+                show_resources(data)
+                show_warnings(data)
                 return EXIT_OK
             try:
                 first = resp.json()
@@ -838,10 +840,12 @@ def watch_run(session: requests.Session, status_url: str, first: dict,
         print(f"\nmip_client: stopped {verb}; run {first['run_id']} goes on on the server",
               file=sys.stderr)
         return EXIT_INTERRUPTED
-    if args.follow:
-        note(f"run {final.get('run_id')}: {final.get('status')}")
-    else:
+    if not args.follow:
         show_json(final, args.output)
+    if final.get("status") == "passed" and warnings_of(final):
+        note(ended(final))
+    elif args.follow:
+        note(f"run {final.get('run_id')}: {final.get('status')}")
     if final.get("status") != "passed":
         hint = "" if args.follow else f"; its log: GET {status_url}/log"
         why = "; ".join(failure_reasons(session, status_url, final, args.timeout))
@@ -849,6 +853,29 @@ def watch_run(session: requests.Session, status_url: str, first: dict,
               f"{f' ({why})' if why else ''}{hint}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
+
+
+def warnings_of(data) -> list:
+    """The `warnings` of a RunStatus, JobStatus or ModuleStatus ([] from an older server)."""
+    found = data.get("warnings") if isinstance(data, dict) else None
+    return [w for w in found if isinstance(w, str)] if isinstance(found, list) else []
+
+
+def ended(final: dict) -> str:
+    """`run X passed with 1 warning: ...`: one warning on the line, several each on a line
+    of their own below it."""
+    found = warnings_of(final)
+    head = (f"run {final.get('run_id')} {final.get('status')} with {len(found)} "
+            f"warning{'' if len(found) == 1 else 's'}:")
+    if len(found) == 1:
+        return f"{head} {found[0]}"
+    return head + "".join(f"\n  - {w}" for w in found)
+
+
+def show_warnings(data) -> None:
+    """Under a status answer, on stderr: what it warns of, one line each."""
+    for w in warnings_of(data):
+        note(f"warning: {w}")
 
 
 def failure_reasons(session: requests.Session, status_url: str, final: dict,

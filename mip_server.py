@@ -64,6 +64,7 @@ from mip.status import log_tail
 from mip.status import module_status
 from mip.status import notice_status
 from mip.status import run_status
+from mip.status import run_warnings
 from mip.web import auth
 from mip.web import console
 from mip.web import follow
@@ -531,6 +532,7 @@ def job_status(ctx, job):
         "log": log_tail(run["log_path"]) if finished else None,
         "force_rerun": run["force_rerun"], "map": run["map"], "run_id": run["run_id"],
         "module_status": db.job_module_status(job),
+        "warnings": run_warnings(run, db.executions(run["run_id"])),
         "cdr": {kind: {k: row[k] for k in ("status", "result_id", "cdr_job_id", "message",
                                            "time")}
                 for kind, row in db.publications(job).items()} or None,
@@ -783,6 +785,8 @@ def route_table(cfg: Config) -> list:
         route("GET", "/ui/modules", console.modules_page, answer="text/html"),
         route("GET", "/ui/modules/{job}/{module}/log", console.module_log_page,
               answer="text/html"),
+        route("GET", "/ui/new", console.new_page, answer="text/html", query=console.NEW_QUERY,
+              errors=(404,)),
         *(route("GET", f"/ui/{name}", console.static, bound={"name": name, "media": media},
                 answer=media.split(";")[0], auth=False,
                 summary=f"Console: its {name} (no auth: public code)")

@@ -64,6 +64,7 @@ from mip.maps import check_map
 from mip.s3 import record_upload
 from mip.s3 import upload_missing
 from mip.settings import Settings
+from mip.status import run_warnings
 
 log = logging.getLogger("mip.mipper")
 
@@ -98,8 +99,8 @@ class Run:
 
     def run_module(self, module: Module, how: runners.Launch, log_path: str,
                    used: dict) -> tuple:
-        """Run the module with its log open; (exit code, message when it failed). `used`
-        gets what it used of the host (gpus.RESOURCE_KEYS)."""
+        """Run the module with its log open; (exit code, message when it failed, the
+        WARNING lines it logged). `used` gets what it used of the host (gpus.RESOURCE_KEYS)."""
         name = module.name
         job_out = os.path.join(self.settings.outputs_dir, self.job)
         with open(log_path, "wb") as out:
@@ -137,10 +138,12 @@ class Run:
             if message is None:
                 message = next(filter(None, map(checks.failure, module_checks(
                     self.settings, module, self.job, self.map_name))), None)
+            out.flush()
+            warned = runners.logged_warnings(log_path, since)
             status = Status.FAILED if message else Status.PASSED
             out.write(f"# {name} {status.value}"
                       f"{': ' + message if message else ''}: {journal.utcnow()}\n".encode())
-        return code, message
+        return code, message, warned
 
     def execute(self, name: str) -> None:
         """Run one module to its end and record it; raises ModuleFailed."""
@@ -159,13 +162,14 @@ class Run:
         started = time.monotonic()
         used = gpus.resources()
         slot = None
+        warned = []
         try:
             slot = self.take_gpu(module, exec_id)
             if slot is not None:
                 how = dataclasses.replace(how, gpu_device=slot.device, gpu_fd=slot.fd)
                 used.update(gpu_device=slot.device, waited_for_gpu_seconds=slot.waited)
                 self.db.set_execution_progress(exec_id, None, used, started=True)
-            code, message = self.run_module(module, how, log_path, used)
+            code, message, warned = self.run_module(module, how, log_path, used)
         except gpus.NoGpu as e:
             code, message = None, str(e)
         except Exception as e:  # noqa: BLE001 - the execution must not stay `running`
@@ -174,12 +178,12 @@ class Run:
         finally:
             gpus.release(slot)
         self.db.finish_execution(exec_id, Status.FAILED if message else Status.PASSED, code,
-                                 message, used)
+                                 message, used, warned)
         took = time.monotonic() - started
         if message:
             log.error("module %s failed after %.1f s: %s", name, took, message)
             raise ModuleFailed(f"{name}: {message}")
-        log.info("module %s passed in %.1f s", name, took)
+        log.info("module %s passed in %.1f s%s", name, took, counted(warned))
         if self.settings.s3_bucket:
             record_upload(self.settings, self.db, self.db.latest_execution(self.job, name))
 
@@ -395,8 +399,8 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
         without = local_gpu_modules(settings, catalogue, [n for n in graph if n in to_run])
         if without and not settings.gpu_settings.devices:
             # once per run, not a list of every module: the catalogue marks all of them
-            log.warning("this host has no GPU (MIP_GPUS=none, or none found): its GPU modules "
-                        "run without one")
+            log.warning("%s run on the CPU", NO_GPU)
+            db.add_run_warning(run_id, f"{NO_GPU} ran on the CPU")
         RUN = Run(settings, catalogue, db, run_id, job, map_name, graph, to_run, extra,
                   module_env(settings, env, settings.openai_key),
                   {n: db.last_pass(job, n) for n in to_run})
@@ -421,9 +425,13 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
         if db.end_running_executions(run_id, Status.FAILED, journal.LOST_EXECUTION):
             status = Status.FAILED
             stop_lost(settings, catalogue, run_id, graph)
+        if status == Status.PASSED:
+            warn_if_empty(settings, catalogue, db, run_id, job, map_name, graph)
         if not db.set_run_status(run_id, status):
             status = Status(db.run(run_id)["status"])
-        log.info("run %s %s (luigi: %s)", run_id, status.value, result.status.name)
+        warned = run_warnings(db.run(run_id), db.executions(run_id))
+        log.info("run %s %s%s (luigi: %s)", run_id, status.value, counted(warned),
+                 result.status.name)
         return EXIT_OK if status == Status.PASSED else EXIT_FAILED
 
 
@@ -449,6 +457,40 @@ def stop_lost(settings: Settings, catalogue: dict, run_id: str, graph: list) -> 
         # which containers and tasks stays in runners.log, on the host
         log.info("stopped %d processes, containers or tasks left by lost modules", len(stopped))
         runners.log.info("run %s: stopped %s", run_id, ", ".join(stopped))
+
+
+NO_GPU = "this host has no GPU (MIP_GPUS=none, or none found): its GPU modules"
+
+
+def counted(warned: list) -> str:
+    """` with 2 warnings` for a module's log line; "" without any."""
+    return f" with {len(warned)} warning{'s' if len(warned) > 1 else ''}" if warned else ""
+
+
+def final_products(settings: Settings, catalogue: dict, job: str, map_name: str,
+                   graph: list) -> list:
+    """The feature files (GeoPackage, GeoJSON) among the outputs of the graph's last
+    modules, those no other module of it requires: what the run was for."""
+    needed = {r for n in graph for r in catalogue[n].requires}
+    return [p for n in graph if n not in needed
+            for p in module_outputs(settings, catalogue[n], job, map_name)
+            if p.lower().endswith((".gpkg", ".geojson"))]
+
+
+def warn_if_empty(settings: Settings, catalogue: dict, db: journal.Journal, run_id: str,
+                  job: str, map_name: str, graph: list) -> None:
+    """A run warning when its final products hold no feature while its map is not blank:
+    every module passed, and yet nothing was found. The map is read (in a child) only then."""
+    empty = checks.featureless(final_products(settings, catalogue, job, map_name, graph))
+    if not empty or maps.has_content_in_child(maps.map_file(settings, map_name)) is False:
+        return
+    names = ", ".join(os.path.basename(p) for p in empty)
+    what = (f"the GeoPackage {names}" if all(p.lower().endswith(".gpkg") for p in empty)
+            else names)
+    warning = (f"{what} holds no features, though the map is not blank: the modules found "
+               "nothing on it (their warnings and logs may say why)")
+    log.warning("%s", warning)
+    db.add_run_warning(run_id, warning)
 
 
 def judge(run: Run) -> bool:

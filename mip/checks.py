@@ -2,7 +2,8 @@
 name them (the original TA1 tool's run_post did the same with minimum counts).
 
 Used by mipper after a module exits 0: `failure(check)` says which check failed and what
-was found, or None. It reads files without following links; a GeoPackage is read through
+was found, or None; and after a run passes, `featureless(paths)` names its final products
+that hold no feature. It reads files without following links; a GeoPackage is read through
 SQLite, which is what the format is, so mipper needs no GDAL for it. Never writes.
 """
 
@@ -47,6 +48,23 @@ def failure(check: dict) -> str | None:
             return (f"check of {name}: expected at least {check['min_features']} features, "
                     f"found {found}")
     return None
+
+
+def featureless(paths: list) -> list:
+    """Those of the feature files (GeoPackage, GeoJSON) at `paths` that hold no feature in
+    any layer; a file that cannot be read, or too large to count, is not among them."""
+    empty = []
+    for path in paths:
+        try:
+            info = os.lstat(path)
+            if not stat.S_ISREG(info.st_mode):
+                continue
+            counts = feature_counts(path, info.st_size)
+        except (OSError, ValueError, sqlite3.Error):
+            continue
+        if all(n == 0 for n in counts.values()):
+            empty.append(path)
+    return empty
 
 
 def count_files(folder: str) -> int:

@@ -325,6 +325,18 @@ class Journal:
         return True
 
     @_retried
+    def add_run_warning(self, run_id: str, text: str) -> None:
+        """Add one warning to the run's list (once: the same text again is a no-op)."""
+        with self.transaction() as db:
+            row = db.execute("SELECT warnings FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+            if row is None:
+                raise JournalError(f"no run {run_id!r}")
+            warnings = json.loads(row["warnings"] or "[]")
+            if text not in warnings:
+                db.execute("UPDATE runs SET warnings = ? WHERE run_id = ?",
+                           (json.dumps(warnings + [text]), run_id))
+
+    @_retried
     def set_run_pid(self, run_id: str, pid: int) -> None:
         """Record the run's mipper process, so that a restarted server can find it."""
         with self.transaction() as db:
@@ -447,15 +459,18 @@ class Journal:
 
     @_retried
     def finish_execution(self, exec_id: int, status: Status, exit_code: int | None,
-                         message: str | None, resources: dict | None = None) -> bool:
-        """Record how a module execution ended (and what it used of the host); False if
-        it had already ended (cancelled)."""
+                         message: str | None, resources: dict | None = None,
+                         warnings: list | None = None) -> bool:
+        """Record how a module execution ended (what it used of the host, the warnings it
+        logged); False if it had already ended (cancelled)."""
         with self.transaction() as db:
             cur = db.execute(
                 "UPDATE executions SET status = ?, stop_time = ?, exit_code = ?, message = ?,"
-                " resources = COALESCE(?, resources) WHERE id = ? AND status = 'running'",
+                " resources = COALESCE(?, resources), warnings = ?"
+                " WHERE id = ? AND status = 'running'",
                 (Status(status).value, utcnow(), exit_code, message,
-                 None if resources is None else json.dumps(resources), exec_id))
+                 None if resources is None else json.dumps(resources),
+                 json.dumps(warnings) if warnings else None, exec_id))
             return cur.rowcount == 1
 
     @_retried
@@ -522,6 +537,16 @@ class Journal:
             "SELECT module FROM executions WHERE job = ? GROUP BY module ORDER BY MIN(id)",
             (job,))
         return [r[0] for r in rows]
+
+    def passes_before(self, job: str, run_id: str) -> dict:
+        """{module: its latest execution in the job before run `run_id`}, for those whose
+        latest one then had passed: what that run found done and skipped (run ids sort as
+        runs were recorded)."""
+        rows = self.connect().execute(
+            "SELECT e.* FROM executions e JOIN (SELECT MAX(id) AS last FROM executions"
+            " WHERE job = ? AND run_id < ? GROUP BY module) m ON e.id = m.last"
+            " WHERE e.status = 'passed'", (job, run_id))
+        return {r["module"]: dict(r) for r in rows}
 
     # ---------------------------------------------------------------- deleting (retention.py)
 

@@ -87,6 +87,7 @@ def _load():
     global _rasterio
     if _rasterio is None:
         import rasterio
+        import rasterio.enums
         import rasterio.errors
 
         _rasterio = rasterio
@@ -214,10 +215,84 @@ def unreadable_in_child(path: str, shown: str) -> str | None:
     return lines[-1] if lines else f"{shown}: the check ended with code {done.returncode}"
 
 
+CONTENT_SIDE = 256  # the longer side of the decimated read that tells a blank map
+INK_STEP = 48 / 255  # a pixel this far from the band's usual value (of its full scale) is ink
+INK_PIXELS = 8  # at least this many such pixels: a map, not scanner noise or a speck
+
+
+def has_content(path: str) -> bool:
+    """True unless the map is blank: every band of a small decimated read (overviews used
+    where the file has them) holds nearly one value, or every pixel is masked. A palette
+    band is compared through its colours, an alpha band is left out (it is the mask), and a
+    float band's scale is the larger of its range and its usual value. Raises OSError or
+    rasterio's errors for a file GDAL cannot read."""
+    rasterio = _load()
+    import numpy
+
+    warnings.filterwarnings("ignore", category=rasterio.errors.NotGeoreferencedWarning)
+    with rasterio.open(path) as dataset:
+        scale = max(1, -(-max(dataset.width, dataset.height) // CONTENT_SIDE))
+        shape = (dataset.count, -(-dataset.height // scale), -(-dataset.width // scale))
+        data = dataset.read(out_shape=shape, masked=True)
+        bits = dataset.tags(ns="IMAGE_STRUCTURE").get("NBITS")
+        bands = []
+        for index, band in enumerate(data, start=1):
+            if dataset.colorinterp[index - 1] == rasterio.enums.ColorInterp.alpha:
+                continue  # the mask, already applied
+            try:
+                colours = dataset.colormap(index)
+            except ValueError:  # no colour map
+                colours = None
+            if colours:
+                lut = numpy.zeros((max(colours) + 1, 3), dtype=numpy.int64)
+                for value, rgba in colours.items():
+                    lut[value] = rgba[:3]
+                picked = lut[numpy.clip(band.filled(0), 0, len(lut) - 1)]
+                bands += [(numpy.ma.array(picked[..., i], mask=numpy.ma.getmaskarray(band)),
+                           255.0) for i in range(3)]
+            elif band.dtype.kind in "ui":
+                bands.append((band, float(2 ** int(bits) - 1 if bits else
+                                          numpy.iinfo(band.dtype).max)))
+            else:
+                bands.append((band, None))
+    for band, full in bands:
+        values = band.compressed()
+        values = values[numpy.isfinite(values)].astype(numpy.float64)
+        if not values.size:
+            continue
+        usual = numpy.median(values)
+        if full is None:  # a float band: its scale is its values' own
+            full = max(float(values.max() - values.min()), abs(float(usual)))
+        if full and numpy.count_nonzero(numpy.abs(values - usual) > full * INK_STEP) \
+                >= min(INK_PIXELS, values.size):
+            return True
+    return False
+
+
+def has_content_in_child(path: str) -> bool | None:
+    """has_content(), asked of a short-lived child process (mipper stays without rasterio,
+    see unreadable_in_child); None when it cannot tell."""
+    try:
+        done = subprocess.run([sys.executable, "-m", "mip.maps", "--content", path],
+                              capture_output=True, text=True, timeout=CHILD_TIMEOUT,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    except subprocess.TimeoutExpired:
+        return None
+    return {"content": True, "blank": False}.get(done.stdout.strip())
+
+
 def main(argv=None) -> int:
     """`python -m mip.maps FILE [SHOWN]`: prints why GDAL cannot read FILE and exits 1, or
-    exits 0 when it can."""
+    exits 0 when it can. `python -m mip.maps --content FILE` prints `content` or `blank`
+    (has_content), or exits 1 with GDAL's reason."""
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["--content"]:
+        try:
+            print("content" if has_content(args[1]) else "blank")
+        except Exception as e:  # noqa: BLE001 - rasterio's errors and numpy's, all one answer
+            print(_gdal_reason(e))
+            return 1
+        return 0
     reason = unreadable(args[0], args[1] if len(args) > 1 else None)
     if reason:
         print(reason)

@@ -176,6 +176,14 @@ def _add_page_indexes(db) -> None:
     db.execute("CREATE INDEX idempotency_keys_run ON idempotency_keys(run_id)")
 
 
+def _add_warnings(db) -> None:
+    """10: what a run or a module execution that passed (or not) should still tell people,
+    as a JSON list of one-line texts: a module's WARNING lines, an empty final product, a
+    host without a GPU (status.py serves them as `warnings`)."""
+    db.execute("ALTER TABLE runs ADD COLUMN warnings TEXT")
+    db.execute("ALTER TABLE executions ADD COLUMN warnings TEXT")
+
+
 # Numbered migrations after the initial schema: (version, function(db)). Each runs in
 # one transaction with the bump of PRAGMA user_version that records it.
 MIGRATIONS: list = [
@@ -188,6 +196,7 @@ MIGRATIONS: list = [
     (7, _add_resources),
     (8, _add_cdr_inbox),
     (9, _add_page_indexes),
+    (10, _add_warnings),
 ]
 
 

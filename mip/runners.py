@@ -152,8 +152,51 @@ def failure_reason(log_path: str, since: int = 0) -> str | None:
             break
     if reason is None:
         reason = " / ".join(lines[-3:])
-    reason = sanitize.escape(reason)
-    return reason if len(reason) <= REASON_CHARS else reason[:REASON_CHARS - 1] + "…"
+    return one_line(reason, REASON_CHARS)
+
+
+def one_line(text: str, chars: int) -> str:
+    """`text` escaped to one line (sanitize.escape) and cut to `chars` characters."""
+    text = sanitize.escape(text)
+    return text if len(text) <= chars else text[:chars - 1] + "…"
+
+
+WARNINGS_MAX = 5  # a module's warnings kept in its ModuleStatus; a count says how many more
+WARNING_CHARS = 300
+WARNINGS_BYTES = 64 * 2**20  # how much of a module's log is searched for WARNING lines
+WARNING = re.compile(rb"\bWARNING\b:?\s*(.*)")
+
+
+def logged_warnings(log_path: str, since: int = 0) -> list:
+    """The WARNING lines a module wrote to its log from byte `since` (where its own output
+    starts): the first WARNINGS_MAX distinct ones, each one escaped and bounded line without
+    what precedes the level (a time, a logger's name), and then how many more there were."""
+    found, more = [], 0
+    try:
+        with open(os.open(log_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK), "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return []
+            f.seek(since)
+            # readline's bound: a module's megabyte line without a newline is read in pieces
+            for line in iter(lambda: f.readline(WARNING_CHARS * 16), b""):
+                if f.tell() > since + WARNINGS_BYTES:
+                    break
+                match = WARNING.search(line) if not line.startswith(b"# ") else None
+                if not match:
+                    continue
+                text = one_line(match.group(1).decode("utf-8", "replace").strip(),
+                                WARNING_CHARS)
+                if text in found:
+                    continue
+                if len(found) < WARNINGS_MAX:
+                    found.append(text)
+                else:
+                    more += 1
+    except OSError:
+        return []
+    if more:
+        found.append(f"and {more} more WARNING line{'s' if more > 1 else ''} in its log")
+    return found
 
 
 # ---------------------------------------------------------------------------- inline

@@ -94,9 +94,26 @@ class AnswerCache:
                 self._drop(key)
 
 
+def listed(text: str | None) -> list:
+    """A journal column holding a JSON list of strings (warnings) as a list; [] for NULL."""
+    try:
+        value = json.loads(text or "[]")
+    except ValueError:
+        return []
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def run_warnings(run: dict, executions: list) -> list:
+    """A run's warnings (RunStatus, and JobStatus of its latest run): its own, then each of
+    its modules' as `module: warning`, in the order they ran."""
+    return listed(run.get("warnings")) + [
+        f"{e['module']}: {w}" for e in executions for w in listed(e.get("warnings"))]
+
+
 def run_status(db: journal.Journal, run: dict) -> dict:
     """The RunStatus of a journal row."""
     finished = run["status"] in FINISHED
+    executions = db.executions(run["run_id"])
     return {
         "status": run["status"],
         "run_id": run["run_id"],
@@ -105,7 +122,8 @@ def run_status(db: journal.Journal, run: dict) -> dict:
         "start_time": run["start_time"],
         "stop_time": run["stop_time"],
         "log": log_tail(run["log_path"]) if finished else None,
-        "module_status": {e["module"]: e["status"] for e in db.executions(run["run_id"])},
+        "module_status": {e["module"]: e["status"] for e in executions},
+        "warnings": run_warnings(run, executions),
     }
 
 
@@ -132,4 +150,5 @@ def module_status(execution: dict) -> dict:
         "upload_status": execution["upload_status"],
         "upload_message": execution["upload_message"],
         "resources": gpus.resources(**json.loads(execution.get("resources") or "{}")),
+        "warnings": listed(execution.get("warnings")),
     }

@@ -247,6 +247,36 @@ def test_wait_on_failing_run(server, work):
     assert "asked to fail by --fail" in text
 
 
+def test_a_run_that_passed_with_warnings_says_them(server, work):
+    """A module that logs WARNINGs passes, with them in its ModuleStatus, the run's and the
+    job's; --wait exits 0 and its last lines say them."""
+    env = client_env(server)
+    data = json.dumps(payload("warned", "georeference", extra_switches={
+        "georeference": ["--warn", "the scan is faint", "--warn", "no <CRS> tag"]}))
+    proc = client("--post", "--url", f"{server.url}/runs", "--data", data, "--wait", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    final = json.loads(proc.stdout)
+    assert final["status"] == "passed"
+    ours = ["georeference: the scan is faint", "georeference: no <CRS> tag"]
+    assert final["warnings"][-2:] == ours, final["warnings"]
+    module = client("--get", "--url", f"{server.url}/modules/warned/georeference", env=env)
+    assert json.loads(module.stdout)["warnings"] == ["the scan is faint", "no <CRS> tag"]
+    assert "warning: no <CRS> tag" in module.stderr  # the status print says them too
+    assert json.loads(client("--get", "--url", f"{server.url}/jobs/warned",
+                             env=env).stdout)["warnings"] == final["warnings"]
+    tail = proc.stderr[proc.stderr.index(f"run {final['run_id']} passed with "):]
+    assert tail.splitlines()[-2:] == [f"  - {w}" for w in ours], proc.stderr
+
+
+def test_the_end_of_a_run_with_warnings_in_one_line_or_a_list():
+    one = {"run_id": "r1", "status": "passed", "warnings": ["the GeoPackage holds no features"]}
+    assert mip_client.ended(one) == \
+        "run r1 passed with 1 warning: the GeoPackage holds no features"
+    two = dict(one, warnings=["a", "b"])
+    assert mip_client.ended(two) == "run r1 passed with 2 warnings:\n  - a\n  - b"
+    assert mip_client.warnings_of({"warnings": None}) == mip_client.warnings_of([]) == []
+
+
 def test_wait_timeout(fresh_server, work):
     """--wait-timeout gives up with exit 1 and says the run goes on."""
     server = fresh_server  # its own: its run goes on after the test

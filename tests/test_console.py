@@ -3,15 +3,21 @@ HTML for browsers and JSON for API clients at `/`, the headers every page carrie
 paging, bad input, and 403 cross_origin for a POST from another site's page."""
 
 import html
+import io
 import json
 import re
+import zipfile
 
 import pytest
+from conftest import MAP
+from conftest import ZERO_CONFIG
 from conftest import payload
 from conftest import wait_for
 from conftest import zero_work
 
+from mip import gpus
 from mip import journal
+from mip.catalogue import load_catalogue
 from mip.web import console
 from mip.web import guards
 from mip.web.apierror import error_body
@@ -51,7 +57,8 @@ def test_pages_carry_a_strict_content_security_policy(inproc):
     run_id = inproc.post("/runs", json=payload("csp", "georeference")).json()["run_id"]
     inproc.wait_run(run_id)
     for path in ("/ui", "/ui/runs", f"/ui/runs/{run_id}", "/ui/jobs", "/ui/jobs/csp",
-                 "/ui/maps", "/ui/modules", "/ui/modules/csp/georeference/log"):
+                 "/ui/maps", "/ui/modules", "/ui/new", f"/ui/new?from={run_id}",
+                 "/ui/modules/csp/georeference/log"):
         resp = page(inproc, path)
         csp = resp.headers["Content-Security-Policy"]
         directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
@@ -346,7 +353,7 @@ def test_origin_parsing():
 def test_openapi_declares_the_pages_and_403_on_every_post(inproc):
     spec = inproc.get("/openapi.json").json()
     for path in ("/ui", "/ui/runs", "/ui/runs/{run_id}", "/ui/jobs", "/ui/jobs/{job}",
-                 "/ui/maps", "/ui/modules", "/ui/modules/{job}/{module}/log"):
+                 "/ui/maps", "/ui/modules", "/ui/new", "/ui/modules/{job}/{module}/log"):
         assert "text/html" in spec["paths"][path]["get"]["responses"]["200"]["content"]
     # a browser gets 401 and 404 as pages: declared beside the JSON error
     for path, code in (("/runs/{run_id}", "404"), ("/runs", "401")):
@@ -421,3 +428,177 @@ def test_usage_leaves_out_what_is_unknown():
     assert console.usage(json.dumps({"cpu_seconds": True, "gpu_device": "0",
                                      "gpu_util_mean": "x"})) == "GPU 0"
     assert console.usage("not json") == console.usage("[1]") == ""
+
+
+def test_warnings_and_a_wait_for_a_gpu_are_shown(inproc):
+    """A run's warnings in a box on its page and its job's, each module's in its row and
+    graph box (escaped); a module waiting for a GPU has its own badge, not `running`."""
+    run_id, now = journal.new_run_id(), journal.utcnow()
+    warned = ["the GeoPackage m.gpkg holds no features", "no <b>GPU</b>"]
+    db = journal.Journal(inproc.env["TA1_RUNS_DIR"] + "/journal.db")
+    with db.transaction() as conn:  # made by hand: no run need be paid for
+        conn.execute("INSERT INTO jobs (job, map, created) VALUES ('warn', 'm', ?)", (now,))
+        conn.execute("INSERT INTO runs (run_id, job, map, modules, payload, status,"
+                     " submit_time, start_time, log_path, warnings) VALUES (?, 'warn', 'm',"
+                     " '[\"map_crop\"]', '{}', 'running', ?, ?, '/nonexistent.log', ?)",
+                     (run_id, now, now, json.dumps(warned)))
+        for module, message, says in (("legend_segment", None, ["no legend found"]),
+                                      ("map_crop", gpus.WAITING, None)):
+            conn.execute("INSERT INTO executions (run_id, job, module, status, start_time,"
+                         " log_path, message, warnings) VALUES (?, 'warn', ?, ?, ?,"
+                         " '/nonexistent.log', ?, ?)",
+                         (run_id, module, "running" if message else "passed", now, message,
+                          says and json.dumps(says)))
+    db.close()
+    text = page(inproc, f"/ui/runs/{run_id}").text
+    box = re.search(r'<div class="warnings" id="warnings".*?</div>', text, re.S).group(0)
+    assert "3 warnings" in box and "no &lt;b&gt;GPU&lt;/b&gt;" in box and "<b>GPU" not in box
+    assert "legend_segment: no legend found" in box
+    row = re.search(r'<tr data-module="legend_segment">.*?</tr>', text, re.S).group(0)
+    assert "⚠ no legend found" in row
+    assert re.search(r'data-module="legend_segment" data-state="passed"[^>]*>\s*<title>'
+                     r'[^<]*warning: no legend found', text)
+    assert 'data-module="map_crop" data-state="waiting_gpu"' in text
+    waiting = re.search(r'<tr data-module="map_crop">.*?</tr>', text, re.S).group(0)
+    assert '<span class="state st-waiting_gpu">waiting for a GPU</span>' in waiting
+    assert ">running<" not in waiting
+    job = page(inproc, "/ui/jobs/warn").text
+    assert "3 warnings" in job and '<span class="state st-waiting_gpu">' in job
+    assert ".st-waiting_gpu" in inproc.get("/ui/console.css", auth=None).text
+
+
+# ---------------------------------------------------------------------------- new runs
+
+def states_of(text: str) -> dict:
+    """{module: (state, earlier run)} of a run page's graph."""
+    return {m: (s, e) for m, s, e in re.findall(
+        r'data-module="(\w+)" data-state="(\w+)" data-earlier="([^"]*)"', text)}
+
+
+def test_earlier_passes_and_the_job_page_of_every_module(inproc):
+    first = inproc.post("/runs", json=payload("ep", "ALL", extra_switches={
+        "map_crop": ["--fail"]})).json()["run_id"]
+    inproc.wait_run(first)
+    before = states_of(page(inproc, f"/ui/runs/{first}").text)
+    assert before["map_crop"] == ("failed", "") and before["geopackage"] == ("not_run", "")
+    assert {e for _, e in before.values()} == {""}
+    # the job page after the failure: every module, geopackage among them as not run
+    job = page(inproc, "/ui/jobs/ep").text
+    rows = dict(re.findall(r'<tr data-module="(\w+)">\s*<td[^>]*>\w+</td>\s*'
+                           r'<td data-label="State"><span class="state st-(\w+)"', job))
+    assert list(rows) == list(inproc.queue.catalogue)
+    assert rows["geopackage"] == "not_run" and rows["map_crop"] == "failed"
+    assert 'href="/modules/ep/geopackage/' not in job  # nothing to download of it
+    assert '<span class="state st-failed" id="job-status">failed</span>' in job
+    assert f'data-post="/runs/{first}/rerun"' in job and f'href="/ui/new?from={first}"' in job
+    assert "No GeoPackage yet" in job
+
+    second = inproc.post("/runs", json=payload("ep", "ALL")).json()["run_id"]
+    inproc.wait_run(second)
+    after = states_of(page(inproc, f"/ui/runs/{second}").text)
+    skipped = {m for m, (s, _) in before.items() if s == "passed"}
+    assert skipped and "map_crop" not in skipped
+    for module, (state, earlier) in after.items():
+        assert state == "passed", module
+        assert earlier == (first if module in skipped else ""), module
+    text = page(inproc, f"/ui/runs/{second}").text
+    assert text.count(f'<a class="earlier" href="/ui/runs/{first}"') == len(skipped)
+    assert f'href="/ui/new?from={second}"' in text
+    # the GeoPackage, where it lies and its download
+    job = page(inproc, "/ui/jobs/ep").text
+    link = re.search(r'<p id="product">.*?</p>', job, re.S).group(0)
+    gpkg = f"ep_geopackage_outputs/gpkg_outputs/{MAP}.gpkg"
+    assert 'href="/modules/ep/geopackage/outputs"' in link and gpkg in link
+    assert f"$TA1_OUTPUTS_DIR/ep/geopackage/gpkg_outputs/{MAP}.gpkg" in link
+    zipped = zipfile.ZipFile(io.BytesIO(inproc.get("/modules/ep/geopackage/outputs").content))
+    assert gpkg in zipped.namelist()
+
+
+def test_a_forced_or_downstream_module_is_no_earlier_pass():
+    catalogue = load_catalogue(ZERO_CONFIG)
+    passes = {name: {"run_id": "r1"} for name in catalogue}
+    run = {"modules": ["map_crop"], "force_rerun": True}
+    assert set(console.skipped_passes(catalogue, run, passes)) == {"legend_segment"}
+    run = {"modules": ["ALL"], "force_rerun": False}
+    del passes["legend_item_segment"]
+    assert set(console.skipped_passes(catalogue, run, passes)) == {
+        "legend_segment", "georeference", "map_crop"}
+    assert console.skipped_passes(catalogue, {"modules": ["gone"], "force_rerun": False},
+                                  passes) == {}
+
+
+def test_the_new_run_page_and_its_prefill(inproc):
+    new = page(inproc, "/ui/new").text
+    assert 'href="/ui/new"' in new  # in the header's nav
+    form = re.search(r'<form id="new-run".*?</form>', new, re.S).group(0)
+    assert 'data-submit="/runs"' in form
+    assert " name=" not in form  # without the script, a plain submit sends no key in a URL
+    assert f'<option value="{MAP}">' in form  # the only one, so the one chosen
+    assert re.search(r'id="all-modules" value="ALL" data-modules-all checked', form)
+    boxes = re.findall(r'<input type="checkbox" id="module-(\w+)"[^>]*>', form)
+    assert boxes == list(inproc.queue.catalogue)
+    assert " checked" not in "".join(re.findall(r"<input[^>]*data-module-box[^>]*>", form))
+    assert form.count("<textarea") == len(boxes)
+    for field in ("job", "map", "modules", "extra_switches.map_crop", "notify_url", ""):
+        assert f'data-error-for="{field}"' in form, field
+    assert f'href="/ui/new?map={MAP}"' in page(inproc, "/ui/maps").text
+    # Edit and rerun: the run's payload, its secrets left out
+    run_id = inproc.post("/runs", json=payload(
+        "pre", "map_crop", "georeference", force_rerun=True, openai_key="sk-secret-456",
+        extra_switches={"map_crop": ["--fail", "<b>x</b>"]})).json()["run_id"]
+    inproc.wait_run(run_id)
+    assert f'href="/ui/new?from={run_id}"' in page(inproc, f"/ui/runs/{run_id}").text
+    filled = page(inproc, f"/ui/new?from={run_id}").text
+    assert 'id="job" value="pre"' in filled
+    assert f'href="/ui/runs/{run_id}"' in filled and "give it again" in filled
+    assert re.search(r'id="all-modules" value="ALL" data-modules-all>', filled)
+    checked = re.findall(r'id="module-(\w+)" value="\w+" data-module-box[^>]* checked>', filled)
+    assert checked == ["georeference", "map_crop"]
+    assert 'data-switches="map_crop" aria-label="extra switches of map_crop" ' \
+           'spellcheck="false">--fail\n&lt;b&gt;x&lt;/b&gt;</textarea>' in filled
+    assert re.search(r'id="force_rerun"[^>]* checked>', filled)
+    assert "sk-secret-456" not in filled
+    # ?map= chooses the map, even one gone since (POST /runs then says so, at the field)
+    assert '<option value="Gone_map" selected>' in page(inproc, "/ui/new?map=Gone_map").text
+    for path, status in (("/ui/new?from=20990101-000000-000000-ffff", 404),
+                         ("/ui/new?from=x%20y", 400), ("/ui/new?map=..", 400)):
+        assert inproc.get(path, headers=HTML).status_code == status, path
+
+
+def test_prefill_leaves_hidden_parts_to_be_given_again():
+    catalogue = load_catalogue(ZERO_CONFIG)
+    form = console.prefill({"job": "j", "map": "m", "modules": ["ALL", "gone"],
+                            "notify_url": "https://hooks.example/T0/SeCrEt",
+                            "extra_switches": {"map_crop": ["--url", "https://h.example/k"]}},
+                           catalogue)
+    assert form["notify_url"] == "" and form["modules"] == ["ALL"]
+    assert form["switches"]["map_crop"] == "--url\nhttps://h.example/(hidden)"
+    assert "SeCrEt" not in json.dumps(form) and "/k" not in json.dumps(form)
+    assert form["hidden"] == ["the extra switches of map_crop",
+                              "the notify URL (it went to https://hooks.example)"]
+
+
+def test_the_new_run_form_posts_as_the_api_takes_it(inproc):
+    """What console.js sends: JSON from the page's own origin with an Idempotency-Key; a
+    refusal opens with the field the form shows it at."""
+    body = payload("form", "georeference", extra_switches={"georeference": ["--sleep", "0"]})
+    own = {"Origin": inproc.url, "Idempotency-Key": "a1b2c3d4e5f60718293a4b5c6d7e8f90"}
+    evil = dict(own, Origin="http://evil.example")
+    refused = inproc.post("/runs", json=body, headers=evil)
+    assert refused.status_code == 403 and refused.json()["error"] == "cross_origin"
+    assert inproc.get("/runs").json() == []
+    one = inproc.post("/runs", json=body, headers=own)
+    two = inproc.post("/runs", json=body, headers=own)  # a double click
+    assert one.status_code == two.status_code == 200, (one.text, two.text)
+    assert one.json()["run_id"] == two.json()["run_id"]
+    assert two.headers["Idempotent-Replayed"] == "true"
+    assert inproc.get("/runs").json() == [one.json()["run_id"]]
+    inproc.wait_run(one.json()["run_id"])
+    for bad, field in ((dict(body, modules=[]), "modules"),
+                       (dict(body, job=""), "job"),
+                       (dict(body, extra_switches={"map_crop": ["x\u0000"]}),
+                        "extra_switches.map_crop[0]"),
+                       (dict(body, map="Nowhere"), "map")):
+        resp = inproc.post("/runs", json=bad, headers={"Origin": inproc.url})
+        assert 400 <= resp.status_code < 500, resp.text
+        assert resp.json()["message"].startswith(field + ": "), resp.text

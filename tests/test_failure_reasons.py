@@ -74,3 +74,22 @@ def test_a_failed_run_says_why_everywhere(server, tmp_path):
     log = server.get(f"/runs/{final['run_id']}/log").text
     assert "ERROR module georeference failed after" in log
     assert "asked to fail by --fail" in log
+
+
+def test_a_modules_warnings_are_its_warning_lines_bounded_and_escaped(tmp_path):
+    lines = ["# m 0.1: header with WARNING in it\n",
+             "2026-12-04T10:00:00Z mip.module.m INFO reading\n",
+             "2026-12-04T10:00:01Z mip.module.m WARNING no legend found\n",
+             "2026-12-04T10:00:01Z mip.module.m WARNING no legend found\n",  # said once
+             "WARNING: \x1b[31mforged " + "y" * 5000 + "\n"]
+    lines += [f"x WARNING number {n}\n" for n in range(10)]
+    log = write(tmp_path / "m.log", "".join(lines))
+    found = runners.logged_warnings(log)
+    assert found[0] == "no legend found"
+    assert "\x1b" not in found[1] and found[1].startswith("\\x1b[31mforged")
+    assert len(found[1]) <= runners.WARNING_CHARS
+    assert found[2:5] == ["number 0", "number 1", "number 2"]
+    assert found[5] == "and 7 more WARNING lines in its log"
+    assert runners.logged_warnings(write(tmp_path / "quiet.log", "x INFO fine\n")) == []
+    os.symlink(log, tmp_path / "link.log")
+    assert runners.logged_warnings(str(tmp_path / "link.log")) == []

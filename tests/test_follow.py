@@ -265,7 +265,8 @@ def test_follow_prints_the_log_as_it_grows_and_exits_0_when_passed(server, tmp_p
     # every line of the log, in order, once
     assert whole and out == whole
     assert out.count("map_crop passed") == 1
-    assert f"run {run_id}: passed" in err
+    # a host without a GPU warns of it in every run: then the end says the warnings too
+    assert f"run {run_id}: passed" in err or f"run {run_id} passed with " in err, err
 
 
 def test_follow_of_a_failing_run_exits_1(server):

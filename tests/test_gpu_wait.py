@@ -16,11 +16,16 @@ def test_a_host_without_a_gpu_says_so_once(server_env):
     try:
         assert sum("has no GPU" in line for line in srv.lines) == 1, srv.output()
         run = srv.post("/runs", json=payload("nogpu1", "georeference")).json()
-        assert srv.wait_run(run["run_id"])["status"] == "passed"
+        final = srv.wait_run(run["run_id"])
+        assert final["status"] == "passed"
         log = srv.get(f"/runs/{run['run_id']}/log").text
         warnings = [line for line in log.splitlines() if "has no GPU" in line]
         assert len(warnings) == 1 and "WARNING" in warnings[0], log
-        assert "georeference" not in warnings[0]
+        assert "georeference" not in warnings[0] and len(warnings[0]) < 160
+        # and once in the run's status, as a warning of the run (not of each module)
+        said = [w for w in final["warnings"] if "has no GPU" in w]
+        assert len(said) == 1 and said[0].endswith("ran on the CPU"), final["warnings"]
+        assert "georeference" not in said[0]
     finally:
         srv.stop()
 
@@ -41,7 +46,9 @@ def test_a_module_waiting_for_a_gpu_starts_when_it_gets_one(server_env):
         released = datetime.now().astimezone()
         gpus.release(held)
         held = None
-        assert srv.wait_run(run["run_id"])["status"] == "passed"
+        final = srv.wait_run(run["run_id"])
+        assert final["status"] == "passed"
+        assert not [w for w in final["warnings"] if "GPU" in w], final["warnings"]
         done = srv.get("/modules/gpuwait/georeference").json()
         started = datetime.fromisoformat(done["start_time"])
         assert started >= released.replace(microsecond=0), (done, released)

@@ -27,7 +27,9 @@ import pytest
 import rasterio
 import sample_map
 import shapely
+from conftest import Server
 from conftest import add_map
+from conftest import kill_leftover_runs
 from conftest import mipper
 from map_variants import VARIANTS
 from map_variants import describe
@@ -35,6 +37,7 @@ from map_variants import write_variant
 from rasterio import warp
 from rasterio.errors import NotGeoreferencedWarning
 
+from mip import maps
 from mip.links import cdr
 from mip.settings import Settings
 
@@ -210,6 +213,53 @@ def test_graph_on_real_map_files(name, mip_env, variant_files):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_graph_on_every_map_variant(name, mip_env, variant_files):
     check_variant(name, mip_env, variant_files)
+
+
+def test_a_map_without_a_legend_passes_with_a_warning_said_everywhere(mip_env, drawn, tmp_path):
+    """The whole graph on a map whose legend is gone: every module passes and the
+    GeoPackage is empty. The run ends passed with a warning saying so, which its RunStatus,
+    the client's last line and the console's run page all show."""
+    from test_client import client
+    from test_client import client_env
+
+    pixels = sample_map.draw_sample_map(500, 400).copy()
+    pixels[:, 380:] = 255  # the legend, right of the map area (design x 760 of 1000)
+    add_map(mip_env, "no_legend", write_variant(VARIANTS["plain"], pixels,
+                                                str(tmp_path / "no_legend.tif")))
+    env = dict(mip_env, MIP_USER="tester", MIP_PASSWORD="a test password")
+    srv = Server(env).start()
+    try:
+        data = json.dumps({"job": "no_legend", "map": "no_legend", "modules": ["ALL"]})
+        proc = client("--post", "--url", f"{srv.url}/runs", "--data", data, "--wait",
+                      env=client_env(srv), cwd=tmp_path, timeout=GRAPH_TIMEOUT)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        final = json.loads(proc.stdout)
+        assert final["status"] == "passed"
+        run = srv.get(f"/runs/{final['run_id']}").json()
+        empty = [w for w in run["warnings"] if "holds no features" in w]
+        assert len(empty) == 1 and empty[0].startswith("the GeoPackage no_legend.gpkg"), run
+        assert "legend_segment: no legend found beside the map area" in run["warnings"]
+        assert f"run {final['run_id']} passed with {len(run['warnings'])} warnings:" \
+            in proc.stderr and f"  - {empty[0]}" in proc.stderr
+        text = srv.get(f"/ui/runs/{final['run_id']}", headers={"Accept": "text/html"}).text
+        box = text[text.index('<div class="warnings"'):]
+        assert empty[0] in box[:box.index("</div>")]
+    finally:
+        srv.stop()
+        kill_leftover_runs(env)
+
+
+def test_a_blank_map_has_no_content_and_a_drawn_one_has(tmp_path, drawn):
+    """What keeps an empty GeoPackage from a warning: the map itself is blank (masked or
+    paper, noise aside)."""
+    noisy = numpy.random.default_rng(5).normal(230, 6, drawn.shape).clip(0, 255)
+    for name, pixels, content in (("drawn", drawn, True),
+                                  ("blank", numpy.full_like(drawn, 255), False),
+                                  ("noisy", noisy.astype(numpy.uint8), False)):
+        for kind in ("plain", "grey"):
+            path = write_variant(VARIANTS[kind], pixels, str(tmp_path / f"{name}_{kind}.tif"))
+            assert maps.has_content(path) is content, (name, kind)
+    assert maps.has_content_in_child(str(tmp_path / "blank_grey.tif")) is False
 
 
 def test_variants_are_what_they_claim(variant_files):

@@ -5,7 +5,7 @@ as small as the catalogue's checks allow) and honours the stand-ins' test switch
 
 Run by mipper for the API and state tests (tests/config.yml, MIP_CONFIG):
     python tests/zero_module.py --zero_name NAME --zero_folder DIR --zero_outputs PATH...
-    [the catalogue's own options, ignored] [test switches]
+    [--warn TEXT] [the catalogue's own options, ignored] [test switches]
 It starts in a few tens of milliseconds: no rasterio, no numpy, no map read.
 """
 
@@ -21,8 +21,10 @@ import common  # noqa: E402
 
 def write_least(path: str) -> None:
     """The least output the catalogue's checks accept: JSON that parses, a GeoJSON with no
-    features, a GeoPackage with its three feature layers and no rows (SQLite, as the format
-    is: gpkg_contents names its feature tables)."""
+    features, a GeoPackage with its three feature layers (SQLite, as the format is:
+    gpkg_contents names its feature tables) of one row each, without a geometry: a run's
+    final product with no feature at all is what a run warning is for (mipper's
+    warn_if_empty), and a zero-work run stands for one that went well."""
     suffix = os.path.splitext(path)[1]
     if suffix == ".gpkg":
         with sqlite3.connect(path) as db:
@@ -30,6 +32,7 @@ def write_least(path: str) -> None:
                        " data_type TEXT NOT NULL)")
             for layer in ("points", "lines", "polygons"):
                 db.execute(f"CREATE TABLE {layer} (fid INTEGER PRIMARY KEY, geom BLOB)")
+                db.execute(f"INSERT INTO {layer} (geom) VALUES (NULL)")
                 db.execute("INSERT INTO gpkg_contents VALUES (?, 'features')", (layer,))
         db.close()
         return
@@ -43,6 +46,8 @@ def main(argv=None) -> int:
     parser.add_argument("--zero_name", required=True)
     parser.add_argument("--zero_folder", required=True)
     parser.add_argument("--zero_outputs", nargs="+", required=True)
+    parser.add_argument("--warn", action="append", default=[], metavar="TEXT",
+                        help="log TEXT as a WARNING (repeatable); the module still passes")
     # the catalogue's own options (and a test's stray words) are the real module's business
     args, _ = parser.parse_known_args(argv)
 
@@ -57,6 +62,8 @@ def main(argv=None) -> int:
                 open(os.path.join(path, "zero.png"), "wb").close()
         log.info("%s: wrote %d outputs, doing nothing else", args.zero_name,
                  len(args.zero_outputs))
+        for text in args.warn:
+            log.warning("%s", text)
         # as the legend_item_description stand-in does: whether the key reached it, never it
         log.info("OPENAI_API_KEY is %s", "set" if os.environ.get("OPENAI_API_KEY") else "not set")
 

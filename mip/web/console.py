@@ -1,15 +1,15 @@
 """console: the browser's pages under /ui: runs, a run with its module graph and live log,
-jobs, maps, the module catalogue and a module's live log; and a browser's 401, 404 and 500
-as pages (error_pages).
+jobs, maps, the module catalogue, the New run form and a module's live log; and a
+browser's 401, 404 and 500 as pages (error_pages).
 
 View functions of mip_server.py's route table, whose rows for /ui name them. Pages are
 rendered by the server with bottle's SimpleTemplate (templates/, which escapes every
 {{value}}); static/ holds the one script and style sheet, served from here (nothing from
 the internet, no build step). The
 script polls the JSON API and, when an answer changes, swaps in the page's fresh regions; it
-never writes except through the API's own POST routes (cancel, rerun), which guards.py
-guards. A browser asking for `/` (Accept: text/html) gets the console's home; API clients
-keep their JSON. Pages never show a secret: a payload is shown without its keys and tokens.
+never writes except through the API's own POST routes (runs, cancel, rerun), which
+guards.py guards. A browser asking for `/` (Accept: text/html) gets the console's home; API
+clients keep their JSON. Pages never show a secret: a payload is shown without its keys and tokens.
 Times are written in UTC (time_tag), which the script shows in the browser's own zone.
 """
 
@@ -24,14 +24,19 @@ from datetime import datetime
 
 import bottle
 
+from mip import gpus
 from mip.catalogue import ALL
 from mip.catalogue import ancestors
 from mip.catalogue import check_name
+from mip.catalogue import expand_modules
+from mip.catalogue import module_outputs
 from mip.errors import UsageError
 from mip.journal import FINISHED
 from mip.journal import Status
 from mip.maps import listed_maps
 from mip.maps import map_file
+from mip.status import listed
+from mip.status import run_warnings
 from mip.web import openapi
 from mip.web.apierror import ApiError
 from mip.web.context import get_job
@@ -56,12 +61,20 @@ STATIC_FILES = {"console.js": "text/javascript; charset=utf-8",
 # a filter left empty in the page's form arrives as ?job=&status=, meaning no filter
 OPTIONAL_NAME = {"type": "string", "pattern": "^$|^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$"}
 PAGE = openapi.whole(10**6)
+# the query of the New run page (/ui/new)
+NEW_QUERY = {"map": OPTIONAL_NAME,
+             "from": {"type": "string", "pattern": "^$|" + openapi.RUN_ID["pattern"]}}
 # the query of the runs page (/ui, /ui/runs)
 RUNS_QUERY = {"status": {"enum": ["", *(s.value for s in Status)]}, "job": OPTIONAL_NAME,
               "page": PAGE}
 SECRET_KEY = re.compile(r"key|secret|token|password|credential", re.I)
+# a running module still waiting for a device (its message is gpus.WAITING)
+WAITING_GPU = "waiting_gpu"
+STATE_LABELS = {WAITING_GPU: gpus.WAITING}
 # the graph: one row per dependency level, at most this many boxes a row
 BOX_W, BOX_H, GAP_X, GAP_Y = 186, 78, 14, 40
+# the module whose output is the job's final product, the GeoPackage
+FINAL_MODULE = "geopackage"
 # what every page carries, error pages too
 PAGE_HEADERS = {"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": CSP,
                 "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
@@ -97,12 +110,15 @@ def run_page(ctx, run_id):
     catalogue = ctx.catalogue
     executions = {e["module"]: e for e in ctx.db.executions(run["run_id"])}
     names = drawn_modules(catalogue, run["modules"], executions)
-    modules = [module_row(name, executions.get(name), run["status"]) for name in names]
+    earlier = skipped_passes(catalogue, run, ctx.db.passes_before(run["job"], run["run_id"]))
+    modules = [module_row(name, executions.get(name), run["status"], earlier.get(name))
+               for name in names]
+    warnings = run_warnings(run, list(executions.values()))
     finished = run["status"] in FINISHED
     # an ended run changes no more: its open page stops polling
     watch = [] if finished else [f"/runs/{run['run_id']}"]
     return render("run", f"Run {run['run_id']}", watch,
-                  run=run_row(run), finished=finished, modules=modules,
+                  run=run_row(run), finished=finished, modules=modules, warnings=warnings,
                   graph=graph(catalogue, modules),
                   payload=json.dumps(shown(run["payload"]), indent=2, sort_keys=True))
 
@@ -125,12 +141,65 @@ def job_page(ctx, job):
     latest = db.latest_run(job)
     if latest is None:  # the job was deleted since the line above
         raise ApiError(404, "unknown_job", f"no job {job!r}; GET /jobs lists them")
-    statuses = db.job_module_status(job)
-    modules = [module_row(name, db.latest_execution(job, name), latest["status"])
-               for name in statuses]
+    catalogue = ctx.catalogue
+    # every module of the catalogue, run or not, and any the catalogue has dropped since
+    names = [*catalogue, *(n for n in db.job_modules(job) if n not in catalogue)]
+    # a module the latest run may still start is `waiting`; one outside it, `not run`
+    drawn = set(drawn_modules(catalogue, latest["modules"], {}))
+    modules = [module_row(name, db.latest_execution(job, name),
+                          latest["status"] if name in drawn else Status.PASSED.value)
+               for name in names]
     runs = [run_row(r) for r in db.runs_page(job, None, 10, 0)]
-    return render("job", f"Job {job}", [f"/jobs/{job}"], job=job, map=db.job_map(job),
-                  modules=modules, runs=runs, total=db.count_runs(job))
+    map_name = db.job_map(job)
+    return render("job", f"Job {job}", [f"/jobs/{job}"], job=job, map=map_name,
+                  modules=modules, runs=runs, total=db.count_runs(job),
+                  latest=run_row(latest),
+                  warnings=run_warnings(latest, db.executions(latest["run_id"])),
+                  product=final_product(ctx, job, map_name,
+                                        db.latest_execution(job, FINAL_MODULE)))
+
+
+def new_page(ctx):
+    """Console: the New run form (a map, modules, switches, a notify URL), which posts to
+    POST /runs; ?map= picks the map, ?from=RUN_ID fills it from that run's payload, its
+    secrets left out. Raises 404 for an unknown ?from= run."""
+    settings = ctx.cfg.settings
+    from_id = bottle.request.query.get("from") or None
+    source = get_run(ctx, from_id) if from_id else None
+    form = prefill(source["payload"] if source else {}, ctx.catalogue)
+    chosen = bottle.request.query.get("map") or None
+    if chosen is not None:
+        try:
+            check_name("map", chosen)
+        except UsageError as e:
+            raise ApiError(400, "bad_query", f"?map=: {e}") from None
+        form["map"] = chosen
+    names = listed_maps(settings)
+    if form["map"] and form["map"] not in names:  # gone since, or never: POST /runs says so
+        names = [form["map"], *names]
+    return render("new", "New run", [], form=form, maps=names, source=source,
+                  modules=list(ctx.catalogue), all_name=ALL)
+
+
+def prefill(payload: dict, catalogue: dict) -> dict:
+    """The New run form's values from a run's payload as the console shows it (shown():
+    no key, no token, a URL by its origin): a value with a hidden part is left for the
+    person to give again, and `hidden` names those fields."""
+    seen = shown(payload)
+    modules = [m for m in seen.get("modules", [ALL]) if m == ALL or m in catalogue]
+    switches, hidden = {}, []
+    for name, args in (seen.get("extra_switches") or {}).items():
+        if isinstance(args, list):
+            switches[name] = "\n".join(str(a) for a in args)
+            if any("(hidden)" in str(a) for a in args):
+                hidden.append(f"the extra switches of {name}")
+    notify = seen.get("notify_url") or ""
+    if "(hidden)" in notify:
+        hidden.append(f"the notify URL (it went to {notify.split('/(hidden)')[0]})")
+        notify = ""
+    return {"job": seen.get("job", ""), "map": seen.get("map", ""),
+            "modules": modules or [ALL], "force_rerun": bool(seen.get("force_rerun")),
+            "switches": switches, "notify_url": notify, "hidden": hidden}
 
 
 def maps_page(ctx):
@@ -429,21 +498,78 @@ def drawn_modules(catalogue: dict, asked: list, executions: dict) -> list:
     return [n for n in catalogue if n in wanted] + sorted(set(executions) - set(catalogue))
 
 
-def module_row(name: str, execution: dict | None, run_status: str) -> dict:
+def skipped_passes(catalogue: dict, run: dict, passes: dict) -> dict:
+    """{module: its passed execution of an earlier run} for the modules this run found done
+    and so never ran: mipper's plan (mipper.plan) replayed on what had passed before it. A
+    module forced, not passed, or downstream of one that runs, runs again: not here."""
+    targets = [n for n in run["modules"] if n == ALL or n in catalogue]
+    if not targets:
+        return {}
+    targets = expand_modules(catalogue, targets)
+    graph = ancestors(catalogue, targets)
+    to_run = set()
+    changed = True
+    while changed:  # until nothing changes: the catalogue need not list requirements first
+        changed = False
+        for name in graph:
+            if name not in to_run and (
+                    name not in passes or (run["force_rerun"] and name in targets)
+                    or any(r in to_run for r in catalogue[name].requires)):
+                to_run.add(name)
+                changed = True
+    return {n: passes[n] for n in graph if n not in to_run}
+
+
+def module_row(name: str, execution: dict | None, run_status: str,
+               earlier: dict | None = None) -> dict:
     """A module of a run or job: its state (`not_run` when it never started in a run that
-    is over, `waiting` while its run may still start it), times, exit code and message."""
+    is over, `waiting` while its run may still start it), times, exit code and message.
+    `earlier`: the module's pass in an earlier run that this one skipped; the row is that
+    pass, linked to its run (`earlier`)."""
+    if execution is None and earlier is not None:
+        return dict(module_row(name, earlier, run_status), earlier=earlier["run_id"])
     if execution is None:
         state = "not_run" if run_status in FINISHED else "waiting"
-        return {"name": name, "state": state, "started": "", "ended": "", "duration": "",
-                "exit_code": None, "message": "", "resources": "", "ran": False,
-                "log_size": ""}
-    return {"name": name, "state": execution["status"],
+        return {"name": name, "state": state, "label": state.replace("_", " "), "started": "",
+                "ended": "", "duration": "", "exit_code": None, "message": "",
+                "resources": "", "ran": False, "warnings": [],
+                "earlier": None, "log_size": ""}
+    state = execution["status"]
+    if state == Status.RUNNING and execution["message"] == gpus.WAITING:
+        # not running yet: its own badge, so that a host's GPU queue reads as one
+        state = WAITING_GPU
+    return {"name": name, "state": state,
+            "label": STATE_LABELS.get(state, state.replace("_", " ")),
+            "warnings": listed(execution.get("warnings")),
             "started": short_time(execution["start_time"]),
             "ended": short_time(execution["stop_time"]),
             "duration": duration(execution["start_time"], execution["stop_time"]),
-            "exit_code": execution["exit_code"], "message": execution["message"] or "",
-            "resources": usage(execution.get("resources")), "ran": True,
+            "exit_code": execution["exit_code"],
+            # the badge says it: a waiting module's message is that same wait
+            "message": "" if state == WAITING_GPU else execution["message"] or "",
+            "resources": usage(execution.get("resources")), "ran": True, "earlier": None,
             "log_size": size_text(log_size(execution.get("log_path")))}
+
+
+def final_product(ctx, job: str, map_name: str, execution: dict | None) -> dict | None:
+    """Where a job's GeoPackage lies, when its module last passed and the file is on disk
+    (or in S3): the outputs zip to download, its name inside the zip, its path under
+    $TA1_OUTPUTS_DIR. None when the job has none."""
+    settings = ctx.cfg.settings
+    module = ctx.catalogue.get(FINAL_MODULE)
+    if module is None or execution is None or execution["status"] != Status.PASSED:
+        return None
+    path = next((p for p in module_outputs(settings, module, job, map_name)
+                 if p.endswith(".gpkg")), None)
+    uploaded = settings.s3_bucket and execution["upload_status"] == "uploaded"
+    if path is None or not (os.path.isfile(path) or uploaded):
+        return None
+    folder = os.path.join(settings.outputs_dir, job, FINAL_MODULE)
+    inside = os.path.relpath(path, folder)
+    return {"href": f"/modules/{job}/{FINAL_MODULE}/outputs",
+            "name": os.path.basename(path),
+            "in_zip": f"{job}_{FINAL_MODULE}_outputs/{inside}",
+            "on_server": "$TA1_OUTPUTS_DIR/" + os.path.relpath(path, settings.outputs_dir)}
 
 
 def usage(recorded: str | None) -> str:

@@ -2,8 +2,9 @@
 // Polls the JSON answers a page names in <main data-watch>; when one changes, fetches the
 // page again and swaps in its [data-live] regions (the server renders and escapes them).
 // Follows a log (the run's, a module's) with GET ...?offset=N (X-Log-Offset), posts cancel
-// and rerun after a confirmation, and shows every time in the browser's own zone. Text from
-// the server only ever reaches the page through textContent.
+// and rerun after a confirmation, submits the New run form to POST /runs (with an
+// Idempotency-Key, an error shown next to the field it names), and shows every time in the
+// browser's own zone. Text from the server only ever reaches the page through textContent.
 "use strict";
 
 (function () {
@@ -187,6 +188,160 @@
       button.disabled = false;
     }
   });
+
+  // ------------------------------------------------------------------ the New run form
+
+  const form = document.getElementById("new-run");
+  // a field named by an error that has no box of its own
+  const FIELD_OF_CODE = {unknown_map: "map", unreadable_map: "map", job_busy: "job",
+                         job_bound_to_other_map: "job", gpu_required: "modules"};
+
+  function newKey() {
+    // crypto.randomUUID() exists only on https or localhost; getRandomValues everywhere
+    const bytes = crypto.getRandomValues(new Uint8Array(16));
+    return Array.from(bytes, function (b) { return b.toString(16).padStart(2, "0"); }).join("");
+  }
+
+  function errorBox(path) {
+    // `extra_switches.map_crop[0]` is shown at extra_switches.map_crop, else extra_switches
+    let name = path.replace(/(\[\d+\])+$/, "");
+    for (;;) {
+      const box = form.querySelector('[data-error-for="' + CSS.escape(name) + '"]');
+      if (box || !name) {
+        return box;
+      }
+      name = name.includes(".") ? name.slice(0, name.lastIndexOf(".")) : "";
+    }
+  }
+
+  function clearErrors() {
+    for (const box of form.querySelectorAll("[data-error-for]")) {
+      box.textContent = "";
+      box.hidden = true;
+    }
+    for (const field of form.querySelectorAll("[aria-invalid]")) {
+      field.removeAttribute("aria-invalid");
+    }
+  }
+
+  function showError(path, text) {
+    const box = errorBox(path) || errorBox("");
+    box.textContent = text;
+    box.hidden = false;
+    const field = box.parentElement.querySelector("input, select, textarea");
+    if (field && path) {
+      field.setAttribute("aria-invalid", "true");
+    }
+    box.scrollIntoView({block: "center"});
+  }
+
+  function serverError(status, body) {
+    const message = String(body.message || ("the server answered " + status));
+    // a 4xx message opens with the field it names: `modules[0]: ...`, `notify_url: ...`
+    const head = /^([A-Za-z_][\w.-]*(?:\[\d+\])*): /.exec(message);
+    const path = head ? head[1] : (FIELD_OF_CODE[body.error] || "");
+    showError(path, message);
+  }
+
+  function lines(text) {
+    return text.split("\n").map(function (l) { return l.trim(); }).filter(Boolean);
+  }
+
+  function payloadOf() {
+    const body = {job: form.querySelector("#job").value.trim(),
+                  map: form.querySelector("#map").value, modules: []};
+    if (form.querySelector("[data-modules-all]").checked) {
+      body.modules = [form.querySelector("[data-modules-all]").value];
+    } else {
+      for (const box of form.querySelectorAll("[data-module-box]:checked")) {
+        body.modules.push(box.value);
+      }
+    }
+    body.force_rerun = form.querySelector("#force_rerun").checked;
+    const switches = {};
+    for (const area of form.querySelectorAll("textarea[data-switches]")) {
+      const args = lines(area.value);
+      if (args.length) {
+        switches[area.dataset.switches] = args;
+      }
+    }
+    if (Object.keys(switches).length) {
+      body.extra_switches = switches;
+    }
+    const notify = form.querySelector("#notify_url").value.trim();
+    if (notify) {
+      body.notify_url = notify;
+    }
+    const key = form.querySelector("#openai_key").value;
+    if (key) {
+      body.openai_key = key;
+    }
+    return body;
+  }
+
+  function hiddenParts(body) {
+    // a value filled from a run's payload as shown, its secret part cut out
+    for (const [module, args] of Object.entries(body.extra_switches || {})) {
+      if (args.some(function (a) { return a.includes("(hidden)"); })) {
+        return "extra_switches." + module;
+      }
+    }
+    return body.notify_url && body.notify_url.includes("(hidden)") ? "notify_url" : null;
+  }
+
+  if (form) {
+    // one key per filling of the form: a double click (or a retry after a lost answer)
+    // makes one run; an edited form is a new submission with a new key
+    let idempotencyKey = null;
+    let sending = false;
+    const forget = function () { idempotencyKey = null; };
+    form.addEventListener("input", forget);
+    form.addEventListener("change", function (event) {
+      forget();
+      const box = event.target;
+      if (box.matches("[data-modules-all]") && box.checked) {
+        for (const one of form.querySelectorAll("[data-module-box]")) {
+          one.checked = false;
+        }
+      } else if (box.matches("[data-module-box]") && box.checked) {
+        form.querySelector("[data-modules-all]").checked = false;
+      }
+    });
+    form.addEventListener("submit", async function (event) {
+      event.preventDefault();
+      if (sending) {
+        return;
+      }
+      clearErrors();
+      const body = payloadOf();
+      const hidden = hiddenParts(body);
+      if (hidden) {
+        showError(hidden, "holds a hidden part (\"(hidden)\"): give the whole value again");
+        return;
+      }
+      idempotencyKey = idempotencyKey || newKey();
+      const button = form.querySelector("button[type=submit]");
+      sending = true;
+      button.disabled = true;
+      try {
+        const resp = await fetch(form.dataset.submit, {
+          method: "POST", credentials: "same-origin", body: JSON.stringify(body),
+          headers: {"Accept": "application/json", "Content-Type": "application/json",
+                    "Idempotency-Key": idempotencyKey}});
+        const answer = await resp.json().catch(function () { return {}; });
+        if (resp.ok && answer.run_id) {
+          location.assign("/ui/runs/" + encodeURIComponent(answer.run_id));
+          return;
+        }
+        serverError(resp.status, answer);
+      } catch (e) {
+        showError("", "not sent: " + e);
+      } finally {
+        sending = false;
+        button.disabled = false;
+      }
+    });
+  }
 
   watch();
   if (logBox) {

@@ -13,6 +13,7 @@
 <a class="brand" href="/ui">mip</a>
 <nav>
 <a href="/ui/runs">Runs</a>
+<a href="/ui/new">New run</a>
 <a href="/ui/jobs">Jobs</a>
 <a href="/ui/maps">Maps</a>
 <a href="/ui/modules">Modules</a>

@@ -5,7 +5,7 @@
 <p class="empty">No maps: put one at $TA1_INPUTS_DIR/maps/&lt;map&gt;/&lt;map&gt;.tif</p>
 % else:
 <table class="cards">
-<thead><tr><th>Map</th><th>Jobs</th></tr></thead>
+<thead><tr><th>Map</th><th>Jobs</th><th>Run</th></tr></thead>
 <tbody>
 % for name, jobs in maps:
 <tr data-map="{{name}}">
@@ -15,6 +15,7 @@
 <a href="/ui/jobs/{{j}}">{{j}}</a>
 % end
 </td>
+<td data-label="Run"><a href="/ui/new?map={{name}}">New run</a></td>
 </tr>
 % end
 </tbody>

@@ -1,7 +1,7 @@
 % rebase('base', title=title, watch=watch, poll_ms=poll_ms)
 <section id="summary" data-live data-finished="{{'yes' if finished else 'no'}}">
 <dl class="facts">
-<dt>State</dt><dd><span class="state st-{{row['state']}}">{{row['state'].replace('_', ' ')}}</span></dd>
+<dt>State</dt><dd><span class="state st-{{row['state']}}">{{row['label']}}</span></dd>
 <dt>Run</dt><dd><a href="/ui/runs/{{run_id}}">{{run_id}}</a></dd>
 <dt>Job</dt><dd><a href="/ui/jobs/{{job}}">{{job}}</a></dd>
 <dt>Started</dt><dd>{{!time_tag(row['started'])}}</dd>

@@ -10,11 +10,13 @@
 <dt>Ended</dt><dd>{{!time_tag(run['ended'])}}</dd>
 <dt>Duration</dt><dd>{{run['duration']}}</dd>
 </dl>
+% include('warnings', warnings=warnings)
 <p class="actions">
 % if not finished:
 <button type="button" id="cancel" data-post="/runs/{{run['run_id']}}/cancel" data-confirm="Cancel run {{run['run_id']}}? Its running modules are stopped.">Cancel</button>
 % end
 <button type="button" id="rerun" data-post="/runs/{{run['run_id']}}/rerun" data-confirm="Submit run {{run['run_id']}} again? What passed is skipped." data-then="open">Rerun</button>
+<a id="edit-rerun" href="/ui/new?from={{run['run_id']}}">Edit and rerun</a>
 </p>
 </section>
 <h2>Modules</h2>
@@ -26,12 +28,18 @@
 % for m in modules:
 <tr data-module="{{m['name']}}">
 <td data-label="Module">{{m['name']}}</td>
-<td data-label="State"><span class="state st-{{m['state']}}">{{m['state'].replace('_', ' ')}}</span></td>
+<td data-label="State"><span class="state st-{{m['state']}}">{{m['label']}}</span>
+% if m['earlier']:
+<a class="earlier" href="/ui/runs/{{m['earlier']}}" title="this run found it passed and skipped it">in run {{m['earlier']}}</a>
+% end
+</td>
 <td data-label="Started">{{!time_tag(m['started'])}}</td>
 <td data-label="Ended">{{!time_tag(m['ended'])}}</td>
 <td data-label="Duration">{{m['duration']}}</td>
 <td data-label="Exit code">{{'' if m['exit_code'] is None else m['exit_code']}}</td>
-<td data-label="Message" class="message">{{m['message']}}</td>
+<td data-label="Message" class="message">{{m['message']}}
+% include('warnings', warnings=m['warnings'], of_module=True)
+</td>
 <td data-label="Resources" class="resources">{{m['resources']}}</td>
 <td data-label="Downloads">
 % if m['ran']:
