@@ -276,8 +276,9 @@ def every_answer() -> None:
 
 def install(app: bottle.Bottle, ctx: Context, writer: LineWriter | None = None) -> None:
     """The plugins and middleware, all here. A request meets them from the outside in:
-    metrics, the request log, then the before_request hooks in the order added (limits,
-    CSRF, the console's browser home), then the route plugins (auth, the ERRORS table)."""
+    metrics, the request log, the console's error pages (a browser's 401, 404, 500), then
+    the before_request hooks in the order added (limits, CSRF, the console's browser home),
+    then the route plugins (auth, the ERRORS table)."""
     app.install(AuthPlugin(ctx.credentials, ctx.cfg.auth))         # auth (401, 429)
     app.install(core_errors)                                       # core errors -> ERRORS
     app.add_hook("before_request", limits)                         # limits (400, 413)
@@ -288,7 +289,7 @@ def install(app: bottle.Bottle, ctx: Context, writer: LineWriter | None = None) 
     # bottle has no middleware slot: Bottle.__call__ calls self.wsgi (which bottle lets be
     # set once), so every request of this app passes these, whichever server or test
     # drives it
-    wsgi = app.wsgi
+    wsgi = console.error_pages(app.wsgi)                           # a browser's 401/404/500
     if writer is not None:
         wsgi = RequestLog(wsgi, writer)                            # request log (main only)
     app.wsgi = ctx.metrics.requests.wrap(wsgi)                     # metrics
@@ -782,6 +783,8 @@ def route_table(cfg: Config) -> list:
         route("GET", "/ui/maps", console.maps_page, answer="text/html",
               query={"page": console.PAGE}),
         route("GET", "/ui/modules", console.modules_page, answer="text/html"),
+        route("GET", "/ui/modules/{job}/{module}/log", console.module_log_page,
+              answer="text/html"),
         route("GET", "/ui/new", console.new_page, answer="text/html", query=console.NEW_QUERY,
               errors=(404,)),
         *(route("GET", f"/ui/{name}", console.static, bound={"name": name, "media": media},

@@ -20,6 +20,7 @@ from mip import journal
 from mip.catalogue import load_catalogue
 from mip.web import console
 from mip.web import guards
+from mip.web.apierror import error_body
 
 
 @pytest.fixture
@@ -56,7 +57,8 @@ def test_pages_carry_a_strict_content_security_policy(inproc):
     run_id = inproc.post("/runs", json=payload("csp", "georeference")).json()["run_id"]
     inproc.wait_run(run_id)
     for path in ("/ui", "/ui/runs", f"/ui/runs/{run_id}", "/ui/jobs", "/ui/jobs/csp",
-                 "/ui/maps", "/ui/modules", "/ui/new", f"/ui/new?from={run_id}"):
+                 "/ui/maps", "/ui/modules", "/ui/new", f"/ui/new?from={run_id}",
+                 "/ui/modules/csp/georeference/log"):
         resp = page(inproc, path)
         csp = resp.headers["Content-Security-Policy"]
         directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
@@ -172,11 +174,81 @@ def test_runs_page_is_newest_first_filtered_and_paged(inproc, monkeypatch):
     ("/ui/jobs?page=x", 400, "bad_query"),
     ("/ui/nosuchpage", 404, "not_found"),
 ])
-def test_bad_input_gets_a_json_error(inproc, path, status, code):
-    resp = inproc.get(path, headers=HTML)
-    assert resp.status_code == status, resp.text
-    assert resp.headers["Content-Type"] == "application/json"
-    assert resp.json()["error"] == code
+def test_bad_input_gets_a_json_error_and_a_browser_a_page_for_404(inproc, path, status, code):
+    """API clients get the JSON error whatever they accept; a browser gets a 404 as a
+    console page saying the same, and every other error as the same JSON."""
+    answers = [inproc.get(path, headers=headers)
+               for headers in ({}, {"Accept": "*/*"}, {"Accept": "application/json"})]
+    for resp in answers:
+        assert resp.status_code == status, resp.text
+        assert resp.headers["Content-Type"] == "application/json"
+        assert resp.json()["error"] == code
+        assert resp.content == answers[0].content
+    browser = inproc.get(path, headers=HTML)
+    assert browser.status_code == status
+    if status == 404:
+        error_page(browser, answers[0].json())
+    else:
+        assert browser.content == answers[0].content
+
+
+def error_page(resp, error: dict) -> str:
+    """Assert that `resp` is the console page of the JSON error `error`; its text."""
+    assert resp.headers["Content-Type"] == "text/html; charset=utf-8"
+    assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+    assert int(resp.headers["Content-Length"]) == len(resp.content)
+    text = resp.text
+    assert f"<title>{console.ERROR_TITLES[resp.status_code]} · mip</title>" in text
+    notice = re.search(r'<p class="notice">([^<]*)</p>', text).group(1)
+    assert html.unescape(notice) == error["message"]
+    assert f"HTTP {resp.status_code} · {error['error']}" in text
+    assert 'href="/ui"' in text and 'href="/ui/runs"' in text  # a way back, the header
+    return text
+
+
+def test_browsers_get_401_and_500_as_pages_clients_keep_json(inproc):
+    # 401: the browser still asks for the password, and shows the page if it is cancelled
+    for path in ("/ui/runs", "/runs"):
+        client = inproc.get(path, auth=None)
+        assert client.status_code == 401 and client.headers["Content-Type"] == "application/json"
+        browser = inproc.get(path, headers=HTML, auth=None)
+        assert browser.status_code == 401
+        assert browser.headers["WWW-Authenticate"] == client.headers["WWW-Authenticate"] == \
+            'Basic realm="mip"'
+        error_page(browser, client.json())
+    # 500: a journal row damaged behind the server's back (as test_server.py does it)
+    run_id = inproc.post("/runs", json=payload("broken", "georeference")).json()["run_id"]
+    inproc.wait_run(run_id)
+    # and its watcher done with it: it reads the row once more as it lets the run go
+    wait_for(lambda: not inproc.queue.running)
+    db = journal.Journal(inproc.env["TA1_RUNS_DIR"] + "/journal.db")
+    with db.transaction() as conn:
+        conn.execute("UPDATE runs SET payload = '{broken' WHERE run_id = ?", (run_id,))
+    db.close()
+    for path in ("/jobs/broken", f"/ui/runs/{run_id}"):
+        client = inproc.get(path)
+        assert client.status_code == 500
+        assert client.content == error_body(
+            "internal_error", "internal error; the server log has the details").encode()
+        browser = inproc.get(path, headers=HTML)
+        assert browser.status_code == 500
+        text = error_page(browser, client.json())
+        assert "Traceback" not in text and "JSONDecodeError" not in text
+
+
+@pytest.mark.parametrize("accept, html_page", [
+    (HTML["Accept"], True),
+    ("text/html", True),
+    ("text/html;q=0.5, application/json", False),
+    ("application/json, text/html;q=0.9", False),
+    ("text/*;q=0.9, application/json;q=0.5", True),
+    ("*/*", False),
+    ("", False),
+    ("text/html;q=0, */*", False),
+    ("text/html;q=nan, */*;q=0.1", False),
+])
+def test_prefers_html_reads_accept_as_a_browser_means_it(accept, html_page):
+    assert console.prefers_html(accept) is html_page
 
 
 def test_jobs_maps_and_modules_pages(inproc):
@@ -186,6 +258,26 @@ def test_jobs_maps_and_modules_pages(inproc):
     assert 'href="/ui/jobs/jp"' in jobs and f'href="/ui/runs/{run_id}"' in jobs
     job = page(inproc, "/ui/jobs/jp").text
     assert 'href="/modules/jp/georeference/outputs"' in job and "st-passed" in job
+    # times: UTC in the text and tooltip, for console.js to show in the browser's zone
+    times = re.findall(r'<time datetime="([^"]+)" title="([^"]+)">([^<]+)</time>', jobs + job)
+    assert len(times) >= 4
+    for stamp, title, text in times:
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stamp)
+        assert title == text == stamp.replace("T", " ").replace("Z", " UTC")
+    # the module log's size (one stat), its page and its raw text; a zip's size is not known
+    log = inproc.get("/modules/jp/georeference/log")
+    size = console.size_text(len(log.content))
+    assert re.search(r"\d+ B|\d+(\.\d)? [kM]B", size)
+    assert ('<a href="/ui/modules/jp/georeference/log" title="the module\'s own log, '
+            f'followed live">module log</a>\n<span class="size">({size})</span>') in job
+    assert 'href="/modules/jp/georeference/log"' in job
+    log_page = page(inproc, "/ui/modules/jp/georeference/log").text
+    assert "<title>Log of georeference in job jp · mip</title>" in log_page
+    assert 'data-log="/modules/jp/georeference/log"' in log_page
+    assert f'href="/ui/runs/{run_id}"' in log_page and 'data-finished="yes"' in log_page
+    assert f'raw text</a>\n<span class="size">({size})</span>' in log_page
+    missing = inproc.get("/ui/modules/jp/map_crop/log", headers=HTML)
+    assert missing.status_code == 404 and "has not run in job" in missing.text
     maps = page(inproc, "/ui/maps").text
     assert payload("x")["map"] in maps and 'href="/ui/jobs/jp"' in maps
     modules = page(inproc, "/ui/modules").text
@@ -201,8 +293,8 @@ def test_a_job_caught_mid_deletion_is_a_404(inproc):
         conn.execute("INSERT INTO jobs (job, map, created) VALUES ('going', ?, ?)",
                      (payload("x")["map"], journal.utcnow()))
     db.close()
-    for path, headers in (("/ui/jobs/going", HTML), ("/jobs/going", {})):
-        resp = inproc.get(path, headers=headers)
+    for path in ("/ui/jobs/going", "/jobs/going"):
+        resp = inproc.get(path)
         assert resp.status_code == 404, (path, resp.text)
         assert resp.json()["error"] == "unknown_job"
 
@@ -261,8 +353,12 @@ def test_origin_parsing():
 def test_openapi_declares_the_pages_and_403_on_every_post(inproc):
     spec = inproc.get("/openapi.json").json()
     for path in ("/ui", "/ui/runs", "/ui/runs/{run_id}", "/ui/jobs", "/ui/jobs/{job}",
-                 "/ui/maps", "/ui/modules", "/ui/new"):
+                 "/ui/maps", "/ui/modules", "/ui/new", "/ui/modules/{job}/{module}/log"):
         assert "text/html" in spec["paths"][path]["get"]["responses"]["200"]["content"]
+    # a browser gets 401 and 404 as pages: declared beside the JSON error
+    for path, code in (("/runs/{run_id}", "404"), ("/runs", "401")):
+        content = spec["paths"][path]["get"]["responses"][code]["content"]
+        assert set(content) == {"application/json", "text/html"}
     assert set(spec["paths"]["/"]["get"]["responses"]["200"]["content"]) == {
         "application/json", "text/html"}
     posts = [(p, op) for p, ops in spec["paths"].items() for m, op in ops.items()
@@ -311,6 +407,17 @@ def test_module_tables_show_what_each_module_used(inproc):
     text = page(inproc, "/ui/jobs/use").text
     assert ("CPU 12.3 s · RSS 84 MB · GPU &lt;b&gt;1&lt;/b&gt; · GPU memory 2100 MB · "
             "GPU use 43% · waited 3.0 s") in text
+
+
+def test_sizes_and_times_as_shown():
+    assert [console.size_text(n) for n in (None, 0, 999, 1000, 12_345, 4_200_000, 5 * 10**9)] \
+        == ["", "0 B", "999 B", "1.0 kB", "12 kB", "4.2 MB", "5.0 GB"]
+    assert console.time_tag("2026-12-04T21:31:05.123456Z") == (
+        '<time datetime="2026-12-04T21:31:05Z" title="2026-12-04 21:31:05 UTC">'
+        "2026-12-04 21:31:05 UTC</time>")
+    assert console.time_tag("2026-12-04 21:31:05") == console.time_tag("2026-12-04T21:31:05Z")
+    assert console.time_tag(None) == console.time_tag("") == ""
+    assert console.time_tag("<b>") == "&lt;b&gt;"
 
 
 def test_usage_leaves_out_what_is_unknown():

@@ -1,5 +1,6 @@
 """console: the browser's pages under /ui: runs, a run with its module graph and live log,
-jobs, maps, the module catalogue and the New run form.
+jobs, maps, the module catalogue, the New run form and a module's live log; and a
+browser's 401, 404 and 500 as pages (error_pages).
 
 View functions of mip_server.py's route table, whose rows for /ui name them. Pages are
 rendered by the server with bottle's SimpleTemplate (templates/, which escapes every
@@ -9,12 +10,16 @@ script polls the JSON API and, when an answer changes, swaps in the page's fresh
 never writes except through the API's own POST routes (runs, cancel, rerun), which
 guards.py guards. A browser asking for `/` (Accept: text/html) gets the console's home; API
 clients keep their JSON. Pages never show a secret: a payload is shown without its keys and tokens.
+Times are written in UTC (time_tag), which the script shows in the browser's own zone.
 """
 
+import html
 import json
 import math
 import os
 import re
+import stat
+from datetime import UTC
 from datetime import datetime
 
 import bottle
@@ -35,6 +40,7 @@ from mip.status import run_warnings
 from mip.web import openapi
 from mip.web.apierror import ApiError
 from mip.web.context import get_job
+from mip.web.context import get_module
 from mip.web.context import get_run
 from mip.web.context import query_int
 
@@ -69,6 +75,12 @@ STATE_LABELS = {WAITING_GPU: gpus.WAITING}
 BOX_W, BOX_H, GAP_X, GAP_Y = 186, 78, 14, 40
 # the module whose output is the job's final product, the GeoPackage
 FINAL_MODULE = "geopackage"
+# what every page carries, error pages too
+PAGE_HEADERS = {"Content-Type": "text/html; charset=utf-8", "Content-Security-Policy": CSP,
+                "X-Content-Type-Options": "nosniff", "Referrer-Policy": "same-origin",
+                "Cache-Control": "no-store"}
+# the answers a browser gets as a console page (error_pages), with the page's title
+ERROR_TITLES = {401: "Not logged in", 404: "Not found", 500: "Server error"}
 
 
 # ---------------------------------------------------------------------------- pages
@@ -205,6 +217,17 @@ def maps_page(ctx):
                   page=number, pages=pages)
 
 
+def module_log_page(ctx, job, module):
+    """Console: a module's own log in its latest execution, followed live. Raises 404 if
+    the module has not run in the job."""
+    execution = get_module(ctx, job, module)
+    finished = execution["status"] in FINISHED
+    return render("module_log", f"Log of {module} in job {job}",
+                  [] if finished else [f"/modules/{job}/{module}"],
+                  job=job, module=module, finished=finished,
+                  row=module_row(module, execution, ""), run_id=execution["run_id"])
+
+
 def modules_page(ctx):
     """Console: the module catalogue, with what each module requires and is required by."""
     catalogue = ctx.catalogue
@@ -252,14 +275,14 @@ def paging(total: int, page: int) -> tuple:
 
 def render(name: str, title: str, watch: list, **values) -> str:
     """A page in the base layout, with the headers every page carries."""
-    response = bottle.response
-    response.content_type = "text/html; charset=utf-8"
-    response.set_header("Content-Security-Policy", CSP)
-    response.set_header("X-Content-Type-Options", "nosniff")
-    response.set_header("Referrer-Policy", "same-origin")
-    response.set_header("Cache-Control", "no-store")
-    return bottle.template(name, template_lookup=LOOKUP, title=title,
-                           watch=" ".join(watch), poll_ms=POLL_MS, **values)
+    for header, value in PAGE_HEADERS.items():
+        bottle.response.set_header(header, value)
+    return page_text(name, title, watch, **values)
+
+
+def page_text(name: str, title: str, watch: list, **values) -> str:
+    return bottle.template(name, template_lookup=LOOKUP, title=title, watch=" ".join(watch),
+                           poll_ms=POLL_MS, time_tag=time_tag, iso_z=iso_z, **values)
 
 
 def static(ctx, name: str, media: str) -> bytes:
@@ -270,6 +293,93 @@ def static(ctx, name: str, media: str) -> bytes:
     bottle.response.set_header("X-Content-Type-Options", "nosniff")
     bottle.response.set_header("Cache-Control", "max-age=60")
     return body
+
+
+# ---------------------------------------------------------------------------- error pages
+
+def error_pages(wsgi):
+    """WSGI middleware: a GET whose Accept prefers text/html (a browser's navigation) that
+    is answered 401, 404 or 500 in the one JSON error shape gets a console page saying the
+    same, with the same status and headers (401 keeps WWW-Authenticate, so the browser still
+    asks for the password). Every other request passes through untouched: API clients, curl
+    (*/*) and the console's own fetches keep their JSON byte for byte."""
+    def app(environ, start_response):
+        if (environ.get("REQUEST_METHOD") != "GET"
+                or not prefers_html(environ.get("HTTP_ACCEPT", ""))):
+            return wsgi(environ, start_response)
+        held = {}
+
+        def hold(status, headers, exc_info=None):
+            kind = next((v for k, v in headers if k.lower() == "content-type"), "")
+            if (not held and int(status[:3]) in ERROR_TITLES
+                    and kind.startswith("application/json")):
+                # bottle passes a crash's exc_info along with its 500: passed on below
+                held.update(status=status, headers=headers, exc_info=exc_info)
+                return lambda data: None  # bottle never writes through it
+            return start_response(status, headers, exc_info)
+
+        body = wsgi(environ, hold)
+        if not held:
+            return body
+        try:
+            data = b"".join(body)
+        finally:
+            if hasattr(body, "close"):
+                body.close()
+        status, headers, exc_info = held["status"], held["headers"], held["exc_info"]
+        page = error_page(int(status[:3]), data)
+        if page is None:  # not the error shape after all: sent as it came
+            start_response(status, headers, exc_info)
+            return [data]
+        kept = [(k, v) for k, v in headers
+                if k.lower() not in {"content-length", *(h.lower() for h in PAGE_HEADERS)}]
+        start_response(status, kept + list(PAGE_HEADERS.items())
+                       + [("Content-Length", str(len(page)))], exc_info)
+        return [page]
+    return app
+
+
+def error_page(status: int, data: bytes) -> bytes | None:
+    """The console page of an error answer's JSON body, None when it is not
+    {"error": code, "message": text}. Only the message the JSON carries is shown: a 500's is
+    the generic one, never a traceback."""
+    try:
+        error = json.loads(data)
+    except ValueError:
+        return None
+    if not (isinstance(error, dict) and isinstance(error.get("error"), str)
+            and isinstance(error.get("message"), str)):
+        return None
+    return page_text("error", ERROR_TITLES[status], [], status=status, code=error["error"],
+                     message=error["message"]).encode("utf-8")
+
+
+def prefers_html(accept: str) -> bool:
+    """True when Accept ranks text/html above application/json, as a browser's navigation
+    does; no Accept, or */* alone (curl, requests), ranks them even: JSON."""
+    return quality(accept, "text/html") > quality(accept, "application/json")
+
+
+def quality(accept: str, media: str) -> float:
+    """The q that Accept gives `media`: that of its most specific matching range (RFC 9110
+    12.5.1), 0 when none matches."""
+    best, q_best = -1, 0.0
+    for item in accept.split(","):
+        media_range, *params = (p.strip() for p in item.split(";"))
+        media_range = media_range.lower()
+        rank = {media: 2, media.split("/")[0] + "/*": 1, "*/*": 0}.get(media_range, -1)
+        if rank <= best:
+            continue
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        best, q_best = rank, q if 0.0 <= q <= 1.0 else 0.0
+    return q_best
 
 
 # ---------------------------------------------------------------------------- views
@@ -319,6 +429,55 @@ def duration(start: str | None, stop: str | None) -> str:
 def short_time(text: str | None) -> str:
     """ISO UTC time as `YYYY-MM-DD HH:MM:SS`."""
     return text[:19].replace("T", " ") if text else ""
+
+
+def utc(text: str | None) -> datetime | None:
+    """A journal time (ISO with Z, or short_time's, which is UTC too) as an aware datetime."""
+    when = parse_time(text)
+    if when is None:
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
+
+
+def iso_z(text: str | None) -> str:
+    """A journal time as `YYYY-MM-DDTHH:MM:SSZ`, what a <time datetime> and console.js read;
+    empty when there is none."""
+    when = utc(text)
+    return when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if when else ""
+
+
+def time_tag(text: str | None) -> str:
+    """A journal time as `<time>` markup: its text and tooltip the UTC time with its zone
+    named, which console.js rewrites into the browser's own zone (keeping the tooltip).
+    Escaped here: templates insert it with {{!...}}."""
+    when = utc(text)
+    if when is None:
+        return html.escape(text or "")
+    shown = when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return f'<time datetime="{iso_z(text)}" title="{shown}">{shown}</time>'
+
+
+def size_text(size: int | None) -> str:
+    """A size in bytes as `310 B`, `12 kB`, `4.2 MB` (powers of 1000, as usage() counts);
+    empty when unknown."""
+    if size is None:
+        return ""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            value = size / scale
+            return f"{value:.1f} {unit}" if value < 10 else f"{value:.0f} {unit}"
+    return f"{size} B"
+
+
+def log_size(path: str | None) -> int | None:
+    """The size of a module's log, from one lstat (never a read of its folder); None when
+    there is none, or it is not a plain file (a link the module put there may point
+    anywhere, and the log route would not serve it)."""
+    try:
+        info = os.lstat(path) if path else None
+    except OSError:
+        return None
+    return info.st_size if info and stat.S_ISREG(info.st_mode) else None
 
 
 def run_row(run: dict) -> dict:
@@ -374,7 +533,7 @@ def module_row(name: str, execution: dict | None, run_status: str,
         return {"name": name, "state": state, "label": state.replace("_", " "), "started": "",
                 "ended": "", "duration": "", "exit_code": None, "message": "",
                 "resources": "", "ran": False, "warnings": [],
-                "earlier": None}
+                "earlier": None, "log_size": ""}
     state = execution["status"]
     if state == Status.RUNNING and execution["message"] == gpus.WAITING:
         # not running yet: its own badge, so that a host's GPU queue reads as one
@@ -388,7 +547,8 @@ def module_row(name: str, execution: dict | None, run_status: str,
             "exit_code": execution["exit_code"],
             # the badge says it: a waiting module's message is that same wait
             "message": "" if state == WAITING_GPU else execution["message"] or "",
-            "resources": usage(execution.get("resources")), "ran": True, "earlier": None}
+            "resources": usage(execution.get("resources")), "ran": True, "earlier": None,
+            "log_size": size_text(log_size(execution.get("log_path")))}
 
 
 def final_product(ctx, job: str, map_name: str, execution: dict | None) -> dict | None:

@@ -43,6 +43,9 @@ RETRY_AFTER = {"Retry-After": {"description": "seconds to wait before trying aga
                                "required": True, "schema": {"type": "integer", "minimum": 0}}}
 HEADERS = {401: {"WWW-Authenticate": {"required": True, "schema": {"type": "string"}}},
            429: RETRY_AFTER, 503: RETRY_AFTER}
+# a request whose Accept prefers text/html (a browser's) gets these as a console page
+# saying the same (console.error_pages); every other client gets the JSON
+AS_PAGE = (401, 404, 500)
 
 
 class Route(NamedTuple):
@@ -140,8 +143,10 @@ def operation(route: Route, schemas: dict) -> dict:
         op["requestBody"] = {"required": False,
                              "content": {"application/json": {"schema": route.body}}}
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    page = dict(error, **{"text/html": {"schema": {"type": "string"}}})
     for code in statuses(route):
-        op["responses"][str(code)] = {"description": STATUSES[code], "content": error}
+        op["responses"][str(code)] = {"description": STATUSES[code],
+                                      "content": page if code in AS_PAGE else error}
         if code in HEADERS:
             op["responses"][str(code)]["headers"] = HEADERS[code]
     if route.auth:

@@ -1,10 +1,10 @@
 // console.js: the mip console's only script (CSP: no inline script anywhere).
 // Polls the JSON answers a page names in <main data-watch>; when one changes, fetches the
 // page again and swaps in its [data-live] regions (the server renders and escapes them).
-// Follows the run log with GET ...?offset=N (X-Log-Offset), posts cancel and rerun after
-// a confirmation, and submits the New run form to POST /runs (with an Idempotency-Key, an
-// error shown next to the field it names). Text from the server only ever reaches the page
-// through textContent.
+// Follows a log (the run's, a module's) with GET ...?offset=N (X-Log-Offset), posts cancel
+// and rerun after a confirmation, submits the New run form to POST /runs (with an
+// Idempotency-Key, an error shown next to the field it names), and shows every time in the
+// browser's own zone. Text from the server only ever reaches the page through textContent.
 "use strict";
 
 (function () {
@@ -12,6 +12,43 @@
   if (!main) {
     return;
   }
+
+  // the server writes each time in UTC (<time datetime="...Z" title="... UTC">, and in the
+  // graph <text data-time>); shown here in the browser's zone, named: 2026-12-04 14:31:05 MST
+  const zoneFormat = new Intl.DateTimeFormat(undefined, {
+    year: "numeric", month: "2-digit", day: "2-digit", hour: "2-digit", minute: "2-digit",
+    second: "2-digit", hourCycle: "h23", timeZoneName: "short", numberingSystem: "latn"});
+  function local(iso) {
+    const when = new Date(iso);
+    if (isNaN(when)) {
+      return null;
+    }
+    const part = {};
+    for (const p of zoneFormat.formatToParts(when)) {
+      part[p.type] = p.value;
+    }
+    return {day: part.year + "-" + part.month + "-" + part.day,
+            clock: part.hour + ":" + part.minute + ":" + part.second + " " + part.timeZoneName};
+  }
+  function showTimes(root) {
+    for (const el of root.querySelectorAll("time[datetime]")) {
+      const shown = local(el.getAttribute("datetime"));
+      if (shown) {
+        el.textContent = shown.day + " " + shown.clock;
+      }
+    }
+    for (const el of root.querySelectorAll("svg text[data-time]")) {
+      const shown = local(el.dataset.time);
+      if (shown) {
+        const utc = el.dataset.time.replace("T", " ").replace("Z", " UTC");
+        el.textContent = shown.clock;
+        const tip = document.createElementNS("http://www.w3.org/2000/svg", "title");
+        tip.textContent = utc;
+        el.prepend(tip);
+      }
+    }
+  }
+  showTimes(document);
   const pollMs = Number(main.dataset.pollMs) || 1500;
   const notice = document.getElementById("notice");
 
@@ -39,7 +76,9 @@
     for (const region of document.querySelectorAll("[data-live]")) {
       const fresh = region.id && doc.getElementById(region.id);
       if (fresh) {
-        region.replaceWith(document.importNode(fresh, true));
+        const node = document.importNode(fresh, true);
+        showTimes(node);
+        region.replaceWith(node);
       }
     }
     const freshMain = doc.getElementById("page");
@@ -114,6 +153,13 @@
     if (!finished || grew) {
       setTimeout(followLog, pollMs);
     }
+  }
+
+  // an error page's way back, shown only where there is a page to go back to
+  const back = document.querySelector("button[data-back]");
+  if (back && history.length > 1) {
+    back.hidden = false;
+    back.addEventListener("click", function () { history.back(); });
   }
 
   document.addEventListener("click", async function (event) {

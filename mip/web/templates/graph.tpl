@@ -8,11 +8,12 @@
 <a href="/ui/runs/{{b['earlier']}}" class="earlier">
 % end
 <g class="node st-{{b['state']}}{{' earlier' if b['earlier'] else ''}}" data-module="{{b['name']}}" data-state="{{b['state']}}" data-earlier="{{b['earlier'] or ''}}" transform="translate({{b['x']}} {{b['y']}})">
-<title>{{b['name']}}: {{b['label']}}{{' in an earlier run, ' + b['earlier'] + ' (this run skipped it)' if b['earlier'] else ''}}{{'; started ' + b['started'] if b['started'] else ''}}{{'; ended ' + b['ended'] if b['ended'] else ''}}{{'' if b['exit_code'] is None else '; exit code %s' % b['exit_code']}}{{'; ' + b['message'] if b['message'] else ''}}{{''.join('; warning: ' + w for w in b['warnings'])}}</title>
+<title>{{b['name']}}: {{b['label']}}{{' in an earlier run, ' + b['earlier'] + ' (this run skipped it)' if b['earlier'] else ''}}{{'; started ' + b['started'] + ' UTC' if b['started'] else ''}}{{'; ended ' + b['ended'] + ' UTC' if b['ended'] else ''}}{{'' if b['exit_code'] is None else '; exit code %s' % b['exit_code']}}{{'; ' + b['message'] if b['message'] else ''}}{{''.join('; warning: ' + w for w in b['warnings'])}}</title>
 <rect width="{{g['box_w']}}" height="{{g['box_h']}}" rx="6"/>
 <text x="8" y="20" class="name">{{b['name']}}</text>
 <text x="8" y="38" class="what">{{b['label']}}{{' earlier' if b['earlier'] else ''}}{{' · ' + b['duration'] if b['duration'] else ''}}{{'' if b['exit_code'] is None else ' · exit %s' % b['exit_code']}}</text>
-<text x="8" y="55" class="when">{{b['ended'][11:] if b['ended'] else b['started'][11:]}}</text>
+% when = b['ended'] or b['started']
+<text x="8" y="55" class="when" data-time="{{iso_z(when)}}">{{when[11:] + ' UTC' if when else ''}}</text>
 % if b['message'] or not b['warnings']:
 <text x="8" y="71" class="msg">{{b['message'] if len(b['message']) <= 28 else b['message'][:27] + '…'}}</text>
 % else:

@@ -26,14 +26,14 @@
 <tr data-module="{{m['name']}}">
 <td data-label="Module">{{m['name']}}</td>
 <td data-label="State"><span class="state st-{{m['state']}}">{{m['label']}}</span></td>
-<td data-label="Started">{{m['started']}}</td>
-<td data-label="Ended">{{m['ended']}}</td>
+<td data-label="Started">{{!time_tag(m['started'])}}</td>
+<td data-label="Ended">{{!time_tag(m['ended'])}}</td>
 <td data-label="Exit code">{{'' if m['exit_code'] is None else m['exit_code']}}</td>
 <td data-label="Message" class="message">{{m['message']}}</td>
 <td data-label="Resources" class="resources">{{m['resources']}}</td>
 <td data-label="Downloads">
 % if m['ran']:
-% include('downloads', job=job, name=m['name'])
+% include('downloads', job=job, name=m['name'], log_size=m['log_size'])
 % end
 </td>
 </tr>

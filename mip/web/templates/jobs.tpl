@@ -17,8 +17,8 @@
 % end
 </td>
 <td data-label="Status"><span class="state st-{{j['status'] or 'not_run'}}">{{j['status'] or ''}}</span></td>
-<td data-label="Submitted">{{(j['submit_time'] or '')[:19].replace('T', ' ')}}</td>
-<td data-label="Ended">{{(j['stop_time'] or '')[:19].replace('T', ' ')}}</td>
+<td data-label="Submitted">{{!time_tag(j['submit_time'])}}</td>
+<td data-label="Ended">{{!time_tag(j['stop_time'])}}</td>
 </tr>
 % end
 </tbody>

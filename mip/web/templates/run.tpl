@@ -5,9 +5,9 @@
 <dt>Job</dt><dd><a href="/ui/jobs/{{run['job']}}">{{run['job']}}</a></dd>
 <dt>Map</dt><dd>{{run['map']}}</dd>
 <dt>Modules</dt><dd>{{run['modules']}}</dd>
-<dt>Submitted</dt><dd>{{run['submitted']}}</dd>
-<dt>Started</dt><dd>{{run['started']}}</dd>
-<dt>Ended</dt><dd>{{run['ended']}}</dd>
+<dt>Submitted</dt><dd>{{!time_tag(run['submitted'])}}</dd>
+<dt>Started</dt><dd>{{!time_tag(run['started'])}}</dd>
+<dt>Ended</dt><dd>{{!time_tag(run['ended'])}}</dd>
 <dt>Duration</dt><dd>{{run['duration']}}</dd>
 </dl>
 % include('warnings', warnings=warnings)
@@ -33,8 +33,8 @@
 <a class="earlier" href="/ui/runs/{{m['earlier']}}" title="this run found it passed and skipped it">in run {{m['earlier']}}</a>
 % end
 </td>
-<td data-label="Started">{{m['started']}}</td>
-<td data-label="Ended">{{m['ended']}}</td>
+<td data-label="Started">{{!time_tag(m['started'])}}</td>
+<td data-label="Ended">{{!time_tag(m['ended'])}}</td>
 <td data-label="Duration">{{m['duration']}}</td>
 <td data-label="Exit code">{{'' if m['exit_code'] is None else m['exit_code']}}</td>
 <td data-label="Message" class="message">{{m['message']}}
@@ -43,7 +43,7 @@
 <td data-label="Resources" class="resources">{{m['resources']}}</td>
 <td data-label="Downloads">
 % if m['ran']:
-% include('downloads', job=run['job'], name=m['name'])
+% include('downloads', job=run['job'], name=m['name'], log_size=m['log_size'])
 % end
 </td>
 </tr>

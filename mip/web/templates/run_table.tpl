@@ -11,9 +11,9 @@
 <td data-label="Job"><a href="/ui/jobs/{{r['job']}}">{{r['job']}}</a></td>
 <td data-label="Map">{{r['map']}}</td>
 <td data-label="Modules">{{r['modules']}}</td>
-<td data-label="Submitted">{{r['submitted']}}</td>
-<td data-label="Started">{{r['started']}}</td>
-<td data-label="Ended">{{r['ended']}}</td>
+<td data-label="Submitted">{{!time_tag(r['submitted'])}}</td>
+<td data-label="Started">{{!time_tag(r['started'])}}</td>
+<td data-label="Ended">{{!time_tag(r['ended'])}}</td>
 <td data-label="Duration">{{r['duration']}}</td>
 </tr>
 % end
