@@ -24,6 +24,8 @@ from mip import journal
 from mip import keystore
 from mip import maps
 from mip import runners
+from mip.catalogue import CHECKED
+from mip.catalogue import CHECKED_ENV
 from mip.catalogue import check_extra
 from mip.catalogue import check_name
 from mip.catalogue import expand_modules
@@ -208,6 +210,7 @@ class RunQueue:
                if k not in SERVER_SECRETS and k != "MIP_OPENAI_KEY"}
         # every process of the run inherits this, so that a dead run's leftovers are found
         env[runners.RUN_ENV] = run_id
+        env[CHECKED_ENV] = " ".join(sorted(CHECKED))
         try:
             key = self.run_key(run_id) or self.cfg.settings.openai_key
         except keystore.KeyStoreError as e:
