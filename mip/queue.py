@@ -393,7 +393,7 @@ def journal_warnings(settings, db: journal.Journal, key_file_found: bool) -> lis
     without jobs while job folders are on disk (it was lost or replaced), and OpenAI keys
     sealed under a key file that was missing (made anew, it cannot open them)."""
     found = []
-    if db.count_jobs() == 0:
+    if not db.has_jobs():
         try:
             folders = [e for e in os.scandir(settings.outputs_dir) if e.is_dir()]
         except OSError:
