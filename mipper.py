@@ -14,6 +14,7 @@ S3 and the journal live in the mip package, which never imports luigi.
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -222,6 +223,17 @@ class ModuleTask(luigi.Task):
 
     job = luigi.Parameter()
     module = luigi.Parameter()
+
+    @classmethod
+    def get_params(cls) -> list:
+        # luigi finds them through dir() of the class, hundreds of times a run (a fifth of
+        # luigi.build's CPU in the main process); a class's parameters never change
+        return list(cls._params())
+
+    @classmethod
+    @functools.cache
+    def _params(cls) -> tuple:
+        return tuple(super().get_params())
 
     def requires(self):
         return [ModuleTask(job=self.job, module=r) for r in RUN.catalogue[self.module].requires]
