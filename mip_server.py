@@ -120,7 +120,8 @@ Config = ServerSettings
 
 def read_config(env, host=None, port=None, no_auth=False) -> Config:
     """The server's settings, checked; raises MipError naming the variable that is wrong."""
-    cfg = Config.from_env(env, hash_password, host, port, no_auth)
+    # MIP_PASSWORD is hashed at the first credential check, not here (auth.LaterHash)
+    cfg = Config.from_env(env, auth.LaterHash, host, port, no_auth)
     notices.check_settings(cfg.notify)
     return cfg
 

@@ -14,6 +14,7 @@ S3 and the journal live in the mip package, which never imports luigi.
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import logging
 import os
@@ -26,10 +27,6 @@ import time
 from dataclasses import dataclass
 from dataclasses import field
 
-import luigi
-import luigi.interface
-import luigi.worker
-
 from mip import VERSION
 from mip import checks
 from mip import gpus
@@ -38,6 +35,7 @@ from mip import maps
 from mip import runners
 from mip import sanitize
 from mip import switches
+from mip.catalogue import CHECKED_ENV
 from mip.catalogue import Module
 from mip.catalogue import ancestors
 from mip.catalogue import check_extra
@@ -65,6 +63,22 @@ from mip.s3 import record_upload
 from mip.s3 import upload_missing
 from mip.settings import Settings
 from mip.status import run_warnings
+
+# luigi imports requests (its central scheduler's client), tornado (through tenacity) and
+# jsonschema (for DictParameter's schemas) whenever they are installed: about a tenth of
+# a CPU-second at every run, for nothing a run asks of luigi. Each is optional to luigi,
+# which does without it (a central scheduler is then reached through urllib), so luigi's
+# import does not see them; whatever imports them later finds them as usual.
+_UNSEEN = [n for n in ("requests", "tornado", "jsonschema") if n not in sys.modules]
+sys.modules.update(dict.fromkeys(_UNSEEN))
+try:
+    import luigi  # noqa: E402
+    import luigi.interface  # noqa: E402
+    import luigi.worker  # noqa: E402
+finally:
+    for _name in _UNSEEN:
+        if sys.modules.get(_name, False) is None:
+            del sys.modules[_name]
 
 log = logging.getLogger("mip.mipper")
 
@@ -214,6 +228,17 @@ class ModuleTask(luigi.Task):
     job = luigi.Parameter()
     module = luigi.Parameter()
 
+    @classmethod
+    def get_params(cls) -> list:
+        # luigi finds them through dir() of the class, hundreds of times a run (a fifth of
+        # luigi.build's CPU in the main process); a class's parameters never change
+        return list(cls._params())
+
+    @classmethod
+    @functools.cache
+    def _params(cls) -> tuple:
+        return tuple(super().get_params())
+
     def requires(self):
         return [ModuleTask(job=self.job, module=r) for r in RUN.catalogue[self.module].requires]
 
@@ -357,7 +382,7 @@ def run(settings: Settings, job: str, map_name: str, modules, force_rerun: bool 
     """
     global RUN
     env = os.environ if env is None else env
-    catalogue = load_catalogue(settings.config_path)
+    catalogue = load_catalogue(settings.config_path, env.get(CHECKED_ENV, "").split())
     check_name("job", job)
     targets = expand_modules(catalogue, modules)
     extra = extra or {}

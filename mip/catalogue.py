@@ -6,6 +6,7 @@ it). Raises CatalogueError for a bad config.yml and UsageError for a bad name; i
 runs a module itself.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -13,7 +14,6 @@ import sys
 from dataclasses import dataclass
 from dataclasses import field
 
-import jsonschema
 import yaml
 
 from mip import gpus
@@ -29,6 +29,15 @@ ALL = "ALL"
 # used with fullmatch: `$` would let a name end in a newline
 NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 TOKENS = ("$INPUT_DIR", "$OUTPUT_DIR", "$TEMP_DIR", "$REPO_DIR", "$MAP_NAME", "$GPU_ID")
+# libyaml's loader where PyYAML was built with it: the pure-Python one takes tens of ms
+# over config.yml, at every server start and every run
+YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+# The server puts here, for each mipper it starts, the digests (catalogue_digest) of the
+# catalogue texts it checked against schema/Catalogue.json. A mipper whose config.yml
+# still has such a digest skips that check, and with it jsonschema's import (about a
+# tenth of a CPU-second per run); any other text, or a changed schema, is checked anew.
+CHECKED_ENV = "MIP_CATALOGUE_CHECKED"
+CHECKED = set()  # the digests of the catalogue texts this process checked
 
 
 @dataclass(frozen=True)
@@ -52,23 +61,41 @@ class Module:
     checks: tuple = ()  # what its outputs must hold (mip/checks.py)
 
 
-def load_catalogue(path: str) -> dict:
-    """The modules of config.yml by name, in file order; raises CatalogueError in one line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f)
-    except OSError as e:
-        raise CatalogueError(f"{path}: cannot read the module catalogue: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" line {where.line + 1}" if where else ""
-        raise CatalogueError(f"{path}:{line} is not valid YAML") from None
-    with open(os.path.join(SCHEMA_DIR, "Catalogue.json"), encoding="utf-8") as f:
-        validator = jsonschema.Draft202012Validator(json.load(f))
-    error = jsonschema.exceptions.best_match(validator.iter_errors(data))
+def catalogue_digest(schema: bytes, text: bytes) -> str:
+    """What a check of `text` against `schema` vouches for."""
+    return hashlib.sha256(hashlib.sha256(schema).digest() + text).hexdigest()
+
+
+def check_schema(path: str, schema: dict, data) -> None:
+    """Raises CatalogueError naming the first place where `data` fails the schema."""
+    import jsonschema  # here: a run whose catalogue the server checked never needs it
+
+    error = jsonschema.exceptions.best_match(
+        jsonschema.Draft202012Validator(schema).iter_errors(data))
     if error is not None:
         raise CatalogueError(f"{path}: {_catalogue_place(data, error.absolute_path)}: "
                              f"{error.message}")
+
+
+def load_catalogue(path: str, checked=()) -> dict:
+    """The modules of config.yml by name, in file order; raises CatalogueError in one line.
+    `checked`: digests of texts already checked against the schema (CHECKED_ENV)."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+        data = yaml.load(text.decode("utf-8"), Loader=YAML_LOADER)
+    except OSError as e:
+        raise CatalogueError(f"{path}: cannot read the module catalogue: {e.strerror}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        raise CatalogueError(f"{path}:{line} is not valid YAML") from None
+    with open(os.path.join(SCHEMA_DIR, "Catalogue.json"), "rb") as f:
+        schema = f.read()
+    digest = catalogue_digest(schema, text)
+    if digest not in CHECKED and digest not in checked:
+        check_schema(path, json.loads(schema), data)
+        CHECKED.add(digest)
     modules = {}
     for entry in data["modules"]:
         name = entry["name"]

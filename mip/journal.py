@@ -427,6 +427,10 @@ class Journal:
     def count_jobs(self) -> int:
         return self.connect().execute("SELECT COUNT(*) FROM jobs").fetchone()[0]
 
+    def has_jobs(self) -> bool:
+        """Whether any job is recorded: one row read, where count_jobs() reads them all."""
+        return bool(self.connect().execute("SELECT EXISTS (SELECT 1 FROM jobs)").fetchone()[0])
+
     def jobs_of_maps(self, map_names: list) -> dict:
         """{map: names of the jobs bound to it, in the order they were first run} for some
         maps (a page of them), in one query on the jobs_map index; a map without jobs is

@@ -24,6 +24,8 @@ from mip import journal
 from mip import keystore
 from mip import maps
 from mip import runners
+from mip.catalogue import CHECKED
+from mip.catalogue import CHECKED_ENV
 from mip.catalogue import check_extra
 from mip.catalogue import check_name
 from mip.catalogue import expand_modules
@@ -208,6 +210,7 @@ class RunQueue:
                if k not in SERVER_SECRETS and k != "MIP_OPENAI_KEY"}
         # every process of the run inherits this, so that a dead run's leftovers are found
         env[runners.RUN_ENV] = run_id
+        env[CHECKED_ENV] = " ".join(sorted(CHECKED))
         try:
             key = self.run_key(run_id) or self.cfg.settings.openai_key
         except keystore.KeyStoreError as e:
@@ -390,7 +393,7 @@ def journal_warnings(settings, db: journal.Journal, key_file_found: bool) -> lis
     without jobs while job folders are on disk (it was lost or replaced), and OpenAI keys
     sealed under a key file that was missing (made anew, it cannot open them)."""
     found = []
-    if db.count_jobs() == 0:
+    if not db.has_jobs():
         try:
             folders = [e for e in os.scandir(settings.outputs_dir) if e.is_dir()]
         except OSError:

@@ -17,6 +17,10 @@ import logging
 import math
 import os
 import re
+
+# os.wait4 imports it to build its rusage at its first call: imported here, it is loaded
+# once in mipper rather than again in every luigi worker forked for a module
+import resource  # noqa: F401
 import signal
 import stat
 import subprocess

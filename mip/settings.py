@@ -549,8 +549,9 @@ class ServerSettings:
     @classmethod
     def from_env(cls, env, hash_password, host=None, port=None,
                  no_auth=False) -> "ServerSettings":
-        """`hash_password(text) -> str` hashes MIP_PASSWORD for `users` (web/auth.py has
-        it). Raises SettingError naming the variable that is wrong or missing."""
+        """`hash_password(text)` makes MIP_PASSWORD's entry of `users`: its hash, or what
+        stands for one until it is made (web/auth.py has both). Raises SettingError
+        naming the variable that is wrong or missing."""
         settings = Settings.from_env(env)
         users, password_file = ({}, None) if no_auth else read_users(env, hash_password)
         threads = read(env, "MIP_THREADS")

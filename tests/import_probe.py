@@ -6,7 +6,7 @@ process after the run.
 
 RESULT gets JSON lines: {"module", "pid", "aws"} per passed module, then {"module": null,
 "pid", "aws"} for this process (the one that ran luigi) at the end; `aws` lists the loaded
-boto3/botocore modules' top names.
+boto3/botocore modules' top names, `loaded` those of requests, tornado and jsonschema.
 """
 
 import json
@@ -16,19 +16,19 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import luigi  # noqa: E402
-
+# luigi through mipper, which imports it its own way (without its optional imports)
 import mipper  # noqa: E402
 
 
 def seen(module) -> dict:
-    aws = sorted({m.split(".")[0] for m in sys.modules} & {"boto3", "botocore"})
-    return {"module": module, "pid": os.getpid(), "aws": aws}
+    tops = {m.split(".")[0] for m in sys.modules}
+    return {"module": module, "pid": os.getpid(), "aws": sorted(tops & {"boto3", "botocore"}),
+            "loaded": sorted(tops & {"requests", "tornado", "jsonschema"})}
 
 
 def main(result: str, argv: list) -> int:
     # a SUCCESS handler runs where the task ran: in luigi's forked worker, or in a thread
-    @mipper.ModuleTask.event_handler(luigi.Event.SUCCESS)
+    @mipper.ModuleTask.event_handler(mipper.luigi.Event.SUCCESS)
     def passed(task):
         with open(result, "a", encoding="utf-8") as f:
             f.write(json.dumps(seen(task.module)) + "\n")

@@ -48,6 +48,28 @@ def hashes(monkeypatch):
 
 # ---------------------------------------------------------------------------- credentials
 
+def test_a_password_from_the_environment_is_hashed_at_the_first_check_not_at_start(
+        monkeypatch):
+    """MIP_PASSWORD's hash (a LaterHash, as mip_server.read_config makes it) costs nothing
+    until the first check, which makes it (and the dummy hash) whichever user it names;
+    then the password itself is gone."""
+    made = []
+    real = auth.hash_password
+    monkeypatch.setattr(auth, "hash_password",
+                        lambda password, salt=None: made.append(1) or real(password, salt, FAST))
+    auth.dummy_hash.cache_clear()
+    later = auth.LaterHash("right")
+    creds = auth.Credentials({"ann": later}, 5)
+    assert made == [] and "right" not in repr(later)
+    assert creds.check(basic("nobody", "right"), "10.0.0.1") is False
+    assert len(made) == 2 and isinstance(creds.users["ann"], str)
+    assert later._password is None
+    assert creds.check(basic("ann", "right"), "10.0.0.2") is True
+    assert creds.check(basic("ann", "wrong"), "10.0.0.2") is False
+    assert len(made) == 2
+    auth.dummy_hash.cache_clear()  # made with FAST rounds: not for the other tests
+
+
 def test_failures_are_refused_before_any_hashing(hashes):
     clock = Clock()
     creds = auth.Credentials({"ann": auth.hash_password("right", iterations=FAST)}, 3,

@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT
 
 import mip_server
+from mip import catalogue
 from mip import runners
 from mip import settings
 from mip.errors import EXIT_USAGE
@@ -31,6 +32,7 @@ ELSEWHERE = {
     "MIP_CLIENT_URL": "mip_client.py",
     "MIP_DOMAIN": "deploy/Caddyfile",
     runners.RUN_ENV: "mip/runners.py",  # set by the server for each run's mipper, read there
+    catalogue.CHECKED_ENV: "mip/catalogue.py",  # the same
 }
 # a value each type refuses
 BAD = {settings.Int: "many", settings.Flag: "yes", settings.Choice: "podman",

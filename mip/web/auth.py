@@ -18,6 +18,7 @@ into its JSON error with a `Retry-After` header.
 """
 
 import base64
+import functools
 import hashlib
 import hmac
 import math
@@ -74,7 +75,31 @@ def check_password(password: str, stored: str) -> bool:
     return scheme == "pbkdf2_sha256" and hmac.compare_digest(digest.hex(), expected)
 
 
-DUMMY_HASH = hash_password("not a password", b"0" * 16)
+@functools.cache
+def dummy_hash() -> str:
+    """What an unknown user's password is checked against; made at the first check, not
+    at import: a pbkdf2 costs tens of ms of the server's start-up."""
+    return hash_password("not a password", b"0" * 16)
+
+
+class LaterHash:
+    """hash_password(password), made when Credentials first checks a header rather than
+    at start (where MIP_PASSWORD was hashed at a cost of tens of ms); the password is
+    dropped once hashed, and never shown."""
+
+    def __init__(self, password: str):
+        self._password = password
+        self._hash = None
+        self._lock = threading.Lock()
+
+    def value(self) -> str:
+        with self._lock:
+            if self._hash is None:
+                self._hash, self._password = hash_password(self._password), None
+            return self._hash
+
+    def __repr__(self) -> str:
+        return "LaterHash(...)"
 
 
 def parse_basic(header: str) -> tuple | None:
@@ -164,10 +189,11 @@ class Credentials:
         if not self.slot.take(CHECK_WAIT if clean else 0):
             raise self.busy(address)
         try:
+            self.settle()
             user, password = parsed
             stored = self.users.get(user)
             # a dummy hash for unknown users too, so that timing does not reveal names
-            ok = check_password(password, stored or DUMMY_HASH) and stored is not None
+            ok = check_password(password, stored or dummy_hash()) and stored is not None
         finally:
             self.slot.give()
         if ok:
@@ -175,6 +201,14 @@ class Credentials:
         else:
             self.fail(address)
         return ok
+
+    def settle(self) -> None:
+        """Make the dummy hash and every hash left for later (LaterHash) at once, under the
+        check slot: the first check then costs the same whichever user it names."""
+        dummy_hash()
+        if any(isinstance(h, LaterHash) for h in self.users.values()):
+            self.users = {u: h.value() if isinstance(h, LaterHash) else h
+                          for u, h in self.users.items()}
 
     def busy(self, address: str) -> Refused:
         """The refusal while a check runs. It counts as a failure: an address refused this
