@@ -278,6 +278,8 @@ VARS = {v.name: v for v in (
         "CDR events waiting for their run to be queued; past it, the webhook answers 503"),
     Var("MIP_CDR_RECONCILE_MINUTES", Int(1, 7 * 24 * 60), 30,
         "minutes between two asks for the CDR notifications we missed (one at start)"),
+    Var("MIP_CDR_BACKOFF", Seconds(), 0.5,
+        "seconds before a failed CDR call or map download is tried again, then doubled"),
     # completion notices
     Var("MIP_NOTIFY_URL", URL, None, "POST every run's RunStatus here when it ends"),
     Var("MIP_NOTIFY_SECRET", TEXT, None, "the key notices are signed with"),
@@ -431,6 +433,7 @@ class CdrSettings:
     version: str
     inbox_max: int = 100_000
     reconcile_minutes: int = 30
+    backoff: float = 0.5
 
     @classmethod
     def from_env(cls, env) -> "CdrSettings | None":
@@ -440,6 +443,9 @@ class CdrSettings:
         # read even without a link, so that a bad value is refused all the same
         inbox_max = read(env, "MIP_CDR_INBOX_MAX")
         reconcile_minutes = read(env, "MIP_CDR_RECONCILE_MINUTES")
+        backoff = read(env, "MIP_CDR_BACKOFF")
+        if backoff < 0:
+            raise SettingError(f"MIP_CDR_BACKOFF={backoff:g}: expected 0 or more seconds")
         if not any(given.values()):
             return None
         missing = [n for n in needed if not given[n]]
@@ -449,7 +455,8 @@ class CdrSettings:
         return cls(url=given["MIP_CDR_URL"], token=given["MIP_CDR_TOKEN"],
                    secret=given["MIP_CDR_SECRET"], callback_url=given["MIP_CDR_CALLBACK_URL"],
                    system=read(env, "MIP_CDR_SYSTEM"), version=read(env, "MIP_CDR_VERSION"),
-                   inbox_max=inbox_max, reconcile_minutes=reconcile_minutes)
+                   inbox_max=inbox_max, reconcile_minutes=reconcile_minutes,
+                   backoff=backoff)
 
 
 def origin(url: str) -> str:
