@@ -252,6 +252,8 @@ VARS = {v.name: v for v in (
     Var("MIP_MAX_DOWNLOADS", Int(1, 255), None,
         "zip downloads sent at once, below MIP_THREADS (default: half of it)"),
     Var("MIP_AUTH_FAILURES", Int(1, 10000), 10, "wrong credentials a minute from one address"),
+    Var("MIP_CONSOLE_POLL_MS", Int(100, 60_000), 1500,
+        "milliseconds between two looks of an open console page at what it shows"),
     Var("MIP_ANSWER_CACHE_MB", Int(0, 65536), 64,
         "MB each cache of answers that can no longer change keeps; 0: none"),
     Var("MIP_CONNECTION_LIMIT", Int(1, 100_000), 1000,
@@ -552,6 +554,7 @@ class ServerSettings:
     channel_timeout: int = 60
     cleanup_interval: int = 10
     answer_cache_mb: int = 64  # bodies each answer cache keeps (MIP_ANSWER_CACHE_MB)
+    console_poll_ms: int = 1500  # an open console page's polls (MIP_CONSOLE_POLL_MS)
 
     @classmethod
     def from_env(cls, env, hash_password, host=None, port=None,
@@ -580,7 +583,8 @@ class ServerSettings:
                    connection_limit=read(env, "MIP_CONNECTION_LIMIT"),
                    channel_timeout=read(env, "MIP_CHANNEL_TIMEOUT"),
                    cleanup_interval=read(env, "MIP_CLEANUP_INTERVAL"),
-                   answer_cache_mb=read(env, "MIP_ANSWER_CACHE_MB"))
+                   answer_cache_mb=read(env, "MIP_ANSWER_CACHE_MB"),
+                   console_poll_ms=read(env, "MIP_CONSOLE_POLL_MS"))
 
 
 # ---------------------------------------------------------------------------- credentials

@@ -39,7 +39,6 @@ TEMPLATES = os.path.join(HERE, "templates")
 LOOKUP = [TEMPLATES]
 STATIC = os.path.join(HERE, "static")
 PAGE_SIZE = 50
-POLL_MS = 1500
 # no inline script or style, nothing from another origin, never framed: a value that slipped
 # through escaping could still not run
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -74,7 +73,7 @@ def runs_page(ctx):
     of_job = f"&job={job}" if job else ""
     watch = [f"/runs?status=not_started{of_job}", f"/runs?status=running{of_job}",
              f"/runs?offset={db.count_runs(job) if status else total}{of_job}"]
-    return render("runs", "Runs", watch, rows=rows, total=total, page=number, pages=pages,
+    return render(ctx, "runs", "Runs", watch, rows=rows, total=total, page=number, pages=pages,
                   job=job or "", status=status or "", statuses=[s.value for s in Status],
                   link_args=args)
 
@@ -89,7 +88,7 @@ def run_page(ctx, run_id):
     finished = run["status"] in FINISHED
     # an ended run changes no more: its open page stops polling
     watch = [] if finished else [f"/runs/{run['run_id']}"]
-    return render("run", f"Run {run['run_id']}", watch,
+    return render(ctx, "run", f"Run {run['run_id']}", watch,
                   run=run_row(run), finished=finished, modules=modules,
                   graph=graph(catalogue, modules),
                   payload=json.dumps(shown(run["payload"]), indent=2, sort_keys=True))
@@ -100,7 +99,7 @@ def jobs_page(ctx):
     total = ctx.db.count_jobs()
     pages, number = paging(total, query_int("page", 1, 10**6))
     jobs = ctx.db.jobs_page(PAGE_SIZE, (number - 1) * PAGE_SIZE)
-    return render("jobs", "Jobs", ["/runs?status=not_started", "/runs?status=running",
+    return render(ctx, "jobs", "Jobs", ["/runs?status=not_started", "/runs?status=running",
                                    f"/jobs?offset={total}"],
                   jobs=jobs, total=total, page=number, pages=pages)
 
@@ -117,7 +116,7 @@ def job_page(ctx, job):
     modules = [module_row(name, db.latest_execution(job, name), latest["status"])
                for name in statuses]
     runs = [run_row(r) for r in db.runs_page(job, None, 10, 0)]
-    return render("job", f"Job {job}", [f"/jobs/{job}"], job=job, map=db.job_map(job),
+    return render(ctx, "job", f"Job {job}", [f"/jobs/{job}"], job=job, map=db.job_map(job),
                   modules=modules, runs=runs, total=db.count_runs(job))
 
 
@@ -131,7 +130,7 @@ def maps_page(ctx):
              if os.path.isfile(map_file(settings, n))]
     jobs = ctx.db.jobs_of_maps(shown)
     # new jobs, not GET /maps: that stats every map, each poll
-    return render("maps", "Maps", [f"/jobs?offset={ctx.db.count_jobs()}"],
+    return render(ctx, "maps", "Maps", [f"/jobs?offset={ctx.db.count_jobs()}"],
                   maps=[(name, jobs.get(name, [])) for name in shown], total=len(names),
                   page=number, pages=pages)
 
@@ -141,7 +140,7 @@ def modules_page(ctx):
     catalogue = ctx.catalogue
     needed_by = {name: [m.name for m in catalogue.values() if name in m.requires]
                  for name in catalogue}
-    return render("modules", "Modules", [], modules=list(catalogue.values()),
+    return render(ctx, "modules", "Modules", [], modules=list(catalogue.values()),
                   needed_by=needed_by)
 
 
@@ -181,8 +180,9 @@ def paging(total: int, page: int) -> tuple:
     return pages, min(max(page, 1), pages)
 
 
-def render(name: str, title: str, watch: list, **values) -> str:
-    """A page in the base layout, with the headers every page carries."""
+def render(ctx, name: str, title: str, watch: list, **values) -> str:
+    """A page in the base layout, with the headers every page carries; its script polls
+    `watch` every MIP_CONSOLE_POLL_MS."""
     response = bottle.response
     response.content_type = "text/html; charset=utf-8"
     response.set_header("Content-Security-Policy", CSP)
@@ -190,7 +190,7 @@ def render(name: str, title: str, watch: list, **values) -> str:
     response.set_header("Referrer-Policy", "same-origin")
     response.set_header("Cache-Control", "no-store")
     return bottle.template(name, template_lookup=LOOKUP, title=title,
-                           watch=" ".join(watch), poll_ms=POLL_MS, **values)
+                           watch=" ".join(watch), poll_ms=ctx.cfg.console_poll_ms, **values)
 
 
 def static(ctx, name: str, media: str) -> bytes:
