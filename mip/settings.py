@@ -252,6 +252,8 @@ VARS = {v.name: v for v in (
     Var("MIP_MAX_DOWNLOADS", Int(1, 255), None,
         "zip downloads sent at once, below MIP_THREADS (default: half of it)"),
     Var("MIP_AUTH_FAILURES", Int(1, 10000), 10, "wrong credentials a minute from one address"),
+    Var("MIP_JOURNAL_WRITE_SECONDS", Int(1, 3600), 4,
+        "seconds an API write waits for a locked or failing journal before a 503"),
     Var("MIP_CONSOLE_POLL_MS", Int(100, 60_000), 1500,
         "milliseconds between two looks of an open console page at what it shows"),
     Var("MIP_ANSWER_CACHE_MB", Int(0, 65536), 64,
@@ -555,6 +557,7 @@ class ServerSettings:
     cleanup_interval: int = 10
     answer_cache_mb: int = 64  # bodies each answer cache keeps (MIP_ANSWER_CACHE_MB)
     console_poll_ms: int = 1500  # an open console page's polls (MIP_CONSOLE_POLL_MS)
+    journal_write_seconds: int = 4  # then 503 journal_unavailable (MIP_JOURNAL_WRITE_SECONDS)
 
     @classmethod
     def from_env(cls, env, hash_password, host=None, port=None,
@@ -584,7 +587,8 @@ class ServerSettings:
                    channel_timeout=read(env, "MIP_CHANNEL_TIMEOUT"),
                    cleanup_interval=read(env, "MIP_CLEANUP_INTERVAL"),
                    answer_cache_mb=read(env, "MIP_ANSWER_CACHE_MB"),
-                   console_poll_ms=read(env, "MIP_CONSOLE_POLL_MS"))
+                   console_poll_ms=read(env, "MIP_CONSOLE_POLL_MS"),
+                   journal_write_seconds=read(env, "MIP_JOURNAL_WRITE_SECONDS"))
 
 
 # ---------------------------------------------------------------------------- credentials
