@@ -17,7 +17,6 @@ from conftest import payload
 from conftest import release
 from conftest import wait_for
 from test_server import error
-from test_server import slow
 
 from mip import journal
 
@@ -75,13 +74,16 @@ def test_journal_disk_full_then_freed(small_env):
     env = small_env
     with tmpfs(env["TA1_RUNS_DIR"], 16):
         srv = Server(env).start()
+        # the module runs until the journal's disk is full: its end is what cannot be kept
+        hold = hold_file(env, "jfull")
         try:
             run = srv.post("/runs", json=payload("jfull", "georeference",
-                                                 extra_switches=slow("georeference", 3)))
+                                                 extra_switches={"georeference": ["--hold", hold]}))
             assert run.status_code == 200, run.text
             run_id = run.json()["run_id"]
             wait_for(lambda: latest(env, "jfull"))  # the module has started
             filler = fill(env["TA1_RUNS_DIR"])
+            release(hold)
             db = journal.Journal(os.path.join(env["TA1_RUNS_DIR"], "journal.db"))
             pid = wait_for(lambda: db.run(run_id)["pid"])
             # mipper's last journal writes fail; it ends without recording the run's end
@@ -103,6 +105,7 @@ def test_journal_disk_full_then_freed(small_env):
             assert srv.wait_run(nxt["run_id"])["status"] == "passed"
             db.close()
         finally:
+            release(hold)
             srv.stop()
             kill_leftover_runs(env)
 
