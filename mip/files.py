@@ -107,9 +107,11 @@ def private_files(settings: Settings) -> dict:
 def hard_link(info: os.stat_result, private: dict) -> str | None:
     """Why the file of `info` is not served, if it is a hard link: one of the server's own
     files, or any file with another name. Where that other name lies cannot be told, and
-    could be anywhere on the file system (a users file, another program's data, the
-    journal's -wal of before a checkpoint replaced it), so every second name is refused;
-    modules that link their own files are rare, and copying serves them."""
+    could be anywhere on the file system (a users file, another job's data, another
+    program's), so every second name is refused; modules that link their own files are
+    rare, and copying serves them. Not caught: a link whose other name is gone since, such
+    as the -wal SQLite deleted when the server last stopped (one name left, and no longer
+    the journal's)."""
     what = private.get((info.st_dev, info.st_ino))
     if what:
         return f"it is {what}, linked here; never served"
