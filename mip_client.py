@@ -23,6 +23,7 @@ import getpass
 import json
 import os
 import re
+import ssl
 import sys
 import tempfile
 import time
@@ -356,7 +357,8 @@ def send(session: requests.Session, method: str, url: str, body, timeout: float,
          headers: Optional[dict] = None) -> requests.Response:
     """The streamed answer to one request (a POST without `body` sends an empty one); the
     caller closes it. Raises ClientError for a non-2xx answer, Unreachable when the server
-    cannot be reached and MipClientError when it does not answer in time."""
+    cannot be reached and MipClientError when it does not answer in time or its
+    certificate is refused (which no later try changes)."""
     kwargs = {"timeout": timeout, "stream": True, "headers": dict(headers or {})}
     if body is not None:
         kwargs["data"] = json.dumps(body).encode()
@@ -370,6 +372,9 @@ def send(session: requests.Session, method: str, url: str, body, timeout: float,
         raise MipClientError(f"no answer from {shown(url)} within {timeout:g} s "
                              "(--timeout)") from None
     except requests.ConnectionError as e:
+        if any(isinstance(x, ssl.SSLCertVerificationError) for x, _ in wrapped(e)):
+            raise MipClientError(f"the certificate of {shown(url)} is refused: {reason(e)} "
+                                 "(a private CA: name its file in REQUESTS_CA_BUNDLE)") from None
         raise Unreachable(f"cannot reach {shown(url)}: {reason(e)}") from None
     except requests.RequestException as e:
         raise MipClientError(f"{method} {shown(url)} failed: {reason(e)}") from None
@@ -420,25 +425,32 @@ def retry_pause(retry_after: Optional[str], attempt: int) -> float:
         return fallback
 
 
-def reason(exc: BaseException) -> str:
-    """The innermost reason of a requests exception: the OS error (e.g. 'Connection refused')
-    when there is one, else the deepest exception it wraps."""
+def wrapped(exc: BaseException):
+    """(exception, depth) of `exc` and of every exception it wraps, in its args, cause,
+    context or urllib3's `reason`, each once."""
     seen = set()
     todo = [(exc, 0)]
-    deepest, depth = exc, 0
     while todo:
         e, level = todo.pop()
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, OSError) and e.strerror:
-            return one_line(e.strerror)
-        if level > depth:
-            deepest, depth = e, level
+        yield e, level
         inner = [a for a in getattr(e, "args", ()) if isinstance(a, BaseException)]
         inner += [x for x in (e.__cause__, e.__context__, getattr(e, "reason", None))
                   if isinstance(x, BaseException)]
         todo += [(x, level + 1) for x in inner]
+
+
+def reason(exc: BaseException) -> str:
+    """The innermost reason of a requests exception: the OS error (e.g. 'Connection refused')
+    when there is one, else the deepest exception it wraps."""
+    deepest, depth = exc, 0
+    for e, level in wrapped(exc):
+        if isinstance(e, OSError) and e.strerror:
+            return one_line(e.strerror)
+        if level > depth:
+            deepest, depth = e, level
     return one_line(str(deepest) or type(deepest).__name__)
 
 

@@ -825,7 +825,7 @@ def main(argv=None) -> int:
     except MipError as e:
         print(f"mip_server: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    db = journal.Journal(cfg.settings.journal_path)
+    db = journal.Journal(cfg.settings.journal_path, write_for=cfg.journal_write_seconds)
     try:
         db.migrate()
     except journal.JournalError as e:

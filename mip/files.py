@@ -5,7 +5,9 @@ Used by the server's downloads, mip/s3.py and retention. A module (a container) 
 its folders, so nothing here is taken from it on trust: every level is opened from its
 parent's descriptor with O_NOFOLLOW, and only what fstat on the descriptor that is read
 calls a regular file is served; a symbolic link is never followed, not even one that leads
-back inside. Never writes or removes a file.
+back inside. Nor is a hard link: a file with more than one name, or that is the journal (its
+-wal, -shm) or the key file, told by st_dev/st_ino on that descriptor. Never writes or
+removes a file.
 """
 
 import errno
@@ -85,10 +87,45 @@ def not_a_folder(where: str, e: OSError) -> NotAFolder:
                       "have made it); remove it, or DELETE the module to run it again")
 
 
-def open_file(dir_fd: int, name: str, where: str):
+def private_files(settings: Settings) -> dict:
+    """{(st_dev, st_ino): what it is} of the server's own files as they are now: the
+    journal, its -wal and -shm, the key file. Reading one from the server's process and
+    closing it would drop the server's SQLite locks on it, besides letting it out."""
+    journal = settings.journal_path
+    named = {journal: "the journal", journal + "-wal": "the journal's -wal",
+             journal + "-shm": "the journal's -shm", settings.key_file: "the key file"}
+    found = {}
+    for path, what in named.items():
+        try:
+            info = os.stat(path)
+        except (OSError, TypeError):  # not made yet (no -wal), or no key file set
+            continue
+        found[(info.st_dev, info.st_ino)] = what
+    return found
+
+
+def hard_link(info: os.stat_result, private: dict) -> str | None:
+    """Why the file of `info` is not served, if it is a hard link: one of the server's own
+    files, or any file with another name. Where that other name lies cannot be told, and
+    could be anywhere on the file system (a users file, another job's data, another
+    program's), so every second name is refused; modules that link their own files are
+    rare, and copying serves them. Not caught: a link whose other name is gone since, such
+    as the -wal SQLite deleted when the server last stopped (one name left, and no longer
+    the journal's)."""
+    what = private.get((info.st_dev, info.st_ino))
+    if what:
+        return f"it is {what}, linked here; never served"
+    if info.st_nlink > 1:
+        return (f"a hard link ({info.st_nlink} names), never served; a module's file must "
+                "have one name (copy it rather than link it)")
+    return None
+
+
+def open_file(dir_fd: int, name: str, where: str, private: dict):
     """The file `name` of the folder `dir_fd` opened for reading, if it is a regular file
-    (told by fstat on the descriptor that will be read); else None, with a log line for
-    anything but a file that vanished."""
+    with one name and none of the server's `private` files (told by fstat on the
+    descriptor that will be read); else None, with a log line for anything but a file
+    that vanished."""
     try:
         fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
@@ -97,21 +134,26 @@ def open_file(dir_fd: int, name: str, where: str):
         log.warning("skipped %s: %s", where, "a symbolic link, never followed"
                     if e.errno == errno.ELOOP else e.strerror)
         return None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         log.warning("skipped %s: no longer a regular file but %s", where,
-                    "a folder" if stat.S_ISDIR(mode) else "a special file")
+                    "a folder" if stat.S_ISDIR(info.st_mode) else "a special file")
+        return None
+    linked = hard_link(info, private)
+    if linked:
+        os.close(fd)
+        log.warning("skipped %s: %s", where, linked)
         return None
     os.set_blocking(fd, True)
     return os.fdopen(fd, "rb")
 
 
-def walk_files(fd: int, where: str, depth: int = 0):
+def walk_files(fd: int, where: str, private: dict, depth: int = 0):
     """(relative name, open file) of the regular files in the folder `fd` and below, each
-    folder's files (sorted) before its subfolders. Links, FIFOs and devices are left out;
-    each file is closed when the next one is asked for. `where` names the folder in log
-    lines. Leaves `fd` open."""
+    folder's files (sorted) before its subfolders. Links (hard ones and the server's
+    `private` files included), FIFOs and devices are left out; each file is closed when
+    the next one is asked for. `where` names the folder in log lines. Leaves `fd` open."""
     try:
         with os.scandir(fd) as it:
             # types come from the listing itself (d_type): no stat per plain file
@@ -122,7 +164,7 @@ def walk_files(fd: int, where: str, depth: int = 0):
         return
     for name, _, is_file in entries:
         if is_file:
-            f = open_file(fd, name, f"{where}/{name}")
+            f = open_file(fd, name, f"{where}/{name}", private)
             if f is not None:
                 with f:
                     yield name, f
@@ -141,7 +183,7 @@ def walk_files(fd: int, where: str, depth: int = 0):
                         if e.errno == errno.ELOOP else e.strerror)
             continue
         try:
-            for rel, f in walk_files(sub, f"{where}/{name}", depth + 1):
+            for rel, f in walk_files(sub, f"{where}/{name}", private, depth + 1):
                 yield f"{name}/{rel}", f
         finally:
             os.close(sub)
@@ -172,7 +214,9 @@ def kind_files(settings: Settings, job: str, module: str, kind: str):
         return log_files(settings, job, module)
     root = settings.outputs_dir if kind == "outputs" else settings.temps_dir
     fd = open_folder(root, job, module, label=kind)
-    return None if fd is None else owning([fd], walk_files(fd, f"{kind}/{job}/{module}"))
+    if fd is None:
+        return None
+    return owning([fd], walk_files(fd, f"{kind}/{job}/{module}", private_files(settings)))
 
 
 def log_files(settings: Settings, job: str, module: str):
@@ -189,14 +233,15 @@ def log_files(settings: Settings, job: str, module: str):
         os.close(job_fd)
         raise not_a_folder(f"{where}/{module}", e) from None
     own_log = f"{module}.log"
+    private = private_files(settings)
 
     def files():
-        own = open_file(job_fd, own_log, f"{where}/{own_log}")
+        own = open_file(job_fd, own_log, f"{where}/{own_log}", private)
         if own is not None:
             with own:
                 yield own_log, own
         if folder is not None:
-            for name, f in walk_files(folder, f"{where}/{module}"):
+            for name, f in walk_files(folder, f"{where}/{module}", private):
                 if name.endswith(".log"):
                     yield name, f
 

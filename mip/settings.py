@@ -252,6 +252,10 @@ VARS = {v.name: v for v in (
     Var("MIP_MAX_DOWNLOADS", Int(1, 255), None,
         "zip downloads sent at once, below MIP_THREADS (default: half of it)"),
     Var("MIP_AUTH_FAILURES", Int(1, 10000), 10, "wrong credentials a minute from one address"),
+    Var("MIP_JOURNAL_WRITE_SECONDS", Int(1, 3600), 4,
+        "seconds an API write waits for a locked or failing journal before a 503"),
+    Var("MIP_CONSOLE_POLL_MS", Int(100, 60_000), 1500,
+        "milliseconds between two looks of an open console page at what it shows"),
     Var("MIP_ANSWER_CACHE_MB", Int(0, 65536), 64,
         "MB each cache of answers that can no longer change keeps; 0: none"),
     Var("MIP_CONNECTION_LIMIT", Int(1, 100_000), 1000,
@@ -278,6 +282,8 @@ VARS = {v.name: v for v in (
         "CDR events waiting for their run to be queued; past it, the webhook answers 503"),
     Var("MIP_CDR_RECONCILE_MINUTES", Int(1, 7 * 24 * 60), 30,
         "minutes between two asks for the CDR notifications we missed (one at start)"),
+    Var("MIP_CDR_BACKOFF", Seconds(), 0.5,
+        "seconds before a failed CDR call or map download is tried again, then doubled"),
     # completion notices
     Var("MIP_NOTIFY_URL", URL, None, "POST every run's RunStatus here when it ends"),
     Var("MIP_NOTIFY_SECRET", TEXT, None, "the key notices are signed with"),
@@ -431,6 +437,7 @@ class CdrSettings:
     version: str
     inbox_max: int = 100_000
     reconcile_minutes: int = 30
+    backoff: float = 0.5
 
     @classmethod
     def from_env(cls, env) -> "CdrSettings | None":
@@ -440,6 +447,9 @@ class CdrSettings:
         # read even without a link, so that a bad value is refused all the same
         inbox_max = read(env, "MIP_CDR_INBOX_MAX")
         reconcile_minutes = read(env, "MIP_CDR_RECONCILE_MINUTES")
+        backoff = read(env, "MIP_CDR_BACKOFF")
+        if backoff < 0:
+            raise SettingError(f"MIP_CDR_BACKOFF={backoff:g}: expected 0 or more seconds")
         if not any(given.values()):
             return None
         missing = [n for n in needed if not given[n]]
@@ -449,7 +459,8 @@ class CdrSettings:
         return cls(url=given["MIP_CDR_URL"], token=given["MIP_CDR_TOKEN"],
                    secret=given["MIP_CDR_SECRET"], callback_url=given["MIP_CDR_CALLBACK_URL"],
                    system=read(env, "MIP_CDR_SYSTEM"), version=read(env, "MIP_CDR_VERSION"),
-                   inbox_max=inbox_max, reconcile_minutes=reconcile_minutes)
+                   inbox_max=inbox_max, reconcile_minutes=reconcile_minutes,
+                   backoff=backoff)
 
 
 def origin(url: str) -> str:
@@ -545,6 +556,8 @@ class ServerSettings:
     channel_timeout: int = 60
     cleanup_interval: int = 10
     answer_cache_mb: int = 64  # bodies each answer cache keeps (MIP_ANSWER_CACHE_MB)
+    console_poll_ms: int = 1500  # an open console page's polls (MIP_CONSOLE_POLL_MS)
+    journal_write_seconds: int = 4  # then 503 journal_unavailable (MIP_JOURNAL_WRITE_SECONDS)
 
     @classmethod
     def from_env(cls, env, hash_password, host=None, port=None,
@@ -574,7 +587,9 @@ class ServerSettings:
                    connection_limit=read(env, "MIP_CONNECTION_LIMIT"),
                    channel_timeout=read(env, "MIP_CHANNEL_TIMEOUT"),
                    cleanup_interval=read(env, "MIP_CLEANUP_INTERVAL"),
-                   answer_cache_mb=read(env, "MIP_ANSWER_CACHE_MB"))
+                   answer_cache_mb=read(env, "MIP_ANSWER_CACHE_MB"),
+                   console_poll_ms=read(env, "MIP_CONSOLE_POLL_MS"),
+                   journal_write_seconds=read(env, "MIP_JOURNAL_WRITE_SECONDS"))
 
 
 # ---------------------------------------------------------------------------- credentials

@@ -30,6 +30,9 @@ MAP = "WY_CO_Peach"
 # the zero-work catalogue: the real graph and options, modules that only write their outputs
 ZERO_CONFIG = os.path.join(ROOT, "tests", "config.yml")
 FINISHED = ("passed", "failed", "cancelled")
+# an open console page's polls (MIP_CONSOLE_POLL_MS, 1500 outside the tests): a browser
+# test that waits "a poll or two" waits a fifth as long
+CONSOLE_POLL_MS = 300
 
 
 @pytest.fixture(autouse=True)
@@ -182,7 +185,8 @@ class Server:
 @pytest.fixture
 def server_env(mip_env):
     """mip_env plus credentials for the server."""
-    return dict(mip_env, MIP_USER="tester", MIP_PASSWORD=secrets.token_urlsafe(12))
+    return dict(mip_env, MIP_USER="tester", MIP_PASSWORD=secrets.token_urlsafe(12),
+                MIP_CONSOLE_POLL_MS=str(CONSOLE_POLL_MS))
 
 
 @pytest.fixture

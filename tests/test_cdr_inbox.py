@@ -53,7 +53,7 @@ def inbox_env(server_env, tmp_path):
     config.write_text(yaml.safe_dump(TRIVIAL, sort_keys=False))
     return dict(server_env, MIP_CONFIG=str(config), MIP_WORKERS="1", MIP_MAX_RUNS="4",
                 MIP_CDR_TOKEN=TOKEN, MIP_CDR_SECRET=SECRET, MIP_CDR_SYSTEM="mip_test",
-                MIP_CDR_VERSION="0.1.0",
+                MIP_CDR_VERSION="0.1.0", MIP_CDR_BACKOFF="0.05",  # broken downloads: 0.35 s
                 MIP_CDR_CALLBACK_URL=f"http://127.0.0.1:{free_port()}/cdr")
 
 

@@ -15,6 +15,7 @@ from http.server import ThreadingHTTPServer
 from zoneinfo import ZoneInfo
 
 import pytest
+from conftest import CONSOLE_POLL_MS
 from conftest import ROOT
 from conftest import hold_file
 from conftest import payload
@@ -425,10 +426,10 @@ def test_no_page_logs_a_javascript_error(tab, server):
     for path in pages(server, run_id):
         tab.open(path)
         assert tab.page.locator("main h1").count() == 1, path
-        tab.page.wait_for_timeout(2000)  # a poll or two
+        tab.page.wait_for_timeout(2 * CONSOLE_POLL_MS)  # a poll or two
     server.wait_run(run_id)
     tab.open(f"/ui/runs/{run_id}")
-    tab.page.wait_for_timeout(3000)
+    tab.page.wait_for_timeout(3 * CONSOLE_POLL_MS)
     assert tab.errors == []
 
 

@@ -10,12 +10,13 @@ import subprocess
 import pytest
 from conftest import Server
 from conftest import alive
+from conftest import hold_file
 from conftest import kill_leftover_runs
 from conftest import latest
 from conftest import payload
+from conftest import release
 from conftest import wait_for
 from test_server import error
-from test_server import slow
 
 from mip import journal
 
@@ -73,13 +74,16 @@ def test_journal_disk_full_then_freed(small_env):
     env = small_env
     with tmpfs(env["TA1_RUNS_DIR"], 16):
         srv = Server(env).start()
+        # the module runs until the journal's disk is full: its end is what cannot be kept
+        hold = hold_file(env, "jfull")
         try:
             run = srv.post("/runs", json=payload("jfull", "georeference",
-                                                 extra_switches=slow("georeference", 3)))
+                                                 extra_switches={"georeference": ["--hold", hold]}))
             assert run.status_code == 200, run.text
             run_id = run.json()["run_id"]
             wait_for(lambda: latest(env, "jfull"))  # the module has started
             filler = fill(env["TA1_RUNS_DIR"])
+            release(hold)
             db = journal.Journal(os.path.join(env["TA1_RUNS_DIR"], "journal.db"))
             pid = wait_for(lambda: db.run(run_id)["pid"])
             # mipper's last journal writes fail; it ends without recording the run's end
@@ -101,6 +105,7 @@ def test_journal_disk_full_then_freed(small_env):
             assert srv.wait_run(nxt["run_id"])["status"] == "passed"
             db.close()
         finally:
+            release(hold)
             srv.stop()
             kill_leftover_runs(env)
 
@@ -109,14 +114,17 @@ def test_outputs_disk_full_leaves_no_module_running(small_env):
     env = small_env
     with tmpfs(env["TA1_OUTPUTS_DIR"], 16):
         srv = Server(env).start()
+        # both modules are held running until the disk is full, then write their outputs
+        hold = hold_file(env, "ofull")
         try:
-            both = {"legend_segment": ["--sleep", "3"], "georeference": ["--sleep", "3"]}
+            both = {"legend_segment": ["--hold", hold], "georeference": ["--hold", hold]}
             run = srv.post("/runs", json=payload("ofull", "legend_segment", "georeference",
                                                  extra_switches=both))
             assert run.status_code == 200, run.text
             run_id = run.json()["run_id"]
             wait_for(lambda: len(latest(env, "ofull")) == 2)
             filler = fill(env["TA1_OUTPUTS_DIR"])
+            release(hold)
             final = srv.wait_run(run_id, timeout=60)
             assert final["status"] == "failed"
             modules = latest(env, "ofull")
@@ -125,5 +133,6 @@ def test_outputs_disk_full_leaves_no_module_running(small_env):
             assert all(r["message"] for r in modules.values())
             os.remove(filler)
         finally:
+            release(hold)
             srv.stop()
             kill_leftover_runs(env)

@@ -234,6 +234,73 @@ def test_mippers_log_in_the_job_folder_is_not_followed(site, tmp_path):
         assert secret not in data
 
 
+# ---------------------------------------------------------------------------- hard links
+
+def link_the_servers_files(site: Site, folder: str) -> dict:
+    """Hard links in the module's folder to the journal, its -wal and -shm and the key
+    file (a module can ln them: a regular file inside the folder), by the name each has."""
+    journal_path = site.settings.journal_path
+    targets = {"j.db": journal_path, "j.db-wal": journal_path + "-wal",
+               "j.db-shm": journal_path + "-shm", "key.log": site.settings.key_file}
+    for name, target in targets.items():
+        assert os.path.exists(target), target  # the open journal in WAL mode has all three
+        os.link(target, os.path.join(folder, name))
+    return targets
+
+
+def test_hard_links_to_the_journal_and_key_file_are_never_served(site, tmp_path, caplog):
+    site.passed("s1")
+    folder = site.path("outputs", "s1", "map_crop")
+    linked = link_the_servers_files(site, folder)
+    # any second name is refused, wherever the first lies: outside, or in the folder itself
+    (tmp_path / "outside.txt").write_text("private")
+    os.link(tmp_path / "outside.txt", os.path.join(folder, "outside.log"))
+    os.link(os.path.join(folder, "own.log"), os.path.join(folder, "twin.log"))
+    with open(os.path.join(folder, "plain.log"), "w") as f:
+        f.write("a log of one name\n")
+    # mipper's log of the module, in the job folder, too
+    own_log = site.path("outputs", "s1", "map_crop.log")
+    os.remove(own_log)
+    os.link(site.settings.key_file, own_log)
+    with caplog.at_level(logging.WARNING, "mip.files"):
+        outputs = site.get("/jobs/s1/map_crop/outputs").body()
+        logs = site.get("/jobs/s1/map_crop/logs").body()
+    assert names(outputs) == ["plain.log", "result.json"]
+    assert names(logs) == ["plain.log"]
+    for data in (outputs, logs):
+        for secret in server_secrets(site.settings) + [b"private"]:
+            assert secret not in data
+    for name, what in (("j.db", "the journal"), ("j.db-wal", "the journal's -wal"),
+                       ("j.db-shm", "the journal's -shm"), ("key.log", "the key file")):
+        assert f"outputs/s1/map_crop/{name}: it is {what}, linked here" in caplog.text
+    assert "outputs/s1/map_crop/outside.log: a hard link (2 names)" in caplog.text
+    assert "outputs/s1/map_crop/own.log: a hard link (2 names)" in caplog.text
+    assert "outputs/s1/map_crop.log: it is the key file" in caplog.text
+    # the log follow reads mipper's log as empty rather than the key file
+    follow = site.get("/modules/s1/map_crop/log")
+    assert follow.status == 200 and follow.body() == b""
+    assert follow.headers["X-Log-Offset"] == "0"
+    assert len(linked) == 4
+    assert_journal_healthy(site, "s1")
+
+
+def test_s3_upload_leaves_hard_links_out(mip_env, bucket):
+    client, name = bucket
+    s = s3_site(mip_env, name)
+    try:
+        s.passed("s1")
+        link_the_servers_files(s, s.path("temps", "s1", "map_crop"))
+        os.link(s.path("outputs", "s1", "map_crop", "own.log"),
+                s.path("outputs", "s1", "map_crop", "twin.log"))
+        upload_module(s.settings, "s1", "map_crop", client)
+        assert keys(client, name) == [
+            "r/s1/map_crop/logs/map_crop.log", "r/s1/map_crop/outputs/result.json",
+            "r/s1/map_crop/temps/result.json"]
+        assert_journal_healthy(s, "s1")
+    finally:
+        s.close()
+
+
 # ---------------------------------------------------------------------------- mid-zip
 
 def big_first_file(site: Site, job: str) -> str:

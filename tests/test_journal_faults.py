@@ -113,7 +113,9 @@ def test_a_journal_locked_by_another_process_answers_503_then_the_queue_moves(ze
     and another run waits: submissions and cancels answer 503 in seconds, never 500; the
     running mipper waits and records its end once the lock goes, and the queued run then
     starts, with no restart."""
-    env = dict(zero_env, MIP_MAX_RUNS="1")
+    # writes give up after 1 s, not 4: the two 503s come one after the other (the cancel
+    # waits for the queue's lock, which the submission holds while it tries)
+    env = dict(zero_env, MIP_MAX_RUNS="1", MIP_JOURNAL_WRITE_SECONDS="1")
     hold = os.path.join(env["TA1_INPUTS_DIR"], "hold")
     open(hold, "w").close()
     srv = Server(env).start()

@@ -10,8 +10,10 @@ import sys
 import pytest
 from conftest import ROOT
 from conftest import Server
+from conftest import hold_file
 from conftest import kill_leftover_runs
 from conftest import read
+from conftest import release
 
 from mip import journal
 from mip import keystore
@@ -67,10 +69,12 @@ def test_queued_key_survives_a_restart_sealed(server_env, tmp_path):
     env = dict(server_env, MIP_MAX_RUNS="1", MIP_CONFIG=probe_catalogue(tmp_path),
                KEY_PROBE_SHA256=hashlib.sha256(KEY.encode()).hexdigest())
     data = os.path.dirname(env["TA1_RUNS_DIR"])
+    # the busy run holds the only run slot until the next server is up
+    hold = hold_file(env, "busy")
     srv = Server(env).start()
     try:
         busy = srv.post("/runs", json={"job": "busy", "map": "WY_CO_Peach", "modules": ["probe"],
-                                       "extra_switches": {"probe": ["--sleep", "4"]}}).json()
+                                       "extra_switches": {"probe": ["--hold", hold]}}).json()
         keyed = srv.post("/runs", json={"job": "keyed", "map": "WY_CO_Peach",
                                         "modules": ["probe"], "openai_key": KEY})
         assert keyed.status_code == 200, keyed.text
@@ -86,6 +90,7 @@ def test_queued_key_survives_a_restart_sealed(server_env, tmp_path):
         assert not data_files_holding(data, KEY)
 
         srv.start()
+        release(hold)
         final = srv.wait_run(keyed["run_id"], timeout=60)
         assert final["status"] == "passed", final["log"]
         assert srv.wait_run(busy["run_id"])["status"] == "passed"
@@ -99,6 +104,7 @@ def test_queued_key_survives_a_restart_sealed(server_env, tmp_path):
         assert not data_files_holding(data, KEY)
         assert KEY not in first_output and KEY not in srv.output()
     finally:
+        release(hold)
         srv.stop()
         kill_leftover_runs(env)
 
@@ -116,19 +122,22 @@ def test_bad_key_file_is_one_line_at_start(server_env, tmp_path):
 
 def test_a_key_sealed_under_a_replaced_key_file_fails_its_run(server_env, tmp_path):
     env = dict(server_env, MIP_MAX_RUNS="1", MIP_CONFIG=probe_catalogue(tmp_path))
+    hold = hold_file(env, "hold")
     srv = Server(env).start()
     try:
         srv.post("/runs", json={"job": "hold", "map": "WY_CO_Peach", "modules": ["probe"],
-                                "extra_switches": {"probe": ["--sleep", "3"]}})
+                                "extra_switches": {"probe": ["--hold", hold]}})
         keyed = srv.post("/runs", json={"job": "lost", "map": "WY_CO_Peach",
                                         "modules": ["probe"], "openai_key": KEY}).json()
         srv.stop()
         os.remove(os.path.join(env["TA1_RUNS_DIR"], "keystore.key"))
         srv.start()
+        release(hold)
         final = srv.wait_run(keyed["run_id"], timeout=60)
         assert final["status"] == "failed"
         assert "does not open with the key file" in final["log"]
         assert env["TA1_RUNS_DIR"] not in final["log"]
     finally:
+        release(hold)
         srv.stop()
         kill_leftover_runs(env)

@@ -23,8 +23,10 @@ import pytest
 from conftest import ROOT
 from conftest import Server
 from conftest import free_port
+from conftest import hold_file
 from conftest import kill_leftover_runs
 from conftest import payload
+from conftest import release
 from conftest import wait_for
 
 from mip import journal
@@ -183,16 +185,19 @@ def test_passed_and_failed_runs_are_noticed_signed_to_each_url(notify_env, recei
 
 def test_a_cancelled_queued_run_is_noticed(notify_env, receiver):
     srv = start(dict(notify_env, MIP_MAX_RUNS="1"))
+    hold = hold_file(notify_env, "c1")  # the first run keeps the only slot till the end
     try:
         first = srv.post("/runs", json=payload("c1", "georeference", extra_switches={
-            "georeference": ["--sleep", "3"]})).json()
+            "georeference": ["--hold", hold]})).json()
         queued = srv.post("/runs", json=payload("c2", "georeference",
                                                 notify_url=receiver.url())).json()
         assert srv.post(f"/runs/{queued['run_id']}/cancel").json()["status"] == "cancelled"
         wait_notice(srv, queued["run_id"], lambda n: n[0]["state"] == "delivered")
         assert verified(receiver.hits[0])["status"] == "cancelled"
+        release(hold)
         srv.wait_run(first["run_id"])
     finally:
+        release(hold)
         srv.stop()
         kill_leftover_runs(srv.env)
 
@@ -345,18 +350,21 @@ def test_a_host_resolving_elsewhere_at_delivery_is_refused_then(notify_env, rece
     """What was allowed at submit is checked again when the notice goes: here the allow list
     changes across a restart, as a DNS answer could change under a rebinding attack."""
     srv = start(notify_env)
+    hold = hold_file(notify_env, "rebound")  # the run ends under the second server
     try:
         run = srv.post("/runs", json=payload("rebound", "georeference", notify_url=receiver.url(),
-                                             extra_switches={"georeference": ["--sleep", "4"]}))
+                                             extra_switches={"georeference": ["--hold", hold]}))
         assert run.status_code == 200, run.text
         run_id = run.json()["run_id"]
         srv.stop()
         srv = start({k: v for k, v in notify_env.items() if k != "MIP_NOTIFY_ALLOW"})
+        release(hold)
         srv.wait_run(run_id)
         notice = wait_notice(srv, run_id, lambda n: n[0]["state"] == "failed")[0]
         assert "refused at delivery" in notice["last_error"] and notice["attempts"] == 1
         assert receiver.hits == []
     finally:
+        release(hold)
         srv.stop()
         kill_leftover_runs(notify_env)
 

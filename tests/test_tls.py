@@ -299,6 +299,8 @@ def test_walkthrough_over_https(behind_caddy, tmp_path):
     proc = client(*argv(commands(WALKTHROUGH)[2], front_url), env=client_env(
         behind_caddy.server, REQUESTS_CA_BUNDLE=None), cwd=work)
     assert proc.returncode != 0 and "certificate" in proc.stderr.lower()
+    # at once: no later try would change the certificate
+    assert "trying again" not in proc.stderr and "REQUESTS_CA_BUNDLE" in proc.stderr
 
 
 def test_location_stays_relative_and_info_says_tls(behind_caddy):

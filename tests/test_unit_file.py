@@ -13,9 +13,12 @@ import pytest
 from conftest import ROOT
 from conftest import Server
 from conftest import alive
+from conftest import hold_file
 from conftest import kill_leftover_runs
 from conftest import payload
+from conftest import release
 from conftest import wait_for
+from conftest import zero_work
 from docpages import page
 
 import mip_server
@@ -120,12 +123,14 @@ def test_sigterm_leaves_a_running_run_to_the_next_server(server_env):
     """systemd with KillMode=process sends SIGTERM to the server alone: it exits at once,
     the run's mipper goes on, and the next server adopts the run and sees it to its end.
     (tests/test_server.py's test_restart_after_sigkill_reconciles_runs does the same after
-    a SIGKILL, which is what TimeoutStopSec comes to.)"""
-    env = dict(server_env, MIP_MAX_RUNS="1")
+    a SIGKILL, which is what TimeoutStopSec comes to.) The module is held running until the
+    next server has adopted the run, on the zero-work catalogue."""
+    env = dict(zero_work(server_env), MIP_MAX_RUNS="1")
+    hold = hold_file(env, "kept")
     srv = Server(env).start()
     try:
         run = srv.post("/runs", json=payload(
-            "kept", "georeference", extra_switches={"georeference": ["--sleep", "15"]})).json()
+            "kept", "georeference", extra_switches={"georeference": ["--hold", hold]})).json()
         srv.wait_run(run["run_id"], until=("running",))
         wait_for(lambda: srv.get("/modules/kept/georeference").status_code == 200)
         db = journal.Journal(os.path.join(env["TA1_RUNS_DIR"], "journal.db"))
@@ -138,8 +143,11 @@ def test_sigterm_leaves_a_running_run_to_the_next_server(server_env):
         db.close()
 
         srv.start()
+        assert srv.get(f"/runs/{run['run_id']}").json()["status"] == "running"
+        wait_for(lambda: f"run {run['run_id']}: mipper (pid {pid}) still alive"
+                 in srv.output())
+        release(hold)
         assert srv.wait_run(run["run_id"], timeout=120)["status"] == "passed"
-        assert f"run {run['run_id']}: mipper (pid {pid}) still alive" in srv.output()
         db = journal.Journal(os.path.join(env["TA1_RUNS_DIR"], "journal.db"))
         assert [e["status"] for e in db.executions(run["run_id"])] == ["passed"]
         db.close()
@@ -148,5 +156,6 @@ def test_sigterm_leaves_a_running_run_to_the_next_server(server_env):
         assert re.search(r'^mip_module_duration_seconds_count\{module="georeference",'
                          r'status="passed"\} 1\.0$', metrics, re.M), metrics
     finally:
+        release(hold)
         srv.stop()
         kill_leftover_runs(env)

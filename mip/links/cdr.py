@@ -682,7 +682,7 @@ class CdrLink:
         self.settings = settings
         self.db = db
         self.submit = submit
-        self.client = client or CdrClient(cs.url, cs.token)
+        self.client = client or CdrClient(cs.url, cs.token, backoff=cs.backoff)
         self.registration_id = None
         self.registered = threading.Event()
         self.tasks = queue.Queue()  # publications

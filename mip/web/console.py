@@ -50,7 +50,6 @@ TEMPLATES = os.path.join(HERE, "templates")
 LOOKUP = [TEMPLATES]
 STATIC = os.path.join(HERE, "static")
 PAGE_SIZE = 50
-POLL_MS = 1500
 # no inline script or style, nothing from another origin, never framed: a value that slipped
 # through escaping could still not run
 CSP = ("default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -99,7 +98,7 @@ def runs_page(ctx):
     of_job = f"&job={job}" if job else ""
     watch = [f"/runs?status=not_started{of_job}", f"/runs?status=running{of_job}",
              f"/runs?offset={db.count_runs(job) if status else total}{of_job}"]
-    return render("runs", "Runs", watch, rows=rows, total=total, page=number, pages=pages,
+    return render(ctx, "runs", "Runs", watch, rows=rows, total=total, page=number, pages=pages,
                   job=job or "", status=status or "", statuses=[s.value for s in Status],
                   link_args=args)
 
@@ -117,7 +116,7 @@ def run_page(ctx, run_id):
     finished = run["status"] in FINISHED
     # an ended run changes no more: its open page stops polling
     watch = [] if finished else [f"/runs/{run['run_id']}"]
-    return render("run", f"Run {run['run_id']}", watch,
+    return render(ctx, "run", f"Run {run['run_id']}", watch,
                   run=run_row(run), finished=finished, modules=modules, warnings=warnings,
                   graph=graph(catalogue, modules),
                   payload=json.dumps(shown(run["payload"]), indent=2, sort_keys=True))
@@ -128,7 +127,7 @@ def jobs_page(ctx):
     total = ctx.db.count_jobs()
     pages, number = paging(total, query_int("page", 1, 10**6))
     jobs = ctx.db.jobs_page(PAGE_SIZE, (number - 1) * PAGE_SIZE)
-    return render("jobs", "Jobs", ["/runs?status=not_started", "/runs?status=running",
+    return render(ctx, "jobs", "Jobs", ["/runs?status=not_started", "/runs?status=running",
                                    f"/jobs?offset={total}"],
                   jobs=jobs, total=total, page=number, pages=pages)
 
@@ -151,7 +150,7 @@ def job_page(ctx, job):
                for name in names]
     runs = [run_row(r) for r in db.runs_page(job, None, 10, 0)]
     map_name = db.job_map(job)
-    return render("job", f"Job {job}", [f"/jobs/{job}"], job=job, map=map_name,
+    return render(ctx, "job", f"Job {job}", [f"/jobs/{job}"], job=job, map=map_name,
                   modules=modules, runs=runs, total=db.count_runs(job),
                   latest=run_row(latest),
                   warnings=run_warnings(latest, db.executions(latest["run_id"])),
@@ -177,7 +176,7 @@ def new_page(ctx):
     names = listed_maps(settings)
     if form["map"] and form["map"] not in names:  # gone since, or never: POST /runs says so
         names = [form["map"], *names]
-    return render("new", "New run", [], form=form, maps=names, source=source,
+    return render(ctx, "new", "New run", [], form=form, maps=names, source=source,
                   modules=list(ctx.catalogue), all_name=ALL)
 
 
@@ -212,7 +211,7 @@ def maps_page(ctx):
              if os.path.isfile(map_file(settings, n))]
     jobs = ctx.db.jobs_of_maps(shown)
     # new jobs, not GET /maps: that stats every map, each poll
-    return render("maps", "Maps", [f"/jobs?offset={ctx.db.count_jobs()}"],
+    return render(ctx, "maps", "Maps", [f"/jobs?offset={ctx.db.count_jobs()}"],
                   maps=[(name, jobs.get(name, [])) for name in shown], total=len(names),
                   page=number, pages=pages)
 
@@ -222,7 +221,7 @@ def module_log_page(ctx, job, module):
     the module has not run in the job."""
     execution = get_module(ctx, job, module)
     finished = execution["status"] in FINISHED
-    return render("module_log", f"Log of {module} in job {job}",
+    return render(ctx, "module_log", f"Log of {module} in job {job}",
                   [] if finished else [f"/modules/{job}/{module}"],
                   job=job, module=module, finished=finished,
                   row=module_row(module, execution, ""), run_id=execution["run_id"])
@@ -233,7 +232,7 @@ def modules_page(ctx):
     catalogue = ctx.catalogue
     needed_by = {name: [m.name for m in catalogue.values() if name in m.requires]
                  for name in catalogue}
-    return render("modules", "Modules", [], modules=list(catalogue.values()),
+    return render(ctx, "modules", "Modules", [], modules=list(catalogue.values()),
                   needed_by=needed_by)
 
 
@@ -273,16 +272,18 @@ def paging(total: int, page: int) -> tuple:
     return pages, min(max(page, 1), pages)
 
 
-def render(name: str, title: str, watch: list, **values) -> str:
-    """A page in the base layout, with the headers every page carries."""
+def render(ctx, name: str, title: str, watch: list, **values) -> str:
+    """A page in the base layout, with the headers every page carries; its script polls
+    `watch` every MIP_CONSOLE_POLL_MS."""
     for header, value in PAGE_HEADERS.items():
         bottle.response.set_header(header, value)
-    return page_text(name, title, watch, **values)
+    return page_text(name, title, watch, poll_ms=ctx.cfg.console_poll_ms, **values)
 
 
-def page_text(name: str, title: str, watch: list, **values) -> str:
+def page_text(name: str, title: str, watch: list, poll_ms: int = 0, **values) -> str:
+    """A page's text; `poll_ms` matters only to a page that watches something."""
     return bottle.template(name, template_lookup=LOOKUP, title=title, watch=" ".join(watch),
-                           poll_ms=POLL_MS, time_tag=time_tag, iso_z=iso_z, **values)
+                           poll_ms=poll_ms, time_tag=time_tag, iso_z=iso_z, **values)
 
 
 def static(ctx, name: str, media: str) -> bytes:

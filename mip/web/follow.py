@@ -4,7 +4,8 @@ follow them as they grow (GET /runs/{run_id}/log?offset=N, GET /modules/{job}/{m
 Handlers of two rows of mip_server.py's route table (run_log, module_log). The answer is the bytes
 from N to the log's size when the request came, and `X-Log-Offset` is where the next
 request starts. It serves only the paths the journal records for a run or an execution,
-and only inside their own folders: never runners.log, nor a file a module linked there.
+and only inside their own folders: never runners.log, nor a file a module linked there
+(by a symbolic link, or a hard link: mip/files.py's rule).
 """
 
 import os
@@ -12,6 +13,8 @@ import stat
 
 import bottle
 
+from mip.files import hard_link
+from mip.files import private_files
 from mip.web import openapi
 from mip.web.context import get_module
 from mip.web.context import get_run
@@ -30,21 +33,25 @@ def run_log(ctx, run_id):
     """The run log, whole or from ?offset= (bytes); X-Log-Offset says where to go on.
     Raises 404 if the run is unknown, 400 for a bad offset."""
     run = get_run(ctx, run_id)
-    folder = os.path.join(ctx.cfg.settings.runs_dir, "logs")
-    return answer(run["log_path"], folder, query_int("offset", 0, MAX_OFFSET))
+    settings = ctx.cfg.settings
+    folder = os.path.join(settings.runs_dir, "logs")
+    return answer(run["log_path"], folder, query_int("offset", 0, MAX_OFFSET),
+                  private_files(settings))
 
 
 def module_log(ctx, job, module):
     """The module's own log in its latest execution, while it runs and after, whole or
     from ?offset= (bytes). Raises 404 if the module has not run in the job."""
     execution = get_module(ctx, job, module)
-    folder = os.path.join(ctx.cfg.settings.outputs_dir, execution["job"])
-    return answer(execution["log_path"], folder, query_int("offset", 0, MAX_OFFSET))
+    settings = ctx.cfg.settings
+    folder = os.path.join(settings.outputs_dir, execution["job"])
+    return answer(execution["log_path"], folder, query_int("offset", 0, MAX_OFFSET),
+                  private_files(settings))
 
 
-def answer(path: str | None, folder: str, offset: int):
+def answer(path: str | None, folder: str, offset: int, private: dict):
     """Set the headers and return the body of a log answer."""
-    body, next_offset = read_from(path, folder, offset)
+    body, next_offset = read_from(path, folder, offset, private)
     bottle.response.content_type = "text/plain; charset=utf-8"
     bottle.response.set_header("X-Log-Offset", str(next_offset))
     # a poll at an offset that brought nothing must not be answered from a cache next time
@@ -52,10 +59,11 @@ def answer(path: str | None, folder: str, offset: int):
     return body
 
 
-def read_from(path: str | None, folder: str, offset: int) -> tuple:
+def read_from(path: str | None, folder: str, offset: int, private: dict) -> tuple:
     """(the bytes of the log from `offset` to its present end, as an iterable, the offset
-    after them). A log not written yet, or deleted, reads as empty at 0; an offset past the
-    end gives nothing and the present size."""
+    after them). A log not written yet, or deleted, reads as empty at 0, and so does a hard
+    link (mip/files.hard_link: to one of the server's `private` files or not); an offset
+    past the end gives nothing and the present size."""
     if not path or not inside(path, folder):
         return b"", 0
     try:
@@ -64,7 +72,7 @@ def read_from(path: str | None, folder: str, offset: int) -> tuple:
     except OSError:
         return b"", 0
     info = os.fstat(f.fileno())
-    if not stat.S_ISREG(info.st_mode):
+    if not stat.S_ISREG(info.st_mode) or hard_link(info, private):
         f.close()
         return b"", 0
     size = info.st_size
