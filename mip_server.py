@@ -274,9 +274,10 @@ def every_answer() -> None:
 
 
 def install(app: bottle.Bottle, ctx: Context, writer: LineWriter | None = None) -> None:
-    """The plugins and middleware, all here. A request meets them from the outside in:
-    metrics, the request log, then the before_request hooks in the order added (limits,
-    CSRF, the console's browser home), then the route plugins (auth, the ERRORS table)."""
+    """The plugins and middleware, all here. A request meets them from the outside in: the
+    request log and metrics (one wrapper; the log line in main() only), then the
+    before_request hooks in the order added (limits, CSRF, the console's browser home),
+    then the route plugins (auth, the ERRORS table)."""
     app.install(AuthPlugin(ctx.credentials, ctx.cfg.auth))         # auth (401, 429)
     app.install(core_errors)                                       # core errors -> ERRORS
     app.add_hook("before_request", limits)                         # limits (400, 413)
@@ -285,12 +286,8 @@ def install(app: bottle.Bottle, ctx: Context, writer: LineWriter | None = None) 
     app.add_hook("before_request", console.browser_home)           # a browser's / is /ui
     app.add_hook("after_request", every_answer)                    # nosniff
     # bottle has no middleware slot: Bottle.__call__ calls self.wsgi (which bottle lets be
-    # set once), so every request of this app passes these, whichever server or test
-    # drives it
-    wsgi = app.wsgi
-    if writer is not None:
-        wsgi = RequestLog(wsgi, writer)                            # request log (main only)
-    app.wsgi = ctx.metrics.requests.wrap(wsgi)                     # metrics
+    # set once), so every request of this app passes it, whichever server or test drives it
+    app.wsgi = RequestLog(app.wsgi, writer, ctx.metrics.requests.observe)  # log, metrics
 
 
 # ---------------------------------------------------------------------------- app
