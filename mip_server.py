@@ -204,12 +204,14 @@ def render_http_error(res: bottle.HTTPError) -> str:
 
 # ---------------------------------------------------------------------------- plugins
 
-class AuthPlugin:
-    """Basic auth on every route whose row does not say auth=False (bottle's route.config),
-    unless the server runs with --no-auth. Answers 401 with WWW-Authenticate, or 429 while
-    the address has spent its failed logins."""
+class RoutePlugin:
+    """What wraps each route's callback, decided once per route when bottle applies it:
+    basic auth, unless its row says auth=False (bottle's route.config) or the server runs
+    with --no-auth, which answers 401 with WWW-Authenticate, or 429 while the address has
+    spent its failed logins; then the route, whose core errors become answers through
+    ERRORS. One wrapper for both: each plugin's wrapper was one more call a request."""
 
-    name = "auth"
+    name = "route"
     api = 2
 
     def __init__(self, credentials: auth.Credentials, on: bool):
@@ -218,7 +220,7 @@ class AuthPlugin:
 
     def apply(self, callback, route):
         if not (self.on and route.config.get("auth", True)):
-            return callback
+            return core_errors(callback)
         check = self.credentials.check
 
         def wrapper(*args, **kwargs):
@@ -232,22 +234,26 @@ class AuthPlugin:
                                "no or wrong credentials: use basic auth (MIP_CLIENT_USER "
                                "and MIP_CLIENT_PASSWORD for mip_client.py)",
                                headers={"WWW-Authenticate": 'Basic realm="mip"'})
-            return callback(*args, **kwargs)
+            try:
+                return callback(*args, **kwargs)
+            except errors.MipError as e:
+                raise answer(e) from None
         return wrapper
 
 
-def limits() -> None:
+def limits(env: dict) -> None:
     """The request's edges, before any route: an undecodable or NUL path and a bad
     Content-Length are 400, a body over MAX_BODY is 413; a trailing slash is dropped."""
-    env = bottle.request.environ
-    try:
-        sanitize.decoded_path(env.get("bottle.raw_path", ""))
-    except ValueError as e:
-        raise ApiError(400, "bad_path", str(e)) from None
+    raw = env.get("bottle.raw_path", "")
+    if not raw.isascii():  # ASCII is UTF-8 as it stands: only other paths need decoding
+        try:
+            sanitize.decoded_path(raw)
+        except ValueError as e:
+            raise ApiError(400, "bad_path", str(e)) from None
     path = env.get("PATH_INFO", "/")
     if len(path) > 1 and path.endswith("/"):
-        env["PATH_INFO"] = path.rstrip("/") or "/"
-    if "\x00" in env["PATH_INFO"]:
+        env["PATH_INFO"] = path = path.rstrip("/") or "/"
+    if "\x00" in path:
         raise ApiError(400, "bad_path", "the path holds a NUL character")
     length = env.get("CONTENT_LENGTH") or "0"
     if not (length.isascii() and length.isdigit()):
@@ -257,15 +263,27 @@ def limits() -> None:
                        f"the body has {length} bytes; the limit is {MAX_BODY}")
 
 
-def journal_guard(db: journal.Journal):
-    """A hook that answers every request 503 once the journal was deleted or replaced under
-    the server (one stat a request), rather than let SQLite write to a file nobody reads."""
-    def check() -> None:
+def before_routing(db: journal.Journal):
+    """The one before_request hook, what a request meets before its route is looked up, in
+    this order: the limits (400, 413); the journal guard, which answers 503 once the journal
+    was deleted or replaced under the server (one stat a request), rather than let SQLite
+    write to a file nobody reads; CSRF on POST and DELETE (403 cross_origin); a browser's
+    `/` made the console's home. One hook: bottle calls a list of hooks for every request,
+    and each of those checks also read the request's method through bottle's proxies."""
+    check_file = db.check_file
+
+    def before() -> None:
+        env = bottle.request.environ
+        limits(env)
         try:
-            db.check_file()
+            check_file()
         except errors.MipError as e:
             raise answer(e) from None
-    return check
+        if env.get("REQUEST_METHOD", "GET").upper() in guards.GUARDED:
+            guards.check()
+        elif env["PATH_INFO"] == "/":
+            console.browser_home()
+    return before
 
 
 def every_answer() -> None:
@@ -275,15 +293,11 @@ def every_answer() -> None:
 
 def install(app: bottle.Bottle, ctx: Context, writer: LineWriter | None = None) -> None:
     """The plugins and middleware, all here. A request meets them from the outside in: the
-    request log and metrics (one wrapper; the log line in main() only), then the
-    before_request hooks in the order added (limits, CSRF, the console's browser home),
-    then the route plugins (auth, the ERRORS table)."""
-    app.install(AuthPlugin(ctx.credentials, ctx.cfg.auth))         # auth (401, 429)
-    app.install(core_errors)                                       # core errors -> ERRORS
-    app.add_hook("before_request", limits)                         # limits (400, 413)
-    app.add_hook("before_request", journal_guard(ctx.db))          # journal gone (503)
-    app.add_hook("before_request", guards.check)                   # CSRF (403 cross_origin)
-    app.add_hook("before_request", console.browser_home)           # a browser's / is /ui
+    request log and metrics (one wrapper; the log line in main() only), the before_request
+    hook (limits, the journal guard, CSRF, the console's browser home), then the route
+    plugin (auth, the ERRORS table), and nosniff on the way out."""
+    app.install(RoutePlugin(ctx.credentials, ctx.cfg.auth))        # auth (401, 429), ERRORS
+    app.add_hook("before_request", before_routing(ctx.db))         # limits, journal, CSRF
     app.add_hook("after_request", every_answer)                    # nosniff
     # bottle has no middleware slot: Bottle.__call__ calls self.wsgi (which bottle lets be
     # set once), so every request of this app passes it, whichever server or test drives it
