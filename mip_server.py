@@ -26,6 +26,7 @@ import resource
 import secrets
 import signal
 import sys
+import time
 
 import bottle
 import waitress
@@ -87,7 +88,6 @@ from mip.web.context import read_json
 from mip.web.context import read_json_bytes
 from mip.web.context import send
 from mip.web.requestlog import LineWriter
-from mip.web.requestlog import RequestLog
 from mip.web.requestlog import setup_logging
 
 VERSION = VERSION
@@ -185,7 +185,6 @@ HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "n
 def render_http_error(res: bottle.HTTPError) -> str:
     """Bottle's own errors (no route, 405, crashes) in the one JSON shape."""
     bottle.response.content_type = "application/json"
-    bottle.response.set_header("X-Content-Type-Options", "nosniff")
     code = res.status_code
     if code == 404:
         message = (f"no route {bottle.request.method} {bottle.request.path}; "
@@ -286,22 +285,49 @@ def before_routing(db: journal.Journal):
     return before
 
 
-def every_answer() -> None:
-    """Headers every answer carries (render_http_error adds them to bottle's own errors)."""
-    bottle.response.set_header("X-Content-Type-Options", "nosniff")
+NOSNIFF = ("X-Content-Type-Options", "nosniff")
+
+
+def every_request(wsgi, observe, writer: LineWriter | None):
+    """The app's WSGI callable with what every request gets and leaves behind, at its status
+    line: the headers every answer carries (nosniff; bottle's own errors, crashes included,
+    get them too), its observation for the metrics (`observe`, RequestMetrics.observe) and,
+    with a writer (main()'s), its log line (client address, method, path, status,
+    milliseconds). One wrapper with one clock read at each end: a hook and two middlewares
+    each had their own calls, closures and clock reads, paid by every request. Behind the
+    trusted proxy, waitress has already put the client's address in REMOTE_ADDR."""
+    perf_counter = time.perf_counter
+
+    def app(environ, start_response):
+        started = perf_counter()
+
+        def start(status, headers, exc_info=None):
+            seconds = perf_counter() - started
+            if NOSNIFF not in headers:  # the console's static files set it themselves
+                headers.append(NOSNIFF)
+            code = status[:3]
+            method = environ.get("REQUEST_METHOD", "")
+            observe(method, environ.get("bottle.route"), code, seconds)  # route: once matched
+            if writer is not None:
+                writer.request(environ.get("REMOTE_ADDR", ""), method,
+                               environ.get("PATH_INFO", ""), code, seconds)
+            return start_response(status, headers, exc_info)
+
+        return wsgi(environ, start)
+    return app
 
 
 def install(app: bottle.Bottle, ctx: Context, writer: LineWriter | None = None) -> None:
     """The plugins and middleware, all here. A request meets them from the outside in: the
-    request log and metrics (one wrapper; the log line in main() only), the before_request
-    hook (limits, the journal guard, CSRF, the console's browser home), then the route
-    plugin (auth, the ERRORS table), and nosniff on the way out."""
+    one middleware (nosniff, metrics, and the request log in main() only), the
+    before_request hook (limits, the journal guard, CSRF, the console's browser home), then
+    the route plugin (auth, the ERRORS table)."""
     app.install(RoutePlugin(ctx.credentials, ctx.cfg.auth))        # auth (401, 429), ERRORS
     app.add_hook("before_request", before_routing(ctx.db))         # limits, journal, CSRF
-    app.add_hook("after_request", every_answer)                    # nosniff
     # bottle has no middleware slot: Bottle.__call__ calls self.wsgi (which bottle lets be
     # set once), so every request of this app passes it, whichever server or test drives it
-    app.wsgi = RequestLog(app.wsgi, writer, ctx.metrics.requests.observe)  # log, metrics
+    app.wsgi = every_request(app.wsgi, ctx.metrics.requests.observe, writer)  # nosniff,
+    # metrics, request log
 
 
 # ---------------------------------------------------------------------------- app

@@ -5,10 +5,9 @@
 Runs by state, the queue, running modules and free disk space are read when scraped.
 Module durations are observed from the journal: mipper, not the server, records a module's
 end, so each scrape reads the executions that ended since the last one. Requests are
-counted through the request log's wrapper around the app's WSGI callable (it calls
-RequestMetrics.observe; mip_server installs it with the other middleware), labelled by
-route template (never the raw path). Each app has a registry of its own (Metrics), so
-that several apps can live in one process.
+counted by mip_server's middleware around the app's WSGI callable (every_request, which
+calls RequestMetrics.observe), labelled by route template (never the raw path). Each app
+has a registry of its own (Metrics), so that several apps can live in one process.
 This file only reads: it never changes runs, files or the journal.
 """
 
@@ -41,8 +40,8 @@ ENDED = tuple(s.value for s in FINISHED)
 
 class Metrics:
     """One app's registry: the request counting, which mip_server installs around the app
-    (`requests.observe`, through requestlog.RequestLog), and what the journal and the disk
-    say at scrape time. Each app has its own, so that several apps can live in one
+    (`requests.observe`, through its every_request middleware), and what the journal and the
+    disk say at scrape time. Each app has its own, so that several apps can live in one
     process."""
 
     def __init__(self, db, queue, settings, catalogue: dict):
@@ -96,7 +95,7 @@ class RequestMetrics:
 
     def observe(self, method: str, route, status: str, seconds: float) -> None:
         """Note one request (bottle's route, None when none matched) for the next fold;
-        requestlog.RequestLog calls it for every request."""
+        mip_server's every_request middleware calls it for every request."""
         waiting = self.waiting
         waiting.append((method, route, status, seconds))
         if len(waiting) >= self.BATCH:

@@ -1,9 +1,8 @@
 """requestlog: the server's log lines, written by one thread, and one line per request.
 
-Installed by mip_server.install (RequestLog wraps the app's WSGI callable, and also hands
-each request's observation to the metrics), with the writer that main() starts
-(setup_logging). Every value a client controls is escaped before it is written, so it
-cannot forge a line.
+main() starts the writer (setup_logging); mip_server's every_request middleware hands it
+each request's fields (LineWriter.request). Every value a client controls is escaped
+before it is written, so it cannot forge a line.
 """
 
 import logging
@@ -16,39 +15,6 @@ from queue import Empty
 from queue import SimpleQueue
 
 from mip import sanitize
-
-
-class RequestLog:
-    """WSGI middleware: what every request leaves behind, in one wrapper around the app's
-    start_response: its observation for the metrics (`observe`, RequestMetrics.observe)
-    and, with a writer (main()'s), its log line (client address, method, path, status,
-    milliseconds). One wrapper with one clock read at each end: the request log and the
-    metrics each had their own, and each closure, clock read and call is paid by every
-    request. Behind the trusted proxy, waitress has already put the client's address the
-    proxy passed on in REMOTE_ADDR."""
-
-    def __init__(self, app, writer: "LineWriter | None", observe):
-        self.app = app
-        self.writer = writer
-        self.observe = observe
-
-    def __call__(self, environ, start_response):
-        started = time.perf_counter()
-        observe = self.observe
-        writer = self.writer
-
-        def start(status, headers, exc_info=None):
-            seconds = time.perf_counter() - started
-            code = status[:3]
-            method = environ.get("REQUEST_METHOD", "")
-            observe(method, environ.get("bottle.route"), code, seconds)  # route: once matched
-            if writer is not None:
-                writer.request(environ.get("REMOTE_ADDR", ""), method,
-                               environ.get("PATH_INFO", ""), code, seconds)
-            return start_response(status, headers, exc_info)
-
-        return self.app(environ, start)
-
 
 # seconds between two writes of the request lines: a writer woken for every line took the
 # GIL from the request threads once per request, which cost a status read a third of its
