@@ -322,6 +322,9 @@ def install(app: bottle.Bottle, ctx: Context, writer: LineWriter | None = None) 
     one middleware (nosniff, metrics, and the request log in main() only), the
     before_request hook (limits, the journal guard, CSRF, the console's browser home), then
     the route plugin (auth, the ERRORS table)."""
+    # every handler answers text or bytes (send() makes the JSON): bottle's JSON plugin,
+    # which would turn a returned dict into JSON, was one more wrapper around every route
+    app.uninstall("json")
     app.install(RoutePlugin(ctx.credentials, ctx.cfg.auth))        # auth (401, 429), ERRORS
     app.add_hook("before_request", before_routing(ctx.db))         # limits, journal, CSRF
     # bottle has no middleware slot: Bottle.__call__ calls self.wsgi (which bottle lets be
