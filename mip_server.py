@@ -26,6 +26,7 @@ import resource
 import secrets
 import signal
 import sys
+import time
 
 import bottle
 import waitress
@@ -88,7 +89,6 @@ from mip.web.context import read_json
 from mip.web.context import read_json_bytes
 from mip.web.context import send
 from mip.web.requestlog import LineWriter
-from mip.web.requestlog import RequestLog
 from mip.web.requestlog import setup_logging
 
 VERSION = VERSION
@@ -187,7 +187,6 @@ HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "n
 def render_http_error(res: bottle.HTTPError) -> str:
     """Bottle's own errors (no route, 405, crashes) in the one JSON shape."""
     bottle.response.content_type = "application/json"
-    bottle.response.set_header("X-Content-Type-Options", "nosniff")
     code = res.status_code
     if code == 404:
         message = (f"no route {bottle.request.method} {bottle.request.path}; "
@@ -206,12 +205,14 @@ def render_http_error(res: bottle.HTTPError) -> str:
 
 # ---------------------------------------------------------------------------- plugins
 
-class AuthPlugin:
-    """Basic auth on every route whose row does not say auth=False (bottle's route.config),
-    unless the server runs with --no-auth. Answers 401 with WWW-Authenticate, or 429 while
-    the address has spent its failed logins."""
+class RoutePlugin:
+    """What wraps each route's callback, decided once per route when bottle applies it:
+    basic auth, unless its row says auth=False (bottle's route.config) or the server runs
+    with --no-auth, which answers 401 with WWW-Authenticate, or 429 while the address has
+    spent its failed logins; then the route, whose core errors become answers through
+    ERRORS. One wrapper for both: each plugin's wrapper was one more call a request."""
 
-    name = "auth"
+    name = "route"
     api = 2
 
     def __init__(self, credentials: auth.Credentials, on: bool):
@@ -220,7 +221,7 @@ class AuthPlugin:
 
     def apply(self, callback, route):
         if not (self.on and route.config.get("auth", True)):
-            return callback
+            return core_errors(callback)
         check = self.credentials.check
 
         def wrapper(*args, **kwargs):
@@ -234,22 +235,26 @@ class AuthPlugin:
                                "no or wrong credentials: use basic auth (MIP_CLIENT_USER "
                                "and MIP_CLIENT_PASSWORD for mip_client.py)",
                                headers={"WWW-Authenticate": 'Basic realm="mip"'})
-            return callback(*args, **kwargs)
+            try:
+                return callback(*args, **kwargs)
+            except errors.MipError as e:
+                raise answer(e) from None
         return wrapper
 
 
-def limits() -> None:
+def limits(env: dict) -> None:
     """The request's edges, before any route: an undecodable or NUL path and a bad
     Content-Length are 400, a body over MAX_BODY is 413; a trailing slash is dropped."""
-    env = bottle.request.environ
-    try:
-        sanitize.decoded_path(env.get("bottle.raw_path", ""))
-    except ValueError as e:
-        raise ApiError(400, "bad_path", str(e)) from None
+    raw = env.get("bottle.raw_path", "")
+    if not raw.isascii():  # ASCII is UTF-8 as it stands: only other paths need decoding
+        try:
+            sanitize.decoded_path(raw)
+        except ValueError as e:
+            raise ApiError(400, "bad_path", str(e)) from None
     path = env.get("PATH_INFO", "/")
     if len(path) > 1 and path.endswith("/"):
-        env["PATH_INFO"] = path.rstrip("/") or "/"
-    if "\x00" in env["PATH_INFO"]:
+        env["PATH_INFO"] = path = path.rstrip("/") or "/"
+    if "\x00" in path:
         raise ApiError(400, "bad_path", "the path holds a NUL character")
     length = env.get("CONTENT_LENGTH") or "0"
     if not (length.isascii() and length.isdigit()):
@@ -259,41 +264,77 @@ def limits() -> None:
                        f"the body has {length} bytes; the limit is {MAX_BODY}")
 
 
-def journal_guard(db: journal.Journal):
-    """A hook that answers every request 503 once the journal was deleted or replaced under
-    the server (one stat a request), rather than let SQLite write to a file nobody reads."""
-    def check() -> None:
+def before_routing(db: journal.Journal):
+    """The one before_request hook, what a request meets before its route is looked up, in
+    this order: the limits (400, 413); the journal guard, which answers 503 once the journal
+    was deleted or replaced under the server (one stat a request), rather than let SQLite
+    write to a file nobody reads; CSRF on POST and DELETE (403 cross_origin); a browser's
+    `/` made the console's home. One hook: bottle calls a list of hooks for every request,
+    and each of those checks also read the request's method through bottle's proxies."""
+    check_file = db.check_file
+
+    def before() -> None:
+        env = bottle.request.environ
+        limits(env)
         try:
-            db.check_file()
+            check_file()
         except errors.MipError as e:
             raise answer(e) from None
-    return check
+        if env.get("REQUEST_METHOD", "GET").upper() in guards.GUARDED:
+            guards.check()
+        elif env["PATH_INFO"] == "/":
+            console.browser_home()
+    return before
 
 
-def every_answer() -> None:
-    """Headers every answer carries (render_http_error adds them to bottle's own errors)."""
-    bottle.response.set_header("X-Content-Type-Options", "nosniff")
+NOSNIFF = ("X-Content-Type-Options", "nosniff")
+
+
+def every_request(wsgi, observe, writer: LineWriter | None):
+    """The app's WSGI callable with what every request gets and leaves behind, at its status
+    line: the headers every answer carries (nosniff; bottle's own errors, crashes included,
+    get them too), its observation for the metrics (`observe`, RequestMetrics.observe) and,
+    with a writer (main()'s), its log line (client address, method, path, status,
+    milliseconds). One wrapper with one clock read at each end: a hook and two middlewares
+    each had their own calls, closures and clock reads, paid by every request. Behind the
+    trusted proxy, waitress has already put the client's address in REMOTE_ADDR."""
+    perf_counter = time.perf_counter
+
+    def app(environ, start_response):
+        started = perf_counter()
+
+        def start(status, headers, exc_info=None):
+            seconds = perf_counter() - started
+            if NOSNIFF not in headers:  # the console's static files set it themselves
+                headers.append(NOSNIFF)
+            code = status[:3]
+            method = environ.get("REQUEST_METHOD", "")
+            observe(method, environ.get("bottle.route"), code, seconds)  # route: once matched
+            if writer is not None:
+                writer.request(environ.get("REMOTE_ADDR", ""), method,
+                               environ.get("PATH_INFO", ""), code, seconds)
+            return start_response(status, headers, exc_info)
+
+        return wsgi(environ, start)
+    return app
 
 
 def install(app: bottle.Bottle, ctx: Context, writer: LineWriter | None = None) -> None:
-    """The plugins and middleware, all here. A request meets them from the outside in:
-    metrics, the request log, the console's error pages (a browser's 401, 404, 500), then
-    the before_request hooks in the order added (limits, CSRF, the console's browser home),
-    then the route plugins (auth, the ERRORS table)."""
-    app.install(AuthPlugin(ctx.credentials, ctx.cfg.auth))         # auth (401, 429)
-    app.install(core_errors)                                       # core errors -> ERRORS
-    app.add_hook("before_request", limits)                         # limits (400, 413)
-    app.add_hook("before_request", journal_guard(ctx.db))          # journal gone (503)
-    app.add_hook("before_request", guards.check)                   # CSRF (403 cross_origin)
-    app.add_hook("before_request", console.browser_home)           # a browser's / is /ui
-    app.add_hook("after_request", every_answer)                    # nosniff
+    """The plugins and middleware, all here. A request meets them from the outside in: the
+    one middleware (nosniff, metrics, and the request log in main() only), the console's
+    error pages (a browser's 401, 404, 500), the before_request hook (limits, the journal
+    guard, CSRF, the console's browser home), then the route plugin (auth, the ERRORS
+    table)."""
+    # every handler answers text or bytes (send() makes the JSON): bottle's JSON plugin,
+    # which would turn a returned dict into JSON, was one more wrapper around every route
+    app.uninstall("json")
+    app.install(RoutePlugin(ctx.credentials, ctx.cfg.auth))        # auth (401, 429), ERRORS
+    app.add_hook("before_request", before_routing(ctx.db))         # limits, journal, CSRF
     # bottle has no middleware slot: Bottle.__call__ calls self.wsgi (which bottle lets be
-    # set once), so every request of this app passes these, whichever server or test
-    # drives it
+    # set once), so every request of this app passes it, whichever server or test drives it
     wsgi = console.error_pages(app.wsgi)                           # a browser's 401/404/500
-    if writer is not None:
-        wsgi = RequestLog(wsgi, writer)                            # request log (main only)
-    app.wsgi = ctx.metrics.requests.wrap(wsgi)                     # metrics
+    app.wsgi = every_request(wsgi, ctx.metrics.requests.observe, writer)  # nosniff,
+    # metrics, request log
 
 
 # ---------------------------------------------------------------------------- app

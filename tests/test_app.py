@@ -48,6 +48,8 @@ def call(app, method: str, path: str, body: bytes = b"", **headers) -> tuple:
     started = []
     data = b"".join(app(environ, lambda s, h, e=None: started.append((s, h))))
     status, answer_headers = started[0]
+    names = [name.lower() for name, _ in answer_headers]
+    assert len(names) == len(set(names)), f"a header twice: {answer_headers}"
     return int(status[:3]), dict(answer_headers), data
 
 
@@ -63,6 +65,7 @@ def test_every_route_of_the_table_is_served_and_declared(app):
 
 @pytest.mark.parametrize("method, path, headers, code", [
     ("GET", "/health", {}, 200),
+    ("GET", "/ui/console.css", {}, 200),  # sets nosniff itself: sent once all the same
     ("GET", "/runs/{run}", {"authorization": AUTH}, 200),
     ("GET", "/runs/{run}/log", {"authorization": AUTH}, 200),
     ("GET", "/runs/{run}", {}, 401),

@@ -5,16 +5,15 @@
 Runs by state, the queue, running modules and free disk space are read when scraped.
 Module durations are observed from the journal: mipper, not the server, records a module's
 end, so each scrape reads the executions that ended since the last one. Requests are
-counted by a wrapper around the app's WSGI callable (RequestMetrics.wrap, which mip_server
-installs with the other middleware), labelled by route template (never the raw path). Each
-app has a registry of its own (Metrics), so that several apps can live in one process.
+counted by mip_server's middleware around the app's WSGI callable (every_request, which
+calls RequestMetrics.observe), labelled by route template (never the raw path). Each app
+has a registry of its own (Metrics), so that several apps can live in one process.
 This file only reads: it never changes runs, files or the journal.
 """
 
 import os
 import re
 import threading
-import time
 from collections import deque
 
 import bottle
@@ -41,8 +40,9 @@ ENDED = tuple(s.value for s in FINISHED)
 
 class Metrics:
     """One app's registry: the request counting, which mip_server installs around the app
-    (`requests.wrap`), and what the journal and the disk say at scrape time. Each app has
-    its own, so that several apps can live in one process."""
+    (`requests.observe`, through its every_request middleware), and what the journal and the
+    disk say at scrape time. Each app has its own, so that several apps can live in one
+    process."""
 
     def __init__(self, db, queue, settings, catalogue: dict):
         # a `_created` series per labelled histogram doubles the series and says little here
@@ -93,22 +93,13 @@ class RequestMetrics:
         self.waiting = deque()  # (method, route, status, seconds) not yet counted
         self.fold_lock = threading.Lock()
 
-    def wrap(self, wsgi):
+    def observe(self, method: str, route, status: str, seconds: float) -> None:
+        """Note one request (bottle's route, None when none matched) for the next fold;
+        mip_server's every_request middleware calls it for every request."""
         waiting = self.waiting
-
-        def instrumented(environ, start_response):
-            started = time.perf_counter()
-
-            def start(status, headers, exc_info=None):
-                waiting.append((environ.get("REQUEST_METHOD", ""),
-                                environ.get("bottle.route"),  # set once a route matched
-                                status[:3], time.perf_counter() - started))
-                if len(waiting) >= self.BATCH:
-                    self.fold()
-                return start_response(status, headers, exc_info)
-
-            return wsgi(environ, start)
-        return instrumented
+        waiting.append((method, route, status, seconds))
+        if len(waiting) >= self.BATCH:
+            self.fold()
 
     def fold(self) -> None:
         """Count the waiting observations into their histograms."""

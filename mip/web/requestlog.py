@@ -1,8 +1,8 @@
 """requestlog: the server's log lines, written by one thread, and one line per request.
 
-Installed by mip_server.install (RequestLog wraps the app's WSGI callable), with the writer
-that main() starts (setup_logging). Every value a client controls is escaped before it is
-written, so it cannot forge a line.
+main() starts the writer (setup_logging); mip_server's every_request middleware hands it
+each request's fields (LineWriter.request). Every value a client controls is escaped
+before it is written, so it cannot forge a line.
 """
 
 import logging
@@ -16,35 +16,6 @@ from queue import SimpleQueue
 
 from mip import sanitize
 
-
-class RequestLog:
-    """WSGI middleware: one log line per request (client address, method, path, status,
-    milliseconds), handed straight to the LineWriter: a logging record per request cost a
-    tenth of the request rate. Behind the trusted proxy, waitress has already put the
-    client's address the proxy passed on in REMOTE_ADDR."""
-
-    def __init__(self, app, writer: "LineWriter"):
-        self.app = app
-        self.writer = writer
-
-    def __call__(self, environ, start_response):
-        started = time.monotonic()
-
-        def start(status, headers, exc_info=None):
-            # all three may come from a client (the address through X-Forwarded-For):
-            # escaped, so they cannot forge a line. Text that isprintable() holds none of
-            # the characters escape() replaces, and is by far the most common: one check
-            # then stands for three regular expressions.
-            said = (f"{environ.get('REMOTE_ADDR', '')} {environ.get('REQUEST_METHOD', '')} "
-                    f"{environ.get('PATH_INFO', '')}")
-            if not said.isprintable():
-                said = sanitize.escape(said)
-            self.writer.line(f"{said} {status[:3]} {(time.monotonic() - started) * 1000:.1f} ms")
-            return start_response(status, headers, exc_info)
-
-        return self.app(environ, start)
-
-
 # seconds between two writes of the request lines: a writer woken for every line took the
 # GIL from the request threads once per request, which cost a status read a third of its
 # rate (bench/plugins.py, figure 1 of bench/run.py)
@@ -56,7 +27,9 @@ class LineWriter:
     in one write: under load, request threads that each wrote and flushed their own line
     fought over the stream and the GIL, and halved the request rate. logging's records
     (through its QueueHandler, into `lines`) wake the writer at once; the request lines
-    (`line()`) only gather, and go out with the next record or within PAUSE seconds."""
+    (`request()`) only gather, and go out with the next record or within PAUSE seconds.
+    A request line is queued as its fields and made into text here, in the batch: a request
+    thread then pays a tuple, not the formatting."""
 
     def __init__(self, stream):
         self.stream = stream
@@ -75,7 +48,7 @@ class LineWriter:
             while not self.lines.empty():
                 records.append(self.lines.get())
             # the request lines gathered so far were mostly queued before these records
-            batch = [self.requests.popleft() for _ in range(len(self.requests))]
+            batch = [self.format(self.requests.popleft()) for _ in range(len(self.requests))]
             batch += [r.msg for r in records if r is not None]
             if batch:
                 self.stream.write("".join(line + "\n" for line in batch))
@@ -83,12 +56,25 @@ class LineWriter:
             if None in records:
                 return
 
-    def line(self, text: str) -> None:
-        """Queue an INFO line, stamped like logging's lines (ISO 8601 UTC with a Z)."""
-        now = time.time()
+    def request(self, address: str, method: str, path: str, status: str,
+                seconds: float) -> None:
+        """Queue a request's line: stamped now, written by the writer thread."""
+        self.requests.append((time.time(), address, method, path, status, seconds))
+
+    def format(self, item: tuple) -> str:
+        """A request's INFO line, stamped like logging's lines (ISO 8601 UTC with a Z). The
+        address, method and path may all come from a client (the address through
+        X-Forwarded-For): escaped, so they cannot forge a line. Text that isprintable()
+        holds none of the characters escape() replaces, and is by far the most common: one
+        check then stands for three regular expressions."""
+        now, address, method, path, status, seconds = item
         if int(now) != self.second[0]:
             self.second = (int(now), time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)))
-        self.requests.append(f"{self.second[1]}.{int(now % 1 * 1000):03d}Z INFO {text}")
+        said = f"{address} {method} {path}"
+        if not said.isprintable():
+            said = sanitize.escape(said)
+        return (f"{self.second[1]}.{int(now % 1 * 1000):03d}Z INFO {said} {status} "
+                f"{seconds * 1000:.1f} ms")
 
     def stop(self, timeout: float = 5) -> None:
         """Write what is queued, then end the thread."""
