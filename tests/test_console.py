@@ -259,9 +259,11 @@ def test_jobs_maps_and_modules_pages(inproc):
     job = page(inproc, "/ui/jobs/jp").text
     assert 'href="/modules/jp/georeference/outputs"' in job and "st-passed" in job
     # times: UTC in the text and tooltip, for console.js to show in the browser's zone
-    times = re.findall(r'<time datetime="([^"]+)" title="([^"]+)">([^<]+)</time>', jobs + job)
+    times = re.findall(r'<time datetime="([^"]+)" title="([^"]+)"><span class="day">([^<]+)'
+                       r'</span> <span class="clock">([^<]+)</span></time>', jobs + job)
     assert len(times) >= 4
-    for stamp, title, text in times:
+    for stamp, title, day, clock in times:
+        text = f"{day} {clock}"
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stamp)
         assert title == text == stamp.replace("T", " ").replace("Z", " UTC")
     # the module log's size (one stat), its page and its raw text; a zip's size is not known
@@ -414,7 +416,7 @@ def test_sizes_and_times_as_shown():
         == ["", "0 B", "999 B", "1.0 kB", "12 kB", "4.2 MB", "5.0 GB"]
     assert console.time_tag("2026-12-04T21:31:05.123456Z") == (
         '<time datetime="2026-12-04T21:31:05Z" title="2026-12-04 21:31:05 UTC">'
-        "2026-12-04 21:31:05 UTC</time>")
+        '<span class="day">2026-12-04</span> <span class="clock">21:31:05 UTC</span></time>')
     assert console.time_tag("2026-12-04 21:31:05") == console.time_tag("2026-12-04T21:31:05Z")
     assert console.time_tag(None) == console.time_tag("") == ""
     assert console.time_tag("<b>") == "&lt;b&gt;"

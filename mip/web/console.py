@@ -454,8 +454,11 @@ def time_tag(text: str | None) -> str:
     when = utc(text)
     if when is None:
         return html.escape(text or "")
-    shown = when.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return f'<time datetime="{iso_z(text)}" title="{shown}">{shown}</time>'
+    at = when.astimezone(UTC)
+    day, clock = at.strftime("%Y-%m-%d"), at.strftime("%H:%M:%S UTC")
+    # the day and the clock each whole (console.css): a narrow column breaks between them
+    return (f'<time datetime="{iso_z(text)}" title="{day} {clock}"><span class="day">{day}'
+            f'</span> <span class="clock">{clock}</span></time>')
 
 
 def size_text(size: int | None) -> str:

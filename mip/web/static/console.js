@@ -34,7 +34,14 @@
     for (const el of root.querySelectorAll("time[datetime]")) {
       const shown = local(el.getAttribute("datetime"));
       if (shown) {
-        el.textContent = shown.day + " " + shown.clock;
+        // the day and the clock each whole: a narrow column breaks between them only
+        const day = document.createElement("span");
+        const clock = document.createElement("span");
+        day.className = "day";
+        clock.className = "clock";
+        day.textContent = shown.day;
+        clock.textContent = shown.clock;
+        el.replaceChildren(day, " ", clock);
       }
     }
     for (const el of root.querySelectorAll("svg text[data-time]")) {
