@@ -1323,18 +1323,15 @@ def started_in(argv: list, env: dict, log_path: str, auth: str) -> tuple:
 
 
 
-def figure_12(b: Bench, total: int = 100_000) -> None:
-    """Lists that grow with every CDR map, at `total` maps (one job, run, execution, event
-    and publication each, and a map folder each, as fill_history makes them): GET /jobs and
-    /cdr/events?limit=100, the console's jobs and maps pages (first and last), and the
-    server's start-up (launch to first /health) against the same on an empty journal. A
-    server of its own, linked to the stand-in CDR of the tests (events need the link)."""
+def cdr_linked(b: Bench, name: str) -> tuple:
+    """Folders of their own under the scratch folder `name`, a started stand-in CDR of the
+    tests, and the environment of a server linked to it: (root, dirs, cdr, env)."""
     sys.path.insert(0, os.path.join(ROOT, "tests"))
     from cdr_standin import StandInCdr
 
-    root = os.path.join(b.scratch, "pages")
-    dirs = {name: os.path.join(root, name) for name in ("inputs", "outputs", "temps", "runs",
-                                                         "repos")}
+    root = os.path.join(b.scratch, name)
+    dirs = {part: os.path.join(root, part)
+            for part in ("inputs", "outputs", "temps", "runs", "repos")}
     for path in dirs.values():
         os.makedirs(path)
     cdr = StandInCdr("bench-token").start()
@@ -1343,6 +1340,16 @@ def figure_12(b: Bench, total: int = 100_000) -> None:
                TA1_REPOS_DIR=dirs["repos"], MIP_CDR_URL=cdr.url + "/",
                MIP_CDR_TOKEN="bench-token", MIP_CDR_SECRET=secrets.token_hex(16),
                MIP_CDR_CALLBACK_URL="http://127.0.0.1:9/cdr")
+    return root, dirs, cdr, env
+
+
+def figure_12(b: Bench, total: int = 100_000) -> None:
+    """Lists that grow with every CDR map, at `total` maps (one job, run, execution, event
+    and publication each, and a map folder each, as fill_history makes them): GET /jobs and
+    /cdr/events?limit=100, the console's jobs and maps pages (first and last), and the
+    server's start-up (launch to first /health) against the same on an empty journal. A
+    server of its own, linked to the stand-in CDR of the tests (events need the link)."""
+    root, dirs, cdr, env = cdr_linked(b, "pages")
     argv = [PY, "mip_server.py", "--port", "0"]
     log_path = os.path.join(root, "mip_server.log")
     server = None
@@ -1856,20 +1863,7 @@ def figure_15(b: Bench, total: int = 100_000, repeats: int = 3) -> None:
     with as many map folders (fill_history). A server of its own, linked to the tests'
     stand-in CDR, so that the link's start is counted too. Start-up must do no work that
     grows with history (issue 22 point 4): the goal is under 1 s at both."""
-    sys.path.insert(0, os.path.join(ROOT, "tests"))
-    from cdr_standin import StandInCdr
-
-    root = os.path.join(b.scratch, "startup")
-    dirs = {name: os.path.join(root, name) for name in ("inputs", "outputs", "temps", "runs",
-                                                         "repos")}
-    for path in dirs.values():
-        os.makedirs(path)
-    cdr = StandInCdr("bench-token").start()
-    env = dict(b.env, TA1_INPUTS_DIR=dirs["inputs"], TA1_OUTPUTS_DIR=dirs["outputs"],
-               TA1_TEMPS_DIR=dirs["temps"], TA1_RUNS_DIR=dirs["runs"],
-               TA1_REPOS_DIR=dirs["repos"], MIP_CDR_URL=cdr.url + "/",
-               MIP_CDR_TOKEN="bench-token", MIP_CDR_SECRET=secrets.token_hex(16),
-               MIP_CDR_CALLBACK_URL="http://127.0.0.1:9/cdr")
+    root, dirs, cdr, env = cdr_linked(b, "startup")
     argv = [PY, "mip_server.py", "--port", "0"]
     log_path = os.path.join(root, "mip_server.log")
     try:

@@ -88,7 +88,7 @@ def runs_page(ctx):
     """Console: the runs, newest first, filtered by ?status= and ?job=, paged by ?page="""
     db = ctx.db
     status = query_status()
-    job = query_job()
+    job = query_name("job")
     total = db.count_runs(job, status)
     pages, number = paging(total, query_int("page", 1, 10**6))
     rows = [run_row(r) for r in db.runs_page(job, status, PAGE_SIZE, (number - 1) * PAGE_SIZE)]
@@ -166,12 +166,8 @@ def new_page(ctx):
     from_id = bottle.request.query.get("from") or None
     source = get_run(ctx, from_id) if from_id else None
     form = prefill(source["payload"] if source else {}, ctx.catalogue)
-    chosen = bottle.request.query.get("map") or None
+    chosen = query_name("map")
     if chosen is not None:
-        try:
-            check_name("map", chosen)
-        except UsageError as e:
-            raise ApiError(400, "bad_query", f"?map=: {e}") from None
         form["map"] = chosen
     names = listed_maps(settings)
     if form["map"] and form["map"] not in names:  # gone since, or never: POST /runs says so
@@ -255,15 +251,15 @@ def query_status() -> str | None:
     return status
 
 
-def query_job() -> str | None:
-    """?job=, None when absent or empty. Raises 400 for one that is not a name."""
-    job = bottle.request.query.get("job") or None
-    if job is not None:
+def query_name(key: str) -> str | None:
+    """?job= or ?map=, None when absent or empty. Raises 400 for one that is not a name."""
+    value = bottle.request.query.get(key) or None
+    if value is not None:
         try:
-            check_name("job", job)
+            check_name(key, value)
         except UsageError as e:
-            raise ApiError(400, "bad_query", f"?job=: {e}") from None
-    return job
+            raise ApiError(400, "bad_query", f"?{key}=: {e}") from None
+    return value
 
 
 def paging(total: int, page: int) -> tuple:
