@@ -123,30 +123,47 @@ def hard_link(info: os.stat_result, private: dict) -> str | None:
 
 def open_file(dir_fd: int, name: str, where: str, private: dict):
     """The file `name` of the folder `dir_fd` opened for reading, if it is a regular file
-    with one name and none of the server's `private` files (told by fstat on the
-    descriptor that will be read); else None, with a log line for anything but a file
-    that vanished."""
+    with one name and none of the server's `private` files; else None, with a log line for
+    anything but a file that vanished."""
+    opened = open_checked(name, private, dir_fd)
+    if isinstance(opened, str):
+        if opened:
+            log.warning("skipped %s: %s", where, opened)
+        return None
+    return os.fdopen(opened, "rb")
+
+
+def open_checked(path: str, private: dict, dir_fd: int | None = None) -> int | str:
+    """A descriptor for reading the regular file `path` (never through a link), or why not
+    ("" when it vanished). Judged on an O_PATH descriptor before the file is opened for
+    reading: closing a real descriptor of the journal, or of its -wal or -shm, would drop
+    every POSIX lock this process holds on it (SQLite's locks, so another process could
+    write or reset the WAL index under it); closing an O_PATH one drops none. The read
+    descriptor is then opened from that same inode through /proc/self/fd, so a swap in
+    between changes nothing."""
     try:
-        fd = os.open(name, FILE_FLAGS, dir_fd=dir_fd)
+        handle = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
     except FileNotFoundError:
-        return None
+        return ""
     except OSError as e:
-        log.warning("skipped %s: %s", where, "a symbolic link, never followed"
-                    if e.errno == errno.ELOOP else e.strerror)
-        return None
-    info = os.fstat(fd)
-    if not stat.S_ISREG(info.st_mode):
-        os.close(fd)
-        log.warning("skipped %s: no longer a regular file but %s", where,
-                    "a folder" if stat.S_ISDIR(info.st_mode) else "a special file")
-        return None
-    linked = hard_link(info, private)
-    if linked:
-        os.close(fd)
-        log.warning("skipped %s: %s", where, linked)
-        return None
+        return "a symbolic link, never followed" if e.errno == errno.ELOOP else e.strerror
+    try:
+        info = os.fstat(handle)
+        if stat.S_ISLNK(info.st_mode):
+            return "a symbolic link, never followed"
+        if not stat.S_ISREG(info.st_mode):
+            return ("no longer a regular file but "
+                    + ("a folder" if stat.S_ISDIR(info.st_mode) else "a special file"))
+        linked = hard_link(info, private)
+        if linked:
+            return linked
+        fd = os.open(f"/proc/self/fd/{handle}", FILE_FLAGS & ~os.O_NOFOLLOW)
+    except OSError as e:
+        return e.strerror
+    finally:
+        os.close(handle)
     os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
+    return fd
 
 
 def walk_files(fd: int, where: str, private: dict, depth: int = 0):

@@ -9,6 +9,9 @@ import json
 import logging
 import os
 import shutil
+import sqlite3
+import subprocess
+import sys
 import zipfile
 from wsgiref.util import setup_testing_defaults
 
@@ -29,6 +32,7 @@ from mip.s3 import upload_module
 from mip.settings import Settings
 from mip.status import AnswerCache
 from mip.web import auth
+from mip.web import follow
 
 
 class Answer:
@@ -282,6 +286,41 @@ def test_hard_links_to_the_journal_and_key_file_are_never_served(site, tmp_path,
     assert follow.headers["X-Log-Offset"] == "0"
     assert len(linked) == 4
     assert_journal_healthy(site, "s1")
+
+
+def test_judging_a_link_to_the_journal_keeps_the_journals_locks(tmp_path):
+    """Closing any descriptor of a file drops every POSIX lock the process holds on it, so a
+    link to the journal's files must be refused before it is opened for reading: else each
+    zip or log poll would hand the server's SQLite locks to whoever asks next."""
+    db = str(tmp_path / "j.db")
+    held = sqlite3.connect(db, isolation_level=None)
+    held.execute("PRAGMA journal_mode=WAL")
+    held.execute("CREATE TABLE t (x)")
+    held.execute("BEGIN IMMEDIATE")
+    held.execute("INSERT INTO t VALUES (1)")
+    folder = tmp_path / "out"
+    folder.mkdir()
+    private = {}
+    for suffix in ("", "-wal", "-shm"):
+        os.link(db + suffix, folder / f"j.db{suffix}")
+        info = os.stat(db + suffix)
+        private[(info.st_dev, info.st_ino)] = f"the journal{suffix}"
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for suffix in ("", "-wal", "-shm"):
+            assert files.open_file(dir_fd, f"j.db{suffix}", f"j.db{suffix}", private) is None
+            assert follow.read_from(str(folder / f"j.db{suffix}"), str(folder), 0,
+                                    private) == (b"", 0)
+    finally:
+        os.close(dir_fd)
+    writer = ("import sqlite3, sys\n"
+              "c = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)\n"
+              "c.execute('BEGIN IMMEDIATE')\n")
+    child = subprocess.run([sys.executable, "-c", writer, db], capture_output=True,
+                           text=True, timeout=60)
+    held.execute("ROLLBACK")
+    held.close()
+    assert child.returncode != 0 and "database is locked" in child.stderr, child.stderr
 
 
 def test_s3_upload_leaves_hard_links_out(mip_env, bucket):

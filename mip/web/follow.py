@@ -9,11 +9,10 @@ and only inside their own folders: never runners.log, nor a file a module linked
 """
 
 import os
-import stat
 
 import bottle
 
-from mip.files import hard_link
+from mip.files import open_checked
 from mip.files import private_files
 from mip.web import openapi
 from mip.web.context import get_module
@@ -66,16 +65,12 @@ def read_from(path: str | None, folder: str, offset: int, private: dict) -> tupl
     past the end gives nothing and the present size."""
     if not path or not inside(path, folder):
         return b"", 0
-    try:
-        # not blocking: a FIFO put in a log's place would hold this thread for a writer
-        f = open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb")
-    except OSError:
+    # judged before it is opened for reading (a FIFO, a link, one of the server's files)
+    fd = open_checked(path, private)
+    if isinstance(fd, str):
         return b"", 0
-    info = os.fstat(f.fileno())
-    if not stat.S_ISREG(info.st_mode) or hard_link(info, private):
-        f.close()
-        return b"", 0
-    size = info.st_size
+    f = open(fd, "rb")
+    size = os.fstat(fd).st_size
     if offset >= size:
         f.close()
         return b"", size
