@@ -580,6 +580,19 @@ def test_prefill_leaves_hidden_parts_to_be_given_again():
                               "the notify URL (it went to https://hooks.example)"]
 
 
+def test_a_switch_named_like_a_secret_is_shown_hidden():
+    """Modules take keys as switches: the run page and Edit and rerun show their values
+    hidden, in both forms, and the form names them to be given again."""
+    catalogue = load_catalogue(ZERO_CONFIG)
+    switches = {"map_crop": ["--api-key=sk-SeCrEt", "--token", "t0KeN", "--password",
+                             "--sleep", "3", "--fail"]}
+    assert console.shown({"extra_switches": switches})["extra_switches"]["map_crop"] == [
+        "--api-key=(hidden)", "--token", "(hidden)", "--password", "--sleep", "3", "--fail"]
+    form = console.prefill({"job": "j", "map": "m", "extra_switches": switches}, catalogue)
+    assert "SeCrEt" not in json.dumps(form) and "t0KeN" not in json.dumps(form)
+    assert form["hidden"] == ["the extra switches of map_crop"]
+
+
 def test_the_new_run_form_posts_as_the_api_takes_it(inproc):
     """What console.js sends: JSON from the page's own origin with an Idempotency-Key; a
     refusal opens with the field the form shows it at."""

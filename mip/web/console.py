@@ -389,7 +389,7 @@ def shown(value):
         return {k: ("(hidden)" if SECRET_KEY.search(str(k)) else shown(v))
                 for k, v in value.items()}
     if isinstance(value, list):
-        return [shown(v) for v in value]
+        return shown_switches(value)
     if isinstance(value, str) and re.match(r"(?i)https?://", value):
         scheme, _, rest = value.partition("://")
         authority, path = re.match(r"([^/?#]*)(.*)", rest, re.S).groups()
@@ -397,6 +397,25 @@ def shown(value):
             authority = "(hidden)@" + authority.rpartition("@")[2]
         return f"{scheme}://{authority}" + ("/(hidden)" if path.strip("/") else "")
     return value
+
+
+def shown_switches(args: list) -> list:
+    """A list as shown(): a switch named like a secret (`--api-key=...`, or `--token` and
+    the argument after it) has its value hidden, since modules take keys as switches."""
+    out, hide_next = [], False
+    for arg in args:
+        if hide_next and isinstance(arg, str) and not arg.startswith("-"):
+            out.append("(hidden)")
+            hide_next = False
+            continue
+        hide_next = False
+        if isinstance(arg, str) and arg.startswith("-") and SECRET_KEY.search(arg):
+            flag, equals, _ = arg.partition("=")
+            out.append(f"{flag}=(hidden)" if equals else arg)
+            hide_next = not equals
+            continue
+        out.append(shown(arg))
+    return out
 
 
 def parse_time(text: str | None) -> datetime | None:
