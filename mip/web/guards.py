@@ -1,12 +1,13 @@
 """origin: refuses POST and DELETE requests that a browser sends from another site's page.
 
-Not run directly: mip_server.install adds `check` as a before_request hook, so it guards
-every POST and DELETE route of the API, not only the console's. A browser sends the basic-auth
-credentials it has stored for this server with any request to it, whichever page made the
-request; such a request carries an `Origin` header (or at least a `Referer`) naming that page's
-site. One that names another site gets 403 `cross_origin`. A request with neither header is
-not from a page (curl, mip_client.py, the CDR webhook) and passes, so no client needs a custom
-header. This file only reads headers; it never looks at credentials or bodies.
+Not run directly: mip_server's one before_request hook (before_routing) calls `check` for
+every POST and DELETE, so it guards every such route of the API, not only the console's.
+A browser sends the basic-auth credentials it has stored for this server with any request
+to it, whichever page made the request; such a request carries an `Origin` header (or at
+least a `Referer`) naming that page's site. One that names another site gets 403
+`cross_origin`. A request with neither header is not from a page (curl, mip_client.py, the
+CDR webhook) and passes, so no client needs a custom header. This file only reads headers;
+it never looks at credentials or bodies.
 """
 
 from urllib.parse import urlsplit

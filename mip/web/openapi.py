@@ -145,8 +145,9 @@ def operation(route: Route, schemas: dict) -> dict:
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     page = dict(error, **{"text/html": {"schema": {"type": "string"}}})
     for code in statuses(route):
+        as_page = code in AS_PAGE and route.method == "GET"  # a browser's page is a GET
         op["responses"][str(code)] = {"description": STATUSES[code],
-                                      "content": page if code in AS_PAGE else error}
+                                      "content": page if as_page else error}
         if code in HEADERS:
             op["responses"][str(code)]["headers"] = HEADERS[code]
     if route.auth:
